@@ -1,0 +1,24 @@
+"""faas: serverless LoRA functions on NATS.
+
+The SDK (this package) is light: importing it pulls in no torch. Declare functions with
+`@function`, call them with `Client`; the runtime (`faas up`) serves them.
+"""
+
+from faas.client import Client
+from faas.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    FaasError,
+    FunctionNotFound,
+    HandlerError,
+    Overloaded,
+    SpecError,
+)
+from faas.protocol import Invocation
+from faas.sdk import Context, FunctionSpec, Generation, function
+
+__all__ = [
+    "BadRequest", "Client", "Context", "DeadlineExceeded", "FaasError", "FunctionNotFound",
+    "FunctionSpec", "Generation", "HandlerError", "Invocation", "Overloaded", "SpecError",
+    "function",
+]

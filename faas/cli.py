@@ -1,0 +1,130 @@
+"""The `faas` command: up, invoke, ls, demo.
+
+`up` and `demo` run the runtime; they import it inside the command so that the SDK and
+the client commands stay light (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from faas.client import Client
+from faas.errors import FaasError
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from runtime.serve import UpOptions, up
+
+    return asyncio.run(up(UpOptions(
+        functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        sandbox_threads=args.sandbox_threads)))
+
+
+async def _invoke(args: argparse.Namespace) -> int:
+    try:
+        event = json.loads(args.event)
+    except ValueError as exc:
+        print(f"error: EVENT is not JSON: {exc}", file=sys.stderr)
+        return 2
+    try:
+        async with Client(args.nats or DEFAULT_URL) as client:
+            result = await client.invoke(args.function, event, timeout_s=args.timeout_s)
+    except FaasError as err:
+        print(f"error {err.code}: {err.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.output, ensure_ascii=False, default=repr))
+    if args.metrics:
+        print(json.dumps(result.metrics), file=sys.stderr)
+    return 0
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    try:
+        async with Client(args.nats or DEFAULT_URL) as client:
+            nodes = await client.nodes()
+    except FaasError as err:
+        print(f"error {err.code}: {err.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    rows = [("NODE", "FUNCTION", "BACKBONE", "ADAPTER", "IDLE", "BUSY", "STARTING", "QUEUED")]
+    for node in nodes:
+        for fn in node["functions"]:
+            rows.append((node["node"], fn["name"], _short(fn["backbone"]), _short(fn["adapter"]),
+                         str(fn["idle"]), str(fn["busy"]), str(fn["starting"]), str(fn["queued"])))
+    print(format_table(rows))
+    if not nodes:
+        print("(no node answered)", file=sys.stderr)
+    return 0
+
+
+def _short(path: str | None) -> str:
+    if path is None:
+        return "-"
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if len(parts) > 2 else path
+
+
+def format_table(rows: list[tuple[Any, ...]]) -> str:
+    """Left-aligned columns, the first row as header."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from faas.demo import run_demo
+
+    return asyncio.run(run_demo(Path(args.functions)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    env_url = os.environ.get("FAAS_NATS_URL")
+
+    up = sub.add_parser("up", help="run a node (and an embedded nats-server unless --nats)")
+    up.add_argument("--port", type=int, default=4222, help="embedded nats-server port")
+    up.add_argument("--nats", default=env_url, help="NATS URL; no embedded server is started")
+    up.add_argument("--functions", action="append", metavar="DIR",
+                    help="folder of function files (repeatable; default ./functions)")
+    up.add_argument("--state-dir", help="embedded server data and log (default $FAAS_HOME/nats)")
+    up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
+    up.set_defaults(run=_cmd_up)
+
+    invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")
+    invoke.add_argument("function")
+    invoke.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
+    invoke.add_argument("--nats", default=env_url)
+    invoke.add_argument("--timeout-s", type=float, default=60.0)
+    invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
+    invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
+
+    ls = sub.add_parser("ls", help="list the functions every node serves, with their sandboxes")
+    ls.add_argument("--nats", default=env_url)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
+
+    demo = sub.add_parser("demo", help="build the tiny model, serve the examples, call each")
+    demo.add_argument("--functions", default="functions")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

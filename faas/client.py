@@ -1,0 +1,98 @@
+"""`faas.Client`: what producers use to call functions over NATS.
+
+```python
+async with Client("nats://127.0.0.1:4222") as client:
+    result = await client.invoke("support", {"message": "Where is my order?"}, timeout_s=30)
+    print(result.output, result.metrics["ttft_ms"])
+```
+Errors raise the FaasError subclass of the reply's code (BadRequest, FunctionNotFound,
+HandlerError, Overloaded, DeadlineExceeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from faas import protocol
+from faas.errors import DeadlineExceeded, FaasError, Overloaded
+from faas.protocol import Encoding, Invocation
+
+# The node answers 504 when the budget runs out; wait a little longer for that reply.
+_REPLY_GRACE_S = 2.0
+
+
+class Client:
+    """A NATS connection plus the faas protocol. Use as an async context manager."""
+
+    def __init__(self, url: str = "nats://127.0.0.1:4222", **connect_options: Any) -> None:
+        self.url = url
+        self._connect_options = connect_options
+        self._nc: NATS | None = None
+
+    async def connect(self) -> None:
+        try:
+            self._nc = await nats.connect(self.url, **self._connect_options)
+        except (nats.errors.Error, OSError) as exc:
+            raise Overloaded(f"cannot connect to NATS at {self.url}: {exc}") from None
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise FaasError("client is not connected: use `async with Client(...)` or connect()")
+        return self._nc
+
+    async def invoke(self, function: str, event: dict[str, Any] | None = None, *,
+                     timeout_s: float = 60.0, request_id: str | None = None) -> Invocation:
+        """Call `function` with `event` and wait for its reply (at most `timeout_s`, which
+        is also the budget the node enforces)."""
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        headers = {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type,
+                   protocol.HDR_REQUEST_ID: request_id or protocol.new_request_id(),
+                   protocol.HDR_TIMEOUT_MS: str(int(timeout_s * 1000))}
+        body = protocol.encode(event or {}, Encoding.MSGPACK)
+        try:
+            msg = await self.nc.request(protocol.invoke_subject(function), body,
+                                        timeout=timeout_s + _REPLY_GRACE_S, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise Overloaded("no faas node is serving: nothing subscribes to "
+                             f"{protocol.invoke_subject(function)}") from None
+        except nats.errors.TimeoutError:
+            raise DeadlineExceeded(f"no reply from {function!r} within {timeout_s}s") from None
+        return protocol.parse_reply(msg.data, msg.headers)
+
+    async def nodes(self, wait_s: float = 0.5) -> list[dict[str, Any]]:
+        """What every reachable node serves (each node answers; replies gathered for wait_s)."""
+        inbox = self.nc.new_inbox()
+        replies: list[dict[str, Any]] = []
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(protocol.ADMIN_LS_SUBJECT, b"", reply=inbox)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + wait_s
+            while (left := end - loop.time()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                replies.append(protocol.decode(msg.data, msg.headers))
+        finally:
+            await sub.unsubscribe()
+        return sorted(replies, key=lambda r: r.get("node", ""))

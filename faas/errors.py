@@ -1,0 +1,71 @@
+"""One error tree for the project: every error the SDK or runtime raises derives from FaasError.
+
+Each subclass carries the wire code that travels in the NATS micro error headers
+(`Nats-Service-Error-Code`), so a caller catches exactly the failure it means.
+"""
+
+from __future__ import annotations
+
+
+class FaasError(Exception):
+    """Root of every error raised by faas. `code` is the wire code (HTTP-like)."""
+
+    code: int = 500
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class SpecError(FaasError, ValueError):
+    """A function declaration is invalid (raised when its module is imported)."""
+
+    code = 400
+
+
+class BadRequest(FaasError):
+    """The request body or headers could not be understood."""
+
+    code = 400
+
+
+class FunctionNotFound(FaasError):
+    """No node serves a function of that name."""
+
+    code = 404
+
+
+class HandlerError(FaasError):
+    """The handler raised, or its sandbox crashed while serving the request."""
+
+    code = 500
+
+
+class Overloaded(FaasError):
+    """The function's queue is full (or no node answers); retry later."""
+
+    code = 503
+
+
+class DeadlineExceeded(FaasError):
+    """The request's budget ran out before a reply."""
+
+    code = 504
+
+
+_BY_CODE: dict[int, type[FaasError]] = {
+    cls.code: cls for cls in (BadRequest, FunctionNotFound, HandlerError, Overloaded, DeadlineExceeded)
+}
+
+
+def error_for_code(code: int, message: str) -> FaasError:
+    """The exception that a reply with this wire code stands for (unknown codes: FaasError)."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = FaasError(message)
+        err.code = code
+        return err
+    return cls(message)

@@ -1,0 +1,100 @@
+"""Run `faas up` as a child process and wait for its `ready` line: used by `faas demo`,
+the benchmarks and the tests, so all of them drive the node through its real front door."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from faas.errors import FaasError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalNode:
+    """`faas up` on a free port with an embedded nats-server (or on `nats_url`)."""
+
+    def __init__(self, *functions_dirs: str | Path, nats_url: str | None = None,
+                 state_dir: str | Path | None = None, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, stderr: int | None = None) -> None:
+        self.functions_dirs = functions_dirs
+        self.nats_url = nats_url
+        self.state_dir = state_dir
+        self.extra_args = extra_args
+        self.env = env
+        self.stderr = stderr
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout_s: float = 120.0) -> str:
+        args = [sys.executable, "-m", "faas.cli", "up", *self.extra_args]
+        for folder in self.functions_dirs:
+            args += ["--functions", str(folder)]
+        if self.nats_url:
+            args += ["--nats", self.nats_url]
+        else:
+            args += ["--port", str(free_port())]
+        if self.state_dir:
+            args += ["--state-dir", str(self.state_dir)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **(self.env or {})})
+        assert self.proc.stdout is not None
+        line = _readline(self.proc.stdout, ready_timeout_s)
+        if not line.startswith("ready "):
+            self.stop()
+            raise FaasError(f"faas up did not become ready (exit code {self.proc.returncode}, "
+                            f"printed {line!r})")
+        self.url = line.split()[1]
+        return self.url
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (drain) and wait; SIGKILL if it does not exit in time. Returns the code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> LocalNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _readline(stream: object, timeout_s: float) -> str:
+    """One line from a child's stdout, or "" on EOF or timeout."""
+    selector = selectors.DefaultSelector()
+    selector.register(stream, selectors.EVENT_READ)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    try:
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                break
+            chunk = os.read(stream.fileno(), 1)  # type: ignore[attr-defined]
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        selector.close()
+    return buf.decode(errors="replace").strip()

@@ -1,0 +1,192 @@
+"""The wire protocol: subjects, headers, envelopes and their msgpack / JSON encodings.
+
+Every other module builds subjects and envelopes through this one, so the protocol
+is defined in exactly one place (the README documents it for non-Python producers).
+
+Request: a msgpack map or a JSON object on `faas.invoke.<function>` (empty body = `{}`).
+Reply:   `{"output": ..., "metrics": {...}}`, or `{"error": {"code", "message"}}` with the
+NATS micro error headers. A request sent as JSON (by header or by body) is answered in
+JSON, anything else in msgpack.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+
+from faas.errors import BadRequest, FaasError, error_for_code
+
+INVOKE_PREFIX = "faas.invoke."
+INVOKE_WILDCARD = INVOKE_PREFIX + "*"
+# One queue group shared by every node: each request reaches exactly one node.
+NODE_QUEUE_GROUP = "faas-nodes"
+# Every node answers this (no queue group) with what it serves; callers gather replies.
+ADMIN_LS_SUBJECT = "faas.admin.ls"
+
+HDR_CONTENT_TYPE = "Content-Type"
+HDR_REQUEST_ID = "Faas-Request-Id"
+HDR_TIMEOUT_MS = "Faas-Timeout-Ms"
+HDR_ERROR = "Nats-Service-Error"
+HDR_ERROR_CODE = "Nats-Service-Error-Code"
+JSON_CONTENT_TYPE = "application/json"
+MSGPACK_CONTENT_TYPE = "application/msgpack"
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# NATS header values are single lines; keep error messages readable but bounded.
+_MAX_HEADER_MESSAGE = 1000
+
+
+class Encoding(enum.Enum):
+    """The encoding of a request body, which its reply reuses."""
+
+    JSON = "json"
+    MSGPACK = "msgpack"
+
+    @property
+    def content_type(self) -> str:
+        return JSON_CONTENT_TYPE if self is Encoding.JSON else MSGPACK_CONTENT_TYPE
+
+
+def valid_function_name(name: str) -> bool:
+    """Function names are one NATS subject token: lower-case letters, digits, `_` and `-`."""
+    return bool(_NAME_RE.match(name))
+
+
+def invoke_subject(function: str) -> str:
+    """The subject that invokes `function` by request-reply."""
+    return INVOKE_PREFIX + function
+
+
+def function_from_subject(subject: str) -> str:
+    """The function name of an invocation subject (`faas.invoke.<fn>`)."""
+    return subject[len(INVOKE_PREFIX):]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+def _is_msgpack_map(data: bytes) -> bool:
+    first = data[0]
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+
+def request_encoding(data: bytes, headers: dict[str, str] | None) -> Encoding:
+    """The encoding a request uses (and its reply will use).
+
+    JSON when the Content-Type header says so or the body is text; msgpack otherwise
+    (also for an empty body). Decided before decoding, so a 400 is sent in kind.
+    """
+    content_type = (headers or {}).get(HDR_CONTENT_TYPE, "")
+    if content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE:
+        return Encoding.JSON
+    if not data or _is_msgpack_map(data):
+        return Encoding.MSGPACK
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Encoding.MSGPACK
+    return Encoding.JSON
+
+
+def decode_event(data: bytes, encoding: Encoding) -> dict[str, Any]:
+    """Decode a request body into the event dict, or raise BadRequest."""
+    if not data.strip():
+        return {}
+    try:
+        if encoding is Encoding.JSON:
+            event = json.loads(data)
+        else:
+            event = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise BadRequest(f"body is not valid {encoding.value}: {exc}") from None
+    if not isinstance(event, dict):
+        raise BadRequest(f"body must be a {encoding.value} object/map, got {type(event).__name__}")
+    return event
+
+
+def encode(obj: Any, encoding: Encoding) -> bytes:
+    """Encode a value; TypeError/ValueError if it cannot be represented in `encoding`."""
+    if encoding is Encoding.JSON:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def decode(data: bytes, headers: dict[str, str] | None) -> Any:
+    """Decode a reply body in whichever encoding its Content-Type (or first byte) says."""
+    if not data:
+        return None
+    content_type = (headers or {}).get(HDR_CONTENT_TYPE, "")
+    if content_type == JSON_CONTENT_TYPE or (not content_type and data[:1] in (b"{", b"[")):
+        return json.loads(data)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# --- envelopes --------------------------------------------------------------------------
+
+@dataclass
+class Metrics:
+    """Per-request measurements, all on the node. Times in ms, from receiving the request."""
+
+    request_id: str
+    node: str
+    queue_ms: float = 0.0
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Invocation:
+    """What `Client.invoke` returns: the handler's output and the node's metrics."""
+
+    output: Any
+    metrics: dict[str, Any]
+
+
+def _header_safe(message: str) -> str:
+    one_line = " ".join(message.split())
+    return one_line[:_MAX_HEADER_MESSAGE]
+
+
+def reply_headers(encoding: Encoding, request_id: str) -> dict[str, str]:
+    return {HDR_CONTENT_TYPE: encoding.content_type, HDR_REQUEST_ID: request_id}
+
+
+def ok_reply(output: Any, metrics: Metrics, encoding: Encoding) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a successful reply (TypeError/ValueError if output won't encode)."""
+    body = encode({"output": output, "metrics": metrics.to_dict()}, encoding)
+    return body, reply_headers(encoding, metrics.request_id)
+
+
+def error_reply(err: FaasError, encoding: Encoding, request_id: str) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of an error reply: micro error headers + `{"error": {code, message}}`."""
+    headers = reply_headers(encoding, request_id)
+    headers[HDR_ERROR] = _header_safe(err.message) or "error"
+    headers[HDR_ERROR_CODE] = str(err.code)
+    return encode({"error": {"code": err.code, "message": err.message}}, encoding), headers
+
+
+def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:
+    """Turn a reply message into an Invocation, or raise the FaasError its code stands for."""
+    headers = headers or {}
+    body = decode(data, headers)
+    if HDR_ERROR_CODE in headers or (isinstance(body, dict) and "error" in body):
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        code = int(error.get("code") or headers.get(HDR_ERROR_CODE, 500))
+        raise error_for_code(code, error.get("message") or headers.get(HDR_ERROR, ""))
+    if not isinstance(body, dict) or "output" not in body:
+        raise FaasError(f"malformed reply: {body!r:.200}")
+    return Invocation(output=body["output"], metrics=body.get("metrics", {}))

@@ -1,0 +1,185 @@
+"""The function SDK: the `@function` decorator, the frozen `FunctionSpec` it records,
+and the `Context` a handler receives. Importable without torch: generation is provided
+by the runtime through the context."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from faas.errors import FaasError, SpecError
+from faas.logs import get_logger
+from faas.protocol import valid_function_name
+
+SPEC_ATTR = "__faas_spec__"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of `ctx.generate`: decoded text and the generated token ids."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+
+
+class Generator(Protocol):
+    """What the runtime plugs into a Context to make `ctx.generate` work."""
+
+    def __call__(self, prompt: str, *, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int | None) -> Generation: ...
+
+
+class Context:
+    """Passed to every handler (and to `setup`).
+
+    `ctx.generate(prompt, ...)` runs the function's LoRA model; `ctx.log` is a structured
+    logger bound to the function and request; `ctx.state` is a dict that lives as long as
+    the sandbox, for what `setup` prepares and handlers reuse.
+    """
+
+    def __init__(self, function: str, request_id: str | None, state: dict[str, Any],
+                 generator: Generator | None = None) -> None:
+        self.function = function
+        self.request_id = request_id
+        self.state = state
+        self.log = get_logger(fn=function, req=request_id)
+        self._generator = generator
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> Generation:
+        """Generate up to `max_new_tokens` after `prompt`: greedy when temperature is 0."""
+        if self._generator is None:
+            raise FaasError(f"function {self.function!r} declares no backbone: it cannot generate")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        return self._generator(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed)
+
+
+Handler = Callable[[dict, Context], Any]
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """A deployed function, validated when declared.
+
+    `backbone` is a model folder (or hub id) and `adapter` a peft LoRA folder; relative
+    paths are resolved against the folder of the file that declares the function.
+    Without a backbone the function is plain Python. `timeout_s` is the default budget of
+    a request, `max_queue` how many requests may wait, `max_instances` how many sandboxes
+    may serve it at once.
+    """
+
+    name: str
+    handler: Handler = field(repr=False, compare=False)
+    backbone: str | None = None
+    adapter: str | None = None
+    timeout_s: float = 60.0
+    max_queue: int = 64
+    max_instances: int = 1
+    setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not valid_function_name(self.name):
+            raise SpecError(f"invalid function name {self.name!r}: use lower-case letters, digits, "
+                            "'_' and '-', starting with a letter (at most 63 characters)")
+        if not callable(self.handler):
+            raise SpecError(f"{self.name}: handler must be callable")
+        if self.setup is not None and not callable(self.setup):
+            raise SpecError(f"{self.name}: setup must be callable")
+        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s)
+                and self.timeout_s > 0):
+            raise SpecError(f"{self.name}: timeout_s must be a positive number, got {self.timeout_s!r}")
+        for attr in ("max_queue", "max_instances"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or value < 1:
+                raise SpecError(f"{self.name}: {attr} must be an integer >= 1, got {value!r}")
+        if self.adapter is not None and self.backbone is None:
+            raise SpecError(f"{self.name}: an adapter needs a backbone")
+        if self.backbone is not None and _looks_local(self.backbone):
+            if not (Path(self.backbone) / "config.json").is_file():
+                raise SpecError(f"{self.name}: backbone folder {self.backbone!r} has no config.json")
+        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise SpecError(f"{self.name}: adapter folder {self.adapter!r} has no adapter_config.json")
+
+    @property
+    def source_file(self) -> str:
+        return inspect.getsourcefile(self.handler) or ""
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
+
+    def describe(self) -> dict[str, Any]:
+        """The serialisable part of the spec (what discovery reports and `faas ls` shows)."""
+        return {
+            "name": self.name,
+            "backbone": self.backbone,
+            "adapter": self.adapter,
+            "timeout_s": float(self.timeout_s),
+            "max_queue": self.max_queue,
+            "max_instances": self.max_instances,
+            "source_file": self.source_file,
+            "handler": self.handler.__name__,
+            "has_setup": self.setup is not None,
+        }
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or os.path.exists(ref)
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    """Absolute path for a local reference (relative ones from the declaring file's folder);
+    anything else (a hub id such as `org/model`) is returned as given."""
+    if path is None:
+        return None
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    candidate = base / expanded
+    if path.startswith(".") or candidate.exists():
+        return str(candidate.resolve())
+    return path
+
+
+def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
+             timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
+             setup: Callable[[Context], Any] | None = None) -> Callable[[Handler], Handler]:
+    """Declare a function served by faas.
+
+    ```python
+    @function(name="support", backbone="models/base", adapter="adapters/support")
+    def support(event: dict, ctx) -> dict:
+        return {"reply": ctx.generate(event["prompt"], max_new_tokens=32).text}
+    ```
+    The spec is validated here, when the module is imported: a bad name, a negative
+    timeout or a missing adapter folder raise `SpecError` at declaration. The handler is
+    returned unchanged (callable in tests), with its spec attached as `__faas_spec__`.
+    """
+
+    def decorate(handler: Handler) -> Handler:
+        base = Path(inspect.getsourcefile(handler) or ".").resolve().parent
+        spec = FunctionSpec(name=name, handler=handler, backbone=_resolve(backbone, base),
+                            adapter=_resolve(adapter, base), timeout_s=timeout_s,
+                            max_queue=max_queue, max_instances=max_instances, setup=setup)
+        setattr(handler, SPEC_ATTR, spec)
+        return handler
+
+    return decorate
+
+
+def spec_of(obj: Any) -> FunctionSpec | None:
+    """The FunctionSpec attached to a decorated handler, if any."""
+    spec = getattr(obj, SPEC_ATTR, None)
+    return spec if isinstance(spec, FunctionSpec) else None

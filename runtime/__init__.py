@@ -1,0 +1,1 @@
+"""The per-node runtime: node agent, sandboxes, engine and the embedded NATS server."""

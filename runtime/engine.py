@@ -1,0 +1,112 @@
+"""Generation for one LoRA function inside its sandbox: the backbone and the function's
+adapter loaded with transformers + peft (unmerged), greedy or sampled decoding with a
+KV cache, and the time of the first generated token for TTFT."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
+
+from faas.errors import FaasError
+from faas.sdk import Generation
+
+
+def quiet_transformers() -> None:
+    """No progress bars or advisory warnings from the HF stack on our stderr."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@dataclass
+class UsageMeter:
+    """What a request's generations used: token counts and the first token's time."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    first_token_at: float | None = None  # time.monotonic() (system-wide on Linux)
+
+    def reset(self) -> None:
+        self.tokens_in = self.tokens_out = 0
+        self.first_token_at = None
+
+
+class _FirstTokenClock(BaseStreamer):
+    """`generate` calls put() with the prompt first, then with each new token."""
+
+    def __init__(self, meter: UsageMeter) -> None:
+        self._meter = meter
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+        elif self._meter.first_token_at is None:
+            self._meter.first_token_at = time.monotonic()
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class LoraEngine:
+    """A backbone with (optionally) one peft LoRA adapter on top, never merged."""
+
+    backbone: str
+    adapter: str | None = None
+    device: str = "cpu"
+    meter: UsageMeter = field(default_factory=UsageMeter)
+
+    def __post_init__(self) -> None:
+        quiet_transformers()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone)
+        # dtype "auto": serve in the checkpoint's own dtype (no converted private copy).
+        model = AutoModelForCausalLM.from_pretrained(self.backbone, dtype="auto").to(self.device)
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter)
+        self.model = model.eval()
+        self._pad_id = self.tokenizer.pad_token_id
+        if self._pad_id is None:
+            self._pad_id = self.tokenizer.eos_token_id
+
+    def warm_up(self) -> None:
+        """One short generation so the first request does not pay first-call costs."""
+        self.generate("hello", max_new_tokens=2, temperature=0.0, top_p=1.0, seed=None)
+        self.meter.reset()
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None) -> Generation:
+        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        if n_prompt == 0:
+            raise FaasError("prompt encodes to no tokens")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and n_prompt + max_new_tokens > limit:
+            raise FaasError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
+                            f"exceeds the model's context of {limit}")
+        sampling: dict[str, object] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if seed is not None:
+                torch.manual_seed(seed)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self._pad_id, streamer=_FirstTokenClock(self.meter),
+                                  **sampling)
+        new_ids = out[0, n_prompt:].tolist()
+        eos = self.tokenizer.eos_token_id
+        finish = "stop" if eos is not None and new_ids and new_ids[-1] == eos else "length"
+        self.meter.tokens_in += n_prompt
+        self.meter.tokens_out += len(new_ids)
+        return Generation(text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
+                          token_ids=new_ids, prompt_tokens=n_prompt, finish_reason=finish)

@@ -1,0 +1,142 @@
+"""Builds the bundled offline models: no hub, fixed seeds, saved with save_pretrained.
+
+A byte-level BPE tokenizer trained on generated text, a tiny Llama (hidden 256, 4 layers)
+and a tiny Qwen2 with tied embeddings, each with LoRA adapters whose B matrices are
+random (`init_lora_weights=False`) so every adapter changes the output. A stamp file
+holds a hash of this module: the models are rebuilt when the builder changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from faas.bundled import TINY_LLAMA, TINY_QWEN2, models_dir
+from faas.logs import get_logger
+
+log = get_logger()
+
+_WORDS = (
+    "the a an order ticket customer refund shipping delivery account password invoice "
+    "payment card bank status update cancel return product price discount question answer "
+    "please thanks hello help support agent summary report table select from where join "
+    "group by count sum average user users orders items date month year week today "
+    "summarize translate classify sentiment positive negative neutral review text "
+    "reply email subject dear regards issue problem error fixed resolved pending"
+).split()
+_SPECIALS = ["<s>", "</s>", "<pad>"]
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    name: str
+    seed: int
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+_ADAPTERS = {
+    TINY_LLAMA: (_Adapter("support", 11), _Adapter("summarize", 12), _Adapter("sql", 13)),
+    TINY_QWEN2: (_Adapter("chat", 21),),
+}
+
+
+def _builder_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = rng.choices(_WORDS, k=rng.randint(5, 20))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]))
+    return lines
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(20000, seed=0), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", padding_side="left")
+
+
+def _config(model: str, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               max_position_embeddings=1024,
+               # Wider than the default 0.02 so greedy output varies instead of repeating.
+               initializer_range=0.1)
+    if model == TINY_LLAMA:
+        return LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=False, **ids)
+    return Qwen2Config(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=True, **ids)
+
+
+def _build_model(model: str, out: Path, tokenizer) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_config(model, tokenizer), dtype=torch.float32)
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for adapter in _ADAPTERS[model]:
+        torch.manual_seed(adapter.seed)
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(adapter.targets),
+                         init_lora_weights=False, task_type="CAUSAL_LM")
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(out), cfg)
+        peft_model.save_pretrained(out / "adapters" / adapter.name)
+
+
+def ensure_bundled_models(root: Path | None = None) -> Path:
+    """Build the bundled models under `root` (default `$FAAS_HOME/models`) unless they are
+    already there from this version of the builder. Returns the folder."""
+    root = root or models_dir()
+    stamp = root / ".builder"
+    if stamp.is_file() and stamp.read_text() == _builder_hash():
+        return root
+    from runtime.engine import quiet_transformers
+
+    quiet_transformers()
+    log.info("models_building", root=str(root))
+    tmp = root.with_name(root.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = _build_tokenizer(vocab_size=4096)
+    for model in (TINY_LLAMA, TINY_QWEN2):
+        _build_model(model, tmp / model, tokenizer)
+    # safetensors writes 0600; sandboxes under other uids must be able to read the models.
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (tmp / ".builder").write_text(_builder_hash())
+    # Swap in whole so a concurrent reader never sees a half-built tree.
+    old = root.with_name(root.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if root.exists():
+        root.rename(old)
+    tmp.rename(root)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("models_built", root=str(root))
+    return root
+
+
+if __name__ == "__main__":
+    print(ensure_bundled_models())

@@ -1,0 +1,193 @@
+"""The node agent: subscribes to invocations, admits them, hands each to an owned task that
+leases a sandbox of its function, and replies exactly once (output or error).
+
+It runs no user code and imports no torch: specs come from a discovery subprocess and
+handlers run in sandbox processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from faas import protocol
+from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded
+from faas.logs import get_logger
+from faas.protocol import Encoding, Metrics
+from runtime.pool import FunctionPool
+from runtime.sandboxes import SandboxConfig
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str = field(default_factory=default_node_id)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    drain_timeout_s: float = 30.0
+
+
+def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
+    """The request's budget: the caller's `Faas-Timeout-Ms`, capped by the function's
+    `timeout_s` (the function's own limit wins, so a caller cannot pin a sandbox longer)."""
+    limit = float(spec["timeout_s"])
+    raw = headers.get(protocol.HDR_TIMEOUT_MS)
+    if raw is None:
+        return limit
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        raise BadRequest(f"{protocol.HDR_TIMEOUT_MS} must be a number of ms, got {raw!r}") from None
+    if not timeout_ms > 0:
+        raise BadRequest(f"{protocol.HDR_TIMEOUT_MS} must be positive, got {raw!r}")
+    return min(timeout_ms / 1000, limit)
+
+
+class Node:
+    """Serves the given function specs on one NATS connection."""
+
+    def __init__(self, nc: NATS, specs: list[dict[str, Any]], config: NodeConfig) -> None:
+        self.nc = nc
+        self.config = config
+        self.node_id = config.node_id
+        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox) for spec in specs}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Subscription] = []
+        self.log = get_logger(node=self.node_id)
+
+    async def start(self) -> None:
+        """Subscribe; when this returns the server knows every subscription."""
+        self._subs.append(await self.nc.subscribe(
+            protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
+        self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
+        await self.nc.flush()
+        self.log.info("node_started", functions=sorted(self.pools))
+
+    # --- request path ---------------------------------------------------------------
+
+    async def _on_invoke(self, msg: Msg) -> None:
+        """Decode and admit only; the work runs in an owned task so no request of one
+        function waits behind another."""
+        received = time.monotonic()
+        headers = msg.headers or {}
+        encoding = protocol.request_encoding(msg.data, headers)
+        request_id = headers.get(protocol.HDR_REQUEST_ID) or protocol.new_request_id()
+        function = protocol.function_from_subject(msg.subject)
+        log = self.log.bind(fn=function, req=request_id)
+        if not msg.reply:
+            log.warning("invoke_without_reply_subject")
+            return
+        try:
+            pool = self.pools.get(function)
+            if pool is None:
+                raise FunctionNotFound(f"no function named {function!r}")
+            event = protocol.decode_event(msg.data, encoding)
+            deadline = received + _budget_s(headers, pool.spec)
+            pool.admit()
+        except FaasError as err:
+            await self._reply_error(msg, err, encoding, request_id, log)
+            return
+        self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline))
+
+    def _own(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, msg: Msg, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
+                     request_id: str, received: float, deadline: float) -> None:
+        log = self.log.bind(fn=pool.name, req=request_id)
+        try:
+            served = await pool.serve(request_id, event, deadline)
+        except FaasError as err:
+            await self._reply_error(msg, err, encoding, request_id, log)
+            return
+        except asyncio.CancelledError:
+            await self._reply_error(msg, Overloaded("the node shut down before the request ran"),
+                                    encoding, request_id, log)
+            raise
+        except Exception:
+            log.exception("serve_failed")
+            await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
+                                    request_id, log)
+            return
+        result = served.result
+        ttft_ms = None
+        if result.first_token_at is not None:
+            ttft_ms = round((result.first_token_at - received) * 1000, 3)
+        metrics = Metrics(request_id=request_id, node=self.node_id,
+                          queue_ms=round((served.leased_at - received) * 1000, 3),
+                          ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out)
+        metrics.total_ms = round((time.monotonic() - received) * 1000, 3)
+        try:
+            body, headers = protocol.ok_reply(result.output, metrics, encoding)
+        except (TypeError, ValueError) as exc:
+            err = HandlerError(f"output cannot be encoded as {encoding.value}: {exc}")
+            await self._reply_error(msg, err, encoding, request_id, log)
+            return
+        if len(body) > self.nc.max_payload:
+            err = HandlerError(f"reply of {len(body)} bytes exceeds the server's max payload "
+                               f"of {self.nc.max_payload} bytes")
+            await self._reply_error(msg, err, encoding, request_id, log)
+            return
+        await self._publish(msg.reply, body, headers, log)
+        log.info("invoked", level=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
+                 total_ms=metrics.total_ms)
+
+    async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
+                           log: Any) -> None:
+        log.warning("invoke_failed", code=err.code, error=err.message)
+        body, headers = protocol.error_reply(err, encoding, request_id)
+        await self._publish(msg.reply, body, headers, log)
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str], log: Any) -> None:
+        try:
+            await self.nc.publish(subject, body, headers=headers)
+        except NatsError as exc:
+            log.error("reply_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # --- introspection --------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What `faas ls` shows: this node's functions and their sandboxes."""
+        return {"node": self.node_id, "functions": [
+            {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
+             "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
+             **pool.state()}
+            for name, pool in sorted(self.pools.items())]}
+
+    async def _on_ls(self, msg: Msg) -> None:
+        if msg.reply:
+            encoding = protocol.request_encoding(msg.data, msg.headers)
+            await self._publish(msg.reply, protocol.encode(self.describe(), encoding),
+                                protocol.reply_headers(encoding, ""), self.log)
+
+    # --- shutdown -------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop taking requests, answer what is in flight (cancelled past the drain timeout,
+        still with a reply), then stop every sandbox."""
+        self.log.info("node_draining", in_flight=len(self._tasks))
+        for sub in self._subs:
+            try:
+                await sub.drain()
+            except NatsError as exc:
+                self.log.warning("unsubscribe_failed", error=str(exc))
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        self.log.info("node_drained")

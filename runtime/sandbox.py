@@ -1,0 +1,120 @@
+"""The sandbox process: serves one function, one request at a time, for the node agent.
+
+Started by the node as `python -m runtime.sandbox --fd N --parent PID`, with one end of a
+socketpair. It receives an `init` frame (which function), imports the function's file,
+loads backbone + adapter when the function declares them, runs `setup`, answers `ready`
+(or `init_error`), then answers each `invoke` frame with a `result` or an `error` frame.
+It exits when the socket closes, and the kernel kills it if the node dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+from faas.logs import configure_logging, get_logger
+from faas.sdk import Context, FunctionSpec
+from runtime import frames
+from runtime.procs import die_with_parent, parent_alive
+from runtime.loader import find_spec
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+class _Served:
+    """The loaded function: spec, optional engine, and the sandbox-lifetime state."""
+
+    def __init__(self, init: dict[str, Any]) -> None:
+        self.spec: FunctionSpec = find_spec(init["source_file"], init["name"])
+        self.engine = None
+        self.state: dict[str, Any] = {}
+        self.loop = asyncio.new_event_loop()
+        if self.spec.backbone is not None:
+            import torch
+
+            from runtime.engine import LoraEngine
+
+            torch.set_num_threads(int(init.get("threads", 1)))
+            self.engine = LoraEngine(self.spec.backbone, self.spec.adapter)
+            self.engine.warm_up()
+        if self.spec.setup is not None:
+            self._call(self.spec.setup, Context(self.spec.name, None, self.state, self._generator))
+
+    @property
+    def _generator(self) -> Callable[..., Any] | None:
+        return self.engine.generate if self.engine is not None else None
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            result = self.loop.run_until_complete(result)
+        return result
+
+    def invoke(self, frame: dict[str, Any]) -> bytes:
+        if self.engine is not None:
+            self.engine.meter.reset()
+        ctx = Context(self.spec.name, frame["request_id"], self.state, self._generator)
+        try:
+            output = self._call(self.spec.handler, frame["event"], ctx)
+        except Exception as exc:
+            ctx.log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            return frames.pack({"type": "error", "error": _error(exc)})
+        usage = {}
+        if self.engine is not None:
+            meter = self.engine.meter
+            usage = {"tokens_in": meter.tokens_in, "tokens_out": meter.tokens_out,
+                     "first_token_at": meter.first_token_at}
+        try:
+            return frames.pack({"type": "result", "output": output, "usage": usage})
+        except (TypeError, ValueError) as exc:
+            return frames.pack({"type": "error", "error": {
+                "type": "TypeError",
+                "message": f"handler returned a value that cannot be encoded: {exc}"}})
+
+
+def serve(sock: socket.socket) -> int:
+    init = frames.recv_frame(sock)
+    if init is None:
+        return 0
+    log = get_logger(fn=init["name"])
+    started = time.monotonic()
+    try:
+        served = _Served(init)
+    except Exception as exc:
+        log.error("sandbox_init_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        sock.sendall(frames.pack({"type": "init_error", "error": _error(exc)}))
+        return 1
+    load_ms = (time.monotonic() - started) * 1000
+    sock.sendall(frames.pack({"type": "ready", "load_ms": load_ms}))
+    log.info("sandbox_ready", load_ms=round(load_ms, 1), pid=os.getpid())
+    while (frame := frames.recv_frame(sock)) is not None:
+        if frame.get("type") == "invoke":
+            sock.sendall(served.invoke(frame))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.sandbox")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args()
+    die_with_parent()
+    if not parent_alive(args.parent):
+        return 0
+    configure_logging()
+    # Handler prints go to stderr with the logs; stdout belongs to the node.
+    sys.stdout = sys.stderr
+    with socket.socket(fileno=args.fd) as sock:
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The node agent's handle on sandbox processes: spawn, initialise, invoke, stop, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from faas.errors import HandlerError
+from faas.logs import get_logger
+from runtime import frames
+from runtime.procs import die_with_parent
+
+
+class SandboxDied(HandlerError):
+    """The sandbox process exited (crashed or was killed) while it held a request."""
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """How sandboxes are started. `threads` is torch's intra-op thread count per sandbox,
+    kept low so several sandboxes do not oversubscribe the cores."""
+
+    threads: int = 1
+    stop_grace_s: float = 2.0
+
+
+@dataclass
+class SandboxResult:
+    output: Any
+    tokens_in: int = 0
+    tokens_out: int = 0
+    first_token_at: float | None = None
+
+
+class Sandbox:
+    """One sandbox process leased to one function; serves one request at a time."""
+
+    def __init__(self, function: str, proc: asyncio.subprocess.Process,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.function = function
+        self.proc = proc
+        self._reader = reader
+        self._writer = writer
+        self.load_ms: float = 0.0
+        self.log = get_logger(fn=function, pid=proc.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        self._writer.write(frames.pack(frame))
+        await self._writer.drain()
+
+    async def _receive(self) -> dict[str, Any]:
+        try:
+            return await frames.read_frame(self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self.proc.wait()
+            raise SandboxDied(f"sandbox of {self.function!r} exited with code {code} "
+                              "while serving the request") from None
+
+    async def initialise(self, init: dict[str, Any]) -> None:
+        await self._send({"type": "init", **init})
+        reply = await self._receive()
+        if reply["type"] == "init_error":
+            err = reply["error"]
+            raise HandlerError(f"function {self.function!r} failed to load: "
+                               f"{err['type']}: {err['message']}")
+        self.load_ms = float(reply["load_ms"])
+
+    async def invoke(self, request_id: str, event: dict[str, Any]) -> SandboxResult:
+        """Run the handler; HandlerError if it raised, SandboxDied if the process died."""
+        try:
+            await self._send({"type": "invoke", "request_id": request_id, "event": event})
+        except (ConnectionError, BrokenPipeError):
+            code = await self.proc.wait()
+            raise SandboxDied(f"sandbox of {self.function!r} exited with code {code}") from None
+        reply = await self._receive()
+        if reply["type"] == "error":
+            err = reply["error"]
+            raise HandlerError(f"{err['type']}: {err['message']}")
+        return SandboxResult(output=reply["output"], **reply.get("usage", {}))
+
+    async def stop(self, grace_s: float) -> None:
+        """Close the socket (the sandbox exits on EOF); kill it if it lingers."""
+        self._writer.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace_s)
+        except TimeoutError:
+            await self.kill()
+
+    async def kill(self) -> None:
+        if self.alive:
+            self.proc.kill()
+        self._writer.close()
+        await self.proc.wait()
+
+
+async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig) -> Sandbox:
+    """Start a sandbox for the function described by `spec` and wait until it is ready
+    (imports, model load, adapter, setup, warm-up: the whole cold start)."""
+    started = time.monotonic()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(os.environ, OMP_NUM_THREADS=str(config.threads),
+               MKL_NUM_THREADS=str(config.threads), TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "runtime.sandbox", "--fd", str(theirs.fileno()),
+            "--parent", str(os.getpid()),
+            pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(), env=env, preexec_fn=die_with_parent,
+            # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
+            start_new_session=True)
+    finally:
+        theirs.close()
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    sandbox = Sandbox(spec["name"], proc, reader, writer)
+    try:
+        await sandbox.initialise({"name": spec["name"], "source_file": spec["source_file"],
+                                  "threads": config.threads})
+    except BaseException:
+        await sandbox.kill()
+        raise
+    sandbox.log.info("sandbox_started", load_ms=round(sandbox.load_ms, 1),
+                     start_ms=round((time.monotonic() - started) * 1000, 1))
+    return sandbox

@@ -1,0 +1,88 @@
+"""`faas up`: embedded nats-server (unless a URL is given), discovery of the functions
+folder in a subprocess, the node agent, the `ready` line, and an ordered drain on
+SIGINT/SIGTERM: subscriptions, in-flight requests, sandboxes, NATS, the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+
+from faas.bundled import faas_home
+from faas.errors import FaasError
+from faas.logs import configure_logging, get_logger
+from runtime.natsd import EmbeddedNats
+from runtime.node import Node, NodeConfig
+from runtime.procs import die_with_parent
+from runtime.sandboxes import SandboxConfig
+
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    functions_dirs: tuple[Path, ...]
+    nats_url: str | None = None
+    port: int = 4222
+    state_dir: Path | None = None
+    sandbox_threads: int = 1
+    bundled_models: bool = True
+
+
+async def discover_specs(functions_dirs: tuple[Path, ...],
+                         bundled_models: bool) -> list[dict[str, Any]]:
+    """Import the functions folders in a subprocess (user code never runs in the node)."""
+    args = [sys.executable, "-m", "runtime.discover", *map(str, functions_dirs)]
+    if bundled_models:
+        args.append("--bundled-models")
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                stdin=asyncio.subprocess.DEVNULL,
+                                                preexec_fn=die_with_parent, start_new_session=True)
+    out, _ = await proc.communicate()
+    lines = out.decode().strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise FaasError(f"function discovery failed (exit code {proc.returncode})") from None
+    if "error" in result:
+        raise FaasError(f"cannot load functions: {result['error']}")
+    return result["functions"]
+
+
+async def up(options: UpOptions) -> int:
+    configure_logging()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server: EmbeddedNats | None = None
+    try:
+        url = options.nats_url
+        if url is None:
+            server = EmbeddedNats(options.port, options.state_dir or faas_home() / "nats")
+            await server.start()
+            url = server.url
+        specs = await discover_specs(options.functions_dirs, options.bundled_models)
+        config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads))
+        nc = await nats.connect(url, name=f"faas-node-{config.node_id}", max_reconnect_attempts=-1)
+        node = Node(nc, specs, config)
+        await node.start()
+        print(f"ready {url} functions={len(specs)}", flush=True)
+        await stop.wait()
+        await node.drain()
+        await nc.drain()
+        log.info("node_stopped")
+        return 0
+    except (FaasError, nats.errors.Error, OSError) as err:
+        log.error("node_failed", error=str(err))
+        return 1
+    finally:
+        if server is not None:
+            await server.stop()

@@ -1,0 +1,66 @@
+"""Shared fixtures: one embedded nats-server + node (`faas up`) for the whole session, serving
+the example functions and the test functions, and clients to talk to it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nats
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "functions"
+TEST_FUNCTIONS = ROOT / "tests" / "functions"
+
+# Models and server state go to a throw-away FAAS_HOME unless the caller exported one
+# (export FAAS_HOME to reuse built models across runs).
+_OWN_HOME = "FAAS_HOME" not in os.environ
+if _OWN_HOME:
+    os.environ["FAAS_HOME"] = tempfile.mkdtemp(prefix="faas-test-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def faas_home():
+    home = Path(os.environ["FAAS_HOME"])
+    yield home
+    if _OWN_HOME:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def models(faas_home):
+    from runtime.modelzoo import ensure_bundled_models
+
+    return ensure_bundled_models()
+
+
+@pytest.fixture(scope="session")
+def node(models, faas_home):
+    from faas.localnode import LocalNode
+
+    log_path = faas_home / "node.log"
+    with open(log_path, "ab") as log:
+        local = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(),
+                          state_dir=faas_home / "nats-session")
+        local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(node):
+    from faas import Client
+
+    async with Client(node.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def nc(node):
+    """A raw nats-py connection: what a producer without our SDK uses."""
+    conn = await nats.connect(node.url)
+    yield conn
+    await conn.drain()

@@ -1,0 +1,34 @@
+"""Functions that misbehave on purpose: each error path of the node is driven by one."""
+
+import os
+import time
+
+from faas import function
+
+
+@function(name="boom", timeout_s=10)
+def boom(event: dict, ctx) -> dict:
+    raise ValueError(f"bad things: {event.get('why', 'no reason')}")
+
+
+@function(name="crash", timeout_s=10)
+def crash(event: dict, ctx) -> dict:
+    if event.get("die"):
+        os._exit(3)
+    return {"pid": os.getpid()}
+
+
+@function(name="sleepy", timeout_s=30, max_queue=1)
+def sleepy(event: dict, ctx) -> dict:
+    time.sleep(float(event.get("s", 0)))
+    return {"slept_s": event.get("s", 0), "pid": os.getpid()}
+
+
+@function(name="big", timeout_s=10)
+def big(event: dict, ctx) -> dict:
+    return {"blob": "x" * int(event.get("n", 10))}
+
+
+@function(name="unencodable", timeout_s=10)
+def unencodable(event: dict, ctx) -> dict:
+    return {"a_set": {1, 2, 3}}

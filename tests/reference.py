@@ -1,0 +1,31 @@
+"""The reference: plain transformers + peft in this process, greedy, for the same model,
+adapter and prompt the system served."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@functools.cache
+def _load(backbone: str, adapter: str):
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone), adapter)
+    return tokenizer, model.eval()
+
+
+@torch.inference_mode()
+def greedy_token_ids(backbone: str, adapter: str, prompt: str, max_new_tokens: int) -> list[int]:
+    tokenizer, model = _load(backbone, adapter)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def decode(backbone: str, adapter: str, token_ids: list[int]) -> str:
+    tokenizer, _ = _load(backbone, adapter)
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
