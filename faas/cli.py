@@ -20,6 +20,11 @@ from faas.errors import FaasError
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
+def _client(args: argparse.Namespace) -> Client:
+    # One-shot commands: fail at once when the server is not there.
+    return Client(args.nats or DEFAULT_URL, max_reconnect_attempts=1)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from runtime.serve import UpOptions, up
 
@@ -36,7 +41,7 @@ async def _invoke(args: argparse.Namespace) -> int:
         print(f"error: EVENT is not JSON: {exc}", file=sys.stderr)
         return 2
     try:
-        async with Client(args.nats or DEFAULT_URL) as client:
+        async with _client(args) as client:
             result = await client.invoke(args.function, event, timeout_s=args.timeout_s)
     except FaasError as err:
         print(f"error {err.code}: {err.message}", file=sys.stderr)
@@ -49,7 +54,7 @@ async def _invoke(args: argparse.Namespace) -> int:
 
 async def _ls(args: argparse.Namespace) -> int:
     try:
-        async with Client(args.nats or DEFAULT_URL) as client:
+        async with _client(args) as client:
             nodes = await client.nodes()
     except FaasError as err:
         print(f"error {err.code}: {err.message}", file=sys.stderr)

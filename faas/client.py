@@ -20,10 +20,19 @@ from nats.aio.client import Client as NATS
 
 from faas import protocol
 from faas.errors import DeadlineExceeded, FaasError, Overloaded
+from faas.logs import get_logger
 from faas.protocol import Encoding, Invocation
 
 # The node answers 504 when the budget runs out; wait a little longer for that reply.
 _REPLY_GRACE_S = 2.0
+# nats-py retries a dead server 60 times, 2 s apart, before failing; a producer wants to know
+# within seconds. Any of these can be overridden through Client(url, **options).
+_CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 2, "reconnect_time_wait": 0.5,
+                                     "max_reconnect_attempts": 10}
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    get_logger().warning("nats_error", error=f"{type(exc).__name__}: {exc}")
 
 
 class Client:
@@ -31,7 +40,8 @@ class Client:
 
     def __init__(self, url: str = "nats://127.0.0.1:4222", **connect_options: Any) -> None:
         self.url = url
-        self._connect_options = connect_options
+        self._connect_options = {"error_cb": _log_nats_error, **_CONNECT_DEFAULTS,
+                                 **connect_options}
         self._nc: NATS | None = None
 
     async def connect(self) -> None:

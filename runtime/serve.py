@@ -56,6 +56,27 @@ async def discover_specs(functions_dirs: tuple[Path, ...],
     return result["functions"]
 
 
+async def connect_node(url: str, node_id: str, first_connect_s: float = 15.0) -> nats.NATS:
+    """Connect the node: reconnect forever once connected, but fail start-up with a clear
+    error when the server cannot be reached at all."""
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected")
+
+    try:
+        return await asyncio.wait_for(nats.connect(
+            url, name=f"faas-node-{node_id}", max_reconnect_attempts=-1, reconnect_time_wait=1,
+            error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected),
+            first_connect_s)
+    except TimeoutError:
+        raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
+
+
 async def up(options: UpOptions) -> int:
     configure_logging()
     stop = asyncio.Event()
@@ -71,7 +92,7 @@ async def up(options: UpOptions) -> int:
             url = server.url
         specs = await discover_specs(options.functions_dirs, options.bundled_models)
         config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads))
-        nc = await nats.connect(url, name=f"faas-node-{config.node_id}", max_reconnect_attempts=-1)
+        nc = await connect_node(url, config.node_id)
         node = Node(nc, specs, config)
         await node.start()
         print(f"ready {url} functions={len(specs)}", flush=True)

@@ -1,0 +1,87 @@
+"""A node's processes: SIGTERM drains (in-flight requests answered, then everything stops);
+SIGKILL of the node leaves no nats-server or sandbox behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from faas import Client
+from faas.localnode import LocalNode
+from tests.conftest import EXAMPLES, TEST_FUNCTIONS
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_all_gone(pids: set[int], timeout_s: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = {p for p in pids if alive(p)}
+        if not left:
+            return left
+        time.sleep(0.05)
+    return {p for p in pids if alive(p)}
+
+
+@pytest.fixture
+def own_node(models, faas_home, tmp_path):
+    with open(tmp_path / "node.log", "ab") as log:
+        node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats")
+        node.start()
+    yield node
+    node.stop()
+
+
+async def test_sigkill_of_node_leaves_no_process(own_node):
+    async with Client(own_node.url) as client:
+        await client.invoke("echo", {})
+        await client.invoke("qwen-chat", {"prompt": "hi", "max_new_tokens": 2}, timeout_s=120)
+    children = descendants(own_node.proc.pid)
+    assert len(children) >= 3  # nats-server + two sandboxes
+    os.kill(own_node.proc.pid, signal.SIGKILL)
+    own_node.proc.wait()
+    assert wait_all_gone(children) == set()
+
+
+async def test_sigterm_answers_in_flight_then_stops_everything(own_node):
+    async with Client(own_node.url) as client:
+        await client.invoke("sleepy", {"s": 0})
+        children = descendants(own_node.proc.pid)
+        in_flight = asyncio.create_task(client.invoke("sleepy", {"s": 1.5}, timeout_s=30))
+        await asyncio.sleep(0.5)
+        own_node.proc.send_signal(signal.SIGTERM)
+        result = await in_flight
+    assert result.output["slept_s"] == 1.5
+    assert await asyncio.to_thread(own_node.proc.wait, 30) == 0
+    assert wait_all_gone(children) == set()

@@ -1,0 +1,63 @@
+"""The SDK: specs validated at declaration, the decorator keeps handlers callable, and
+`import faas` stays light (no torch) for producers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from faas import Context, SpecError, function
+from faas.bundled import adapter_path, model_path
+from faas.sdk import spec_of
+
+
+def plain(event, ctx):
+    return event
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"name": "Bad Name"}, "invalid function name"),
+    ({"name": "has.dot"}, "invalid function name"),
+    ({"name": "ok", "timeout_s": -1}, "timeout_s"),
+    ({"name": "ok", "timeout_s": float("nan")}, "timeout_s"),
+    ({"name": "ok", "max_queue": 0}, "max_queue"),
+    ({"name": "ok", "adapter": "/nonexistent"}, "needs a backbone"),
+    ({"name": "ok", "backbone": "/nonexistent/model"}, "no config.json"),
+])
+def test_bad_declarations_fail_at_import(kwargs, match):
+    with pytest.raises(SpecError, match=match):
+        function(**kwargs)(plain)
+
+
+def test_missing_adapter_folder(models):
+    with pytest.raises(SpecError, match="adapter_config.json"):
+        function(name="x", backbone=model_path(), adapter="/nonexistent/adapter")(plain)
+
+
+def test_relative_paths_resolve_from_the_declaring_file(models, tmp_path):
+    spec = spec_of(function(name="rel", backbone=model_path(), adapter=adapter_path("sql"))(plain))
+    assert spec.adapter == adapter_path("sql")
+    with pytest.raises(SpecError, match="adapter_config.json"):
+        function(name="rel", backbone=model_path(), adapter="./missing")(plain)
+
+
+def test_decorated_handler_stays_callable():
+    handler = function(name="plain-fn", timeout_s=5)(plain)
+    assert handler({"a": 1}, Context("plain-fn", "r1", {})) == {"a": 1}
+    spec = spec_of(handler)
+    assert spec.name == "plain-fn" and spec.backbone is None and spec.timeout_s == 5
+
+
+def test_plain_context_cannot_generate():
+    with pytest.raises(Exception, match="declares no backbone"):
+        Context("plain-fn", "r1", {}).generate("hi")
+
+
+def test_import_faas_does_not_import_torch():
+    code = ("import sys, faas, faas.cli, faas.client, faas.demo, faas.localnode; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'runtime') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,156 @@
+"""The wire protocol seen by a producer without our SDK (raw nats-py), and every error code:
+each one is produced by a bad input or a fault, and the node keeps serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgpack
+import pytest
+
+from faas import DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
+from faas.protocol import HDR_ERROR, HDR_ERROR_CODE, HDR_REQUEST_ID, HDR_TIMEOUT_MS
+
+
+async def assert_still_serving(client) -> None:
+    result = await client.invoke("echo", {"still": "here"}, timeout_s=30)
+    assert result.output["echo"] == {"still": "here"}
+
+
+def error_of(msg) -> tuple[int, str]:
+    """(code, message) of an error reply, checking that headers and body agree."""
+    code = int(msg.headers[HDR_ERROR_CODE])
+    body = json.loads(msg.data) if msg.data[:1] == b"{" else msgpack.unpackb(msg.data)
+    assert body["error"]["code"] == code
+    assert msg.headers[HDR_ERROR]
+    return code, body["error"]["message"]
+
+
+async def test_json_request_from_raw_nats_gets_json(nc):
+    msg = await nc.request("faas.invoke.echo", b'{"x": 1, "y": [1, 2]}', timeout=30)
+    reply = json.loads(msg.data)
+    assert reply["output"] == {"echo": {"x": 1, "y": [1, 2]}, "keys": ["x", "y"]}
+    assert set(reply["metrics"]) == {"request_id", "node", "queue_ms", "ttft_ms", "total_ms",
+                                     "tokens_in", "tokens_out"}
+    assert reply["metrics"]["ttft_ms"] is None  # a plain function never generates
+
+
+async def test_msgpack_request_gets_msgpack_and_request_id_is_echoed(nc):
+    msg = await nc.request("faas.invoke.echo", msgpack.packb({"k": b"\x00\x01"}), timeout=30,
+                           headers={HDR_REQUEST_ID: "req-42"})
+    reply = msgpack.unpackb(msg.data)
+    assert reply["output"]["echo"] == {"k": b"\x00\x01"}
+    assert reply["metrics"]["request_id"] == "req-42"
+    assert msg.headers[HDR_REQUEST_ID] == "req-42"
+
+
+async def test_json_content_type_header_and_empty_body(nc):
+    msg = await nc.request("faas.invoke.echo", b"", timeout=30,
+                           headers={"Content-Type": "application/json"})
+    assert json.loads(msg.data)["output"]["echo"] == {}
+
+
+async def test_generation_metrics_over_raw_nats(nc):
+    msg = await nc.request("faas.invoke.qwen-chat", b'{"prompt": "hello", "max_new_tokens": 4}',
+                           timeout=120)
+    metrics = json.loads(msg.data)["metrics"]
+    assert metrics["tokens_out"] >= 1 and metrics["ttft_ms"] > 0
+
+
+@pytest.mark.parametrize("body", [b"not json at all", b"[1, 2, 3]", msgpack.packb([1, 2]),
+                                  b"\xc1\xff\x00"])
+async def test_400_bad_body(nc, client, body):
+    msg = await nc.request("faas.invoke.echo", body, timeout=30)
+    code, message = error_of(msg)
+    assert code == 400 and message
+    await assert_still_serving(client)
+
+
+async def test_400_bad_timeout_header(nc, client):
+    msg = await nc.request("faas.invoke.echo", b"{}", timeout=30, headers={HDR_TIMEOUT_MS: "soon"})
+    assert error_of(msg)[0] == 400
+    await assert_still_serving(client)
+
+
+async def test_404_unknown_function(nc, client):
+    msg = await nc.request("faas.invoke.nope", b"{}", timeout=30)
+    code, message = error_of(msg)
+    assert code == 404 and "nope" in message
+    with pytest.raises(FunctionNotFound):
+        await client.invoke("nope", {})
+    await assert_still_serving(client)
+
+
+async def test_500_handler_exception_carries_type_and_message(client):
+    with pytest.raises(HandlerError) as info:
+        await client.invoke("boom", {"why": "testing"})
+    assert info.value.code == 500
+    assert info.value.message == "ValueError: bad things: testing"
+    await assert_still_serving(client)
+
+
+async def test_500_handler_input_error_in_lora_function(client):
+    with pytest.raises(HandlerError, match="non-empty 'message'"):
+        await client.invoke("support", {}, timeout_s=120)
+    ok = await client.invoke("support", {"message": "hi", "max_new_tokens": 2}, timeout_s=120)
+    assert len(ok.output["token_ids"]) <= 2
+
+
+async def test_500_crashed_sandbox_is_replaced(client):
+    before = (await client.invoke("crash", {})).output["pid"]
+    with pytest.raises(HandlerError, match="exited with code 3"):
+        await client.invoke("crash", {"die": True})
+    after = (await client.invoke("crash", {})).output["pid"]
+    assert after != before
+    await assert_still_serving(client)
+
+
+async def test_500_unencodable_output(client):
+    with pytest.raises(HandlerError, match="cannot be encoded"):
+        await client.invoke("unencodable", {})
+    await assert_still_serving(client)
+
+
+async def test_500_reply_over_max_payload(client, nc):
+    too_big = nc.max_payload + 1000
+    with pytest.raises(HandlerError, match="max payload"):
+        await client.invoke("big", {"n": too_big})
+    assert len((await client.invoke("big", {"n": 1000})).output["blob"]) == 1000
+
+
+async def test_503_queue_full(client):
+    """sleepy has one sandbox and max_queue=1: one runs, one waits, the third is refused."""
+    first = asyncio.create_task(client.invoke("sleepy", {"s": 1.5}, timeout_s=30))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(client.invoke("sleepy", {"s": 0}, timeout_s=30))
+    await asyncio.sleep(0.2)
+    with pytest.raises(Overloaded, match="max_queue=1"):
+        await client.invoke("sleepy", {"s": 0}, timeout_s=30)
+    assert (await first).output["slept_s"] == 1.5
+    assert (await second).output["slept_s"] == 0
+    await assert_still_serving(client)
+
+
+async def test_504_hung_sandbox_is_killed_and_replaced(client):
+    pid = (await client.invoke("sleepy", {"s": 0})).output["pid"]
+    with pytest.raises(DeadlineExceeded, match="in the handler"):
+        await client.invoke("sleepy", {"s": 60}, timeout_s=1)
+    fresh = await client.invoke("sleepy", {"s": 0}, timeout_s=30)
+    assert fresh.output["pid"] != pid
+    await assert_still_serving(client)
+
+
+async def test_setup_runs_once_and_state_persists(client):
+    first = (await client.invoke("counter", {})).output
+    second = (await client.invoke("counter", {})).output
+    assert second["calls"] == first["calls"] + 1
+    assert first["setup_pid"] == first["pid"] == second["pid"]
+    assert second["request_id"]
+
+
+async def test_plain_json_error_reply_for_plain_text_body(nc):
+    msg = await nc.request("faas.invoke.echo", b"hello?", timeout=30)
+    assert msg.headers["Content-Type"] == "application/json"
+    assert json.loads(msg.data)["error"]["code"] == 400
+
