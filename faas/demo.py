@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from faas.bundled import faas_home
 from faas.cli import format_table
 from faas.client import Client
 from faas.errors import FaasError
@@ -24,8 +26,8 @@ EXAMPLE_EVENTS: dict[str, dict[str, Any]] = {
 
 
 def _clip(value: Any, width: int = 60) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    text = " ".join(text.split())
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -35,9 +37,16 @@ def _ms(value: float | None) -> str:
 
 async def run_demo(functions_dir: Path) -> int:
     print("starting a node with an embedded nats-server (first run builds the tiny models)...")
-    node = LocalNode(functions_dir)
-    url = node.start()
-    print(f"node ready on {url}\n")
+    log_path = faas_home() / "demo-node.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        node = LocalNode(functions_dir, stderr=log.fileno())
+        try:
+            url = node.start()
+        except FaasError as err:
+            print(f"error: {err.message} (node log: {log_path})")
+            return 1
+    print(f"node ready on {url} (its log: {log_path})\n")
     rows: list[tuple[Any, ...]] = [("FUNCTION", "CALL", "OUTPUT", "TTFT_MS", "TOTAL_MS")]
     failed = 0
     try:

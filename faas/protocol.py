@@ -38,8 +38,10 @@ JSON_CONTENT_TYPE = "application/json"
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-# NATS header values are single lines; keep error messages readable but bounded.
+# NATS header values are single lines; keep error messages readable but bounded, so an
+# error reply always fits in a message.
 _MAX_HEADER_MESSAGE = 1000
+_MAX_ERROR_MESSAGE = 4096
 
 
 class Encoding(enum.Enum):
@@ -104,10 +106,13 @@ def decode_event(data: bytes, encoding: Encoding) -> dict[str, Any]:
     try:
         if encoding is Encoding.JSON:
             event = json.loads(data)
+            # JSON admits what msgpack (sandbox frames) cannot carry, e.g. ints above 2**64.
+            msgpack.packb(event, use_bin_type=True)
         else:
             event = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise BadRequest(f"body is not valid {encoding.value}: {exc}") from None
+    except Exception as exc:  # any malformed body (bad syntax, deep nesting, unhashable keys)
+        raise BadRequest(f"body is not a valid {encoding.value} event: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(event, dict):
         raise BadRequest(f"body must be a {encoding.value} object/map, got {type(event).__name__}")
     return event
@@ -176,7 +181,16 @@ def error_reply(err: FaasError, encoding: Encoding, request_id: str) -> tuple[by
     headers = reply_headers(encoding, request_id)
     headers[HDR_ERROR] = _header_safe(err.message) or "error"
     headers[HDR_ERROR_CODE] = str(err.code)
-    return encode({"error": {"code": err.code, "message": err.message}}, encoding), headers
+    message = err.message
+    if len(message) > _MAX_ERROR_MESSAGE:
+        message = message[:_MAX_ERROR_MESSAGE] + f"... ({len(err.message)} characters)"
+    return encode({"error": {"code": err.code, "message": message}}, encoding), headers
+
+
+def wire_size(body: bytes, headers: dict[str, str]) -> int:
+    """Bytes the server counts against its max payload: the body plus the header block."""
+    header_block = len("NATS/1.0\r\n") + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()) + len("\r\n")
+    return len(body) + header_block
 
 
 def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:

@@ -77,7 +77,8 @@ class FunctionSpec:
     paths are resolved against the folder of the file that declares the function.
     Without a backbone the function is plain Python. `timeout_s` is the default budget of
     a request, `max_queue` how many requests may wait, `max_instances` how many sandboxes
-    may serve it at once.
+    may serve it at once, `start_timeout_s` how long a sandbox may take to load (imports,
+    model, adapter, `setup`) before it is killed and the waiting requests get a 500.
     """
 
     name: str
@@ -87,6 +88,7 @@ class FunctionSpec:
     timeout_s: float = 60.0
     max_queue: int = 64
     max_instances: int = 1
+    start_timeout_s: float = 120.0
     setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,9 +99,10 @@ class FunctionSpec:
             raise SpecError(f"{self.name}: handler must be callable")
         if self.setup is not None and not callable(self.setup):
             raise SpecError(f"{self.name}: setup must be callable")
-        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s)
-                and self.timeout_s > 0):
-            raise SpecError(f"{self.name}: timeout_s must be a positive number, got {self.timeout_s!r}")
+        for attr in ("timeout_s", "start_timeout_s"):
+            value = getattr(self, attr)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SpecError(f"{self.name}: {attr} must be a positive number, got {value!r}")
         for attr in ("max_queue", "max_instances"):
             value = getattr(self, attr)
             if not isinstance(value, int) or value < 1:
@@ -129,6 +132,7 @@ class FunctionSpec:
             "timeout_s": float(self.timeout_s),
             "max_queue": self.max_queue,
             "max_instances": self.max_instances,
+            "start_timeout_s": float(self.start_timeout_s),
             "source_file": self.source_file,
             "handler": self.handler.__name__,
             "has_setup": self.setup is not None,
@@ -155,6 +159,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 
 def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
              timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
+             start_timeout_s: float = 120.0,
              setup: Callable[[Context], Any] | None = None) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
@@ -172,7 +177,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
         base = Path(inspect.getsourcefile(handler) or ".").resolve().parent
         spec = FunctionSpec(name=name, handler=handler, backbone=_resolve(backbone, base),
                             adapter=_resolve(adapter, base), timeout_s=timeout_s,
-                            max_queue=max_queue, max_instances=max_instances, setup=setup)
+                            max_queue=max_queue, max_instances=max_instances,
+                            start_timeout_s=start_timeout_s, setup=setup)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

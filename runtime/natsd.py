@@ -43,25 +43,24 @@ class EmbeddedNats:
 
     async def start(self, ready_timeout_s: float = 10.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        binary = nats_server_binary()
         self._proc = await asyncio.create_subprocess_exec(
-            nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+            binary, "-a", self.host, "-p", str(self.port), "-js",
             "-sd", str(self.state_dir / "jetstream"), "-l", str(self.log_file),
+            "--ports_file_dir", str(self.state_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent,
             # Own session: a terminal's Ctrl-C must not stop the server before the node drains.
             start_new_session=True)
+        # Ready when *our* server wrote its ports file: a TCP connect alone could reach
+        # another server already holding the port while ours exits.
+        ports_file = self.state_dir / f"{Path(binary).name}_{self._proc.pid}.ports"
         deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.returncode is not None:
-                break
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            log.info("nats_server_started", url=self.url, log_file=str(self.log_file))
-            return
+        while time.monotonic() < deadline and self._proc.returncode is None:
+            if ports_file.exists():
+                log.info("nats_server_started", url=self.url, log_file=str(self.log_file))
+                return
+            await asyncio.sleep(0.02)
         await self.stop()
         raise FaasError(f"embedded nats-server did not start on {self.url}: {self._log_tail()}")
 

@@ -98,6 +98,11 @@ class Node:
         except FaasError as err:
             await self._reply_error(msg, err, encoding, request_id, log)
             return
+        except Exception:  # a bug of ours must still produce a reply, not silence
+            log.exception("admit_failed")
+            await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
+                                    request_id, log)
+            return
         self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline))
 
     def _own(self, coro: Any) -> None:
@@ -114,8 +119,8 @@ class Node:
             await self._reply_error(msg, err, encoding, request_id, log)
             return
         except asyncio.CancelledError:
-            await self._reply_error(msg, Overloaded("the node shut down before the request ran"),
-                                    encoding, request_id, log)
+            await self._reply_error(msg, Overloaded("the node shut down before the request "
+                                                    "completed"), encoding, request_id, log)
             raise
         except Exception:
             log.exception("serve_failed")
@@ -136,13 +141,14 @@ class Node:
             err = HandlerError(f"output cannot be encoded as {encoding.value}: {exc}")
             await self._reply_error(msg, err, encoding, request_id, log)
             return
-        if len(body) > self.nc.max_payload:
-            err = HandlerError(f"reply of {len(body)} bytes exceeds the server's max payload "
+        size = protocol.wire_size(body, headers)
+        if size > self.nc.max_payload:
+            err = HandlerError(f"reply of {size} bytes exceeds the server's max payload "
                                f"of {self.nc.max_payload} bytes")
             await self._reply_error(msg, err, encoding, request_id, log)
             return
         await self._publish(msg.reply, body, headers, log)
-        log.info("invoked", level=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
+        log.info("invoked", start=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,

@@ -84,6 +84,10 @@ class FunctionPool:
             self.log.warning("sandbox_killed_past_deadline", req=request_id, pid=sandbox.proc.pid)
             await sandbox.kill()
             raise
+        except asyncio.CancelledError:
+            # It still owes this request's reply: never lease it to another request.
+            await sandbox.kill()
+            raise
         except SandboxDied:
             self.log.error("sandbox_died", req=request_id, pid=sandbox.proc.pid,
                            code=sandbox.proc.returncode)
@@ -108,6 +112,7 @@ class FunctionPool:
                     if sandbox.alive:
                         self._busy.add(sandbox)
                         return sandbox, level
+                    sandbox.discard()
                 if self._failures != seen_failures and self._last_failure is not None:
                     raise self._last_failure
                 if self._closed:
@@ -136,20 +141,23 @@ class FunctionPool:
             self.log.error("sandbox_start_failed", error=failure.message)
         async with self._cond:
             self._starting -= 1
-            if sandbox is not None:
-                self._idle.append(sandbox)
-            else:
+            if failure is not None:
                 self._failures += 1
                 self._last_failure = failure
+            elif not self._closed:
+                self._idle.append(sandbox)
             self._cond.notify_all()
+        if sandbox is not None and self._closed:  # started after close(): nobody will lease it
+            await sandbox.stop(self._config.stop_grace_s)
 
     async def _release(self, sandbox: Sandbox) -> None:
         async with self._cond:
             self._busy.discard(sandbox)
-            if sandbox.alive and not self._closed:
+            keep = sandbox.alive and not self._closed
+            if keep:
                 self._idle.append(sandbox)
             self._cond.notify_all()
-        if self._closed and sandbox.alive:
+        if not keep:
             await sandbox.stop(self._config.stop_grace_s)
 
     async def close(self) -> None:

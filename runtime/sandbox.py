@@ -74,9 +74,9 @@ class _Served:
                      "first_token_at": meter.first_token_at}
         try:
             return frames.pack({"type": "result", "output": output, "usage": usage})
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # e.g. a set, an object, an int beyond 64 bits
             return frames.pack({"type": "error", "error": {
-                "type": "TypeError",
+                "type": type(exc).__name__,
                 "message": f"handler returned a value that cannot be encoded: {exc}"}})
 
 

@@ -87,6 +87,10 @@ class Sandbox:
             raise HandlerError(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
 
+    def discard(self) -> None:
+        """Release our end of the socket of a sandbox that already exited."""
+        self._writer.close()
+
     async def stop(self, grace_s: float) -> None:
         """Close the socket (the sandbox exits on EOF); kill it if it lingers."""
         self._writer.close()
@@ -121,9 +125,13 @@ async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig) -> Sandbox:
         theirs.close()
     reader, writer = await asyncio.open_unix_connection(sock=ours)
     sandbox = Sandbox(spec["name"], proc, reader, writer)
+    init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads}
     try:
-        await sandbox.initialise({"name": spec["name"], "source_file": spec["source_file"],
-                                  "threads": config.threads})
+        await asyncio.wait_for(sandbox.initialise(init), spec["start_timeout_s"])
+    except TimeoutError:
+        await sandbox.kill()
+        raise HandlerError(f"sandbox of {spec['name']!r} did not load within "
+                           f"start_timeout_s={spec['start_timeout_s']:g}") from None
     except BaseException:
         await sandbox.kill()
         raise

@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import nats
 import nats.errors
@@ -56,14 +56,16 @@ async def discover_specs(functions_dirs: tuple[Path, ...],
     return result["functions"]
 
 
-async def connect_node(url: str, node_id: str, first_connect_s: float = 15.0) -> nats.NATS:
+async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable[None]],
+                       first_connect_s: float = 15.0) -> nats.NATS:
     """Connect the node: reconnect forever once connected, but fail start-up with a clear
-    error when the server cannot be reached at all."""
+    error when the server cannot be reached at all. `on_closed` runs when the connection is
+    closed for good (nats-py closes it after some server errors instead of reconnecting)."""
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
 
     async def on_disconnected() -> None:
-        log.warning("nats_disconnected")
+        log.info("nats_disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats_reconnected")
@@ -71,7 +73,8 @@ async def connect_node(url: str, node_id: str, first_connect_s: float = 15.0) ->
     try:
         return await asyncio.wait_for(nats.connect(
             url, name=f"faas-node-{node_id}", max_reconnect_attempts=-1, reconnect_time_wait=1,
-            error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected),
+            error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+            closed_cb=on_closed),
             first_connect_s)
     except TimeoutError:
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
@@ -80,6 +83,15 @@ async def connect_node(url: str, node_id: str, first_connect_s: float = 15.0) ->
 async def up(options: UpOptions) -> int:
     configure_logging()
     stop = asyncio.Event()
+    lost_connection = False
+
+    async def on_closed() -> None:
+        nonlocal lost_connection
+        if not stop.is_set():
+            log.error("nats_connection_closed")
+            lost_connection = True
+            stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -92,17 +104,18 @@ async def up(options: UpOptions) -> int:
             url = server.url
         specs = await discover_specs(options.functions_dirs, options.bundled_models)
         config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads))
-        nc = await connect_node(url, config.node_id)
+        nc = await connect_node(url, config.node_id, on_closed)
         node = Node(nc, specs, config)
         await node.start()
         print(f"ready {url} functions={len(specs)}", flush=True)
         await stop.wait()
         await node.drain()
-        await nc.drain()
+        if not nc.is_closed:
+            await nc.drain()
         log.info("node_stopped")
-        return 0
+        return 1 if lost_connection else 0
     except (FaasError, nats.errors.Error, OSError) as err:
-        log.error("node_failed", error=str(err))
+        log.error("node_failed", error=err.message if isinstance(err, FaasError) else str(err))
         return 1
     finally:
         if server is not None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from faas import Context, SpecError, function
 from faas.bundled import adapter_path, model_path
 from faas.sdk import spec_of
+from runtime.loader import load_file
 
 
 def plain(event, ctx):
@@ -36,11 +38,22 @@ def test_missing_adapter_folder(models):
         function(name="x", backbone=model_path(), adapter="/nonexistent/adapter")(plain)
 
 
-def test_relative_paths_resolve_from_the_declaring_file(models, tmp_path):
-    spec = spec_of(function(name="rel", backbone=model_path(), adapter=adapter_path("sql"))(plain))
-    assert spec.adapter == adapter_path("sql")
+def test_relative_paths_resolve_from_the_declaring_file(models, tmp_path, monkeypatch):
+    """`adapter="adapters/x"` means next to the function's file, whatever the cwd."""
+    shutil.copytree(adapter_path("sql"), tmp_path / "adapters" / "mine")
+    (tmp_path / "fn.py").write_text(
+        "from faas import function\n"
+        f"@function(name='rel', backbone={model_path()!r}, adapter='adapters/mine')\n"
+        "def rel(event, ctx):\n    return event\n")
+    monkeypatch.chdir("/")
+    spec = spec_of(load_file(tmp_path / "fn.py").rel)
+    assert spec.adapter == str(tmp_path / "adapters" / "mine")
+    (tmp_path / "bad.py").write_text(
+        "from faas import function\n"
+        f"@function(name='bad', backbone={model_path()!r}, adapter='./missing')\n"
+        "def bad(event, ctx):\n    return event\n")
     with pytest.raises(SpecError, match="adapter_config.json"):
-        function(name="rel", backbone=model_path(), adapter="./missing")(plain)
+        load_file(tmp_path / "bad.py")
 
 
 def test_decorated_handler_stays_callable():

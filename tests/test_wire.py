@@ -58,8 +58,12 @@ async def test_generation_metrics_over_raw_nats(nc):
     assert metrics["tokens_out"] >= 1 and metrics["ttft_ms"] > 0
 
 
-@pytest.mark.parametrize("body", [b"not json at all", b"[1, 2, 3]", msgpack.packb([1, 2]),
-                                  b"\xc1\xff\x00"])
+@pytest.mark.parametrize("body", [
+    b"not json at all", b"[1, 2, 3]", msgpack.packb([1, 2]), b"\xc1\xff\x00",
+    b"[" * 100_000 + b"]" * 100_000,          # nesting deeper than the decoder's recursion
+    b"\x81\x91\x01\x01",                     # msgpack map whose key is a list
+    b'{"n": ' + b"9" * 30 + b"}",             # an int msgpack cannot carry to the sandbox
+], ids=["text", "json-array", "msgpack-array", "garbage", "deep", "list-key", "bigint"])
 async def test_400_bad_body(nc, client, body):
     msg = await nc.request("faas.invoke.echo", body, timeout=30)
     code, message = error_of(msg)
@@ -113,18 +117,67 @@ async def test_500_unencodable_output(client):
 
 
 async def test_500_reply_over_max_payload(client, nc):
-    too_big = nc.max_payload + 1000
-    with pytest.raises(HandlerError, match="max payload"):
-        await client.invoke("big", {"n": too_big})
-    assert len((await client.invoke("big", {"n": 1000})).output["blob"]) == 1000
+    """Outputs swept across the server's limit, in steps smaller than the reply headers: each
+    gets its output or a 500 naming the max payload, never silence, and the node's
+    connection survives the ones that do not fit."""
+    outcomes = set()
+    for n in range(nc.max_payload - 400, nc.max_payload + 1, 10):
+        try:
+            result = await client.invoke("big", {"n": n}, timeout_s=10)
+        except HandlerError as err:
+            assert "max payload" in err.message
+            outcomes.add("too big")
+        else:
+            assert len(result.output["blob"]) == n
+            outcomes.add("fits")
+    assert outcomes == {"fits", "too big"}
+    await assert_still_serving(client)
+
+
+async def test_500_huge_error_message_is_truncated_not_lost(client, nc):
+    with pytest.raises(HandlerError) as info:
+        await client.invoke("loud", {"n": 2 * nc.max_payload})
+    assert info.value.message.startswith("ValueError: xxx")
+    assert len(info.value.message) < 10_000
+    await assert_still_serving(client)
+
+
+async def test_500_unencodable_int_keeps_the_sandbox(client):
+    with pytest.raises(HandlerError, match="cannot be encoded"):
+        await client.invoke("huge-int", {})
+    with pytest.raises(HandlerError, match="cannot be encoded"):
+        await client.invoke("huge-int", {})
+    (listing,) = await client.nodes()
+    (state,) = [fn for fn in listing["functions"] if fn["name"] == "huge-int"]
+    assert state["idle"] == 1  # the same sandbox answered both: it did not crash
+
+
+async def test_500_sandbox_stuck_in_setup_is_killed_after_start_timeout(client):
+    for _ in range(2):
+        with pytest.raises(HandlerError, match="did not load within start_timeout_s=1.5"):
+            await client.invoke("stuck-setup", {})
+    (listing,) = await client.nodes()
+    (state,) = [fn for fn in listing["functions"] if fn["name"] == "stuck-setup"]
+    assert state["starting"] == 0 and state["idle"] == 0
+    await assert_still_serving(client)
+
+
+async def wait_for_state(client, function: str, **expected: int) -> None:
+    for _ in range(200):
+        (listing,) = await client.nodes(wait_s=0.05)
+        (state,) = [fn for fn in listing["functions"] if fn["name"] == function]
+        if all(state[k] == v for k, v in expected.items()):
+            return
+    raise AssertionError(f"{function} never reached {expected}: {state}")
 
 
 async def test_503_queue_full(client):
     """sleepy has one sandbox and max_queue=1: one runs, one waits, the third is refused."""
+    await client.invoke("sleepy", {"s": 0}, timeout_s=30)  # warm: its sandbox exists
     first = asyncio.create_task(client.invoke("sleepy", {"s": 1.5}, timeout_s=30))
-    await asyncio.sleep(0.3)
+    await wait_for_state(client, "sleepy", busy=1)
     second = asyncio.create_task(client.invoke("sleepy", {"s": 0}, timeout_s=30))
-    await asyncio.sleep(0.2)
+    await wait_for_state(client, "sleepy", queued=1)
     with pytest.raises(Overloaded, match="max_queue=1"):
         await client.invoke("sleepy", {"s": 0}, timeout_s=30)
     assert (await first).output["slept_s"] == 1.5
@@ -154,3 +207,10 @@ async def test_plain_json_error_reply_for_plain_text_body(nc):
     assert msg.headers["Content-Type"] == "application/json"
     assert json.loads(msg.data)["error"]["code"] == 400
 
+
+
+async def test_500_setup_failure_is_reported_on_every_request(client):
+    for _ in range(2):  # each request retries the start and reports why it failed
+        with pytest.raises(HandlerError, match="failed to load: RuntimeError: cannot reach"):
+            await client.invoke("unready", {})
+    await assert_still_serving(client)

@@ -32,3 +32,31 @@ def big(event: dict, ctx) -> dict:
 @function(name="unencodable", timeout_s=10)
 def unencodable(event: dict, ctx) -> dict:
     return {"a_set": {1, 2, 3}}
+
+
+def broken_setup(ctx) -> None:
+    raise RuntimeError("cannot reach the feature store")
+
+
+@function(name="unready", timeout_s=10, setup=broken_setup)
+def unready(event: dict, ctx) -> dict:
+    return {"never": "served"}
+
+
+@function(name="loud", timeout_s=10)
+def loud(event: dict, ctx) -> dict:
+    raise ValueError("x" * int(event.get("n", 10)))
+
+
+@function(name="huge-int", timeout_s=10)
+def huge_int(event: dict, ctx) -> dict:
+    return {"n": 2**70, "pid": os.getpid()}
+
+
+def hang_forever(ctx) -> None:
+    time.sleep(3600)
+
+
+@function(name="stuck-setup", timeout_s=20, start_timeout_s=1.5, setup=hang_forever)
+def stuck_setup(event: dict, ctx) -> dict:
+    return {"never": "served"}
