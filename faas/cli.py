@@ -31,7 +31,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
-        sandbox_threads=args.sandbox_threads)))
+        sandbox_threads=args.sandbox_threads, device=args.device,
+        backbone_keep_alive_s=args.backbone_keep_alive_s)))
 
 
 async def _invoke(args: argparse.Namespace) -> int:
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of function files (repeatable; default ./functions)")
     up.add_argument("--state-dir", help="embedded server data and log (default $FAAS_HOME/nats)")
     up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
+    up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where backbones live (auto: cuda when NVML sees a GPU)")
+    up.add_argument("--backbone-keep-alive-s", type=float, default=300.0,
+                    help="how long an unused backbone stays loaded")
     up.set_defaults(run=_cmd_up)
 
     invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")

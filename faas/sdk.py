@@ -5,8 +5,10 @@ by the runtime through the context."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -112,8 +114,10 @@ class FunctionSpec:
         if self.backbone is not None and _looks_local(self.backbone):
             if not (Path(self.backbone) / "config.json").is_file():
                 raise SpecError(f"{self.name}: backbone folder {self.backbone!r} has no config.json")
-        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
-            raise SpecError(f"{self.name}: adapter folder {self.adapter!r} has no adapter_config.json")
+        if self.adapter is not None:
+            problem = shared_backbone_problem(Path(self.adapter))
+            if problem:
+                raise SpecError(f"{self.name}: adapter {self.adapter!r} {problem}")
 
     @property
     def source_file(self) -> str:
@@ -137,6 +141,39 @@ class FunctionSpec:
             "handler": self.handler.__name__,
             "has_setup": self.setup is not None,
         }
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file, read from its JSON header (no torch needed)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return [k for k in json.loads(f.read(length)) if k != "__metadata__"]
+
+
+def shared_backbone_problem(adapter: Path) -> str | None:
+    """Why a LoRA adapter folder cannot run on a shared, read-only backbone, or None.
+
+    Refused: no adapter_config.json; `modules_to_save` or trainable tokens (they replace
+    backbone modules with private trained copies); saved embedding or output layers
+    (resized vocabularies change the backbone itself).
+    """
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        return "has no adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("modules_to_save"):
+        return (f"sets modules_to_save={config['modules_to_save']}: full module copies cannot "
+                "run on a shared backbone")
+    if config.get("trainable_token_indices"):
+        return "trains token embeddings (trainable_token_indices): not shareable"
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        replaced = [k for k in _safetensors_keys(weights)
+                    if "lora_" not in k and k.rsplit(".", 2)[-2] in ("embed_tokens", "lm_head", "wte")]
+        if replaced:
+            return (f"carries backbone layers {replaced[:2]} (resized embeddings?): "
+                    "not shareable")
+    return None
 
 
 def _looks_local(ref: str) -> bool:

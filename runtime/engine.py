@@ -8,6 +8,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,18 +59,32 @@ class _FirstTokenClock(BaseStreamer):
 
 @dataclass
 class LoraEngine:
-    """A backbone with (optionally) one peft LoRA adapter on top, never merged."""
+    """A backbone with (optionally) one peft LoRA adapter on top, never merged.
+
+    With `shared` (the backbone export the node passes in a sandbox's init frame), the
+    weights are the backbone process's tensors, bound into a meta skeleton without a copy;
+    without it the model is loaded privately (an isolated instance).
+    """
 
     backbone: str
     adapter: str | None = None
-    device: str = "cpu"
+    shared: dict[str, Any] | None = None
     meter: UsageMeter = field(default_factory=UsageMeter)
 
     def __post_init__(self) -> None:
         quiet_transformers()
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone)
-        # dtype "auto": serve in the checkpoint's own dtype (no converted private copy).
-        model = AutoModelForCausalLM.from_pretrained(self.backbone, dtype="auto").to(self.device)
+        if self.shared is not None:
+            from runtime.skeleton import bind_shared
+            from runtime.weights import backend_for
+
+            self.device = self.shared["device"]
+            tensors = backend_for(self.device).attach(self.shared["manifest"], self.shared["fds"])
+            model = bind_shared(self.backbone, tensors, self.device)
+        else:
+            self.device = "cpu"
+            # dtype "auto": serve in the checkpoint's own dtype (no converted private copy).
+            model = AutoModelForCausalLM.from_pretrained(self.backbone, dtype="auto")
         if self.adapter is not None:
             from peft import PeftModel
 

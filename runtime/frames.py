@@ -52,3 +52,28 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
             return None
         buf += chunk
     return bytes(buf)
+
+
+def send_frame_with_fds(sock: socket.socket, frame: dict[str, Any], fds: list[int]) -> None:
+    """Blocking send of one frame with file descriptors attached (SCM_RIGHTS)."""
+    data = pack(frame)
+    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+    sock.sendall(data[sent:])
+
+
+def recv_frame_with_fds(sock: socket.socket, max_fds: int = 8) -> tuple[dict[str, Any] | None, list[int]]:
+    """Blocking read of one frame and the descriptors sent with it; (None, []) on EOF."""
+    data, fds, _, _ = socket.recv_fds(sock, 65536, max_fds)
+    if not data:
+        return None, fds
+    buf = bytearray(data)
+    while len(buf) < _HEADER.size:
+        chunk = sock.recv(_HEADER.size - len(buf))
+        if not chunk:
+            return None, fds
+        buf += chunk
+    (size,) = _HEADER.unpack(buf[:_HEADER.size])
+    rest = _recv_exactly(sock, _HEADER.size + size - len(buf))
+    if rest is None:
+        return None, fds
+    return _unpack(bytes(buf[_HEADER.size:]) + rest), fds

@@ -23,6 +23,7 @@ from faas import protocol
 from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
+from runtime.backbones import BackboneRegistry
 from runtime.pool import FunctionPool
 from runtime.sandboxes import SandboxConfig
 
@@ -36,6 +37,9 @@ class NodeConfig:
     node_id: str = field(default_factory=default_node_id)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     drain_timeout_s: float = 30.0
+    device: str = "cpu"
+    # How long an unused backbone stays exported (the pre-loading issue will decide this).
+    backbone_keep_alive_s: float = 300.0
 
 
 def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
@@ -61,7 +65,10 @@ class Node:
         self.nc = nc
         self.config = config
         self.node_id = config.node_id
-        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox) for spec in specs}
+        self.backbones = BackboneRegistry(config.device, config.backbone_keep_alive_s,
+                                          config.sandbox.threads)
+        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.backbones)
+                      for spec in specs}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self.log = get_logger(node=self.node_id)
@@ -167,7 +174,7 @@ class Node:
 
     def describe(self) -> dict[str, Any]:
         """What `faas ls` shows: this node's functions and their sandboxes."""
-        return {"node": self.node_id, "functions": [
+        return {"node": self.node_id, "backbones": self.backbones.state(), "functions": [
             {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
              "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
              **pool.state()}
@@ -196,4 +203,5 @@ class Node:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        await self.backbones.close()
         self.log.info("node_drained")

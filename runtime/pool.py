@@ -16,6 +16,7 @@ from typing import Any
 
 from faas.errors import DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
+from runtime.backbones import BackboneRegistry
 from runtime.sandboxes import Sandbox, SandboxConfig, SandboxDied, SandboxResult, spawn_sandbox
 
 
@@ -31,10 +32,12 @@ class Served:
 class FunctionPool:
     """The sandboxes of one function on this node."""
 
-    def __init__(self, spec: dict[str, Any], config: SandboxConfig) -> None:
+    def __init__(self, spec: dict[str, Any], config: SandboxConfig,
+                 backbones: BackboneRegistry) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
+        self._backbones = backbones
         self._idle: list[Sandbox] = []
         self._busy: set[Sandbox] = set()
         self._starting = 0
@@ -132,7 +135,7 @@ class FunctionPool:
         sandbox: Sandbox | None = None
         failure: FaasError | None = None
         try:
-            sandbox = await spawn_sandbox(self.spec, self._config)
+            sandbox = await self._spawn()
         except FaasError as exc:
             failure = exc
         except Exception as exc:  # spawning itself failed (fork, exec, socket)
@@ -149,6 +152,25 @@ class FunctionPool:
             self._cond.notify_all()
         if sandbox is not None and self._closed:  # started after close(): nobody will lease it
             await sandbox.stop(self._config.stop_grace_s)
+
+    async def _spawn(self) -> Sandbox:
+        """A new sandbox; a LoRA function's holds the shared backbone until it is let go."""
+        if self.spec["backbone"] is None:
+            return await spawn_sandbox(self.spec, self._config)
+        backbone = await self._backbones.acquire(self.spec["backbone"])
+        released = False
+
+        def release() -> None:  # once, whichever of spawn failure or sandbox end comes first
+            nonlocal released
+            if not released:
+                released = True
+                self._backbones.release(backbone)
+
+        try:
+            return await spawn_sandbox(self.spec, self._config, backbone, on_close=release)
+        except BaseException:
+            release()
+            raise
 
     async def _release(self, sandbox: Sandbox) -> None:
         async with self._cond:

@@ -43,7 +43,7 @@ class _Served:
             from runtime.engine import LoraEngine
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            self.engine = LoraEngine(self.spec.backbone, self.spec.adapter)
+            self.engine = LoraEngine(self.spec.backbone, self.spec.adapter, init.get("backbone"))
             self.engine.warm_up()
         if self.spec.setup is not None:
             self._call(self.spec.setup, Context(self.spec.name, None, self.state, self._generator))

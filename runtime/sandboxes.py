@@ -8,11 +8,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime import frames
+from runtime.backbones import Backbone
 from runtime.procs import die_with_parent
 
 
@@ -41,11 +42,13 @@ class Sandbox:
     """One sandbox process leased to one function; serves one request at a time."""
 
     def __init__(self, function: str, proc: asyncio.subprocess.Process,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.function = function
         self.proc = proc
         self._reader = reader
         self._writer = writer
+        self._on_close = on_close
         self.load_ms: float = 0.0
         self.log = get_logger(fn=function, pid=proc.pid)
 
@@ -88,8 +91,11 @@ class Sandbox:
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
 
     def discard(self) -> None:
-        """Release our end of the socket of a sandbox that already exited."""
+        """Let go of a sandbox that already exited: our socket end and its backbone."""
         self._writer.close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     async def stop(self, grace_s: float) -> None:
         """Close the socket (the sandbox exits on EOF); kill it if it lingers."""
@@ -97,19 +103,26 @@ class Sandbox:
         try:
             await asyncio.wait_for(self.proc.wait(), grace_s)
         except TimeoutError:
-            await self.kill()
+            self.proc.kill()
+            await self.proc.wait()
+        self.discard()
 
     async def kill(self) -> None:
         if self.alive:
             self.proc.kill()
-        self._writer.close()
         await self.proc.wait()
+        self.discard()
 
 
-async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig) -> Sandbox:
+async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig,
+                        backbone: Backbone | None = None,
+                        on_close: Callable[[], None] | None = None) -> Sandbox:
     """Start a sandbox for the function described by `spec` and wait until it is ready
-    (imports, model load, adapter, setup, warm-up: the whole cold start)."""
+    (imports, backbone mapping, adapter, setup, warm-up: the whole cold start). The
+    backbone's descriptors are passed to the process; `on_close` runs once when the
+    sandbox is let go of, however it ends."""
     started = time.monotonic()
+    shared_fds = tuple(backbone.fds) if backbone is not None else ()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(os.environ, OMP_NUM_THREADS=str(config.threads),
                MKL_NUM_THREADS=str(config.threads), TOKENIZERS_PARALLELISM="false")
@@ -117,15 +130,16 @@ async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig) -> Sandbox:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "runtime.sandbox", "--fd", str(theirs.fileno()),
             "--parent", str(os.getpid()),
-            pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(), *shared_fds), stdin=asyncio.subprocess.DEVNULL,
             stdout=sys.stderr.fileno(), env=env, preexec_fn=die_with_parent,
             # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
             start_new_session=True)
     finally:
         theirs.close()
     reader, writer = await asyncio.open_unix_connection(sock=ours)
-    sandbox = Sandbox(spec["name"], proc, reader, writer)
-    init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads}
+    sandbox = Sandbox(spec["name"], proc, reader, writer, on_close)
+    init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads,
+            "backbone": backbone.for_sandbox() if backbone is not None else None}
     try:
         await asyncio.wait_for(sandbox.initialise(init), spec["start_timeout_s"])
     except TimeoutError:

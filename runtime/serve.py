@@ -18,6 +18,7 @@ import nats.errors
 from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
+from runtime.backbones import detect_device
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig
 from runtime.procs import die_with_parent
@@ -34,6 +35,8 @@ class UpOptions:
     state_dir: Path | None = None
     sandbox_threads: int = 1
     bundled_models: bool = True
+    device: str = "auto"
+    backbone_keep_alive_s: float = 300.0
 
 
 async def discover_specs(functions_dirs: tuple[Path, ...],
@@ -103,7 +106,9 @@ async def up(options: UpOptions) -> int:
             await server.start()
             url = server.url
         specs = await discover_specs(options.functions_dirs, options.bundled_models)
-        config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads))
+        config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads),
+                            device=detect_device(options.device),
+                            backbone_keep_alive_s=options.backbone_keep_alive_s)
         nc = await connect_node(url, config.node_id, on_closed)
         node = Node(nc, specs, config)
         await node.start()

@@ -1,0 +1,85 @@
+"""The backbone process: loads one base model once, in its own dtype, on one device, and
+exports its weights for every sandbox of the node (see runtime/weights.py).
+
+Started by the node as `python -m runtime.backbone --fd N --parent PID`. It receives a
+`load` frame, answers `ready` with the export's manifest and its file descriptors (or
+`error`), then: on CPU it exits (the node holds the shared file's descriptor, the sandboxes
+map it); on GPU it stays until the node closes the socket, since it owns the CUDA memory the
+sandboxes map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from faas.logs import configure_logging, get_logger
+from runtime import frames
+from runtime.procs import die_with_parent, parent_alive
+
+log = get_logger()
+
+
+def serve(sock: socket.socket) -> int:
+    request = frames.recv_frame(sock)
+    if request is None:
+        return 0
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="faas-backbone-", dir=request.get("shm_dir") or None))
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from runtime.engine import quiet_transformers
+        from runtime.weights import backend_for
+
+        quiet_transformers()
+        torch.set_num_threads(int(request.get("threads", 1)))
+        backend = backend_for(request["device"])
+        model = AutoModelForCausalLM.from_pretrained(request["model"], dtype="auto")
+        model = model.to(request["device"]).eval()
+        export = backend.export(dict(model.state_dict()), workdir)
+    except Exception as exc:
+        log.error("backbone_load_failed", model=request["model"], error=f"{type(exc).__name__}: {exc}",
+                  exc_info=True)
+        frames.send_frame_with_fds(sock, {"type": "error", "error": f"{type(exc).__name__}: {exc}"}, [])
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 1
+    load_ms = (time.monotonic() - started) * 1000
+    frames.send_frame_with_fds(sock, {"type": "ready", "backend": export.backend,
+                                      "manifest": export.manifest, "load_ms": load_ms}, export.fds)
+    # The node now holds its own descriptors: the path is no longer needed by anyone.
+    shutil.rmtree(workdir, ignore_errors=True)
+    for fd in export.fds:
+        os.close(fd)
+    log.info("backbone_exported", model=request["model"], backend=export.backend,
+             bytes=export.manifest["bytes"], load_ms=round(load_ms, 1))
+    if backend.keeps_process():
+        # `model` must stay referenced: the sandboxes map its CUDA blocks.
+        while frames.recv_frame(sock) is not None:
+            pass
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.backbone")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args()
+    die_with_parent()
+    if not parent_alive(args.parent):
+        return 0
+    configure_logging()
+    sys.stdout = sys.stderr
+    with socket.socket(fileno=args.fd) as sock:
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The node's backbones: one per (base model, device), shared by every sandbox that serves
+an adapter of it. A backbone is started on first use, counted while sandboxes hold it, kept
+warm for `keep_alive_s` after the last one lets go, then released."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from faas.errors import HandlerError
+from faas.logs import get_logger
+from runtime import frames
+from runtime.procs import die_with_parent
+
+log = get_logger()
+
+
+@dataclass
+class Backbone:
+    """An exported backbone: what sandboxes need to map it (manifest + descriptors)."""
+
+    model: str
+    device: str
+    backend: str
+    manifest: dict[str, Any]
+    fds: list[int]
+    proc: asyncio.subprocess.Process
+    sock: socket.socket
+    load_ms: float
+    users: int = 0
+    expiry: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def for_sandbox(self) -> dict[str, Any]:
+        """The part of a sandbox's init frame that lets it attach the weights."""
+        return {"backend": self.backend, "manifest": self.manifest, "device": self.device,
+                "fds": self.fds}
+
+    async def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.sock.close()  # a GPU backbone process exits on EOF
+        if self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class BackboneRegistry:
+    """Starts, shares and retires the backbones of one node."""
+
+    def __init__(self, device: str = "cpu", keep_alive_s: float = 300.0, threads: int = 1,
+                 shm_dir: str = "/dev/shm") -> None:
+        self.device = device
+        self.keep_alive_s = keep_alive_s
+        self.threads = threads
+        self.shm_dir = shm_dir if os.path.isdir(shm_dir) else None
+        self._live: dict[str, Backbone] = {}
+        self._starting: dict[str, asyncio.Task[Backbone]] = {}
+
+    def state(self) -> list[dict[str, Any]]:
+        return [{"model": b.model, "device": b.device, "backend": b.backend, "users": b.users,
+                 "bytes": b.manifest.get("bytes", 0)} for b in self._live.values()]
+
+    async def acquire(self, model: str) -> Backbone:
+        """The backbone of `model`, started if needed; the caller must `release` it."""
+        backbone = self._live.get(model)
+        if backbone is None:
+            task = self._starting.get(model)
+            if task is None:
+                task = asyncio.create_task(self._start(model), name=f"backbone-{model}")
+                self._starting[model] = task
+                task.add_done_callback(lambda _t: self._starting.pop(model, None))
+            backbone = await asyncio.shield(task)
+            self._live.setdefault(model, backbone)
+            backbone = self._live[model]
+        backbone.users += 1
+        if backbone.expiry is not None:
+            backbone.expiry.cancel()
+            backbone.expiry = None
+        return backbone
+
+    def release(self, backbone: Backbone) -> None:
+        backbone.users -= 1
+        if backbone.users == 0 and self._live.get(backbone.model) is backbone:
+            backbone.expiry = asyncio.create_task(self._expire(backbone))
+
+    async def _expire(self, backbone: Backbone) -> None:
+        await asyncio.sleep(self.keep_alive_s)
+        if backbone.users == 0 and self._live.get(backbone.model) is backbone:
+            del self._live[backbone.model]
+            log.info("backbone_released", model=backbone.model, idle_s=self.keep_alive_s)
+            await backbone.close()
+
+    async def _start(self, model: str) -> Backbone:
+        started = time.monotonic()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "runtime.backbone", "--fd", str(theirs.fileno()),
+                "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                env=dict(os.environ, OMP_NUM_THREADS=str(self.threads)),
+                preexec_fn=die_with_parent, start_new_session=True)
+        finally:
+            theirs.close()
+        try:
+            request = {"type": "load", "model": model, "device": self.device,
+                       "shm_dir": self.shm_dir, "threads": self.threads}
+            await asyncio.to_thread(ours.sendall, frames.pack(request))
+            reply, fds = await asyncio.to_thread(frames.recv_frame_with_fds, ours)
+        except BaseException:
+            proc.kill()
+            ours.close()
+            raise
+        if reply is None or reply["type"] != "ready":
+            for fd in fds:
+                os.close(fd)
+            ours.close()
+            await proc.wait()
+            why = reply["error"] if reply else f"exited with code {proc.returncode}"
+            raise HandlerError(f"backbone {model!r} failed to load: {why}")
+        log.info("backbone_started", model=model, backend=reply["backend"],
+                 bytes=reply["manifest"].get("bytes"),
+                 start_ms=round((time.monotonic() - started) * 1000, 1))
+        return Backbone(model=model, device=self.device, backend=reply["backend"],
+                        manifest=reply["manifest"], fds=fds, proc=proc, sock=ours,
+                        load_ms=float(reply["load_ms"]))
+
+    async def close(self) -> None:
+        for task in list(self._starting.values()):
+            task.cancel()
+        live, self._live = list(self._live.values()), {}
+        for backbone in live:
+            if backbone.expiry is not None:
+                backbone.expiry.cancel()
+        await asyncio.gather(*(b.close() for b in live))
+
+
+def detect_device(requested: str) -> str:
+    """`auto` is cuda when NVML sees a GPU, else cpu (no torch import in the node)."""
+    if requested != "auto":
+        return requested
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        try:
+            return "cuda" if pynvml.nvmlDeviceGetCount() > 0 else "cpu"
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return "cpu"
+

@@ -1,0 +1,150 @@
+"""Backbone weight sharing: the device-specific part, behind one interface.
+
+The backbone process loads a model once and *exports* its tensors; every sandbox *attaches*
+them and binds them into a model skeleton, without copying:
+
+- `CpuSharedFile`: all tensors in one safetensors file on /dev/shm (in the serving dtype),
+  handed to sandboxes as an O_RDONLY file descriptor and mapped with PROT_READ. A write to a
+  weight faults (SIGSEGV) in the writing sandbox only. The path is unlinked as soon as the
+  node holds the descriptor, so the file lives exactly as long as someone holds it.
+- `CudaIpc`: CUDA IPC handles of the backbone process's tensors (torch.multiprocessing
+  reductions); the backbone process must outlive every sandbox that maps them. A CUDA IPC
+  mapping is writable: see the README's threat model.
+
+Tied weights (one storage under several names) are exported once, with aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass
+class Export:
+    """What a backbone process hands to the node: a msgpack-able manifest and, on CPU, the
+    file descriptors sandboxes need (passed to them at spawn, never by path)."""
+
+    backend: str
+    manifest: dict[str, Any]
+    fds: list[int] = field(default_factory=list)
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state dict into tensors with distinct storage and aliases (tied weights)."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor
+    return unique, aliases
+
+
+class WeightsBackend(ABC):
+    """Export (in the backbone process), attach (in a sandbox), probe memory."""
+
+    name: str
+
+    @abstractmethod
+    def export(self, state: dict[str, torch.Tensor], workdir: Path) -> Export: ...
+
+    @abstractmethod
+    def attach(self, manifest: dict[str, Any], fds: list[int]) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def keeps_process(self) -> bool:
+        """Whether the backbone process must stay alive while sandboxes map its weights."""
+
+
+class CpuSharedFile(WeightsBackend):
+    name = "cpu-shm"
+
+    def export(self, state: dict[str, torch.Tensor], workdir: Path) -> Export:
+        from safetensors.torch import save_file
+
+        unique, aliases = unique_tensors(state)
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "backbone.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in unique.items()}, str(path))
+        os.chmod(path, 0o444)
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        return Export(self.name, {"aliases": aliases, "bytes": size, "path": str(path)}, [fd])
+
+    def attach(self, manifest: dict[str, Any], fds: list[int]) -> dict[str, torch.Tensor]:
+        (fd,) = fds
+        # PROT_READ on an O_RDONLY descriptor: mprotect cannot make it writable either.
+        mapped = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        (header_len,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8:8 + header_len])
+        base = 8 + header_len
+        tensors: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            # frombuffer warns that the buffer is not writable: that is the point.
+            warnings.simplefilter("ignore", UserWarning)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _ST_DTYPES[info["dtype"]]
+                count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+                flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=base + begin) \
+                    if count else torch.empty(0, dtype=dtype)
+                tensors[name] = flat.view(info["shape"])
+        for alias, name in manifest["aliases"].items():
+            tensors[alias] = tensors[name]
+        return tensors
+
+    def keeps_process(self) -> bool:
+        return False
+
+
+class CudaIpc(WeightsBackend):
+    name = "cuda-ipc"
+
+    def export(self, state: dict[str, torch.Tensor], workdir: Path) -> Export:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        unique, aliases = unique_tensors(state)
+        handles = {name: pickle.dumps(reduce_tensor(t.detach())) for name, t in unique.items()}
+        return Export(self.name, {"aliases": aliases, "handles": handles,
+                                  "bytes": sum(t.numel() * t.element_size() for t in unique.values())})
+
+    def attach(self, manifest: dict[str, Any], fds: list[int]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, blob in manifest["handles"].items():
+            rebuild, args = pickle.loads(blob)
+            tensors[name] = rebuild(*args)
+        for alias, name in manifest["aliases"].items():
+            tensors[alias] = tensors[name]
+        return tensors
+
+    def keeps_process(self) -> bool:
+        return True
+
+
+def backend_for(device: str) -> WeightsBackend:
+    if device == "cpu":
+        return CpuSharedFile()
+    if device.startswith("cuda"):
+        return CudaIpc()
+    raise ValueError(f"unsupported device {device!r}")

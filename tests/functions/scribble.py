@@ -1,0 +1,20 @@
+"""A hostile handler: it hunts the backbone's weights through the garbage collector and
+writes to them. On a shared read-only mapping the write must fault and kill only this
+sandbox; nobody else's output may change."""
+
+import gc
+
+import torch
+
+from faas import function
+from faas.bundled import adapter_path, model_path
+
+
+@function(name="scribble", backbone=model_path(), adapter=adapter_path("sql"), timeout_s=60)
+def scribble(event: dict, ctx) -> dict:
+    written = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter) and not obj.requires_grad:
+            obj.data.fill_(0.0)  # the backbone's weights are frozen; LoRA's are trainable
+            written += 1
+    return {"written": written}

@@ -1,0 +1,113 @@
+"""One backbone for every LoRA function: zero-copy binding is exact, the mapping is shared
+and read-only, and adapters that would need private backbone copies are refused."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from faas import HandlerError, SpecError, function
+from faas.bundled import TINY_LLAMA, TINY_QWEN2, adapter_path, model_path
+from runtime.skeleton import bind_shared
+from runtime.weights import CpuSharedFile
+
+
+@pytest.mark.parametrize(("model", "adapter"), [(TINY_LLAMA, "support"), (TINY_QWEN2, "chat")])
+def test_bound_skeleton_logits_equal_from_pretrained(models, tmp_path, model, adapter):
+    reference = AutoModelForCausalLM.from_pretrained(model_path(model))
+    export = CpuSharedFile().export(dict(reference.state_dict()), tmp_path)
+    shared = bind_shared(model_path(model), CpuSharedFile().attach(export.manifest, export.fds))
+    tokenizer = AutoTokenizer.from_pretrained(model_path(model))
+    inputs = tokenizer("Where is my parcel? It was due on Monday.", return_tensors="pt")
+    ref_peft = PeftModel.from_pretrained(reference, adapter_path(adapter, model)).eval()
+    shared_peft = PeftModel.from_pretrained(shared, adapter_path(adapter, model)).eval()
+    with torch.no_grad():
+        assert torch.equal(ref_peft(**inputs).logits, shared_peft(**inputs).logits)
+    weight = shared.get_input_embeddings().weight
+    if model == TINY_QWEN2:  # tied: one storage for input and output embeddings
+        assert shared.get_output_embeddings().weight.data_ptr() == weight.data_ptr()
+    # Bound, not copied: the weight lives inside this process's read-only file mapping.
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+              for line in Path("/proc/self/maps").read_text().splitlines()
+              if "backbone.safetensors" in line and line.split()[1].startswith("r--")]
+    assert any(lo <= weight.data_ptr() < hi for lo, hi in ranges)
+    assert not any(p.requires_grad for p in shared.parameters())
+
+
+def lora_folder(tmp_path: Path, **config) -> str:
+    base = AutoModelForCausalLM.from_pretrained(model_path())
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], **config))
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
+def test_adapter_with_modules_to_save_is_refused_at_declaration(models, tmp_path):
+    adapter = lora_folder(tmp_path, modules_to_save=["lm_head"])
+    with pytest.raises(SpecError, match="modules_to_save"):
+        function(name="x", backbone=model_path(), adapter=adapter)(lambda e, c: e)
+
+
+def backbone_mappings(pid: int) -> list[dict[str, int]]:
+    """smaps entries (in kB, with the file's inode) of shared backbone files mapped in pid."""
+    entries, current = [], None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            current = None
+            if "backbone.safetensors" in line:
+                # Read-only and shared: no write, and no copy-on-write, is possible.
+                assert line.split()[1] == "r--s", line
+                current = {"inode": int(line.split()[4])}
+                entries.append(current)
+        elif current is not None and line.split(":")[0] in (
+                "Rss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty"):
+            current[line.split(":")[0]] = int(line.split()[1])
+    return entries
+
+
+def sandbox_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"runtime.sandbox" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+async def test_lora_sandboxes_map_one_shared_read_only_backbone(client):
+    for name, event in [("support", {"message": "hi"}), ("summarize", {"text": "t"}),
+                        ("sql", {"question": "q"})]:
+        await client.invoke(name, {**event, "max_new_tokens": 2}, timeout_s=120)
+    (listing,) = await client.nodes()
+    (llama,) = [b for b in listing["backbones"] if b["model"] == model_path()]
+    assert llama["users"] >= 3 and llama["backend"] == "cpu-shm"
+    by_inode: dict[int, dict[int, list[dict[str, int]]]] = {}
+    for pid in sandbox_pids():
+        for entry in backbone_mappings(pid):
+            by_inode.setdefault(entry["inode"], {}).setdefault(pid, []).append(entry)
+    mapped = max(by_inode.values(), key=len)  # the Llama backbone: most sandboxes map it
+    assert len(mapped) >= 3
+    for pid, entries in mapped.items():
+        # tmpfs pages count as dirty; "private" ones are pages only this sandbox touched.
+        rss_kb = sum(e["Rss"] for e in entries)
+        shared_kb = sum(e["Shared_Clean"] + e["Shared_Dirty"] for e in entries)
+        assert shared_kb >= 0.95 * rss_kb > 0, f"sandbox {pid}: {entries}"
+
+
+async def test_write_to_shared_weights_kills_only_the_writer(client):
+    event = {"message": "Is my refund on its way?", "max_new_tokens": 12}
+    before = (await client.invoke("support", event, timeout_s=120)).output["token_ids"]
+    with pytest.raises(HandlerError, match="exited with code -11"):
+        await client.invoke("scribble", {}, timeout_s=120)
+    after = (await client.invoke("support", event, timeout_s=120)).output["token_ids"]
+    assert after == before
+    with pytest.raises(HandlerError, match="exited with code -11"):  # replaced, and faults again
+        await client.invoke("scribble", {}, timeout_s=120)
