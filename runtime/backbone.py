@@ -10,7 +10,6 @@ sandboxes map.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -19,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from faas.logs import configure_logging, get_logger
+from faas.logs import get_logger
 from runtime import frames
-from runtime.procs import die_with_parent, parent_alive
+from runtime.procs import run_node_child
 
 log = get_logger()
 
@@ -67,19 +66,5 @@ def serve(sock: socket.socket) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.backbone")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args()
-    die_with_parent()
-    if not parent_alive(args.parent):
-        return 0
-    configure_logging()
-    sys.stdout = sys.stderr
-    with socket.socket(fileno=args.fd) as sock:
-        return serve(sock)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_node_child("python -m runtime.backbone", serve))

@@ -9,7 +9,6 @@ It exits when the socket closes, and the kernel kills it if the node dies.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import inspect
 import os
@@ -18,10 +17,10 @@ import sys
 import time
 from typing import Any, Callable
 
-from faas.logs import configure_logging, get_logger
+from faas.logs import get_logger
 from faas.sdk import Context, FunctionSpec
 from runtime import frames
-from runtime.procs import die_with_parent, parent_alive
+from runtime.procs import run_node_child
 from runtime.loader import find_spec
 
 
@@ -101,20 +100,5 @@ def serve(sock: socket.socket) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.sandbox")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args()
-    die_with_parent()
-    if not parent_alive(args.parent):
-        return 0
-    configure_logging()
-    # Handler prints go to stderr with the logs; stdout belongs to the node.
-    sys.stdout = sys.stderr
-    with socket.socket(fileno=args.fd) as sock:
-        return serve(sock)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_node_child("python -m runtime.sandbox", serve))
