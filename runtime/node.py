@@ -25,7 +25,7 @@ from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
 from runtime.pool import FunctionPool
-from runtime.sandboxes import SandboxConfig
+from runtime.sandboxes import SandboxConfig, Zygote
 
 
 def default_node_id() -> str:
@@ -67,7 +67,8 @@ class Node:
         self.node_id = config.node_id
         self.backbones = BackboneRegistry(config.device, config.backbone_keep_alive_s,
                                           config.sandbox.threads)
-        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.backbones)
+        self.zygote = Zygote(config.sandbox.threads)
+        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.zygote, self.backbones)
                       for spec in specs}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
@@ -79,6 +80,7 @@ class Node:
             protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
         self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
         await self.nc.flush()
+        self.zygote.start()
         self.log.info("node_started", functions=sorted(self.pools))
 
     # --- request path ---------------------------------------------------------------
@@ -203,5 +205,6 @@ class Node:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        await self.zygote.close()
         await self.backbones.close()
         self.log.info("node_drained")

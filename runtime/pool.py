@@ -17,7 +17,14 @@ from typing import Any
 from faas.errors import DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
-from runtime.sandboxes import Sandbox, SandboxConfig, SandboxDied, SandboxResult, spawn_sandbox
+from runtime.sandboxes import (
+    Sandbox,
+    SandboxConfig,
+    SandboxDied,
+    SandboxResult,
+    Zygote,
+    spawn_sandbox,
+)
 
 
 @dataclass
@@ -32,11 +39,12 @@ class Served:
 class FunctionPool:
     """The sandboxes of one function on this node."""
 
-    def __init__(self, spec: dict[str, Any], config: SandboxConfig,
+    def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
                  backbones: BackboneRegistry) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
+        self._zygote = zygote
         self._backbones = backbones
         self._idle: list[Sandbox] = []
         self._busy: set[Sandbox] = set()
@@ -156,7 +164,7 @@ class FunctionPool:
     async def _spawn(self) -> Sandbox:
         """A new sandbox; a LoRA function's holds the shared backbone until it is let go."""
         if self.spec["backbone"] is None:
-            return await spawn_sandbox(self.spec, self._config)
+            return await spawn_sandbox(self.spec, self._config, self._zygote)
         backbone = await self._backbones.acquire(self.spec["backbone"])
         released = False
 
@@ -167,7 +175,8 @@ class FunctionPool:
                 self._backbones.release(backbone)
 
         try:
-            return await spawn_sandbox(self.spec, self._config, backbone, on_close=release)
+            return await spawn_sandbox(self.spec, self._config, self._zygote, backbone,
+                                       on_close=release)
         except BaseException:
             release()
             raise

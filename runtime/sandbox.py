@@ -1,7 +1,7 @@
 """The sandbox process: serves one function, one request at a time, for the node agent.
 
-Started by the node as `python -m runtime.sandbox --fd N --parent PID`, with one end of a
-socketpair. It receives an `init` frame (which function), imports the function's file,
+Forked by the zygote (runtime/zygote.py) with one end of a socketpair and the backbone's
+descriptors. It receives an `init` frame (which function), imports the function's file,
 loads backbone + adapter when the function declares them, runs `setup`, answers `ready`
 (or `init_error`), then answers each `invoke` frame with a `result` or an `error` frame.
 It exits when the socket closes, and the kernel kills it if the node dies.
@@ -20,7 +20,6 @@ from typing import Any, Callable
 from faas.logs import get_logger
 from faas.sdk import Context, FunctionSpec
 from runtime import frames
-from runtime.procs import run_node_child
 from runtime.loader import find_spec
 
 
@@ -79,10 +78,14 @@ class _Served:
                 "message": f"handler returned a value that cannot be encoded: {exc}"}})
 
 
-def serve(sock: socket.socket) -> int:
+def serve(sock: socket.socket, backbone_fds: list[int]) -> int:
+    """Serve one function on `sock` (the zygote calls this in a forked child);
+    `backbone_fds` are this process's descriptors of the shared backbone, if any."""
     init = frames.recv_frame(sock)
     if init is None:
         return 0
+    if init.get("backbone") is not None:
+        init["backbone"]["fds"] = backbone_fds
     log = get_logger(fn=init["name"])
     started = time.monotonic()
     try:
@@ -98,7 +101,3 @@ def serve(sock: socket.socket) -> int:
         if frame.get("type") == "invoke":
             sock.sendall(served.invoke(frame))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_node_child("python -m runtime.sandbox", serve))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 import time
@@ -41,7 +42,7 @@ class SandboxResult:
 class Sandbox:
     """One sandbox process leased to one function; serves one request at a time."""
 
-    def __init__(self, function: str, proc: asyncio.subprocess.Process,
+    def __init__(self, function: str, proc: ForkedProcess,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  on_close: Callable[[], None] | None = None) -> None:
         self.function = function
@@ -114,26 +115,136 @@ class Sandbox:
         self.discard()
 
 
-async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig,
+class ForkedProcess:
+    """A sandbox process forked by the zygote: not our child, so its exit is reported by
+    the zygote (`exited` frames) and it is signalled by pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+
+    def exited(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Zygote:
+    """The node's handle on the zygote process: forks sandboxes with torch, transformers
+    and peft already imported (runtime/zygote.py). Restarted on demand if it dies."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._proc: asyncio.subprocess.Process | None = None
+        self._send: socket.socket | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._pending_fork: asyncio.Future[int] | None = None
+        self._children: dict[int, ForkedProcess] = {}
+        self._fork_lock = asyncio.Lock()
+        self.log = get_logger(component="zygote")
+
+    def start(self) -> None:
+        """Begin starting the zygote (its imports take seconds); `fork` waits for it."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            self._reader_task = asyncio.create_task(self._run(), name="zygote")
+
+    async def _run(self) -> None:
+        assert self._ready is not None
+        started = time.monotonic()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
+                   MKL_NUM_THREADS=str(self.threads), TOKENIZERS_PARALLELISM="false")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "runtime.zygote", "--fd", str(theirs.fileno()),
+                "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=env,
+                preexec_fn=die_with_parent,
+                # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
+                start_new_session=True)
+        finally:
+            theirs.close()
+        # A blocking twin of our end, for sendmsg with descriptors (asyncio's transport
+        # cannot attach them). It shares the socket, so it sees asyncio's O_NONBLOCK: fine
+        # for small frames the zygote reads at once.
+        self._send = socket.socket(fileno=os.dup(ours.fileno()))
+        reader, _writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            hello = await frames.read_frame(reader)
+            self.log.info("zygote_ready", pid=hello["pid"],
+                          start_ms=round((time.monotonic() - started) * 1000, 1))
+            self._ready.set_result(None)
+            while True:
+                frame = await frames.read_frame(reader)
+                if frame["type"] == "forked" and self._pending_fork is not None:
+                    self._pending_fork.set_result(frame["pid"])
+                elif frame["type"] == "exited":
+                    child = self._children.pop(frame["pid"], None)
+                    if child is not None:
+                        child.exited(frame["code"])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.log.warning("zygote_exited", code=await self._proc.wait())
+        finally:
+            if not self._ready.done():
+                self._ready.set_exception(HandlerError("the zygote exited while starting"))
+            if self._pending_fork is not None and not self._pending_fork.done():
+                self._pending_fork.set_exception(HandlerError("the zygote exited while forking"))
+            for child in self._children.values():  # they die with it (PDEATHSIG)
+                child.exited(-signal.SIGKILL)
+            self._children.clear()
+            self._send.close()
+            self._send = None
+            _writer.close()
+            self._ready = None
+
+    async def fork(self, fds: list[int]) -> ForkedProcess:
+        """A new sandbox process serving the first of `fds` (the rest are the backbone's)."""
+        self.start()
+        await asyncio.shield(self._ready)  # type: ignore[arg-type]
+        async with self._fork_lock:  # one fork in flight: its reply is the next `forked`
+            if self._send is None:
+                raise HandlerError("the zygote is not running")
+            self._pending_fork = asyncio.get_running_loop().create_future()
+            try:
+                socket.send_fds(self._send, [frames.pack({"type": "fork"})], fds)
+                pid = await self._pending_fork
+            finally:
+                self._pending_fork = None
+        child = ForkedProcess(pid)
+        self._children[pid] = child
+        return child
+
+    async def close(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+
+async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
                         backbone: Backbone | None = None,
                         on_close: Callable[[], None] | None = None) -> Sandbox:
-    """Start a sandbox for the function described by `spec` and wait until it is ready
-    (imports, backbone mapping, adapter, setup, warm-up: the whole cold start). The
+    """Fork a sandbox for the function described by `spec` and wait until it is ready
+    (backbone mapping, adapter, setup, warm-up: the cold start after the imports). The
     backbone's descriptors are passed to the process; `on_close` runs once when the
     sandbox is let go of, however it ends."""
     started = time.monotonic()
-    shared_fds = tuple(backbone.fds) if backbone is not None else ()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = dict(os.environ, OMP_NUM_THREADS=str(config.threads),
-               MKL_NUM_THREADS=str(config.threads), TOKENIZERS_PARALLELISM="false")
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runtime.sandbox", "--fd", str(theirs.fileno()),
-            "--parent", str(os.getpid()),
-            pass_fds=(theirs.fileno(), *shared_fds), stdin=asyncio.subprocess.DEVNULL,
-            stdout=sys.stderr.fileno(), env=env, preexec_fn=die_with_parent,
-            # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
-            start_new_session=True)
+        proc = await zygote.fork([theirs.fileno(), *(backbone.fds if backbone else [])])
     finally:
         theirs.close()
     reader, writer = await asyncio.open_unix_connection(sock=ours)

@@ -71,13 +71,14 @@ def backbone_mappings(pid: int) -> list[dict[str, int]]:
 
 
 def sandbox_pids() -> list[int]:
+    """Sandboxes are forked from the zygote: they carry its command line."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"runtime.sandbox" in cmd:
+        if b"runtime.zygote" in cmd:
             pids.append(int(proc.name))
     return pids
 

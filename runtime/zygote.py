@@ -1,0 +1,100 @@
+"""The zygote: a process with torch, transformers and peft already imported that forks
+sandboxes on request, so a new sandbox skips the ~5 s of imports of a fresh interpreter.
+
+The node starts it once (`python -m runtime.zygote --fd N --parent PID`, with OMP thread
+counts set in its environment). It only imports: nothing in it runs a torch op, so no
+OpenMP pool exists to be broken by fork. Protocol on its socket (msgpack frames):
+
+- node -> zygote: `fork` with the new sandbox's socket and the backbone's descriptors
+  attached (SCM_RIGHTS); zygote -> node: `forked {pid}`, in request order.
+- zygote -> node: `exited {pid, code}` whenever a sandbox ends (code < 0: killed by signal).
+
+A forked sandbox starts its own session, dies with the zygote (which dies with the node),
+and serves its socket exactly like a sandbox started from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from runtime import frames
+from runtime.procs import die_with_parent, run_node_child
+
+
+def _preload() -> None:
+    import peft  # noqa: F401  (imports are the point: children inherit them)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import runtime.engine  # noqa: F401
+    import runtime.sandbox  # noqa: F401
+    import runtime.skeleton  # noqa: F401
+    import runtime.weights  # noqa: F401
+
+
+def _child(control: socket.socket, selector: selectors.BaseSelector, fds: list[int]) -> None:
+    """In the forked child: become a sandbox and never return into the zygote's loop."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        selector.close()
+        control.close()
+        os.setsid()
+        die_with_parent()
+        from runtime.sandbox import serve
+
+        sock = socket.socket(fileno=fds[0])
+        code = serve(sock, fds[1:])
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(control: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        control.sendall(frames.pack({"type": "exited", "pid": pid, "code": code}))
+
+
+def serve(control: socket.socket) -> int:
+    _preload()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd is written
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    control.sendall(frames.pack({"type": "ready", "pid": os.getpid()}))
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj == wake_r:
+                os.read(wake_r, 4096)
+                _reap(control)
+                continue
+            request, fds = frames.recv_frame_with_fds(control)
+            if request is None:
+                return 0
+            pid = os.fork()
+            if pid == 0:
+                _child(control, selector, fds)
+            for fd in fds:
+                os.close(fd)
+            control.sendall(frames.pack({"type": "forked", "pid": pid}))
+
+
+if __name__ == "__main__":
+    sys.exit(run_node_child("python -m runtime.zygote", serve))
