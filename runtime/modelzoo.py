@@ -56,7 +56,7 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
     return lines
 
 
-def _build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int = 4096):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,7 +120,7 @@ def ensure_bundled_models(root: Path | None = None) -> Path:
     tmp = root.with_name(root.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = _build_tokenizer(vocab_size=4096)
+    tokenizer = build_tokenizer()
     for model in (TINY_LLAMA, TINY_QWEN2):
         _build_model(model, tmp / model, tokenizer)
     # safetensors writes 0600; sandboxes under other uids must be able to read the models.

@@ -1,0 +1,245 @@
+"""Memory and cold start of N LoRA functions on one shared backbone, against the same
+functions each holding its own backbone copy (classic serverless), in one run.
+
+    python -m bench.sharing --counts 1,2,4,8,16 --out results/sharing
+
+Model: a ~190M-parameter Llama (hidden 1024, 16 layers, 16 heads / 8 KV) in bf16, built
+offline with fixed seeds, with one LoRA adapter (r=8, q/v) per function.
+
+- shared: one node (`faas up`) serving N functions; functions are warmed one after another
+  and the total PSS of the node's processes (agent, zygote, sandboxes; not nats-server) is
+  read from /proc/PID/smaps_rollup after each. The first-token time of each function's
+  first request (its sandbox not yet loaded) is the node's `ttft_ms`; after the first
+  function the backbone is warm.
+- copies: N fresh processes, each loading backbone + adapter itself and copying the weights
+  into private memory (separate instances share no page cache); total PSS after each, and
+  each process's time from spawn to its first token (a fresh-process cold start).
+
+Writes sharing.json and sharing.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from faas import Client
+from faas.bundled import faas_home
+from faas.localnode import LocalNode
+
+MIB = 1024 * 1024
+PROMPT = "Customer: my order arrived damaged, what can I do?\nAgent:"
+_COPY_CHILD = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from runtime.engine import LoraEngine
+backbone, adapter, spawned_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+engine = LoraEngine(backbone, adapter)
+for p in engine.model.parameters():
+    p.data = p.data.clone()   # a private copy, as in a separate container
+engine.generate({prompt!r}, max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None)
+print(json.dumps({{"ttft_ms": (engine.meter.first_token_at - spawned_at) * 1000}}), flush=True)
+sys.stdin.read()
+""".format(prompt=PROMPT)
+
+
+def build_model(root: Path, n_adapters: int) -> Path:
+    """The bench backbone and `n_adapters` adapters under root (kept across runs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from runtime.engine import quiet_transformers
+    from runtime.modelzoo import build_tokenizer
+
+    model_dir = root / "m200"
+    stamp = model_dir / f".adapters-{n_adapters}"
+    if stamp.exists():
+        return model_dir
+    quiet_transformers()
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=8,
+                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         max_position_embeddings=1024)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "v_proj"]))
+    for i in range(n_adapters):
+        torch.manual_seed(100 + i)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        peft_model.save_pretrained(model_dir / "adapters" / f"a{i}")
+    for path in model_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    stamp.touch()
+    return model_dir
+
+
+def write_functions(folder: Path, model_dir: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"fn{i}.py").write_text(
+            "from faas import function\n"
+            f"@function(name='fn{i}', backbone={str(model_dir)!r}, "
+            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300)\n"
+            f"def fn{i}(event, ctx):\n"
+            "    return {'text': ctx.generate(event['prompt'], max_new_tokens=1).text}\n")
+
+
+def pss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its live descendants, without nats-server."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nats-server" not in cmd:
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
+    functions = workdir / "functions"
+    write_functions(functions, model_dir, max(counts))
+    node = LocalNode(functions, stderr=subprocess.DEVNULL, state_dir=workdir / "nats")
+    url = node.start()
+    points, ttfts = [], []
+    try:
+        async with Client(url) as client:
+            for i in range(max(counts)):
+                result = await client.invoke(f"fn{i}", {"prompt": PROMPT}, timeout_s=300)
+                ttfts.append(result.metrics["ttft_ms"])
+                if i + 1 in counts:
+                    await asyncio.sleep(0.5)
+                    points.append({"functions": i + 1, "pss_bytes": pss_bytes(tree(node.proc.pid))})
+                    print(f"shared  {i + 1:>3} functions: {points[-1]['pss_bytes'] / MIB:8.0f} MiB")
+    finally:
+        node.stop()
+    return {"points": points, "first_request_ttft_ms": ttfts}
+
+
+def run_copies(model_dir: Path, counts: list[int]) -> dict:
+    procs, points, ttfts = [], [], []
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        for i in range(max(counts)):
+            spawned = time.monotonic()
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _COPY_CHILD, str(model_dir), str(model_dir / "adapters" / f"a{i}"),
+                 str(spawned)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, env=env)
+            procs.append(proc)
+            line = proc.stdout.readline() if proc.stdout else b""
+            ttfts.append(json.loads(line)["ttft_ms"])
+            if i + 1 in counts:
+                points.append({"functions": i + 1, "pss_bytes": pss_bytes([p.pid for p in procs])})
+                print(f"copies  {i + 1:>3} functions: {points[-1]['pss_bytes'] / MIB:8.0f} MiB")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return {"points": points, "fresh_process_ttft_ms": ttfts}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, ttft) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("shared", "copies"):
+        pts = result[mode]["points"]
+        mem.plot([p["functions"] for p in pts], [p["pss_bytes"] / MIB for p in pts], "o-", label=mode)
+    mem.set_xlabel("warm LoRA functions")
+    mem.set_ylabel("total PSS (MiB)")
+    mem.set_title("memory: one shared backbone vs a copy each")
+    mem.legend()
+    shared_cold = result["shared"]["first_request_ttft_ms"][1:]
+    fresh = result["copies"]["fresh_process_ttft_ms"]
+    ttft.bar(["not-yet-loaded fn,\nwarm backbone", "fresh process"],
+             [sorted(shared_cold)[len(shared_cold) // 2], sorted(fresh)[len(fresh) // 2]])
+    ttft.set_ylabel("time to first token, median (ms)")
+    ttft.set_yscale("log")
+    ttft.set_title("cold start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", default="1,2,4,8,16")
+    parser.add_argument("--out", default="results/sharing")
+    args = parser.parse_args(argv)
+    counts = sorted({int(c) for c in args.counts.split(",")})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = faas_home() / "bench-sharing"
+    model_dir = build_model(faas_home() / "bench-models", max(counts))
+    backbone_bytes = (model_dir / "model.safetensors").stat().st_size
+    print(f"backbone: {backbone_bytes / MIB:.0f} MiB bf16, functions: {counts}")
+
+    result = {"benchmark": "sharing", "counts": counts, "backbone_bytes": backbone_bytes,
+              "machine": {"cpus": os.cpu_count()}}
+    result["shared"] = asyncio.run(run_shared(model_dir, counts, workdir))
+    result["copies"] = run_copies(model_dir, counts)
+    shared_cold = sorted(result["shared"]["first_request_ttft_ms"][1:])
+    fresh = sorted(result["copies"]["fresh_process_ttft_ms"])
+    result["summary"] = {
+        "cold_ttft_warm_backbone_p50_ms": shared_cold[len(shared_cold) // 2] if shared_cold else None,
+        "fresh_process_ttft_p50_ms": fresh[len(fresh) // 2],
+    }
+    if shared_cold:
+        result["summary"]["cold_start_cut_x"] = (result["summary"]["fresh_process_ttft_p50_ms"]
+                                                 / result["summary"]["cold_ttft_warm_backbone_p50_ms"])
+    if 8 in counts:
+        shared8 = next(p for p in result["shared"]["points"] if p["functions"] == 8)["pss_bytes"]
+        result["summary"]["shared_8_bytes"] = shared8
+        result["summary"]["target_8_bytes"] = 1.5 * backbone_bytes + 8 * 100 * MIB
+    (out / "sharing.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "sharing.png")
+
+    print(f"\n{'functions':>9} {'shared MiB':>11} {'copies MiB':>11}")
+    for s, c in zip(result["shared"]["points"], result["copies"]["points"]):
+        print(f"{s['functions']:>9} {s['pss_bytes'] / MIB:>11.0f} {c['pss_bytes'] / MIB:>11.0f}")
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {out / 'sharing.json'} and {out / 'sharing.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

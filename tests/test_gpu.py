@@ -1,0 +1,43 @@
+"""The CUDA path: a node on the GPU maps the backbone through CUDA IPC and still generates
+exactly the reference tokens. Skipped cleanly where no CUDA GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faas import Client
+from faas.bundled import adapter_path, model_path
+from faas.localnode import LocalNode
+from runtime.loader import load_file
+from tests.conftest import EXAMPLES
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@torch.inference_mode()
+def cuda_reference(adapter: str, prompt: str, max_new_tokens: int) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    model = AutoModelForCausalLM.from_pretrained(model_path()).to("cuda")
+    model = PeftModel.from_pretrained(model, adapter_path(adapter)).eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to("cuda")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
+    with LocalNode(EXAMPLES, extra_args=("--device", "cuda"), state_dir=tmp_path) as node:
+        async with Client(node.url) as client:
+            for name in ("support", "sql"):
+                event = {"message": "Where is my parcel?", "question": "How many users?",
+                         "max_new_tokens": 16}
+                result = await client.invoke(name, event, timeout_s=300)
+                prompt = load_file(EXAMPLES / f"{name}.py").prompt_for(event)
+                assert result.output["token_ids"] == cuda_reference(name, prompt, 16)
+            (listing,) = await client.nodes()
+            assert listing["backbones"][0]["backend"] == "cuda-ipc"
