@@ -11,12 +11,9 @@ sandboxes map.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from faas.logs import get_logger
 from runtime import frames
@@ -30,7 +27,6 @@ def serve(sock: socket.socket) -> int:
     if request is None:
         return 0
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="faas-backbone-", dir=request.get("shm_dir") or None))
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -43,19 +39,16 @@ def serve(sock: socket.socket) -> int:
         backend = backend_for(request["device"])
         model = AutoModelForCausalLM.from_pretrained(request["model"], dtype="auto")
         model = model.to(request["device"]).eval()
-        export = backend.export(dict(model.state_dict()), workdir)
+        export = backend.export(dict(model.state_dict()))
     except Exception as exc:
         log.error("backbone_load_failed", model=request["model"], error=f"{type(exc).__name__}: {exc}",
                   exc_info=True)
         frames.send_frame_with_fds(sock, {"type": "error", "error": f"{type(exc).__name__}: {exc}"}, [])
-        shutil.rmtree(workdir, ignore_errors=True)
         return 1
     load_ms = (time.monotonic() - started) * 1000
     frames.send_frame_with_fds(sock, {"type": "ready", "backend": export.backend,
                                       "manifest": export.manifest, "load_ms": load_ms}, export.fds)
-    # The node now holds its own descriptors: the path is no longer needed by anyone.
-    shutil.rmtree(workdir, ignore_errors=True)
-    for fd in export.fds:
+    for fd in export.fds:  # the node holds its own copies now
         os.close(fd)
     log.info("backbone_exported", model=request["model"], backend=export.backend,
              bytes=export.manifest["bytes"], load_ms=round(load_ms, 1))

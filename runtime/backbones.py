@@ -57,11 +57,11 @@ class BackboneRegistry:
     """Starts, shares and retires the backbones of one node."""
 
     def __init__(self, device: str = "cpu", keep_alive_s: float = 300.0, threads: int = 1,
-                 shm_dir: str = "/dev/shm") -> None:
+                 load_timeout_s: float = 600.0) -> None:
         self.device = device
         self.keep_alive_s = keep_alive_s
         self.threads = threads
-        self.shm_dir = shm_dir if os.path.isdir(shm_dir) else None
+        self.load_timeout_s = load_timeout_s
         self._live: dict[str, Backbone] = {}
         self._starting: dict[str, asyncio.Task[Backbone]] = {}
 
@@ -79,8 +79,6 @@ class BackboneRegistry:
                 self._starting[model] = task
                 task.add_done_callback(lambda _t: self._starting.pop(model, None))
             backbone = await asyncio.shield(task)
-            self._live.setdefault(model, backbone)
-            backbone = self._live[model]
         backbone.users += 1
         if backbone.expiry is not None:
             backbone.expiry.cancel()
@@ -90,7 +88,10 @@ class BackboneRegistry:
     def release(self, backbone: Backbone) -> None:
         backbone.users -= 1
         if backbone.users == 0 and self._live.get(backbone.model) is backbone:
-            backbone.expiry = asyncio.create_task(self._expire(backbone))
+            self._schedule_expiry(backbone)
+
+    def _schedule_expiry(self, backbone: Backbone) -> None:
+        backbone.expiry = asyncio.create_task(self._expire(backbone))
 
     async def _expire(self, backbone: Backbone) -> None:
         await asyncio.sleep(self.keep_alive_s)
@@ -113,9 +114,14 @@ class BackboneRegistry:
             theirs.close()
         try:
             request = {"type": "load", "model": model, "device": self.device,
-                       "shm_dir": self.shm_dir, "threads": self.threads}
+                       "threads": self.threads}
             await asyncio.to_thread(ours.sendall, frames.pack(request))
-            reply, fds = await asyncio.to_thread(frames.recv_frame_with_fds, ours)
+            reply, fds = await asyncio.wait_for(
+                asyncio.to_thread(frames.recv_frame_with_fds, ours), self.load_timeout_s)
+        except TimeoutError:
+            proc.kill()
+            ours.close()
+            raise HandlerError(f"backbone {model!r} did not load within {self.load_timeout_s:g}s") from None
         except BaseException:
             proc.kill()
             ours.close()
@@ -130,9 +136,14 @@ class BackboneRegistry:
         log.info("backbone_started", model=model, backend=reply["backend"],
                  bytes=reply["manifest"].get("bytes"),
                  start_ms=round((time.monotonic() - started) * 1000, 1))
-        return Backbone(model=model, device=self.device, backend=reply["backend"],
-                        manifest=reply["manifest"], fds=fds, proc=proc, sock=ours,
-                        load_ms=float(reply["load_ms"]))
+        backbone = Backbone(model=model, device=self.device, backend=reply["backend"],
+                            manifest=reply["manifest"], fds=fds, proc=proc, sock=ours,
+                            load_ms=float(reply["load_ms"]))
+        # Registered here, not by the waiters: it is owned even if they all gave up, and
+        # expires like any unused backbone unless someone acquires it.
+        self._live[model] = backbone
+        self._schedule_expiry(backbone)
+        return backbone
 
     async def close(self) -> None:
         for task in list(self._starting.values()):

@@ -150,6 +150,8 @@ class FunctionPool:
             failure = HandlerError(f"could not start a sandbox for {self.name!r}: {exc}")
         if failure is not None:
             self.log.error("sandbox_start_failed", error=failure.message)
+        else:
+            sandbox.proc.add_exit_callback(lambda code: self._exited(sandbox, code))
         async with self._cond:
             self._starting -= 1
             if failure is not None:
@@ -180,6 +182,14 @@ class FunctionPool:
         except BaseException:
             release()
             raise
+
+    def _exited(self, sandbox: Sandbox, code: int) -> None:
+        """A sandbox process ended. An idle one is dropped at once (its backbone use with
+        it); a busy one is handled by the request it was serving."""
+        if sandbox in self._idle:
+            self._idle.remove(sandbox)
+            sandbox.discard()
+            self.log.warning("sandbox_exited_idle", pid=sandbox.proc.pid, code=code)
 
     async def _release(self, sandbox: Sandbox) -> None:
         async with self._cond:

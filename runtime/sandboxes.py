@@ -117,16 +117,25 @@ class Sandbox:
 
 class ForkedProcess:
     """A sandbox process forked by the zygote: not our child, so its exit is reported by
-    the zygote (`exited` frames) and it is signalled by pid."""
+    the zygote (`exited` frames) and it is signalled by pid (the zygote reaps it only after
+    reporting, so the pid is not reused before `exited` arrives)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._exited = asyncio.Event()
+        self._callbacks: list[Callable[[int], None]] = []
+
+    def add_exit_callback(self, callback: Callable[[int], None]) -> None:
+        self._callbacks.append(callback)
 
     def exited(self, code: int) -> None:
+        if self.returncode is not None:
+            return
         self.returncode = code
         self._exited.set()
+        for callback in self._callbacks:
+            callback(code)
 
     async def wait(self) -> int:
         await self._exited.wait()
@@ -142,96 +151,121 @@ class ForkedProcess:
 
 class Zygote:
     """The node's handle on the zygote process: forks sandboxes with torch, transformers
-    and peft already imported (runtime/zygote.py). Restarted on demand if it dies."""
+    and peft already imported (runtime/zygote.py). Restarted as soon as it dies."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, fork_timeout_s: float = 60.0) -> None:
         self.threads = threads
+        self.fork_timeout_s = fork_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
         self._send: socket.socket | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._pending_fork: asyncio.Future[int] | None = None
+        self._pending: dict[int, asyncio.Future[ForkedProcess]] = {}
+        self._next_id = 0
         self._children: dict[int, ForkedProcess] = {}
         self._fork_lock = asyncio.Lock()
+        self._closing = False
         self.log = get_logger(component="zygote")
 
     def start(self) -> None:
         """Begin starting the zygote (its imports take seconds); `fork` waits for it."""
-        if self._ready is None:
+        if self._ready is None and not self._closing:
             self._ready = asyncio.get_running_loop().create_future()
-            self._reader_task = asyncio.create_task(self._run(), name="zygote")
+            self._task = asyncio.create_task(self._run(self._ready), name="zygote")
 
-    async def _run(self) -> None:
-        assert self._ready is not None
+    async def _run(self, ready: asyncio.Future[None]) -> None:
         started = time.monotonic()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
-                   MKL_NUM_THREADS=str(self.threads), TOKENIZERS_PARALLELISM="false")
+        writer: asyncio.StreamWriter | None = None
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "runtime.zygote", "--fd", str(theirs.fileno()),
-                "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=env,
-                preexec_fn=die_with_parent,
-                # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
-                start_new_session=True)
-        finally:
-            theirs.close()
-        # A blocking twin of our end, for sendmsg with descriptors (asyncio's transport
-        # cannot attach them). It shares the socket, so it sees asyncio's O_NONBLOCK: fine
-        # for small frames the zygote reads at once.
-        self._send = socket.socket(fileno=os.dup(ours.fileno()))
-        reader, _writer = await asyncio.open_unix_connection(sock=ours)
-        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
+                       MKL_NUM_THREADS=str(self.threads), TOKENIZERS_PARALLELISM="false")
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "runtime.zygote", "--fd", str(theirs.fileno()),
+                    "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=env,
+                    preexec_fn=die_with_parent,
+                    # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
+                    start_new_session=True)
+            finally:
+                theirs.close()
+            # A twin of our end for sendmsg with descriptors (asyncio's transport cannot
+            # attach them); it shares asyncio's O_NONBLOCK, fine for the small fork frames.
+            self._send = socket.socket(fileno=os.dup(ours.fileno()))
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
             hello = await frames.read_frame(reader)
             self.log.info("zygote_ready", pid=hello["pid"],
                           start_ms=round((time.monotonic() - started) * 1000, 1))
-            self._ready.set_result(None)
+            ready.set_result(None)
             while True:
-                frame = await frames.read_frame(reader)
-                if frame["type"] == "forked" and self._pending_fork is not None:
-                    self._pending_fork.set_result(frame["pid"])
-                elif frame["type"] == "exited":
-                    child = self._children.pop(frame["pid"], None)
-                    if child is not None:
-                        child.exited(frame["code"])
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.log.warning("zygote_exited", code=await self._proc.wait())
+                self._dispatch(await frames.read_frame(reader))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            self.log.warning("zygote_exited", error=f"{type(exc).__name__}: {exc}")
         finally:
-            if not self._ready.done():
-                self._ready.set_exception(HandlerError("the zygote exited while starting"))
-            if self._pending_fork is not None and not self._pending_fork.done():
-                self._pending_fork.set_exception(HandlerError("the zygote exited while forking"))
-            for child in self._children.values():  # they die with it (PDEATHSIG)
-                child.exited(-signal.SIGKILL)
-            self._children.clear()
-            self._send.close()
-            self._send = None
-            _writer.close()
             self._ready = None
+            failure = HandlerError("the zygote exited")
+            for future in [ready, *self._pending.values()]:
+                if not future.done():
+                    future.set_exception(failure)
+                    future.exception()  # retrieved: whoever waits sees it, nobody else warns
+            self._pending.clear()
+            children, self._children = list(self._children.values()), {}
+            for child in children:  # they die with it (PDEATHSIG)
+                child.exited(-signal.SIGKILL)
+            if self._send is not None:
+                self._send.close()
+                self._send = None
+            if writer is not None:
+                writer.close()
+            if self._proc is not None and self._proc.returncode is None:
+                self._proc.kill()
+            if not self._closing:
+                asyncio.get_running_loop().call_later(1.0, self.start)
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "forked":
+            child = ForkedProcess(frame["pid"])
+            self._children[child.pid] = child
+            waiter = self._pending.pop(frame["id"], None)
+            if waiter is None or waiter.done():
+                child.kill()  # its requester gave up: nobody will ever talk to it
+            else:
+                waiter.set_result(child)
+        elif frame["type"] == "exited":
+            child = self._children.pop(frame["pid"], None)
+            if child is not None:
+                child.exited(frame["code"])
 
     async def fork(self, fds: list[int]) -> ForkedProcess:
         """A new sandbox process serving the first of `fds` (the rest are the backbone's)."""
         self.start()
-        await asyncio.shield(self._ready)  # type: ignore[arg-type]
-        async with self._fork_lock:  # one fork in flight: its reply is the next `forked`
-            if self._send is None:
-                raise HandlerError("the zygote is not running")
-            self._pending_fork = asyncio.get_running_loop().create_future()
-            try:
-                socket.send_fds(self._send, [frames.pack({"type": "fork"})], fds)
-                pid = await self._pending_fork
-            finally:
-                self._pending_fork = None
-        child = ForkedProcess(pid)
-        self._children[pid] = child
-        return child
+        if self._ready is None:
+            raise HandlerError("the node is shutting down")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self.fork_timeout_s)
+            # One fork in flight: the zygote reads exactly one frame (and its descriptors).
+            async with self._fork_lock:
+                if self._send is None:
+                    raise HandlerError("the zygote is not running")
+                self._next_id += 1
+                request_id = self._next_id
+                waiter = asyncio.get_running_loop().create_future()
+                self._pending[request_id] = waiter
+                try:
+                    socket.send_fds(self._send, [frames.pack({"type": "fork", "id": request_id})], fds)
+                    return await asyncio.wait_for(waiter, self.fork_timeout_s)
+                finally:
+                    self._pending.pop(request_id, None)
+        except TimeoutError:
+            raise HandlerError(f"the zygote did not fork within {self.fork_timeout_s:g}s") from None
 
     async def close(self) -> None:
+        self._closing = True
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
-        if self._reader_task is not None:
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,

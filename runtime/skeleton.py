@@ -16,7 +16,9 @@ def bind_shared(model_dir: str, tensors: dict[str, torch.Tensor], device: str = 
     """Build the architecture of `model_dir` and bind `tensors` (a full state dict, tied
     names included) as its weights. Raises FaasError if any weight is left unbound."""
     config = AutoConfig.from_pretrained(model_dir)
-    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    # The dtype the weights were exported in (the checkpoint's own): the most common one.
+    dtype = max(set(floating), key=floating.count) if floating else torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if device != "cpu":

@@ -3,10 +3,11 @@
 The backbone process loads a model once and *exports* its tensors; every sandbox *attaches*
 them and binds them into a model skeleton, without copying:
 
-- `CpuSharedFile`: all tensors in one safetensors file on /dev/shm (in the serving dtype),
-  handed to sandboxes as an O_RDONLY file descriptor and mapped with PROT_READ. A write to a
-  weight faults (SIGSEGV) in the writing sandbox only. The path is unlinked as soon as the
-  node holds the descriptor, so the file lives exactly as long as someone holds it.
+- `CpuSharedFile`: all tensors in one safetensors image (in the serving dtype) in a sealed
+  memfd: F_SEAL_WRITE/SHRINK/GROW/SEAL make it immutable for everyone, root included, and
+  it has no path, so it lives exactly as long as a descriptor or mapping of it does.
+  Sandboxes get an O_RDONLY descriptor and map it PROT_READ: a write to a weight faults
+  (SIGSEGV) in the writing sandbox only.
 - `CudaIpc`: CUDA IPC handles of the backbone process's tensors (torch.multiprocessing
   reductions); the backbone process must outlive every sandbox that maps them. A CUDA IPC
   mapping is writable: see the README's threat model.
@@ -16,6 +17,7 @@ Tied weights (one storage under several names) are exported once, with aliases.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -24,14 +26,17 @@ import struct
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+              "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+              "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32,
+              "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+# The name shown for the mapping in /proc/PID/maps ("/memfd:faas-backbone (deleted)").
+MEMFD_NAME = "faas-backbone"
 
 
 @dataclass
@@ -65,7 +70,7 @@ class WeightsBackend(ABC):
     name: str
 
     @abstractmethod
-    def export(self, state: dict[str, torch.Tensor], workdir: Path) -> Export: ...
+    def export(self, state: dict[str, torch.Tensor]) -> Export: ...
 
     @abstractmethod
     def attach(self, manifest: dict[str, Any], fds: list[int]) -> dict[str, torch.Tensor]: ...
@@ -78,17 +83,22 @@ class WeightsBackend(ABC):
 class CpuSharedFile(WeightsBackend):
     name = "cpu-shm"
 
-    def export(self, state: dict[str, torch.Tensor], workdir: Path) -> Export:
-        from safetensors.torch import save_file
+    def export(self, state: dict[str, torch.Tensor]) -> Export:
+        from safetensors.torch import save
 
         unique, aliases = unique_tensors(state)
-        workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "backbone.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in unique.items()}, str(path))
-        os.chmod(path, 0o444)
-        fd = os.open(path, os.O_RDONLY)
+        image = memoryview(save({k: v.detach().contiguous() for k, v in unique.items()}))
+        writable = os.memfd_create(MEMFD_NAME, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            while image:
+                image = image[os.write(writable, image):]
+            fcntl.fcntl(writable, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+                        | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            fd = os.open(f"/proc/self/fd/{writable}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(writable)
         size = os.fstat(fd).st_size
-        return Export(self.name, {"aliases": aliases, "bytes": size, "path": str(path)}, [fd])
+        return Export(self.name, {"aliases": aliases, "bytes": size}, [fd])
 
     def attach(self, manifest: dict[str, Any], fds: list[int]) -> dict[str, torch.Tensor]:
         (fd,) = fds
@@ -121,7 +131,7 @@ class CpuSharedFile(WeightsBackend):
 class CudaIpc(WeightsBackend):
     name = "cuda-ipc"
 
-    def export(self, state: dict[str, torch.Tensor], workdir: Path) -> Export:
+    def export(self, state: dict[str, torch.Tensor]) -> Export:
         from torch.multiprocessing.reductions import reduce_tensor
 
         unique, aliases = unique_tensors(state)

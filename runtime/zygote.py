@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 
+from faas.logs import get_logger
 from runtime import frames
 from runtime.procs import die_with_parent, run_node_child
 
@@ -37,7 +38,8 @@ def _preload() -> None:
     import runtime.weights  # noqa: F401
 
 
-def _child(control: socket.socket, selector: selectors.BaseSelector, fds: list[int]) -> None:
+def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple[int, int],
+           fds: list[int]) -> None:
     """In the forked child: become a sandbox and never return into the zygote's loop."""
     code = 1
     try:
@@ -45,12 +47,18 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, fds: list[i
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         selector.close()
         control.close()
+        for fd in wake:  # the zygote's, not the sandbox's
+            os.close(fd)
         os.setsid()
         die_with_parent()
         from runtime.sandbox import serve
 
         sock = socket.socket(fileno=fds[0])
         code = serve(sock, fds[1:])
+    except SystemExit as exc:  # a handler's sys.exit(n): report n, like a process would
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        get_logger().exception("sandbox_crashed")
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -72,6 +80,7 @@ def _reap(control: socket.socket) -> None:
 def serve(control: socket.socket) -> int:
     _preload()
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd is written
@@ -82,7 +91,10 @@ def serve(control: socket.socket) -> int:
     while True:
         for key, _ in selector.select():
             if key.fileobj == wake_r:
-                os.read(wake_r, 4096)
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
                 _reap(control)
                 continue
             request, fds = frames.recv_frame_with_fds(control)
@@ -90,10 +102,10 @@ def serve(control: socket.socket) -> int:
                 return 0
             pid = os.fork()
             if pid == 0:
-                _child(control, selector, fds)
+                _child(control, selector, (wake_r, wake_w), fds)
             for fd in fds:
                 os.close(fd)
-            control.sendall(frames.pack({"type": "forked", "pid": pid}))
+            control.sendall(frames.pack({"type": "forked", "id": request["id"], "pid": pid}))
 
 
 if __name__ == "__main__":

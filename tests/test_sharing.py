@@ -20,7 +20,7 @@ from runtime.weights import CpuSharedFile
 @pytest.mark.parametrize(("model", "adapter"), [(TINY_LLAMA, "support"), (TINY_QWEN2, "chat")])
 def test_bound_skeleton_logits_equal_from_pretrained(models, tmp_path, model, adapter):
     reference = AutoModelForCausalLM.from_pretrained(model_path(model))
-    export = CpuSharedFile().export(dict(reference.state_dict()), tmp_path)
+    export = CpuSharedFile().export(dict(reference.state_dict()))
     shared = bind_shared(model_path(model), CpuSharedFile().attach(export.manifest, export.fds))
     tokenizer = AutoTokenizer.from_pretrained(model_path(model))
     inputs = tokenizer("Where is my parcel? It was due on Monday.", return_tensors="pt")
@@ -34,7 +34,7 @@ def test_bound_skeleton_logits_equal_from_pretrained(models, tmp_path, model, ad
     # Bound, not copied: the weight lives inside this process's read-only file mapping.
     ranges = [tuple(int(x, 16) for x in line.split()[0].split("-"))
               for line in Path("/proc/self/maps").read_text().splitlines()
-              if "backbone.safetensors" in line and line.split()[1].startswith("r--")]
+              if "/memfd:faas-backbone" in line and line.split()[1].startswith("r--")]
     assert any(lo <= weight.data_ptr() < hi for lo, hi in ranges)
     assert not any(p.requires_grad for p in shared.parameters())
 
@@ -59,7 +59,7 @@ def backbone_mappings(pid: int) -> list[dict[str, int]]:
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
             current = None
-            if "backbone.safetensors" in line:
+            if "/memfd:faas-backbone" in line:
                 # Read-only and shared: no write, and no copy-on-write, is possible.
                 assert line.split()[1] == "r--s", line
                 current = {"inode": int(line.split()[4])}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 import msgpack
 import pytest
@@ -213,4 +215,26 @@ async def test_500_setup_failure_is_reported_on_every_request(client):
     for _ in range(2):  # each request retries the start and reports why it failed
         with pytest.raises(HandlerError, match="failed to load: RuntimeError: cannot reach"):
             await client.invoke("unready", {})
+    await assert_still_serving(client)
+
+
+async def test_500_handler_calling_sys_exit_reports_its_code(client):
+    with pytest.raises(HandlerError, match="exited with code 7"):
+        await client.invoke("crash", {"exit": 7})
+    await assert_still_serving(client)
+
+
+async def test_idle_sandbox_that_dies_is_dropped_at_once(client):
+    pid = (await client.invoke("crash", {})).output["pid"]
+    os.kill(pid, signal.SIGKILL)
+    await wait_for_state(client, "crash", idle=0, busy=0)
+    assert (await client.invoke("crash", {})).output["pid"] != pid
+
+
+async def test_zygote_death_kills_its_sandboxes_and_it_is_restarted(client):
+    first = (await client.invoke("crash", {})).output
+    os.kill(first["zygote"], signal.SIGKILL)
+    await wait_for_state(client, "crash", idle=0)
+    again = (await client.invoke("crash", {}, timeout_s=60)).output
+    assert again["zygote"] != first["zygote"] and again["pid"] != first["pid"]
     await assert_still_serving(client)

@@ -15,7 +15,9 @@ def boom(event: dict, ctx) -> dict:
 def crash(event: dict, ctx) -> dict:
     if event.get("die"):
         os._exit(3)
-    return {"pid": os.getpid()}
+    if "exit" in event:
+        raise SystemExit(event["exit"])
+    return {"pid": os.getpid(), "zygote": os.getppid()}
 
 
 @function(name="sleepy", timeout_s=30, max_queue=1)
