@@ -29,9 +29,9 @@ from faas.localnode import LocalNode
 ROOT = Path(__file__).resolve().parent.parent
 BARE_SUBJECT = "bench.bare.echo"
 _BARE_RESPONDER = f"""
-import asyncio, sys, nats, msgpack
+import asyncio, json, sys, nats, msgpack
 async def main():
-    nc = await nats.connect(sys.argv[1])
+    nc = await nats.connect(sys.argv[1], **json.loads(sys.stdin.readline()))
     async def echo(msg):
         await msg.respond(msgpack.packb({{"output": msgpack.unpackb(msg.data)}}))
     await nc.subscribe({BARE_SUBJECT!r}, cb=echo)
@@ -61,8 +61,9 @@ async def time_requests(nc: nats.NATS, subject: str, body: bytes, n: int) -> lis
     return samples
 
 
-async def measure(url: str, requests: int, rounds: int, warmup: int) -> dict[str, list[float]]:
-    nc = await nats.connect(url)
+async def measure(url: str, credentials: dict[str, str], requests: int, rounds: int,
+                  warmup: int) -> dict[str, list[float]]:
+    nc = await nats.connect(url, **credentials)
     body = msgpack.packb({"text": "hello"})
     paths = {"bare": BARE_SUBJECT, "faas": "faas.invoke.echo"}
     try:
@@ -88,11 +89,17 @@ def main(argv: list[str] | None = None) -> int:
 
     node = LocalNode(ROOT / "functions", stderr=subprocess.DEVNULL)
     url = node.start()
-    bare = subprocess.Popen([sys.executable, "-c", _BARE_RESPONDER, url], stdout=subprocess.PIPE)
+    # A responder needs more than a producer's rights: it logs in as the node does.
+    bare = subprocess.Popen([sys.executable, "-c", _BARE_RESPONDER, url], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
     try:
+        if bare.stdin is not None:
+            bare.stdin.write(json.dumps(node.node_credentials()).encode() + b"\n")
+            bare.stdin.close()
         if bare.stdout is None or bare.stdout.readline().strip() != b"ready":
             raise RuntimeError("bare responder did not start")
-        samples = asyncio.run(measure(url, args.requests, args.rounds, args.warmup))
+        samples = asyncio.run(measure(url, node.node_credentials(), args.requests, args.rounds,
+                                      args.warmup))
     finally:
         bare.kill()
         bare.wait()

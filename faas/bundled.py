@@ -17,8 +17,13 @@ TINY_QWEN2 = "tiny-qwen2"
 
 
 def faas_home() -> Path:
-    """The state folder of faas (`$FAAS_HOME`, default `~/.cache/faas`)."""
-    return Path(os.environ.get("FAAS_HOME") or Path.home() / ".cache" / "faas")
+    """The state folder of faas: `$FAAS_HOME`, else `/var/lib/faas` for root (its sandboxes
+    run under other uids, which cannot enter root's home), else `~/.cache/faas`."""
+    if os.environ.get("FAAS_HOME"):
+        return Path(os.environ["FAAS_HOME"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/faas")
+    return Path.home() / ".cache" / "faas"
 
 
 def models_dir() -> Path:

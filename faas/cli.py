@@ -32,7 +32,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
         functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, device=args.device,
-        backbone_keep_alive_s=args.backbone_keep_alive_s)))
+        backbone_keep_alive_s=args.backbone_keep_alive_s,
+        sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
+
+
+def _uid_range(text: str) -> tuple[int, int] | None:
+    if text == "off":
+        return None
+    try:
+        first, last = (int(part) for part in text.split("-"))
+    except ValueError:
+        raise SystemExit(f"faas up: --sandbox-uids wants FIRST-LAST or off, got {text!r}") from None
+    if not 0 < first < last:
+        raise SystemExit(f"faas up: --sandbox-uids {text!r} is not a range of positive uids")
+    return first, last
 
 
 async def _invoke(args: argparse.Namespace) -> int:
@@ -110,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
     up.add_argument("--backbone-keep-alive-s", type=float, default=300.0,
                     help="how long an unused backbone stays loaded")
+    up.add_argument("--sandbox-uids", default="61000-61999", metavar="FIRST-LAST|off",
+                    help="when run as root: one unprivileged uid per function from this range")
+    up.add_argument("--no-network-isolation", action="store_true",
+                    help="let sandboxes use the network (default: an empty network namespace)")
     up.set_defaults(run=_cmd_up)
 
     invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")

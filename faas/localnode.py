@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from faas.bundled import faas_home
 from faas.errors import FaasError
 
 
@@ -56,6 +57,13 @@ class LocalNode:
                             f"printed {line!r})")
         self.url = line.split()[1]
         return self.url
+
+    def node_credentials(self) -> dict[str, str]:
+        """The embedded server's node login (`user`, `password`), for trusted local tools
+        that must subscribe beyond a producer's rights (benchmarks)."""
+        state_dir = Path(self.state_dir) if self.state_dir else faas_home() / "nats"
+        user, password = (state_dir / "node-credentials").read_text().strip().split(":", 1)
+        return {"user": user, "password": password}
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM (drain) and wait; SIGKILL if it does not exit in time. Returns the code."""

@@ -121,7 +121,7 @@ class FunctionSpec:
 
     @property
     def source_file(self) -> str:
-        return inspect.getsourcefile(self.handler) or ""
+        return _defining_file(self.handler)
 
     @property
     def is_async(self) -> bool:
@@ -176,6 +176,12 @@ def shared_backbone_problem(adapter: Path) -> str | None:
     return None
 
 
+def _defining_file(fn: Callable[..., Any]) -> str:
+    """The file a function was compiled from (also when that file is no longer readable)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return code.co_filename if code is not None else ""
+
+
 def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or os.path.exists(ref)
 
@@ -211,7 +217,7 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
     """
 
     def decorate(handler: Handler) -> Handler:
-        base = Path(inspect.getsourcefile(handler) or ".").resolve().parent
+        base = Path(_defining_file(handler) or ".").resolve().parent
         spec = FunctionSpec(name=name, handler=handler, backbone=_resolve(backbone, base),
                             adapter=_resolve(adapter, base), timeout_s=timeout_s,
                             max_queue=max_queue, max_instances=max_instances,

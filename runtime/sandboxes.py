@@ -15,6 +15,7 @@ from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime import frames
 from runtime.backbones import Backbone
+from runtime.isolation import Isolation
 from runtime.procs import die_with_parent
 
 
@@ -115,6 +116,21 @@ class Sandbox:
         self.discard()
 
 
+# What sandboxes inherit of the node's environment: nothing else, so a credential or
+# secret the node was started with never reaches function code.
+_ENV_ALLOWED = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "FAAS_HOME", "FAAS_LOG_LEVEL",
+                "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
+_ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NVIDIA_")
+
+
+def sandbox_environment(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES)}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
 class ForkedProcess:
     """A sandbox process forked by the zygote: not our child, so its exit is reported by
     the zygote (`exited` frames) and it is signalled by pid (the zygote reaps it only after
@@ -178,14 +194,12 @@ class Zygote:
         writer: asyncio.StreamWriter | None = None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
-                       MKL_NUM_THREADS=str(self.threads), TOKENIZERS_PARALLELISM="false")
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "runtime.zygote", "--fd", str(theirs.fileno()),
                     "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=env,
-                    preexec_fn=die_with_parent,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                    env=sandbox_environment(self.threads), preexec_fn=die_with_parent,
                     # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
                     start_new_session=True)
             finally:
@@ -201,7 +215,8 @@ class Zygote:
             while True:
                 self._dispatch(await frames.read_frame(reader))
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            self.log.warning("zygote_exited", error=f"{type(exc).__name__}: {exc}")
+            if not self._closing:
+                self.log.warning("zygote_exited", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._ready = None
             failure = HandlerError("the zygote exited")
@@ -269,7 +284,7 @@ class Zygote:
 
 
 async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
-                        backbone: Backbone | None = None,
+                        isolation: Isolation, backbone: Backbone | None = None,
                         on_close: Callable[[], None] | None = None) -> Sandbox:
     """Fork a sandbox for the function described by `spec` and wait until it is ready
     (backbone mapping, adapter, setup, warm-up: the cold start after the imports). The
@@ -284,7 +299,9 @@ async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zyg
     reader, writer = await asyncio.open_unix_connection(sock=ours)
     sandbox = Sandbox(spec["name"], proc, reader, writer, on_close)
     init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads,
-            "backbone": backbone.for_sandbox() if backbone is not None else None}
+            "backbone_path": spec["backbone"], "adapter": spec["adapter"],
+            "backbone": backbone.for_sandbox() if backbone is not None else None,
+            "isolation": isolation.to_dict()}
     try:
         await asyncio.wait_for(sandbox.initialise(init), spec["start_timeout_s"])
     except TimeoutError:

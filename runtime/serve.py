@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbones import detect_device
+from runtime.isolation import Isolation
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig
 from runtime.procs import die_with_parent
@@ -37,14 +39,24 @@ class UpOptions:
     bundled_models: bool = True
     device: str = "auto"
     backbone_keep_alive_s: float = 300.0
+    # When the node runs as root: discovery runs as the first uid, function i (by sorted
+    # name) as first + 1 + i. None: sandboxes keep the node's uid.
+    sandbox_uids: tuple[int, int] | None = (61000, 61999)
+    network_isolation: bool = True
 
 
-async def discover_specs(functions_dirs: tuple[Path, ...],
-                         bundled_models: bool) -> list[dict[str, Any]]:
-    """Import the functions folders in a subprocess (user code never runs in the node)."""
+async def discover_specs(functions_dirs: tuple[Path, ...], bundled_models: bool,
+                         isolation: Isolation) -> tuple[list[dict[str, Any]], str | None]:
+    """Import the functions folders in a subprocess (user code never runs in the node),
+    isolated as `isolation` asks. Returns the specs and why network isolation is refused
+    on this platform (None: it is available)."""
     args = [sys.executable, "-m", "runtime.discover", *map(str, functions_dirs)]
     if bundled_models:
         args.append("--bundled-models")
+    if isolation.uid is not None:
+        args += ["--uid", str(isolation.uid)]
+    if isolation.network:
+        args.append("--network")
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
                                                 stdin=asyncio.subprocess.DEVNULL,
                                                 preexec_fn=die_with_parent, start_new_session=True)
@@ -56,10 +68,35 @@ async def discover_specs(functions_dirs: tuple[Path, ...],
         raise FaasError(f"function discovery failed (exit code {proc.returncode})") from None
     if "error" in result:
         raise FaasError(f"cannot load functions: {result['error']}")
-    return result["functions"]
+    return result["functions"], result["network_refused"]
+
+
+async def isolate_functions(options: UpOptions
+                            ) -> tuple[list[dict[str, Any]], dict[str, Isolation], dict[str, str]]:
+    """Discover the functions and decide each one's isolation. Also returns which
+    protections are active and which the platform refused, for the start-up log."""
+    uids = options.sandbox_uids if os.geteuid() == 0 else None
+    specs, network_refused = await discover_specs(
+        options.functions_dirs, options.bundled_models,
+        Isolation(uid=uids[0] if uids else None, network=options.network_isolation))
+    names = sorted(spec["name"] for spec in specs)
+    if uids is not None and len(names) > uids[1] - uids[0]:
+        raise FaasError(f"{len(names)} functions need more sandbox uids than {uids[0]}-{uids[1]}")
+    network = options.network_isolation and network_refused is None
+    isolation = {name: Isolation(uid=uids[0] + 1 + i if uids else None, network=network)
+                 for i, name in enumerate(names)}
+    protections = {
+        "sandbox_uids": (f"{uids[0] + 1}-{uids[0] + len(names)}" if uids else
+                         "off: the node is not root" if options.sandbox_uids else "off"),
+        "network": ("isolated" if network else f"off: {network_refused}" if network_refused
+                    else "off"),
+        "cpu_backbone": "sealed read-only memfd",
+    }
+    return specs, isolation, protections
 
 
 async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable[None]],
+                       credentials: dict[str, str] | None = None,
                        first_connect_s: float = 15.0) -> nats.NATS:
     """Connect the node: reconnect forever once connected, but fail start-up with a clear
     error when the server cannot be reached at all. `on_closed` runs when the connection is
@@ -77,7 +114,7 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
         return await asyncio.wait_for(nats.connect(
             url, name=f"faas-node-{node_id}", max_reconnect_attempts=-1, reconnect_time_wait=1,
             error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-            closed_cb=on_closed),
+            closed_cb=on_closed, **(credentials or {})),
             first_connect_s)
     except TimeoutError:
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
@@ -101,16 +138,21 @@ async def up(options: UpOptions) -> int:
     server: EmbeddedNats | None = None
     try:
         url = options.nats_url
+        credentials = None
         if url is None:
             server = EmbeddedNats(options.port, options.state_dir or faas_home() / "nats")
             await server.start()
             url = server.url
-        specs = await discover_specs(options.functions_dirs, options.bundled_models)
+            credentials = {"user": server.node_user, "password": server.node_password}
+        specs, isolation, protections = await isolate_functions(options)
+        log.info("protections", **protections,
+                 nats=("embedded server: node credentials; clients without credentials may "
+                       "only invoke and publish events") if server else "external server")
         config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads),
                             device=detect_device(options.device),
                             backbone_keep_alive_s=options.backbone_keep_alive_s)
-        nc = await connect_node(url, config.node_id, on_closed)
-        node = Node(nc, specs, config)
+        nc = await connect_node(url, config.node_id, on_closed, credentials)
+        node = Node(nc, specs, config, isolation)
         await node.start()
         print(f"ready {url} functions={len(specs)}", flush=True)
         await stop.wait()

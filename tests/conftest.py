@@ -20,6 +20,8 @@ TEST_FUNCTIONS = ROOT / "tests" / "functions"
 _OWN_HOME = "FAAS_HOME" not in os.environ
 if _OWN_HOME:
     os.environ["FAAS_HOME"] = tempfile.mkdtemp(prefix="faas-test-")
+    # Sandboxes run under their own uids when the tests run as root: they must reach the models.
+    os.chmod(os.environ["FAAS_HOME"], 0o755)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,7 +46,8 @@ def node(models, faas_home):
     log_path = faas_home / "node.log"
     with open(log_path, "ab") as log:
         local = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(),
-                          state_dir=faas_home / "nats-session")
+                          state_dir=faas_home / "nats-session",
+                          env={"FAAS_TEST_NODE_SECRET": "not-for-functions"})
         local.start()
     yield local
     local.stop()

@@ -3,6 +3,7 @@ and read-only, and adapters that would need private backbone copies are refused.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -112,3 +113,14 @@ async def test_write_to_shared_weights_kills_only_the_writer(client):
     assert after == before
     with pytest.raises(HandlerError, match="exited with code -11"):  # replaced, and faults again
         await client.invoke("scribble", {}, timeout_s=120)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uid separation and namespaces need a root node")
+async def test_a_function_cannot_reach_beyond_its_sandbox(client, node):
+    other = (await client.invoke("crash", {})).output["pid"]
+    report = (await client.invoke("intruder", {"node_pid": node.proc.pid, "other_pid": other,
+                                               "nats": node.url}, timeout_s=120)).output
+    uid = report.pop("uid")
+    assert uid != 0 and uid != os.getuid()
+    assert all(result.startswith("blocked") for result in report.values()), report
+    assert (await client.invoke("crash", {})).output["pid"] == other  # untouched, still serving

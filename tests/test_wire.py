@@ -9,6 +9,7 @@ import os
 import signal
 
 import msgpack
+import nats
 import pytest
 
 from faas import DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
@@ -238,3 +239,24 @@ async def test_zygote_death_kills_its_sandboxes_and_it_is_restarted(client):
     again = (await client.invoke("crash", {}, timeout_s=60)).output
     assert again["zygote"] != first["zygote"] and again["pid"] != first["pid"]
     await assert_still_serving(client)
+
+
+async def test_anonymous_clients_cannot_serve_or_snoop_faas_subjects(client, node):
+    """Without the node's credentials a client has a producer's rights only: a rogue
+    responder in the nodes' queue group is refused and never sees a request."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    rogue = await nats.connect(node.url, error_cb=on_error)
+    try:
+        stolen = await rogue.subscribe("faas.invoke.*", queue="faas-nodes")
+        snoop = await rogue.subscribe(">")
+        await rogue.flush()
+        for i in range(20):
+            assert (await client.invoke("echo", {"i": i})).output["echo"] == {"i": i}
+        assert stolen.pending_msgs == 0 and snoop.pending_msgs == 0
+        assert any("permissions violation" in str(e).lower() for e in errors)
+    finally:
+        await rogue.close()
