@@ -122,6 +122,9 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
 
 async def up(options: UpOptions) -> int:
     configure_logging()
+    # Pin the state folder for every child: its default depends on the uid, and discovery
+    # and sandboxes run under other uids than the node.
+    os.environ["FAAS_HOME"] = str(faas_home())
     stop = asyncio.Event()
     lost_connection = False
 
