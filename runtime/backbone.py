@@ -17,6 +17,7 @@ import time
 
 from faas.logs import get_logger
 from runtime import frames
+from runtime.isolation import Isolation
 from runtime.procs import run_node_child
 
 log = get_logger()
@@ -28,6 +29,7 @@ def serve(sock: socket.socket) -> int:
         return 0
     started = time.monotonic()
     try:
+        Isolation.from_dict(request["isolation"]).enter()
         import torch
         from transformers import AutoModelForCausalLM
 

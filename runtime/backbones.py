@@ -15,6 +15,7 @@ from typing import Any
 from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime import frames
+from runtime.isolation import Isolation
 from runtime.procs import die_with_parent
 
 log = get_logger()
@@ -57,11 +58,14 @@ class BackboneRegistry:
     """Starts, shares and retires the backbones of one node."""
 
     def __init__(self, device: str = "cpu", keep_alive_s: float = 300.0, threads: int = 1,
-                 load_timeout_s: float = 600.0) -> None:
+                 isolation: Isolation | None = None, load_timeout_s: float = 600.0) -> None:
         self.device = device
         self.keep_alive_s = keep_alive_s
         self.threads = threads
         self.load_timeout_s = load_timeout_s
+        # Loaders read only what the least privileged runtime uid may read: a function
+        # cannot get a root-only model mapped by naming it as its backbone.
+        self.isolation = isolation or Isolation()
         self._live: dict[str, Backbone] = {}
         self._starting: dict[str, asyncio.Task[Backbone]] = {}
 
@@ -114,7 +118,7 @@ class BackboneRegistry:
             theirs.close()
         try:
             request = {"type": "load", "model": model, "device": self.device,
-                       "threads": self.threads}
+                       "threads": self.threads, "isolation": self.isolation.to_dict()}
             await asyncio.to_thread(ours.sendall, frames.pack(request))
             reply, fds = await asyncio.wait_for(
                 asyncio.to_thread(frames.recv_frame_with_fds, ours), self.load_timeout_s)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -16,18 +15,14 @@ from faas.errors import SpecError
 from faas.sdk import FunctionSpec, spec_of
 
 
-def load_file(path: str | Path, source: bytes | None = None) -> ModuleType:
-    """Import one Python file as a module; its folder goes on sys.path for local imports.
-
-    `source` is the file's content when it was read earlier, before this process gave up
-    the right to read it (see runtime/isolation.py)."""
+def load_file(path: str | Path) -> ModuleType:
+    """Import one Python file as a module; its folder goes on sys.path for local imports."""
     path = Path(path).resolve()
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     name = f"faas_functions.{path.stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
-    if source is None:
-        source = path.read_bytes()
+    source = path.read_bytes()
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     module = ModuleType(name)
@@ -50,33 +45,21 @@ def specs_in(module: ModuleType) -> list[FunctionSpec]:
     return list(seen.values())
 
 
-def discover(folders: list[str | Path], before_import: Callable[[], None] | None = None
-             ) -> list[FunctionSpec]:
-    """Every function declared in the `*.py` files of `folders` (not recursive; files whose
-    names start with `_` are helpers and are imported only when a function file does).
-    The files are read first; `before_import` runs before any of them is executed."""
-    sources: list[tuple[Path, bytes]] = []
+def function_files(folders: list[str | Path]) -> list[Path]:
+    """The `*.py` files of `folders` that may declare functions (not recursive; files whose
+    names start with `_` are helpers, imported only when a function file does)."""
+    files: list[Path] = []
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise SpecError(f"functions folder {str(folder)!r} does not exist")
-        sources += [(path, path.read_bytes()) for path in sorted(folder.glob("*.py"))
-                    if not path.name.startswith("_")]
-    if before_import is not None:
-        before_import()
-    by_name: dict[str, FunctionSpec] = {}
-    for path, source in sources:
-        for spec in specs_in(load_file(path, source)):
-            other = by_name.get(spec.name)
-            if other is not None and other.source_file != spec.source_file:
-                raise SpecError(f"function {spec.name!r} is declared twice: in {other.source_file} "
-                                f"and {spec.source_file}")
-            by_name[spec.name] = spec
-    return list(by_name.values())
+        files += [path.resolve() for path in sorted(folder.glob("*.py"))
+                  if not path.name.startswith("_")]
+    return files
 
 
-def find_spec(source_file: str, name: str, source: bytes | None = None) -> FunctionSpec:
+def find_spec(source_file: str, name: str) -> FunctionSpec:
     """The spec named `name` declared in `source_file` (what a sandbox serves)."""
-    for spec in specs_in(load_file(source_file, source)):
+    for spec in specs_in(load_file(source_file)):
         if spec.name == name:
             return spec
     raise SpecError(f"{source_file} no longer declares function {name!r}")

@@ -41,6 +41,7 @@ class NodeConfig:
     device: str = "cpu"
     # How long an unused backbone stays exported (the pre-loading issue will decide this).
     backbone_keep_alive_s: float = 300.0
+    loader_isolation: Isolation = field(default_factory=Isolation)
 
 
 def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
@@ -63,16 +64,16 @@ class Node:
     """Serves the given function specs on one NATS connection."""
 
     def __init__(self, nc: NATS, specs: list[dict[str, Any]], config: NodeConfig,
-                 isolation: dict[str, Isolation] | None = None) -> None:
+                 isolation: dict[str, Isolation]) -> None:
         self.nc = nc
         self.config = config
         self.node_id = config.node_id
         self.backbones = BackboneRegistry(config.device, config.backbone_keep_alive_s,
-                                          config.sandbox.threads)
+                                          config.sandbox.threads, config.loader_isolation)
         self.zygote = Zygote(config.sandbox.threads)
-        isolation = isolation or {}
+        # Fails closed: a function without an isolation decision is a bug, not root access.
         self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.zygote, self.backbones,
-                                                 isolation.get(spec["name"], Isolation()))
+                                                 isolation[spec["name"]])
                       for spec in specs}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []

@@ -15,15 +15,12 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from faas.logs import get_logger
-from faas.bundled import faas_home
 from faas.errors import SpecError
 from faas.sdk import Context, FunctionSpec
 from runtime import frames
-from runtime.isolation import Isolation
 from runtime.loader import find_spec
 
 
@@ -38,8 +35,8 @@ class _Served:
         self.engine = None
         self.state: dict[str, Any] = {}
         self.loop = asyncio.new_event_loop()
-        # The runtime's own loading first, with the node's rights: backbone mapping,
-        # tokenizer, adapter, and the function file's bytes.
+        # The zygote already isolated this process (runtime/isolation.py): everything below,
+        # the runtime's loading included, happens with the function's rights only.
         if init["backbone_path"] is not None:
             import torch
 
@@ -47,12 +44,7 @@ class _Served:
 
             torch.set_num_threads(int(init.get("threads", 1)))
             self.engine = LoraEngine(init["backbone_path"], init["adapter"], init.get("backbone"))
-        source = Path(init["source_file"]).read_bytes()
-        # Then no way back: user code runs only after this.
-        Isolation.from_dict(init.get("isolation")).apply(
-            [str(faas_home()), str(Path(init["source_file"]).parent),
-             *(p for p in (init["backbone_path"], init["adapter"]) if p)])
-        self.spec: FunctionSpec = find_spec(init["source_file"], init["name"], source)
+        self.spec: FunctionSpec = find_spec(init["source_file"], init["name"])
         if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
             raise SpecError(f"{init['source_file']} changed since the node loaded it "
                             "(backbone or adapter differ): restart the node")

@@ -252,8 +252,9 @@ class Zygote:
             if child is not None:
                 child.exited(frame["code"])
 
-    async def fork(self, fds: list[int]) -> ForkedProcess:
-        """A new sandbox process serving the first of `fds` (the rest are the backbone's)."""
+    async def fork(self, fds: list[int], isolation: Isolation) -> ForkedProcess:
+        """A new sandbox process serving the first of `fds` (the rest are the backbone's),
+        isolated as `isolation` says before it reads anything."""
         self.start()
         if self._ready is None:
             raise HandlerError("the node is shutting down")
@@ -268,7 +269,8 @@ class Zygote:
                 waiter = asyncio.get_running_loop().create_future()
                 self._pending[request_id] = waiter
                 try:
-                    socket.send_fds(self._send, [frames.pack({"type": "fork", "id": request_id})], fds)
+                    request = {"type": "fork", "id": request_id, "isolation": isolation.to_dict()}
+                    socket.send_fds(self._send, [frames.pack(request)], fds)
                     return await asyncio.wait_for(waiter, self.fork_timeout_s)
                 finally:
                     self._pending.pop(request_id, None)
@@ -293,15 +295,14 @@ async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zyg
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        proc = await zygote.fork([theirs.fileno(), *(backbone.fds if backbone else [])])
+        proc = await zygote.fork([theirs.fileno(), *(backbone.fds if backbone else [])], isolation)
     finally:
         theirs.close()
     reader, writer = await asyncio.open_unix_connection(sock=ours)
     sandbox = Sandbox(spec["name"], proc, reader, writer, on_close)
     init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads,
             "backbone_path": spec["backbone"], "adapter": spec["adapter"],
-            "backbone": backbone.for_sandbox() if backbone is not None else None,
-            "isolation": isolation.to_dict()}
+            "backbone": backbone.for_sandbox() if backbone is not None else None}
     try:
         await asyncio.wait_for(sandbox.initialise(init), spec["start_timeout_s"])
     except TimeoutError:

@@ -20,7 +20,7 @@ from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbones import detect_device
-from runtime.isolation import Isolation
+from runtime.catalog import Catalog, load_catalog
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig
 from runtime.procs import die_with_parent
@@ -43,56 +43,6 @@ class UpOptions:
     # name) as first + 1 + i. None: sandboxes keep the node's uid.
     sandbox_uids: tuple[int, int] | None = (61000, 61999)
     network_isolation: bool = True
-
-
-async def discover_specs(functions_dirs: tuple[Path, ...], bundled_models: bool,
-                         isolation: Isolation) -> tuple[list[dict[str, Any]], str | None]:
-    """Import the functions folders in a subprocess (user code never runs in the node),
-    isolated as `isolation` asks. Returns the specs and why network isolation is refused
-    on this platform (None: it is available)."""
-    args = [sys.executable, "-m", "runtime.discover", *map(str, functions_dirs)]
-    if bundled_models:
-        args.append("--bundled-models")
-    if isolation.uid is not None:
-        args += ["--uid", str(isolation.uid)]
-    if isolation.network:
-        args.append("--network")
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
-                                                stdin=asyncio.subprocess.DEVNULL,
-                                                preexec_fn=die_with_parent, start_new_session=True)
-    out, _ = await proc.communicate()
-    lines = out.decode().strip().splitlines()
-    try:
-        result = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise FaasError(f"function discovery failed (exit code {proc.returncode})") from None
-    if "error" in result:
-        raise FaasError(f"cannot load functions: {result['error']}")
-    return result["functions"], result["network_refused"]
-
-
-async def isolate_functions(options: UpOptions
-                            ) -> tuple[list[dict[str, Any]], dict[str, Isolation], dict[str, str]]:
-    """Discover the functions and decide each one's isolation. Also returns which
-    protections are active and which the platform refused, for the start-up log."""
-    uids = options.sandbox_uids if os.geteuid() == 0 else None
-    specs, network_refused = await discover_specs(
-        options.functions_dirs, options.bundled_models,
-        Isolation(uid=uids[0] if uids else None, network=options.network_isolation))
-    names = sorted(spec["name"] for spec in specs)
-    if uids is not None and len(names) > uids[1] - uids[0]:
-        raise FaasError(f"{len(names)} functions need more sandbox uids than {uids[0]}-{uids[1]}")
-    network = options.network_isolation and network_refused is None
-    isolation = {name: Isolation(uid=uids[0] + 1 + i if uids else None, network=network)
-                 for i, name in enumerate(names)}
-    protections = {
-        "sandbox_uids": (f"{uids[0] + 1}-{uids[0] + len(names)}" if uids else
-                         "off: the node is not root" if options.sandbox_uids else "off"),
-        "network": ("isolated" if network else f"off: {network_refused}" if network_refused
-                    else "off"),
-        "cpu_backbone": "sealed read-only memfd",
-    }
-    return specs, isolation, protections
 
 
 async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable[None]],
@@ -139,6 +89,7 @@ async def up(options: UpOptions) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server: EmbeddedNats | None = None
+    catalog: Catalog | None = None
     try:
         url = options.nats_url
         credentials = None
@@ -147,17 +98,19 @@ async def up(options: UpOptions) -> int:
             await server.start()
             url = server.url
             credentials = {"user": server.node_user, "password": server.node_password}
-        specs, isolation, protections = await isolate_functions(options)
-        log.info("protections", **protections,
+        catalog = await load_catalog(options.functions_dirs, options.sandbox_uids,
+                                     options.network_isolation, options.bundled_models)
+        log.info("protections", **catalog.protections,
                  nats=("embedded server: node credentials; clients without credentials may "
                        "only invoke and publish events") if server else "external server")
         config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads),
+                            loader_isolation=catalog.loader_isolation,
                             device=detect_device(options.device),
                             backbone_keep_alive_s=options.backbone_keep_alive_s)
         nc = await connect_node(url, config.node_id, on_closed, credentials)
-        node = Node(nc, specs, config, isolation)
+        node = Node(nc, catalog.specs, config, catalog.isolation)
         await node.start()
-        print(f"ready {url} functions={len(specs)}", flush=True)
+        print(f"ready {url} functions={len(catalog.specs)}", flush=True)
         await stop.wait()
         await node.drain()
         if not nc.is_closed:
@@ -168,5 +121,7 @@ async def up(options: UpOptions) -> int:
         log.error("node_failed", error=err.message if isinstance(err, FaasError) else str(err))
         return 1
     finally:
+        if catalog is not None:
+            catalog.close()
         if server is not None:
             await server.stop()

@@ -23,6 +23,7 @@ import sys
 
 from faas.logs import get_logger
 from runtime import frames
+from runtime.isolation import Isolation
 from runtime.procs import die_with_parent, run_node_child
 
 
@@ -39,7 +40,7 @@ def _preload() -> None:
 
 
 def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple[int, int],
-           fds: list[int]) -> None:
+           fds: list[int], isolation: dict) -> None:
     """In the forked child: become a sandbox and never return into the zygote's loop."""
     code = 1
     try:
@@ -51,6 +52,7 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple
             os.close(fd)
         os.setsid()
         die_with_parent()
+        Isolation.from_dict(isolation).enter()
         from runtime.sandbox import serve
 
         sock = socket.socket(fileno=fds[0])
@@ -102,7 +104,7 @@ def serve(control: socket.socket) -> int:
                 return 0
             pid = os.fork()
             if pid == 0:
-                _child(control, selector, (wake_r, wake_w), fds)
+                _child(control, selector, (wake_r, wake_w), fds, request["isolation"])
             for fd in fds:
                 os.close(fd)
             control.sendall(frames.pack({"type": "forked", "id": request["id"], "pid": pid}))

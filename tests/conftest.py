@@ -67,3 +67,32 @@ async def nc(node):
     conn = await nats.connect(node.url)
     yield conn
     await conn.drain()
+
+
+def zygote_family() -> list[tuple[int, int, int]]:
+    """(pid, ppid, real uid) of every zygote and sandbox process on the host (sandboxes are
+    forked from the zygote and carry its command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if b"runtime.zygote" in cmdline:
+            found.append((int(entry.name), int(fields["PPid"]), int(fields["Uid"].split()[0])))
+    return found
+
+
+def zygote_pid(node_pid: int) -> int:
+    """Host pid of a node's zygote."""
+    (pid,) = [p for p, ppid, _ in zygote_family() if ppid == node_pid]
+    return pid
+
+
+def sandbox_host_pids(uid: int) -> list[int]:
+    """Host pids of the sandboxes running as uid (forked from a zygote)."""
+    return [p for p, _, u in zygote_family() if u == uid]

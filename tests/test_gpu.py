@@ -31,7 +31,8 @@ def cuda_reference(adapter: str, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
-    with LocalNode(EXAMPLES, extra_args=("--device", "cuda"), state_dir=tmp_path) as node:
+    with LocalNode(EXAMPLES, extra_args=("--device", "cuda", "--sandbox-uids", "63000-63999"),
+                   state_dir=tmp_path) as node:
         async with Client(node.url) as client:
             for name in ("support", "sql"):
                 event = {"message": "Where is my parcel?", "question": "How many users?",

@@ -57,7 +57,9 @@ def wait_all_gone(pids: set[int], timeout_s: float = 10.0) -> set[int]:
 @pytest.fixture
 def own_node(models, faas_home, tmp_path):
     with open(tmp_path / "node.log", "ab") as log:
-        node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats")
+        # A second node on this host: it needs a uid range of its own (the first one is locked).
+        node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats",
+                         extra_args=("--sandbox-uids", "62000-62999"))
         node.start()
     yield node
     node.stop()

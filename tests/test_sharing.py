@@ -16,6 +16,7 @@ from faas import HandlerError, SpecError, function
 from faas.bundled import TINY_LLAMA, TINY_QWEN2, adapter_path, model_path
 from runtime.skeleton import bind_shared
 from runtime.weights import CpuSharedFile
+from tests.conftest import sandbox_host_pids, zygote_family, zygote_pid
 
 
 @pytest.mark.parametrize(("model", "adapter"), [(TINY_LLAMA, "support"), (TINY_QWEN2, "chat")])
@@ -71,19 +72,6 @@ def backbone_mappings(pid: int) -> list[dict[str, int]]:
     return entries
 
 
-def sandbox_pids() -> list[int]:
-    """Sandboxes are forked from the zygote: they carry its command line."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"runtime.zygote" in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
 async def test_lora_sandboxes_map_one_shared_read_only_backbone(client):
     for name, event in [("support", {"message": "hi"}), ("summarize", {"text": "t"}),
                         ("sql", {"question": "q"})]:
@@ -92,7 +80,7 @@ async def test_lora_sandboxes_map_one_shared_read_only_backbone(client):
     (llama,) = [b for b in listing["backbones"] if b["model"] == model_path()]
     assert llama["users"] >= 3 and llama["backend"] == "cpu-shm"
     by_inode: dict[int, dict[int, list[dict[str, int]]]] = {}
-    for pid in sandbox_pids():
+    for pid, _, _ in zygote_family():
         for entry in backbone_mappings(pid):
             by_inode.setdefault(entry["inode"], {}).setdefault(pid, []).append(entry)
     mapped = max(by_inode.values(), key=len)  # the Llama backbone: most sandboxes map it
@@ -117,10 +105,13 @@ async def test_write_to_shared_weights_kills_only_the_writer(client):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="uid separation and namespaces need a root node")
 async def test_a_function_cannot_reach_beyond_its_sandbox(client, node):
-    other = (await client.invoke("crash", {})).output["pid"]
-    report = (await client.invoke("intruder", {"node_pid": node.proc.pid, "other_pid": other,
-                                               "nats": node.url}, timeout_s=120)).output
+    other = (await client.invoke("crash", {})).output
+    (other_pid,) = sandbox_host_pids(other["uid"])
+    event = {"node_pid": node.proc.pid, "zygote_pid": zygote_pid(node.proc.pid),
+             "other_pid": other_pid, "nats": node.url}
+    report = (await client.invoke("intruder", event, timeout_s=120)).output
     uid = report.pop("uid")
     assert uid != 0 and uid != os.getuid()
     assert all(result.startswith("blocked") for result in report.values()), report
-    assert (await client.invoke("crash", {})).output["pid"] == other  # untouched, still serving
+    # untouched, still serving
+    assert (await client.invoke("crash", {})).output["instance"] == other["instance"]

@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from faas import DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
+from tests.conftest import sandbox_host_pids, zygote_pid
 from faas.protocol import HDR_ERROR, HDR_ERROR_CODE, HDR_REQUEST_ID, HDR_TIMEOUT_MS
 
 
@@ -105,10 +106,10 @@ async def test_500_handler_input_error_in_lora_function(client):
 
 
 async def test_500_crashed_sandbox_is_replaced(client):
-    before = (await client.invoke("crash", {})).output["pid"]
+    before = (await client.invoke("crash", {})).output["instance"]
     with pytest.raises(HandlerError, match="exited with code 3"):
         await client.invoke("crash", {"die": True})
-    after = (await client.invoke("crash", {})).output["pid"]
+    after = (await client.invoke("crash", {})).output["instance"]
     assert after != before
     await assert_still_serving(client)
 
@@ -189,11 +190,11 @@ async def test_503_queue_full(client):
 
 
 async def test_504_hung_sandbox_is_killed_and_replaced(client):
-    pid = (await client.invoke("sleepy", {"s": 0})).output["pid"]
+    instance = (await client.invoke("sleepy", {"s": 0})).output["instance"]
     with pytest.raises(DeadlineExceeded, match="in the handler"):
         await client.invoke("sleepy", {"s": 60}, timeout_s=1)
     fresh = await client.invoke("sleepy", {"s": 0}, timeout_s=30)
-    assert fresh.output["pid"] != pid
+    assert fresh.output["instance"] != instance
     await assert_still_serving(client)
 
 
@@ -201,7 +202,7 @@ async def test_setup_runs_once_and_state_persists(client):
     first = (await client.invoke("counter", {})).output
     second = (await client.invoke("counter", {})).output
     assert second["calls"] == first["calls"] + 1
-    assert first["setup_pid"] == first["pid"] == second["pid"]
+    assert first["setup_instance"] == first["instance"] == second["instance"]
     assert second["request_id"]
 
 
@@ -226,18 +227,20 @@ async def test_500_handler_calling_sys_exit_reports_its_code(client):
 
 
 async def test_idle_sandbox_that_dies_is_dropped_at_once(client):
-    pid = (await client.invoke("crash", {})).output["pid"]
-    os.kill(pid, signal.SIGKILL)
-    await wait_for_state(client, "crash", idle=0, busy=0)
-    assert (await client.invoke("crash", {})).output["pid"] != pid
-
-
-async def test_zygote_death_kills_its_sandboxes_and_it_is_restarted(client):
     first = (await client.invoke("crash", {})).output
-    os.kill(first["zygote"], signal.SIGKILL)
+    for pid in sandbox_host_pids(first["uid"]):
+        os.kill(pid, signal.SIGKILL)
+    await wait_for_state(client, "crash", idle=0, busy=0)
+    assert (await client.invoke("crash", {})).output["instance"] != first["instance"]
+
+
+async def test_zygote_death_kills_its_sandboxes_and_it_is_restarted(client, node):
+    first = (await client.invoke("crash", {})).output
+    zygote = zygote_pid(node.proc.pid)
+    os.kill(zygote, signal.SIGKILL)
     await wait_for_state(client, "crash", idle=0)
     again = (await client.invoke("crash", {}, timeout_s=60)).output
-    assert again["zygote"] != first["zygote"] and again["pid"] != first["pid"]
+    assert again["instance"] != first["instance"] and zygote_pid(node.proc.pid) != zygote
     await assert_still_serving(client)
 
 

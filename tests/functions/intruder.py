@@ -41,7 +41,7 @@ def intruder(event: dict, ctx) -> dict:
             os.open(f"/proc/self/fd/{fd}", os.O_RDWR), 0, flags=mmap.MAP_SHARED,
             prot=mmap.PROT_READ | mmap.PROT_WRITE)),
         "read_node_environ": attempt(lambda: open(f"/proc/{event['node_pid']}/environ", "rb").read()),
-        "signal_zygote": attempt(lambda: os.kill(os.getppid(), 0)),
+        "signal_zygote": attempt(lambda: os.kill(event["zygote_pid"], 0)),
         "signal_other_sandbox": attempt(lambda: os.kill(event["other_pid"], 0)),
         "see_node_secret": "ALLOWED" if "FAAS_TEST_NODE_SECRET" in os.environ else "blocked",
         "connect_nats": attempt(lambda: socket.create_connection((host, int(port)), timeout=2)),
