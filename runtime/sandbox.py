@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import socket
 import sys
 import time
@@ -103,7 +102,7 @@ def serve(sock: socket.socket, backbone_fds: list[int]) -> int:
         return 1
     load_ms = (time.monotonic() - started) * 1000
     sock.sendall(frames.pack({"type": "ready", "load_ms": load_ms}))
-    log.info("sandbox_ready", load_ms=round(load_ms, 1), pid=os.getpid())
+    log.info("sandbox_ready", load_ms=round(load_ms, 1))
     while (frame := frames.recv_frame(sock)) is not None:
         if frame.get("type") == "invoke":
             sock.sendall(served.invoke(frame))

@@ -51,12 +51,36 @@ class Sandbox:
         self._reader = reader
         self._writer = writer
         self._on_close = on_close
+        self._output_task: asyncio.Task[None] | None = None  # ends at EOF, when the process does
         self.load_ms: float = 0.0
         self.log = get_logger(fn=function, pid=proc.pid)
 
     @property
     def alive(self) -> bool:
         return self.proc.returncode is None
+
+    async def forward_output(self, fd: int) -> None:
+        """Log what the sandbox writes to stdout/stderr (prints, its own log lines), one
+        `sandbox_output` event a line, tagged with the function and pid: a function cannot
+        write to the node's stderr or pass its lines off as the node's."""
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                     os.fdopen(fd, "rb", buffering=0))
+        self._output_task = asyncio.create_task(self._forward(reader), name=f"output-{self.proc.pid}")
+
+    async def _forward(self, reader: asyncio.StreamReader, max_line: int = 16384) -> None:
+        pending = b""
+        while chunk := await reader.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > max_line:
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                self.log.info("sandbox_output", line=line[:max_line].decode(errors="replace"))
+        if pending:
+            self.log.info("sandbox_output", line=pending[:max_line].decode(errors="replace"))
 
     async def _send(self, frame: dict[str, Any]) -> None:
         self._writer.write(frames.pack(frame))
@@ -294,12 +318,19 @@ async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zyg
     sandbox is let go of, however it ends."""
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    output_r, output_w = os.pipe()
     try:
-        proc = await zygote.fork([theirs.fileno(), *(backbone.fds if backbone else [])], isolation)
+        proc = await zygote.fork([theirs.fileno(), output_w, *(backbone.fds if backbone else [])],
+                                 isolation)
+    except BaseException:
+        os.close(output_r)
+        raise
     finally:
         theirs.close()
+        os.close(output_w)
     reader, writer = await asyncio.open_unix_connection(sock=ours)
     sandbox = Sandbox(spec["name"], proc, reader, writer, on_close)
+    await sandbox.forward_output(output_r)
     init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads,
             "backbone_path": spec["backbone"], "adapter": spec["adapter"],
             "backbone": backbone.for_sandbox() if backbone is not None else None}

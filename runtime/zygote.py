@@ -5,8 +5,9 @@ The node starts it once (`python -m runtime.zygote --fd N --parent PID`, with OM
 counts set in its environment). It only imports: nothing in it runs a torch op, so no
 OpenMP pool exists to be broken by fork. Protocol on its socket (msgpack frames):
 
-- node -> zygote: `fork` with the new sandbox's socket and the backbone's descriptors
-  attached (SCM_RIGHTS); zygote -> node: `forked {pid}`, in request order.
+- node -> zygote: `fork {id, isolation}` with the new sandbox's socket, the write end of its
+  output pipe and the backbone's descriptors attached (SCM_RIGHTS); zygote -> node:
+  `forked {id, pid}`.
 - zygote -> node: `exited {pid, code}` whenever a sandbox ends (code < 0: killed by signal).
 
 A forked sandbox starts its own session, dies with the zygote (which dies with the node),
@@ -52,11 +53,15 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple
             os.close(fd)
         os.setsid()
         die_with_parent()
+        # stdout and stderr go to a pipe the node reads and tags, not to the node's stderr.
+        sock_fd, output_fd, *backbone_fds = fds
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        os.close(output_fd)
         Isolation.from_dict(isolation).enter()
         from runtime.sandbox import serve
 
-        sock = socket.socket(fileno=fds[0])
-        code = serve(sock, fds[1:])
+        code = serve(socket.socket(fileno=sock_fd), backbone_fds)
     except SystemExit as exc:  # a handler's sys.exit(n): report n, like a process would
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

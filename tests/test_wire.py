@@ -263,3 +263,26 @@ async def test_anonymous_clients_cannot_serve_or_snoop_faas_subjects(client, nod
         assert any("permissions violation" in str(e).lower() for e in errors)
     finally:
         await rogue.close()
+
+
+async def test_handler_output_is_tagged_in_the_node_log(client, faas_home):
+    """What a handler prints reaches the node's log as a `sandbox_output` event of its
+    function, never raw on the node's stderr."""
+    result = await client.invoke("counter", {})
+    wanted = f"counter call {result.output['calls']} for {result.output['request_id']}"
+    for _ in range(100):
+        events = []
+        for line in (faas_home / "node.log").read_text().splitlines():
+            try:  # other processes of the node (zygote, loaders) share this file
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        if any(e.get("event") == "sandbox_output" and e.get("fn") == "counter"
+               and e.get("line") == wanted for e in events):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"{wanted!r} not logged as counter's sandbox_output")
+    raw = [line for line in (faas_home / "node.log").read_text().splitlines()
+           if line.startswith("counter call")]
+    assert raw == []

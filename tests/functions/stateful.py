@@ -17,6 +17,7 @@ def prepare(ctx) -> None:
 async def counter(event: dict, ctx) -> dict:
     await asyncio.sleep(0)
     ctx.state["calls"] += 1
+    print(f"counter call {ctx.state['calls']} for {ctx.request_id}")
     return {"calls": ctx.state["calls"], "setup_instance": ctx.state["setup_instance"],
             "instance": INSTANCE,
             "request_id": ctx.request_id}
