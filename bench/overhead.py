@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/overhead.json")
     args = parser.parse_args(argv)
 
-    node = LocalNode(ROOT / "functions", stderr=subprocess.DEVNULL)
+    # Its own uid range: a `faas up` may be running beside the benchmark.
+    node = LocalNode(ROOT / "functions", stderr=subprocess.DEVNULL,
+                     extra_args=("--sandbox-uids", "65000-65999"))
     url = node.start()
     # A responder needs more than a producer's rights: it logs in as the node does.
     bare = subprocess.Popen([sys.executable, "-c", _BARE_RESPONDER, url], stdin=subprocess.PIPE,

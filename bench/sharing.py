@@ -135,7 +135,9 @@ def tree(pid: int) -> list[int]:
 async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
     functions = workdir / "functions"
     write_functions(functions, model_dir, max(counts))
-    node = LocalNode(functions, stderr=subprocess.DEVNULL, state_dir=workdir / "nats")
+    # Its own uid range: a `faas up` may be running beside the benchmark.
+    node = LocalNode(functions, stderr=subprocess.DEVNULL, state_dir=workdir / "nats",
+                     extra_args=("--sandbox-uids", "65000-65999"))
     url = node.start()
     points, ttfts = [], []
     try:
