@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ async def run_demo(functions_dir: Path) -> int:
     print("starting a node with an embedded nats-server (first run builds the tiny models)...")
     log_path = faas_home() / "demo-node.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
+    # 0600: the node's log holds every function's output; functions must not read it.
+    with os.fdopen(os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as log:
         node = LocalNode(functions_dir, stderr=log.fileno())
         try:
             url = node.start()

@@ -113,7 +113,7 @@ class BackboneRegistry:
                 "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
                 env=dict(os.environ, OMP_NUM_THREADS=str(self.threads)),
-                preexec_fn=die_with_parent, start_new_session=True)
+                preexec_fn=die_with_parent, start_new_session=True, cwd="/")
         finally:
             theirs.close()
         try:

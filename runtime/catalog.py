@@ -26,9 +26,12 @@ from typing import Any
 from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.protocol import valid_function_name
-from runtime.isolation import Isolation
+from faas.logs import get_logger
+from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
 from runtime.procs import die_with_parent
+
+log = get_logger()
 
 
 @dataclass
@@ -37,19 +40,41 @@ class Catalog:
     isolation: dict[str, Isolation]
     loader_isolation: Isolation  # for backbone loaders
     protections: dict[str, str]
-    _lock_fd: int | None = field(default=None, repr=False)
+    _lock_fds: list[int] = field(default_factory=list, repr=False)
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
 
 
-async def _run(*args: str) -> tuple[int, str]:
+_MAX_OUTPUT_BYTES = 1 << 20
+
+
+async def _run(*args: str, timeout_s: float = 300.0) -> tuple[int, str]:
+    """Run `python -m ARGS` from `/` (so no working folder leaks into its sys.path); its
+    stdout (at most 1 MiB) is returned, its stderr logged line by line as its output."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", *args, stdout=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent, start_new_session=True)
-    out, _ = await proc.communicate()
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, cwd="/",
+        preexec_fn=die_with_parent, start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def tag_stderr() -> None:
+        while line := await proc.stderr.readline():  # type: ignore[union-attr]
+            log.info("helper_output", helper=args[0], line=line[:16384].decode(errors="replace").rstrip())
+
+    stderr_task = asyncio.create_task(tag_stderr())
+    try:
+        out = await asyncio.wait_for(proc.stdout.read(_MAX_OUTPUT_BYTES), timeout_s)
+        await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        raise FaasError(f"{args[0]} {args[-1]} did not finish within {timeout_s:g}s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await asyncio.gather(stderr_task, return_exceptions=True)
     return proc.returncode or 0, out.decode(errors="replace")
 
 
@@ -63,23 +88,63 @@ async def _discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any
     if not isinstance(result, dict) or "error" in result:
         raise FaasError(f"cannot load {path}: {result.get('error') if isinstance(result, dict) else result}")
     specs = result.get("functions")
-    if not isinstance(specs, list) or not all(
-            isinstance(s, dict) and s.get("source_file") == str(path)
-            and isinstance(s.get("name"), str) and valid_function_name(s["name"]) for s in specs):
-        raise FaasError(f"discovery of {path} answered functions it does not declare")
+    if not isinstance(specs, list) or not all(_valid(s, path) for s in specs):
+        raise FaasError(f"discovery of {path} answered something its functions cannot be")
     return specs
 
 
-def _lock_uids(uids: tuple[int, int]) -> int:
-    path = Path(tempfile.gettempdir()) / f"faas-uids-{uids[0]}-{uids[1]}.lock"
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+def _valid(spec: object, path: Path) -> bool:
+    """The checks the SDK made at declaration, again: the answer came from user code."""
+    def positive(key: str) -> bool:
+        value = spec.get(key)  # type: ignore[union-attr]
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9
+
+    def count(key: str) -> bool:
+        value = spec.get(key)  # type: ignore[union-attr]
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100_000
+
+    def path_or_none(key: str) -> bool:
+        value = spec.get(key)  # type: ignore[union-attr]
+        return value is None or isinstance(value, str) and 0 < len(value) < 4096
+
+    return (isinstance(spec, dict) and set(spec) == _SPEC_KEYS
+            and spec["source_file"] == str(path)
+            and isinstance(spec["name"], str) and valid_function_name(spec["name"])
+            and isinstance(spec["handler"], str) and isinstance(spec["has_setup"], bool)
+            and path_or_none("backbone") and path_or_none("adapter")
+            and (spec["adapter"] is None or spec["backbone"] is not None)
+            and positive("timeout_s") and positive("start_timeout_s")
+            and count("max_queue") and count("max_instances"))
+
+
+_SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_instances",
+              "start_timeout_s", "source_file", "handler", "has_setup"}
+
+
+_UID_BLOCK = 100
+
+
+def _lock_uids(uids: tuple[int, int]) -> list[int]:
+    """Lock every block of 100 uids the range touches, in one root-owned folder, so two
+    nodes on a host never hand out the same uid, whatever ranges they were given."""
+    folder = Path("/run/faas" if os.path.isdir("/run") else tempfile.gettempdir() + "/faas-run")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    fds: list[int] = []
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FaasError(f"another node on this host uses sandbox uids {uids[0]}-{uids[1]}: "
-                        "give this one another --sandbox-uids range") from None
-    return fd
+        for block in range(uids[0] // _UID_BLOCK, uids[1] // _UID_BLOCK + 1):
+            fd = os.open(folder / f"uids-{block * _UID_BLOCK}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FaasError(f"another node on this host uses sandbox uids near "
+                                f"{block * _UID_BLOCK}: give this one a --sandbox-uids range "
+                                "that does not overlap") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | None,
@@ -98,13 +163,17 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         _, probe = await _run("runtime.isolation")
         if probe.strip() != "ok":
             uids, why_not = None, f"refused: namespaces unavailable ({probe.strip()})"
-    lock_fd = _lock_uids(uids) if uids else None
+    lock_fds = _lock_uids(uids) if uids else []
     home = str(faas_home())
 
-    def isolated(uid_offset: int, folder: Path | None, network: bool) -> Isolation:
+    def isolated(uid_offset: int, folder: Path | None, network: bool,
+                 models: tuple[str | None, ...] = ()) -> Isolation:
         if uids is None:
             return Isolation()
-        expose = (home,) if folder is None else (home, str(folder))
+        # Declared models are re-exposed only where anyone could walk to them anyway
+        # (e.g. under the covered /tmp), never from inside a folder closed to others.
+        expose = (home, *((str(folder),) if folder else ()),
+                  *(m for m in models if m and os.path.isabs(m) and reachable(m)))
         return Isolation(uid=uids[0] + uid_offset, network=network, expose=expose)
 
     try:
@@ -121,10 +190,12 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         if uids is not None and len(names) > uids[1] - uids[0]:
             raise FaasError(f"{len(names)} functions need more uids than {uids[0]}-{uids[1]}")
     except BaseException:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        for fd in lock_fds:
+            os.close(fd)
         raise
-    isolation = {name: isolated(1 + i, Path(seen[name]).parent, network_isolation)
+    by_name = {spec["name"]: spec for spec in specs}
+    isolation = {name: isolated(1 + i, Path(seen[name]).parent, network_isolation,
+                                (by_name[name]["backbone"], by_name[name]["adapter"]))
                  for i, name in enumerate(names)}
     protections = {
         "sandbox_uids": f"{uids[0] + 1}-{uids[0] + len(names)}" if uids else why_not,
@@ -132,4 +203,5 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         "network": ("isolated" if network_isolation else "off") if uids else why_not,
         "cpu_backbone": "sealed read-only memfd",
     }
-    return Catalog(specs, isolation, isolated(0, None, False), protections, lock_fd)
+    loader_models = tuple(spec["backbone"] for spec in specs)
+    return Catalog(specs, isolation, isolated(0, None, False, loader_models), protections, lock_fds)

@@ -27,11 +27,13 @@ from typing import Any
 
 from runtime.procs import die_with_parent
 
-_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+_CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
+_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x20
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _PR_SET_NO_NEW_PRIVS = 38
-_PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+# World-writable places: each sandbox gets its own, empty.
+_PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,14 @@ class Isolation:
         if self.uid is None:
             return
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        _check(libc.unshare(_CLONE_NEWPID | _CLONE_NEWNS), "unshare(PID, mount)")
+        _check(libc.unshare(_CLONE_NEWPID | _CLONE_NEWNS | _CLONE_NEWIPC), "unshare(PID, mount, IPC)")
         child = os.fork()
         if child:
             _reap_and_exit(child)
         die_with_parent()
         _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
         _check(libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV, None), "mount /proc")
-        _cover_and_expose(libc, [*sys.path, sys.base_prefix, sys.prefix, *self.expose])
+        _cover_and_expose(libc, [*runtime_paths(), *self.expose])
         if self.network:
             _check(libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
         os.setgroups([])
@@ -88,9 +90,27 @@ def _reap_and_exit(child: int) -> None:
     _, status = os.waitpid(child, 0)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # killed by a signal: die of the same one, so the node sees what happened
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be caught anyway
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
+
+
+def runtime_paths() -> list[str]:
+    """What the runtime itself needs to import: the interpreter's paths and faas's own
+    packages (an editable install lives wherever the checkout is). Not the working folder."""
+    import faas
+    import runtime
+
+    cwd = os.getcwd()
+    paths = [p for p in sys.path if p and os.path.isabs(p) and p != cwd]
+    return [*paths, sys.base_prefix, sys.prefix, os.path.dirname(faas.__file__),
+            os.path.dirname(runtime.__file__)]
+
+
+def reachable(path: str) -> bool:
+    """Whether any user may walk to path (no folder on the way is closed to others)."""
+    return _closed_ancestor(path) is None
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -143,7 +163,7 @@ def probe() -> str | None:
     pid = os.fork()
     if pid == 0:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        flags = _CLONE_NEWPID | _CLONE_NEWNS | _CLONE_NEWNET
+        flags = _CLONE_NEWPID | _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWNET
         os._exit(0 if libc.unshare(flags) == 0 else ctypes.get_errno() or 1)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)

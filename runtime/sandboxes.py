@@ -223,7 +223,7 @@ class Zygote:
                     sys.executable, "-m", "runtime.zygote", "--fd", str(theirs.fileno()),
                     "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
                     stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                    env=sandbox_environment(self.threads), preexec_fn=die_with_parent,
+                    env=sandbox_environment(self.threads), preexec_fn=die_with_parent, cwd="/",
                     # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
                     start_new_session=True)
             finally:

@@ -74,7 +74,7 @@ async def up(options: UpOptions) -> int:
     configure_logging()
     # Pin the state folder for every child: its default depends on the uid, and discovery
     # and sandboxes run under other uids than the node.
-    os.environ["FAAS_HOME"] = str(faas_home())
+    os.environ["FAAS_HOME"] = str(faas_home().resolve())
     stop = asyncio.Event()
     lost_connection = False
 

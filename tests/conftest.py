@@ -44,7 +44,8 @@ def node(models, faas_home):
     from faas.localnode import LocalNode
 
     log_path = faas_home / "node.log"
-    with open(log_path, "ab") as log:
+    # 0600: the node's log holds every function's output; functions must not read it.
+    with os.fdopen(os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600), "ab") as log:
         local = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(),
                           state_dir=faas_home / "nats-session",
                           env={"FAAS_TEST_NODE_SECRET": "not-for-functions"})
