@@ -12,7 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faas import HandlerError, SpecError, function
+from faas import Client, HandlerError, SpecError, function
+from faas.localnode import LocalNode
 from faas.bundled import TINY_LLAMA, TINY_QWEN2, adapter_path, model_path
 from runtime.skeleton import bind_shared
 from runtime.weights import CpuSharedFile
@@ -115,3 +116,37 @@ async def test_a_function_cannot_reach_beyond_its_sandbox(client, node):
     assert all(result.startswith("blocked") for result in report.values()), report
     # untouched, still serving
     assert (await client.invoke("crash", {})).output["instance"] == other["instance"]
+
+
+@pytest.mark.slow
+async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faas_home, tmp_path):
+    """The issue's scale: a ~190M-parameter Llama (bf16) and 4 LoRA functions on one node;
+    every sandbox maps the same backbone, shared, with almost nothing private."""
+    from bench.sharing import PROMPT, build_model, write_functions
+
+    model_dir = build_model(faas_home / "bench-models", 4)
+    functions = tmp_path / "functions"
+    write_functions(functions, model_dir, 4)
+    functions.chmod(0o755)
+    for path in [tmp_path, *functions.iterdir()]:
+        path.chmod(path.stat().st_mode | 0o755 if path.is_dir() else 0o644)
+    node = LocalNode(functions, state_dir=tmp_path / "nats", extra_args=("--sandbox-uids", "66000-66999"))
+    node.start()
+    try:
+        async with Client(node.url) as client:
+            for i in range(4):
+                await client.invoke(f"fn{i}", {"prompt": PROMPT}, timeout_s=300)
+        by_inode: dict[int, dict[int, list[dict[str, int]]]] = {}
+        for pid, _, _ in zygote_family():
+            for entry in backbone_mappings(pid):
+                by_inode.setdefault(entry["inode"], {}).setdefault(pid, []).append(entry)
+        (mapped,) = by_inode.values()
+        assert len(mapped) == 4
+        backbone_kb = (model_dir / "model.safetensors").stat().st_size // 1024
+        for pid, entries in mapped.items():
+            rss_kb = sum(e["Rss"] for e in entries)
+            private_kb = sum(e["Private_Clean"] + e["Private_Dirty"] for e in entries)
+            assert rss_kb > 0.9 * backbone_kb, f"sandbox {pid} maps only {rss_kb} kB"
+            assert private_kb < 0.02 * rss_kb, f"sandbox {pid}: {private_kb} kB private"
+    finally:
+        node.stop()
