@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
-import sys
 import time
 from typing import Any, Callable
 

@@ -5,13 +5,11 @@ SIGINT/SIGTERM: subscriptions, in-flight requests, sandboxes, NATS, the server."
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import nats
 import nats.errors
@@ -23,7 +21,6 @@ from runtime.backbones import detect_device
 from runtime.catalog import Catalog, load_catalog
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig
-from runtime.procs import die_with_parent
 from runtime.sandboxes import SandboxConfig
 
 log = get_logger()
