@@ -55,9 +55,16 @@ def serve(sock: socket.socket) -> int:
     log.info("backbone_exported", model=request["model"], backend=export.backend,
              bytes=export.manifest["bytes"], load_ms=round(load_ms, 1))
     if backend.keeps_process():
-        # `model` must stay referenced: the sandboxes map its CUDA blocks.
-        while frames.recv_frame(sock) is not None:
-            pass
+        # `model` must stay referenced: the sandboxes map its CUDA blocks. Those mappings are
+        # writable (CUDA IPC), so the node asks now and then whether the weights changed.
+        from runtime.weights import corrupted, fingerprint, unique_tensors
+
+        tensors, _ = unique_tensors(dict(model.state_dict()))
+        baseline = {name: fingerprint(t) for name, t in tensors.items()}
+        while (frame := frames.recv_frame(sock)) is not None:
+            if frame.get("type") == "verify":
+                sock.sendall(frames.pack({"type": "verified",
+                                          "corrupted": corrupted(tensors, baseline)}))
     return 0
 
 

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from faas.errors import HandlerError
 from faas.logs import get_logger
@@ -35,13 +35,34 @@ class Backbone:
     load_ms: float
     users: int = 0
     expiry: asyncio.Task[None] | None = field(default=None, repr=False)
+    watch: asyncio.Task[None] | None = field(default=None, repr=False)
+    check_now: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Called when the weights were found corrupted: each kills a sandbox that maps them.
+    on_corrupt: set[Callable[[], None]] = field(default_factory=set, repr=False)
+
+    @property
+    def writable_by_sandboxes(self) -> bool:
+        return self.backend == "cuda-ipc"
 
     def for_sandbox(self) -> dict[str, Any]:
         """The part of a sandbox's init frame that lets it attach the weights."""
         return {"backend": self.backend, "manifest": self.manifest, "device": self.device,
                 "fds": self.fds}
 
+    async def verify(self, timeout_s: float = 120.0) -> list[str]:
+        """Ask the backbone process which tensors changed since export (GPU backbones)."""
+        def ask() -> list[str]:
+            self.sock.sendall(frames.pack({"type": "verify"}))
+            reply = frames.recv_frame(self.sock)
+            if reply is None:
+                raise HandlerError(f"backbone process of {self.model!r} exited")
+            return list(reply["corrupted"])
+
+        return await asyncio.wait_for(asyncio.to_thread(ask), timeout_s)
+
     async def close(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -58,11 +79,13 @@ class BackboneRegistry:
     """Starts, shares and retires the backbones of one node."""
 
     def __init__(self, device: str = "cpu", keep_alive_s: float = 300.0, threads: int = 1,
-                 isolation: Isolation | None = None, load_timeout_s: float = 600.0) -> None:
+                 isolation: Isolation | None = None, load_timeout_s: float = 600.0,
+                 verify_interval_s: float = 60.0) -> None:
         self.device = device
         self.keep_alive_s = keep_alive_s
         self.threads = threads
         self.load_timeout_s = load_timeout_s
+        self.verify_interval_s = verify_interval_s
         # Loaders read only what the least privileged runtime uid may read: a function
         # cannot get a root-only model mapped by naming it as its backbone.
         self.isolation = isolation or Isolation()
@@ -93,6 +116,32 @@ class BackboneRegistry:
         backbone.users -= 1
         if backbone.users == 0 and self._live.get(backbone.model) is backbone:
             self._schedule_expiry(backbone)
+        if backbone.writable_by_sandboxes:
+            backbone.check_now.set()  # a sandbox just ended: did it corrupt the weights?
+
+    async def _watch(self, backbone: Backbone) -> None:
+        """Verify a writable (GPU) backbone on a timer and whenever a sandbox of it ends; if
+        its weights changed, kill every sandbox that maps it and retire it, so the next
+        sandbox maps a fresh load."""
+        while self._live.get(backbone.model) is backbone:
+            try:
+                await asyncio.wait_for(backbone.check_now.wait(), self.verify_interval_s)
+            except TimeoutError:
+                pass
+            backbone.check_now.clear()
+            try:
+                changed = await backbone.verify()
+            except (HandlerError, TimeoutError, OSError) as exc:
+                changed = [f"verification failed: {exc}"]
+            if changed:
+                log.error("backbone_corrupted", model=backbone.model, tensors=changed[:5],
+                          sandboxes=len(backbone.on_corrupt))
+                del self._live[backbone.model]
+                for kill in list(backbone.on_corrupt):
+                    kill()
+                backbone.watch = None
+                await backbone.close()
+                return
 
     def _schedule_expiry(self, backbone: Backbone) -> None:
         backbone.expiry = asyncio.create_task(self._expire(backbone))
@@ -147,6 +196,8 @@ class BackboneRegistry:
         # expires like any unused backbone unless someone acquires it.
         self._live[model] = backbone
         self._schedule_expiry(backbone)
+        if backbone.writable_by_sandboxes:
+            backbone.watch = asyncio.create_task(self._watch(backbone))
         return backbone
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from faas.errors import DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
@@ -170,20 +170,25 @@ class FunctionPool:
         if self.spec["backbone"] is None:
             return await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation)
         backbone = await self._backbones.acquire(self.spec["backbone"])
+        kill: Callable[[], None] | None = None
         released = False
 
         def release() -> None:  # once, whichever of spawn failure or sandbox end comes first
             nonlocal released
             if not released:
                 released = True
+                backbone.on_corrupt.discard(kill)  # type: ignore[arg-type]
                 self._backbones.release(backbone)
 
         try:
-            return await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation,
-                                       backbone, on_close=release)
+            sandbox = await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation,
+                                          backbone, on_close=release)
         except BaseException:
             release()
             raise
+        kill = sandbox.proc.kill
+        backbone.on_corrupt.add(kill)
+        return sandbox
 
     def _exited(self, sandbox: Sandbox, code: int) -> None:
         """A sandbox process ended. An idle one is dropped at once (its backbone use with

@@ -64,6 +64,25 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return unique, aliases
 
 
+def fingerprint(tensor: torch.Tensor, chunk_words: int = 1 << 24) -> tuple[int, int]:
+    """A checksum of a tensor's bytes (sum and sum of squares of its 32-bit words, in
+    chunks so a large tensor needs little extra memory), computed where the tensor lives."""
+    flat = tensor.detach().reshape(-1)
+    words = flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 \
+        else flat.view(torch.uint8)
+    total = squares = 0
+    for start in range(0, words.numel(), chunk_words):
+        chunk = words[start:start + chunk_words].to(torch.int64)
+        total += int(chunk.sum())
+        squares += int((chunk * chunk).sum())  # wraps in int64: still a checksum
+    return total, squares
+
+
+def corrupted(tensors: dict[str, torch.Tensor], baseline: dict[str, tuple[int, int]]) -> list[str]:
+    """Names of the tensors whose bytes changed since `baseline` was taken."""
+    return [name for name, tensor in tensors.items() if fingerprint(tensor) != baseline[name]]
+
+
 class WeightsBackend(ABC):
     """Export (in the backbone process), attach (in a sandbox), probe memory."""
 

@@ -3,10 +3,12 @@ exactly the reference tokens. Skipped cleanly where no CUDA GPU is present."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
-from faas import Client
+from faas import Client, HandlerError
 from faas.bundled import adapter_path, model_path
 from faas.localnode import LocalNode
 from runtime.loader import load_file
@@ -42,3 +44,27 @@ async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
                 assert result.output["token_ids"] == cuda_reference(name, prompt, 16)
             (listing,) = await client.nodes()
             assert listing["backbones"][0]["backend"] == "cuda-ipc"
+
+
+async def test_gpu_scribbler_is_detected_and_the_backbone_reloaded(models, tmp_path):
+    """On GPU a sandbox can write the shared weights: the node notices (checksums after
+    each sandbox exit), kills every sandbox on that backbone and reloads it."""
+    from tests.conftest import TEST_FUNCTIONS
+
+    with LocalNode(EXAMPLES, TEST_FUNCTIONS, state_dir=tmp_path,
+                   extra_args=("--device", "cuda", "--sandbox-uids", "63000-63999")) as node:
+        async with Client(node.url) as client:
+            event = {"message": "Is my refund on its way?", "max_new_tokens": 12}
+            before = (await client.invoke("support", event, timeout_s=300)).output["token_ids"]
+            with pytest.raises(HandlerError, match="exited with code 0"):  # wrote, then left
+                await client.invoke("scribble", {}, timeout_s=300)
+            for _ in range(300):  # the check after its exit kills support's sandbox too
+                (listing,) = await client.nodes()
+                (support,) = [f for f in listing["functions"] if f["name"] == "support"]
+                if support["idle"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the corrupted backbone was not retired")
+            after = (await client.invoke("support", event, timeout_s=300)).output["token_ids"]
+            assert after == before

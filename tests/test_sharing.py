@@ -152,3 +152,17 @@ async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faa
             assert private_kb < 0.02 * rss_kb, f"sandbox {pid}: {private_kb} kB private"
     finally:
         node.stop()
+
+
+def test_fingerprints_catch_a_single_changed_weight():
+    """What a GPU backbone uses to notice writes through its (writable) CUDA IPC mappings."""
+    from runtime.weights import corrupted, fingerprint
+
+    tensors = {"w": torch.randn(1000, dtype=torch.bfloat16), "odd": torch.randn(3, dtype=torch.bfloat16),
+               "b": torch.arange(10, dtype=torch.int64)}
+    baseline = {name: fingerprint(t) for name, t in tensors.items()}
+    assert corrupted(tensors, baseline) == []
+    tensors["w"][517] += 1
+    tensors["odd"][1] = 0
+    assert corrupted(tensors, baseline) == ["w", "odd"]
+    assert fingerprint(torch.zeros(1 << 10), chunk_words=100) == (0, 0)

@@ -1,8 +1,10 @@
 """A hostile handler: it hunts the backbone's weights through the garbage collector and
-writes to them. On a shared read-only mapping the write must fault and kill only this
-sandbox; nobody else's output may change."""
+writes to them, then exits. On CPU (a read-only mapping) the write faults and kills only
+this sandbox; on GPU (a writable CUDA IPC mapping) the node must notice the change when the
+sandbox ends and reload the backbone. Either way nobody else's output may change."""
 
 import gc
+import os
 
 import torch
 
@@ -17,4 +19,4 @@ def scribble(event: dict, ctx) -> dict:
         if isinstance(obj, torch.nn.Parameter) and not obj.requires_grad:
             obj.data.fill_(0.0)  # the backbone's weights are frozen; LoRA's are trainable
             written += 1
-    return {"written": written}
+    os._exit(0 if written else 1)
