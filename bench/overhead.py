@@ -24,6 +24,7 @@ from pathlib import Path
 import msgpack
 import nats
 
+from bench.accounting import percentile
 from faas.localnode import LocalNode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +41,6 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(samples_ms: list[float]) -> dict[str, float]:

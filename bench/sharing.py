@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.accounting import pss_bytes
 from faas import Client
 from faas.bundled import faas_home
 from faas.localnode import LocalNode
@@ -98,18 +99,6 @@ def write_functions(folder: Path, model_dir: Path, n: int) -> None:
             f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300)\n"
             f"def fn{i}(event, ctx):\n"
             "    return {'text': ctx.generate(event['prompt'], max_new_tokens=1).text}\n")
-
-
-def pss_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
 
 
 def tree(pid: int) -> list[int]:

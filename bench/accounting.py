@@ -1,0 +1,94 @@
+"""What a benchmark mode costs and how fast it answered: latency summaries, SLO attainment,
+memory held over time (sampled PSS) and its price under each billing model.
+
+Serverless modes (isolated, fast-load, ours) pay for the memory they hold while they hold
+it: the integral of held memory over time. A serverful deployment pays for its provisioned
+capacity, its peak, for the whole run. One price per GiB-second; raw GiB-seconds are
+reported too so readers can re-price.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1024 ** 3
+BILLING = ("serverless", "serverful")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation; nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def latency_summary(values_ms: list[float]) -> dict[str, float]:
+    return {"p50": percentile(values_ms, 0.50), "p95": percentile(values_ms, 0.95),
+            "p99": percentile(values_ms, 0.99)}
+
+
+def slo_attainment(ttft_ms: list[float | None], slo_ms: float) -> float:
+    """Share of requests whose first token came within the SLO (a failed request, None,
+    misses it)."""
+    if not ttft_ms:
+        return math.nan
+    return sum(1 for t in ttft_ms if t is not None and t <= slo_ms) / len(ttft_ms)
+
+
+@dataclass
+class MemoryTrace:
+    """(seconds since start, bytes held) samples of one mode."""
+
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, at_s: float, held_bytes: int) -> None:
+        self.samples.append((at_s, held_bytes))
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((b for _, b in self.samples), default=0)
+
+    def gib_seconds(self, until_s: float | None = None) -> float:
+        """Held memory integrated over time (step function: a sample holds until the next
+        one, the last until `until_s`)."""
+        if not self.samples:
+            return 0.0
+        points = sorted(self.samples)
+        end = points[-1][0] if until_s is None else max(until_s, points[-1][0])
+        total = 0.0
+        for (t, held), (t_next, _) in zip(points, [*points[1:], (end, 0)]):
+            total += held * (t_next - t)
+        return total / GIB
+
+    def cost(self, billing: str, price_per_gib_s: float, duration_s: float) -> float:
+        if billing == "serverless":
+            return self.gib_seconds(duration_s) * price_per_gib_s
+        if billing == "serverful":
+            return self.peak_bytes / GIB * duration_s * price_per_gib_s
+        raise ValueError(f"billing is one of {BILLING}, not {billing!r}")
+
+
+def pss_bytes(pids: Iterable[int]) -> int:
+    """Total PSS of processes (shared pages split among their mappers, so counted once)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue  # it exited between listing and reading
+    return total
+
+
+def sample_memory(trace: MemoryTrace, held_bytes: Callable[[], int], started: float) -> None:
+    """Record one sample now (`started` is the run's time.monotonic() origin)."""
+    trace.add(time.monotonic() - started, held_bytes())

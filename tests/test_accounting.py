@@ -1,0 +1,40 @@
+"""Benchmark accounting: percentiles, SLO attainment, memory-time and the two billing models."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from bench.accounting import GIB, MemoryTrace, latency_summary, percentile, pss_bytes, slo_attainment
+
+
+def test_percentiles_interpolate():
+    assert math.isnan(percentile([], 0.5))
+    assert percentile([5.0], 0.99) == 5.0
+    assert percentile([1, 2, 3, 4], 0.5) == 2.5
+    assert latency_summary(list(range(101))) == {"p50": 50, "p95": 95, "p99": 99}
+
+
+def test_slo_attainment_counts_failures_as_misses():
+    assert slo_attainment([100, 2000, 3000, None], 2500) == 0.5
+    assert math.isnan(slo_attainment([], 2500))
+
+
+def test_serverless_pays_what_it_holds_serverful_its_peak():
+    trace = MemoryTrace()
+    trace.add(0, 1 * GIB)   # 1 GiB for 10 s
+    trace.add(10, 3 * GIB)  # 3 GiB for 5 s
+    trace.add(15, 0)        # scaled to zero for the rest
+    assert trace.gib_seconds(until_s=60) == pytest.approx(10 + 15)
+    assert trace.cost("serverless", price_per_gib_s=2.0, duration_s=60) == pytest.approx(50)
+    assert trace.peak_bytes == 3 * GIB
+    assert trace.cost("serverful", price_per_gib_s=2.0, duration_s=60) == pytest.approx(360)
+    with pytest.raises(ValueError):
+        trace.cost("free", 1.0, 60)
+
+
+def test_pss_of_this_process_is_real_and_missing_processes_count_nothing():
+    assert pss_bytes([os.getpid()]) > 10 * 1024 * 1024
+    assert pss_bytes([2**22 + 12345]) == 0
