@@ -90,15 +90,20 @@ def build_model(root: Path, n_adapters: int) -> Path:
     return model_dir
 
 
-def write_functions(folder: Path, model_dir: Path, n: int) -> None:
+def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
+    """One function file per name, function i on adapter a<i>. An event carries either a
+    `prompt`, or `prompt_tokens` (a prompt of about that many tokens is made) and
+    `output_tokens` (default 1)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        (folder / f"fn{i}.py").write_text(
+    for i, name in enumerate(names):
+        (folder / f"{name}.py").write_text(
             "from faas import function\n"
-            f"@function(name='fn{i}', backbone={str(model_dir)!r}, "
-            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300)\n"
-            f"def fn{i}(event, ctx):\n"
-            "    return {'text': ctx.generate(event['prompt'], max_new_tokens=1).text}\n")
+            f"@function(name={name!r}, backbone={str(model_dir)!r}, "
+            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300, max_queue=1024)\n"
+            "def handler(event, ctx):\n"
+            "    prompt = event.get('prompt') or ' '.join(['order'] * int(event['prompt_tokens']))\n"
+            "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)))\n"
+            "    return {'tokens': len(r.token_ids)}\n")
 
 
 def tree(pid: int) -> list[int]:
@@ -123,7 +128,7 @@ def tree(pid: int) -> list[int]:
 
 async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
     functions = workdir / "functions"
-    write_functions(functions, model_dir, max(counts))
+    write_functions(functions, model_dir, [f"fn{i}" for i in range(max(counts))])
     # Its own uid range: a `faas up` may be running beside the benchmark.
     node = LocalNode(functions, stderr=subprocess.DEVNULL, state_dir=workdir / "nats",
                      extra_args=("--sandbox-uids", "65000-65999"))

@@ -101,6 +101,12 @@ def format_table(rows: list[tuple[Any, ...]]) -> str:
                      for row in rows)
 
 
+def _cmd_bench(rest: list[str]) -> int:
+    from bench.paper import main as bench_main
+
+    return bench_main(rest)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from faas.demo import run_demo
 
@@ -142,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
 
+    bench = sub.add_parser("bench", help="replay a workload against serving modes (faas bench -h)",
+                           add_help=False)
+    bench.set_defaults(run=None)
+
     demo = sub.add_parser("demo", help="build the tiny model, serve the examples, call each")
     demo.add_argument("--functions", default="functions")
     demo.set_defaults(run=_cmd_demo)
@@ -149,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options belong to the benchmark program
+        return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.run(args))
 

@@ -38,3 +38,36 @@ def test_serverless_pays_what_it_holds_serverful_its_peak():
 def test_pss_of_this_process_is_real_and_missing_processes_count_nothing():
     assert pss_bytes([os.getpid()]) > 10 * 1024 * 1024
     assert pss_bytes([2**22 + 12345]) == 0
+
+
+async def test_a_tiny_replay_is_timed_and_billed():
+    """The replay sends each request at its time and bills what the mode held meanwhile."""
+    import time
+
+    from bench.paper import replay, summarize
+    from bench.workloads import Request
+
+    class Constant:  # a mode that holds 2 GiB and answers with a fixed first-token time
+        name, billing = "constant", "serverless"
+
+        def __init__(self) -> None:
+            self.sent: list[float] = []
+
+        def held_bytes(self) -> int:
+            return 2 * GIB
+
+        async def invoke(self, request: Request) -> dict:
+            self.sent.append(time.monotonic())
+            return {"ttft_ms": 100.0 if request.function == "fast" else 4000.0}
+
+    mode = Constant()
+    requests = [Request(0.0, "fast", 8, 4), Request(0.3, "slow", 8, 4), Request(0.6, "fast", 8, 4)]
+    outcomes, memory, duration = await replay(mode, requests, sample_every_s=0.1)
+    gaps = [b - a for a, b in zip(mode.sent, mode.sent[1:])]
+    assert gaps == pytest.approx([0.3, 0.3], abs=0.05)
+    result = summarize(outcomes, memory, duration, "serverless", slo_ms=2500, price_per_gib_s=0.5)
+    assert result["slo_attainment"] == pytest.approx(2 / 3)
+    assert result["memory_gib_s"] == pytest.approx(2 * duration, rel=0.05)
+    assert result["cost"] == pytest.approx(result["memory_gib_s"] * 0.5)
+    serverful = summarize(outcomes, memory, duration, "serverful", 2500, 0.5)
+    assert serverful["cost"] == pytest.approx(2 * duration * 0.5)

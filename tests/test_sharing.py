@@ -127,7 +127,7 @@ async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faa
 
     model_dir = build_model(faas_home / "bench-models", 4)
     functions = tmp_path / "functions"
-    write_functions(functions, model_dir, 4)
+    write_functions(functions, model_dir, [f"fn{i}" for i in range(4)])
     functions.chmod(0o755)
     for path in [tmp_path, *functions.iterdir()]:
         path.chmod(path.stat().st_mode | 0o755 if path.is_dir() else 0o644)

@@ -1,0 +1,218 @@
+"""`faas bench`: replay a workload against serving modes, one after another on the same
+requests, and write results.json, PNG plots and a table.
+
+    faas bench --workload trace --functions 12 --minutes 3 --seed 1 --modes ours --out results/
+
+Modes implemented so far: `ours` (this system, through its NATS front door). The classic
+serverless (`isolated`), `fast-load`, `serverful` and `ray-serve` baselines are the next
+step of the benchmark issue; a mode is a class with `start`, `held_bytes`, `invoke` and
+`stop`, so adding one does not touch the replay or the accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench.accounting import MemoryTrace, latency_summary, pss_bytes, slo_attainment
+from bench.sharing import build_model, tree, write_functions
+from bench.workloads import WORKLOADS, Request, WorkloadSpec, function_names, generate, load_trace
+from faas import Client, FaasError
+from faas.bundled import faas_home
+from faas.localnode import LocalNode
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+@dataclass
+class Outcome:
+    function: str
+    at_s: float
+    ttft_ms: float | None  # from the reply's metrics, as every mode measures it
+    e2e_ms: float
+    error: str | None = None
+
+
+class Mode(Protocol):
+    name: str
+    billing: str  # "serverless" or "serverful"
+
+    async def start(self) -> None: ...
+    def held_bytes(self) -> int: ...
+    async def invoke(self, request: Request) -> dict[str, Any]: ...
+    async def stop(self) -> None: ...
+
+
+class Ours:
+    """This system: one node, the functions as LoRA functions on one shared backbone."""
+
+    name, billing = "ours", "serverless"
+
+    def __init__(self, model_dir: Path, names: list[str], workdir: Path) -> None:
+        self.functions = workdir / "functions-ours"
+        write_functions(self.functions, model_dir, names)
+        self.node = LocalNode(self.functions, state_dir=workdir / "nats-ours",
+                              stderr=subprocess.DEVNULL,
+                              extra_args=("--sandbox-uids", "65000-65999"))
+        self.client: Client | None = None
+
+    async def start(self) -> None:
+        url = await asyncio.to_thread(self.node.start)
+        self.client = Client(url)
+        await self.client.connect()
+
+    def held_bytes(self) -> int:
+        return pss_bytes(tree(self.node.proc.pid)) if self.node.proc else 0
+
+    async def invoke(self, request: Request) -> dict[str, Any]:
+        assert self.client is not None
+        result = await self.client.invoke(request.function, {
+            "prompt_tokens": request.prompt_tokens, "output_tokens": request.output_tokens},
+            timeout_s=300)
+        return result.metrics
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        await asyncio.to_thread(self.node.stop)
+
+
+async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.5
+                 ) -> tuple[list[Outcome], MemoryTrace, float]:
+    """Send each request at its time; sample the mode's memory meanwhile."""
+    memory = MemoryTrace()
+    started = time.monotonic()
+
+    async def one(request: Request) -> Outcome:
+        await asyncio.sleep(max(0.0, started + request.at_s - time.monotonic()))
+        sent = time.monotonic()
+        try:
+            metrics = await mode.invoke(request)
+            return Outcome(request.function, request.at_s, metrics.get("ttft_ms"),
+                           (time.monotonic() - sent) * 1000)
+        except FaasError as err:
+            return Outcome(request.function, request.at_s, None, (time.monotonic() - sent) * 1000,
+                           f"{err.code}: {err.message}")
+
+    async def sample() -> None:
+        while True:
+            memory.add(time.monotonic() - started, await asyncio.to_thread(mode.held_bytes))
+            await asyncio.sleep(sample_every_s)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        outcomes = await asyncio.gather(*(one(r) for r in requests))
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    duration = time.monotonic() - started
+    memory.add(duration, await asyncio.to_thread(mode.held_bytes))
+    return list(outcomes), memory, duration
+
+
+def summarize(outcomes: list[Outcome], memory: MemoryTrace, duration_s: float, billing: str,
+              slo_ms: float, price_per_gib_s: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.error is None]
+    return {
+        "requests": len(outcomes), "errors": len(outcomes) - len(ok),
+        "ttft_ms": latency_summary([o.ttft_ms for o in ok if o.ttft_ms is not None]),
+        "e2e_ms": latency_summary([o.e2e_ms for o in ok]),
+        "throughput_rps": len(ok) / duration_s if duration_s else 0.0,
+        "slo_attainment": slo_attainment([o.ttft_ms if o.error is None else None
+                                          for o in outcomes], slo_ms),
+        "memory_gib_s": memory.gib_seconds(duration_s),
+        "peak_memory_gib": memory.peak_bytes / 2**30,
+        "billing": billing,
+        "cost": memory.cost(billing, price_per_gib_s, duration_s),
+        "duration_s": duration_s,
+        "memory_over_time": memory.samples,
+        "ttft_samples_ms": sorted(o.ttft_ms for o in ok if o.ttft_ms is not None),
+    }
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, mem, cost) = plt.subplots(1, 3, figsize=(15, 4))
+    for name, mode in results["modes"].items():
+        ttfts = mode["ttft_samples_ms"]
+        if ttfts:
+            cdf.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=name)
+        mem.plot([t for t, _ in mode["memory_over_time"]],
+                 [b / 2**30 for _, b in mode["memory_over_time"]], label=name)
+    cdf.set_xscale("log")
+    cdf.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF")
+    mem.set(xlabel="time (s)", ylabel="held memory (GiB)", title="memory over time")
+    names = list(results["modes"])
+    cost.bar(names, [results["modes"][n]["cost"] for n in names])
+    cost.set(title="cost", ylabel="price units")
+    for axis in (cdf, mem):
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    spec = WorkloadSpec(workload=args.workload, functions=args.functions,
+                        duration_s=args.minutes * 60, rate_rps=args.rate_rps, seed=args.seed)
+    requests = generate(spec, load_trace(args.trace))
+    names = function_names(args.functions)
+    workdir = faas_home() / "bench-paper"
+    model_dir = build_model(faas_home() / "bench-models", args.functions)
+    results: dict[str, Any] = {"workload": {**asdict(spec), "requests": len(requests),
+                                            "trace": str(args.trace), "slo_ms": args.slo_ms,
+                                            "price_per_gib_s": args.price_per_gib_s,
+                                            "model": str(model_dir)}, "modes": {}}
+    print(json.dumps(results["workload"]), flush=True)
+    for name in args.modes.split(","):
+        if name != "ours":
+            raise SystemExit(f"faas bench: mode {name!r} is not implemented yet (only: ours)")
+        mode = Ours(model_dir, names, workdir)
+        await mode.start()
+        try:
+            outcomes, memory, duration = await replay(mode, requests)
+        finally:
+            await mode.stop()
+        results["modes"][name] = summarize(outcomes, memory, duration, mode.billing,
+                                           args.slo_ms, args.price_per_gib_s)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="faas bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=WORKLOADS, default="trace")
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--functions", type=int, default=12)
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--rate-rps", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--modes", default="ours")
+    parser.add_argument("--slo-ms", type=float, default=2500.0)
+    parser.add_argument("--price-per-gib-s", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "results.png")
+    print(f"\n{'mode':<10} {'ttft p50':>9} {'p99':>9} {'e2e p99':>9} {'slo':>6} {'GiB*s':>9} {'cost':>9} {'errors':>6}")
+    for name, m in results["modes"].items():
+        print(f"{name:<10} {m['ttft_ms']['p50']:>9.1f} {m['ttft_ms']['p99']:>9.1f} "
+              f"{m['e2e_ms']['p99']:>9.1f} {m['slo_attainment']:>6.2f} {m['memory_gib_s']:>9.1f} "
+              f"{m['cost']:>9.1f} {m['errors']:>6}")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
