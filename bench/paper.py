@@ -3,10 +3,11 @@ requests, and write results.json, PNG plots and a table.
 
     faas bench --workload trace --functions 12 --minutes 3 --seed 1 --modes ours --out results/
 
-Modes implemented so far: `ours` (this system, through its NATS front door). The classic
-serverless (`isolated`), `fast-load`, `serverful` and `ray-serve` baselines are the next
-step of the benchmark issue; a mode is a class with `start`, `held_bytes`, `invoke` and
-`stop`, so adding one does not touch the replay or the accounting.
+Modes implemented so far: `ours` (this system) and `serverful` (one always-on process with
+every adapter, batching across adapters), both through the NATS front door. The classic
+serverless (`isolated`), `fast-load` and `ray-serve` baselines are the next step of the
+benchmark issue; a mode is a class with `start`, `held_bytes`, `invoke` and `stop`, so adding
+one does not touch the replay or the accounting.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from bench.sharing import build_model, tree, write_functions
 from bench.workloads import WORKLOADS, Request, WorkloadSpec, function_names, generate, load_trace
 from faas import Client, FaasError
 from faas.bundled import faas_home
-from faas.localnode import LocalNode
+from faas.localnode import LocalNode, free_port
+from runtime.natsd import EmbeddedNats
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
@@ -50,7 +52,29 @@ class Mode(Protocol):
     async def stop(self) -> None: ...
 
 
-class Ours:
+class _ThroughNats:
+    """What every mode shares: producers call it through NATS with the faas SDK."""
+
+    client: Client | None = None
+
+    async def connect(self, url: str) -> None:
+        self.client = Client(url)
+        await self.client.connect()
+
+    async def invoke(self, request: Request) -> dict[str, Any]:
+        if self.client is None:
+            raise RuntimeError("mode not started")
+        result = await self.client.invoke(request.function, {
+            "prompt_tokens": request.prompt_tokens, "output_tokens": request.output_tokens},
+            timeout_s=300)
+        return result.metrics
+
+    async def disconnect(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+class Ours(_ThroughNats):
     """This system: one node, the functions as LoRA functions on one shared backbone."""
 
     name, billing = "ours", "serverless"
@@ -61,27 +85,55 @@ class Ours:
         self.node = LocalNode(self.functions, state_dir=workdir / "nats-ours",
                               stderr=subprocess.DEVNULL,
                               extra_args=("--sandbox-uids", "65000-65999"))
-        self.client: Client | None = None
 
     async def start(self) -> None:
-        url = await asyncio.to_thread(self.node.start)
-        self.client = Client(url)
-        await self.client.connect()
+        await self.connect(await asyncio.to_thread(self.node.start))
 
     def held_bytes(self) -> int:
         return pss_bytes(tree(self.node.proc.pid)) if self.node.proc else 0
 
-    async def invoke(self, request: Request) -> dict[str, Any]:
-        assert self.client is not None
-        result = await self.client.invoke(request.function, {
-            "prompt_tokens": request.prompt_tokens, "output_tokens": request.output_tokens},
-            timeout_s=300)
-        return result.metrics
+    async def stop(self) -> None:
+        await self.disconnect()
+        await asyncio.to_thread(self.node.stop)
+
+
+class Serverful(_ThroughNats):
+    """One always-on process with every adapter (bench/serverful.py), billed for its peak
+    for the whole run, as provisioned capacity is."""
+
+    name, billing = "serverful", "serverful"
+
+    def __init__(self, model_dir: Path, names: list[str], workdir: Path) -> None:
+        self.model_dir, self.names = model_dir, names
+        self.server = EmbeddedNats(free_port(), workdir / "nats-serverful")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.serverful", "--nats", self.server.url,
+             "--model", str(self.model_dir), "--functions", ",".join(self.names)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        credentials = {"user": self.server.node_user, "password": self.server.node_password}
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(credentials).encode() + b"\n")
+        self.proc.stdin.close()
+        if (await asyncio.to_thread(self.proc.stdout.readline)).strip() != b"ready":
+            raise RuntimeError("the serverful baseline did not start")
+        await self.connect(self.server.url)
+
+    def held_bytes(self) -> int:
+        return pss_bytes([self.proc.pid]) if self.proc else 0
 
     async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-        await asyncio.to_thread(self.node.stop)
+        await self.disconnect()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        await self.server.stop()
+
+
+MODES = {"ours": Ours, "serverful": Serverful}
 
 
 async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.5
@@ -175,9 +227,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                             "model": str(model_dir)}, "modes": {}}
     print(json.dumps(results["workload"]), flush=True)
     for name in args.modes.split(","):
-        if name != "ours":
-            raise SystemExit(f"faas bench: mode {name!r} is not implemented yet (only: ours)")
-        mode = Ours(model_dir, names, workdir)
+        if name not in MODES:
+            raise SystemExit(f"faas bench: mode {name!r} is not implemented yet "
+                             f"(implemented: {', '.join(MODES)})")
+        mode = MODES[name](model_dir, names, workdir)
         await mode.start()
         try:
             outcomes, memory, duration = await replay(mode, requests)
