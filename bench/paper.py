@@ -3,11 +3,13 @@ requests, and write results.json, PNG plots and a table.
 
     faas bench --workload trace --functions 12 --minutes 3 --seed 1 --modes ours --out results/
 
-Modes implemented so far: `ours` (this system) and `serverful` (one always-on process with
-every adapter, batching across adapters), both through the NATS front door. The classic
-serverless (`isolated`), `fast-load` and `ray-serve` baselines are the next step of the
-benchmark issue; a mode is a class with `start`, `held_bytes`, `invoke` and `stop`, so adding
-one does not touch the replay or the accounting.
+Modes so far, all through a NATS front door: `ours` (this system), `serverful` (one
+always-on process with every adapter, batching across adapters), `isolated` (classic
+serverless: a fresh process with its own backbone copy per instance, cold loads from
+storage, keep-alive) and `fast-load` (the same with checkpoints staged in host memory).
+`ray-serve` is the next step of the benchmark issue; a mode is a class with `start`,
+`held_bytes`, `invoke` and `stop`, so adding one does not touch the replay or the
+accounting. Not yet modelled: the shared memory capacity that makes instances wait.
 """
 
 from __future__ import annotations
@@ -15,19 +17,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgpack
+import nats
+
 from bench.accounting import MemoryTrace, latency_summary, pss_bytes, slo_attainment
 from bench.sharing import build_model, tree, write_functions
-from bench.workloads import WORKLOADS, Request, WorkloadSpec, function_names, generate, load_trace
-from faas import Client, FaasError
+from bench.workloads import (
+    WORKLOADS,
+    Request,
+    WorkloadSpec,
+    function_names,
+    generate,
+    load_trace,
+    time_scale,
+)
+from faas import Client, FaasError, protocol
 from faas.bundled import faas_home
 from faas.localnode import LocalNode, free_port
+from faas.protocol import Encoding, Metrics
 from runtime.natsd import EmbeddedNats
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
@@ -133,7 +150,138 @@ class Serverful(_ThroughNats):
         await self.server.stop()
 
 
-MODES = {"ours": Ours, "serverful": Serverful}
+@dataclass(eq=False)
+class _Instance:
+    proc: asyncio.subprocess.Process
+    function: str
+    idle_since: float = 0.0
+
+    async def ask(self, event: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(event).encode() + b"\n")
+        await self.proc.stdin.drain()
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise FaasError(f"instance of {self.function} exited")
+        return json.loads(line)
+
+
+class ClassicServerless(_ThroughNats):
+    """Classic serverless (`isolated`): every instance is a fresh process that loads its own
+    backbone copy and adapter from storage (dropped from the page cache first), serves one
+    request at a time, scales out when all are busy, and is kept alive `keep_alive_s` after
+    its last request. `fast-load` is the same with the checkpoints pre-staged in host memory
+    (/dev/shm, counted as held for the whole run): the ServerlessLLM idea. The platform's
+    front door answers on NATS like a faas node, measuring TTFT from its receive time."""
+
+    billing = "serverless"
+
+    def __init__(self, model_dir: Path, names: list[str], workdir: Path, *, staged: bool,
+                 keep_alive_s: float) -> None:
+        self.name = "fast-load" if staged else "isolated"
+        self.model_dir, self.staged, self.keep_alive_s = model_dir, staged, keep_alive_s
+        self.adapters = {name: model_dir / "adapters" / f"a{i}" for i, name in enumerate(names)}
+        self.server = EmbeddedNats(free_port(), workdir / f"nats-{self.name}")
+        self.idle: dict[str, list[_Instance]] = {name: [] for name in names}
+        self.live: set[_Instance] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.staged_dir: Path | None = None
+        self.staged_bytes = 0
+
+    async def start(self) -> None:
+        if self.staged:
+            self.staged_dir = Path(tempfile.mkdtemp(prefix="faas-bench-staged-", dir="/dev/shm"))
+            await asyncio.to_thread(shutil.copytree, self.model_dir, self.staged_dir / "model")
+            self.adapters = {n: self.staged_dir / "model" / p.relative_to(self.model_dir)
+                             for n, p in self.adapters.items()}
+            self.staged_bytes = sum(p.stat().st_size for p in self.staged_dir.rglob("*") if p.is_file())
+        await self.server.start()
+        self.front = await nats.connect(self.server.url, user=self.server.node_user,
+                                        password=self.server.node_password)
+        await self.front.subscribe(protocol.INVOKE_WILDCARD, cb=self._on_request)
+        self._own(self._reap_idle())
+        await self.connect(self.server.url)
+
+    def _own(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _on_request(self, msg: Any) -> None:
+        self._own(self._handle(msg, time.monotonic()))
+
+    async def _handle(self, msg: Any, received: float) -> None:
+        function = protocol.function_from_subject(msg.subject)
+        event = msgpack.unpackb(msg.data, raw=False)
+        request_id = protocol.new_request_id()
+        try:
+            instance = self.idle[function].pop() if self.idle[function] else await self._cold(function)
+            answer = await instance.ask(event)
+            instance.idle_since = time.monotonic()
+            self.idle[function].append(instance)
+            metrics = Metrics(request_id=request_id, node=self.name,
+                              ttft_ms=(answer["first_token_at"] - received) * 1000,
+                              total_ms=(time.monotonic() - received) * 1000,
+                              tokens_out=answer["tokens"])
+            body, headers = protocol.ok_reply({"tokens": answer["tokens"]}, metrics, Encoding.MSGPACK)
+        except Exception as exc:  # the platform answers every request it took, bugs included
+            body, headers = protocol.error_reply(FaasError(f"{type(exc).__name__}: {exc}"),
+                                                 Encoding.MSGPACK, request_id)
+        await self.front.publish(msg.reply, body, headers=headers)
+
+    async def _cold(self, function: str) -> _Instance:
+        model = self.staged_dir / "model" if self.staged_dir else self.model_dir
+        args = ["--model", str(model), "--adapter", str(self.adapters[function])]
+        if not self.staged:
+            args.append("--drop-cache")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.instance", *args, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
+        instance = _Instance(proc, function)
+        self.live.add(instance)
+        assert proc.stdout is not None
+        if not await proc.stdout.readline():
+            raise FaasError(f"instance of {function} failed to start")
+        return instance
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for idle in self.idle.values():
+                for instance in [i for i in idle if now - i.idle_since > self.keep_alive_s]:
+                    idle.remove(instance)
+                    self.live.discard(instance)
+                    instance.proc.kill()
+                    await instance.proc.wait()
+
+    def held_bytes(self) -> int:
+        return pss_bytes([i.proc.pid for i in self.live if i.proc.returncode is None]) + self.staged_bytes
+
+    async def stop(self) -> None:
+        await self.disconnect()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for instance in self.live:
+            if instance.proc.returncode is None:
+                instance.proc.kill()
+                await instance.proc.wait()
+        await self.front.close()
+        await self.server.stop()
+        if self.staged_dir is not None:
+            shutil.rmtree(self.staged_dir, ignore_errors=True)
+
+
+MODES: dict[str, Any] = {
+    "ours": Ours,
+    "serverful": Serverful,
+    "isolated": lambda m, n, w, keep_alive_s: ClassicServerless(m, n, w, staged=False,
+                                                                keep_alive_s=keep_alive_s),
+    "fast-load": lambda m, n, w, keep_alive_s: ClassicServerless(m, n, w, staged=True,
+                                                                 keep_alive_s=keep_alive_s),
+}
 
 
 async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.5
@@ -217,20 +365,27 @@ def plot(results: dict[str, Any], out: Path) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = WorkloadSpec(workload=args.workload, functions=args.functions,
                         duration_s=args.minutes * 60, rate_rps=args.rate_rps, seed=args.seed)
-    requests = generate(spec, load_trace(args.trace))
+    trace = load_trace(args.trace)
+    requests = generate(spec, trace)
+    # Keep-alive of 10 trace-minutes, compressed like the arrivals.
+    keep_alive_s = 600 * time_scale(spec, trace)
     names = function_names(args.functions)
     workdir = faas_home() / "bench-paper"
     model_dir = build_model(faas_home() / "bench-models", args.functions)
     results: dict[str, Any] = {"workload": {**asdict(spec), "requests": len(requests),
                                             "trace": str(args.trace), "slo_ms": args.slo_ms,
                                             "price_per_gib_s": args.price_per_gib_s,
+                                            "keep_alive_s": keep_alive_s,
                                             "model": str(model_dir)}, "modes": {}}
     print(json.dumps(results["workload"]), flush=True)
     for name in args.modes.split(","):
         if name not in MODES:
             raise SystemExit(f"faas bench: mode {name!r} is not implemented yet "
                              f"(implemented: {', '.join(MODES)})")
-        mode = MODES[name](model_dir, names, workdir)
+        if name in ("isolated", "fast-load"):
+            mode = MODES[name](model_dir, names, workdir, keep_alive_s=keep_alive_s)
+        else:
+            mode = MODES[name](model_dir, names, workdir)
         await mode.start()
         try:
             outcomes, memory, duration = await replay(mode, requests)
