@@ -139,4 +139,7 @@ def ensure_bundled_models(root: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
+    from faas.logs import configure_logging
+
+    configure_logging()
     print(ensure_bundled_models())
