@@ -76,6 +76,46 @@ class MemoryTrace:
         raise ValueError(f"billing is one of {BILLING}, not {billing!r}")
 
 
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    ppid: int
+    uid: int
+    cmdline: bytes
+
+
+def processes() -> list[Process]:
+    """Every process on the host, read from /proc (those that exit meanwhile are skipped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        found.append(Process(int(entry.name), int(fields["PPid"]), int(fields["Uid"].split()[0]),
+                             cmdline))
+    return found
+
+
+def process_tree(pid: int, skip: bytes | None = None) -> list[int]:
+    """pid and its live descendants, leaving out (with their children) processes whose
+    command line contains `skip` (e.g. the shared nats-server)."""
+    children: dict[int, list[Process]] = {}
+    for proc in processes():
+        children.setdefault(proc.ppid, []).append(proc)
+    found, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if skip is None or skip not in child.cmdline:
+                found.append(child.pid)
+                todo.append(child.pid)
+    return found
+
+
 def pss_bytes(pids: Iterable[int]) -> int:
     """Total PSS of processes (shared pages split among their mappers, so counted once)."""
     total = 0

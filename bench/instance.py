@@ -38,6 +38,7 @@ def main() -> int:
         drop_from_page_cache(args.adapter)
     import torch
 
+    from bench.models import prompt_of
     from runtime.engine import LoraEngine
 
     torch.set_num_threads(1)
@@ -48,7 +49,7 @@ def main() -> int:
     for line in sys.stdin:
         event = json.loads(line)
         engine.meter.reset()
-        prompt = " ".join(["order"] * int(event["prompt_tokens"]))
+        prompt = prompt_of(int(event["prompt_tokens"]))
         result = engine.generate(prompt, max_new_tokens=int(event["output_tokens"]),
                                  temperature=0.0, top_p=1.0, seed=None)
         print(json.dumps({"first_token_at": engine.meter.first_token_at,

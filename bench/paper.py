@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import msgpack
 import nats
 
-from bench.accounting import MemoryTrace, latency_summary, pss_bytes, slo_attainment
-from bench.sharing import build_model, tree, write_functions
+from bench.accounting import MemoryTrace, latency_summary, process_tree, pss_bytes, slo_attainment
+from bench.models import build_model, write_functions
 from bench.workloads import (
     WORKLOADS,
     Request,
@@ -107,7 +107,9 @@ class Ours(_ThroughNats):
         await self.connect(await asyncio.to_thread(self.node.start))
 
     def held_bytes(self) -> int:
-        return pss_bytes(tree(self.node.proc.pid)) if self.node.proc else 0
+        if self.node.proc is None:
+            return 0
+        return pss_bytes(process_tree(self.node.proc.pid, skip=b"nats-server"))
 
     async def stop(self) -> None:
         await self.disconnect()

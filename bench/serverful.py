@@ -25,6 +25,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
+from bench.models import prompt_of
 from faas import protocol
 from faas.protocol import Encoding, Metrics
 from runtime.engine import quiet_transformers
@@ -100,7 +101,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     async def on_request(msg) -> None:
         event = msgpack.unpackb(msg.data, raw=False)
-        prompt = " ".join(["order"] * int(event["prompt_tokens"]))
+        prompt = prompt_of(int(event["prompt_tokens"]))
         server.queue.put_nowait(Pending(msg, protocol.function_from_subject(msg.subject), prompt,
                                         int(event.get("output_tokens", 1)), time.monotonic()))
 

@@ -29,13 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench.accounting import pss_bytes
+from bench.accounting import process_tree, pss_bytes
+from bench.models import PROMPT, build_model, write_functions
 from faas import Client
 from faas.bundled import faas_home
 from faas.localnode import LocalNode
 
 MIB = 1024 * 1024
-PROMPT = "Customer: my order arrived damaged, what can I do?\nAgent:"
 _COPY_CHILD = """
 import json, sys, time
 import torch
@@ -49,81 +49,6 @@ engine.generate({prompt!r}, max_new_tokens=1, temperature=0.0, top_p=1.0, seed=N
 print(json.dumps({{"ttft_ms": (engine.meter.first_token_at - spawned_at) * 1000}}), flush=True)
 sys.stdin.read()
 """.format(prompt=PROMPT)
-
-
-def build_model(root: Path, n_adapters: int) -> Path:
-    """The bench backbone and `n_adapters` adapters under root (kept across runs)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from runtime.engine import quiet_transformers
-    from runtime.modelzoo import build_tokenizer
-
-    model_dir = root / "m200"
-    stamp = model_dir / f".adapters-{n_adapters}"
-    if stamp.exists():
-        return model_dir
-    quiet_transformers()
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                         num_attention_heads=16, num_key_value_heads=8,
-                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         max_position_embeddings=1024)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
-    base.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "v_proj"]))
-    for i in range(n_adapters):
-        torch.manual_seed(100 + i)
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                torch.nn.init.normal_(param, std=0.02)
-        peft_model.save_pretrained(model_dir / "adapters" / f"a{i}")
-    for path in model_dir.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    stamp.touch()
-    return model_dir
-
-
-def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
-    """One function file per name, function i on adapter a<i>. An event carries either a
-    `prompt`, or `prompt_tokens` (a prompt of about that many tokens is made) and
-    `output_tokens` (default 1)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names):
-        (folder / f"{name}.py").write_text(
-            "from faas import function\n"
-            f"@function(name={name!r}, backbone={str(model_dir)!r}, "
-            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300, max_queue=1024)\n"
-            "def handler(event, ctx):\n"
-            "    prompt = event.get('prompt') or ' '.join(['order'] * int(event['prompt_tokens']))\n"
-            "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)))\n"
-            "    return {'tokens': len(r.token_ids)}\n")
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its live descendants, without nats-server."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"nats-server" not in cmd:
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    found, todo = [pid], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
@@ -141,7 +66,7 @@ async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
                 ttfts.append(result.metrics["ttft_ms"])
                 if i + 1 in counts:
                     await asyncio.sleep(0.5)
-                    points.append({"functions": i + 1, "pss_bytes": pss_bytes(tree(node.proc.pid))})
+                    points.append({"functions": i + 1, "pss_bytes": pss_bytes(process_tree(node.proc.pid, skip=b"nats-server"))})
                     print(f"shared  {i + 1:>3} functions: {points[-1]['pss_bytes'] / MIB:8.0f} MiB")
     finally:
         node.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,7 +15,7 @@ from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime import frames
 from runtime.isolation import Isolation
-from runtime.procs import die_with_parent
+from runtime.procs import start_node_child
 
 log = get_logger()
 
@@ -94,7 +93,8 @@ class BackboneRegistry:
 
     def state(self) -> list[dict[str, Any]]:
         return [{"model": b.model, "device": b.device, "backend": b.backend, "users": b.users,
-                 "bytes": b.manifest.get("bytes", 0)} for b in self._live.values()]
+                 "bytes": b.manifest.get("bytes", 0), "load_ms": round(b.load_ms, 1)}
+                for b in self._live.values()]
 
     async def acquire(self, model: str) -> Backbone:
         """The backbone of `model`, started if needed; the caller must `release` it."""
@@ -155,16 +155,7 @@ class BackboneRegistry:
 
     async def _start(self, model: str) -> Backbone:
         started = time.monotonic()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "runtime.backbone", "--fd", str(theirs.fileno()),
-                "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                env=dict(os.environ, OMP_NUM_THREADS=str(self.threads)),
-                preexec_fn=die_with_parent, start_new_session=True, cwd="/")
-        finally:
-            theirs.close()
+        proc, ours = await start_node_child("runtime.backbone", self.threads)
         try:
             request = {"type": "load", "model": model, "device": self.device,
                        "threads": self.threads, "isolation": self.isolation.to_dict()}

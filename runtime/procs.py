@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import os
 import signal
@@ -24,6 +25,42 @@ def die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+# What the node's children inherit of its environment: nothing else, so a credential or
+# secret the node was started with never reaches a loader or function code.
+_ENV_ALLOWED = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "FAAS_HOME", "FAAS_LOG_LEVEL",
+                "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
+_ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NVIDIA_")
+
+
+def child_environment(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES)}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+async def start_node_child(module: str, threads: int
+                           ) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """Start `python -m module` for `run_node_child`, with one end of a socketpair (the other
+    is returned), the allowed environment, cwd `/` (no working folder in its sys.path), its
+    own session (a terminal's Ctrl-C reaches only the node, which drains in order) and
+    death with the node."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
+            pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(), env=child_environment(threads),
+            preexec_fn=die_with_parent, start_new_session=True, cwd="/")
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
 
 
 def run_node_child(prog: str, serve: Callable[[socket.socket], int]) -> int:

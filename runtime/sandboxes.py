@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,7 +15,7 @@ from faas.logs import get_logger
 from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
-from runtime.procs import die_with_parent
+from runtime.procs import start_node_child
 
 
 class SandboxDied(HandlerError):
@@ -140,21 +139,6 @@ class Sandbox:
         self.discard()
 
 
-# What sandboxes inherit of the node's environment: nothing else, so a credential or
-# secret the node was started with never reaches function code.
-_ENV_ALLOWED = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "FAAS_HOME", "FAAS_LOG_LEVEL",
-                "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
-_ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NVIDIA_")
-
-
-def sandbox_environment(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES)}
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 class ForkedProcess:
     """A sandbox process forked by the zygote: not our child, so its exit is reported by
     the zygote (`exited` frames) and it is signalled by pid (the zygote reaps it only after
@@ -217,17 +201,7 @@ class Zygote:
         started = time.monotonic()
         writer: asyncio.StreamWriter | None = None
         try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "runtime.zygote", "--fd", str(theirs.fileno()),
-                    "--parent", str(os.getpid()), pass_fds=(theirs.fileno(),),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                    env=sandbox_environment(self.threads), preexec_fn=die_with_parent, cwd="/",
-                    # Own session: a terminal's Ctrl-C reaches the node, which drains in order.
-                    start_new_session=True)
-            finally:
-                theirs.close()
+            self._proc, ours = await start_node_child("runtime.zygote", self.threads)
             # A twin of our end for sendmsg with descriptors (asyncio's transport cannot
             # attach them); it shares asyncio's O_NONBLOCK, fine for the small fork frames.
             self._send = socket.socket(fileno=os.dup(ours.fileno()))

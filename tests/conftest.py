@@ -11,6 +11,8 @@ from pathlib import Path
 import nats
 import pytest
 
+from bench.accounting import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "functions"
 TEST_FUNCTIONS = ROOT / "tests" / "functions"
@@ -73,19 +75,7 @@ async def nc(node):
 def zygote_family() -> list[tuple[int, int, int]]:
     """(pid, ppid, real uid) of every zygote and sandbox process on the host (sandboxes are
     forked from the zygote and carry its command line)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        if b"runtime.zygote" in cmdline:
-            found.append((int(entry.name), int(fields["PPid"]), int(fields["Uid"].split()[0])))
-    return found
+    return [(p.pid, p.ppid, p.uid) for p in processes() if b"runtime.zygote" in p.cmdline]
 
 
 def zygote_pid(node_pid: int) -> int:

@@ -11,29 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from bench.accounting import process_tree
 from faas import Client
 from faas.localnode import LocalNode
 from tests.conftest import EXAMPLES, TEST_FUNCTIONS
 
 
 def descendants(pid: int) -> set[int]:
-    """All live descendants of pid, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+    return set(process_tree(pid)) - {pid}
 
 
 def alive(pid: int) -> bool:

@@ -73,6 +73,15 @@ def backbone_mappings(pid: int) -> list[dict[str, int]]:
     return entries
 
 
+def mappings_by_backbone(pids: list[int]) -> dict[int, dict[int, list[dict[str, int]]]]:
+    """Backbone file inode -> pid -> that process's smaps entries of it."""
+    by_inode: dict[int, dict[int, list[dict[str, int]]]] = {}
+    for pid in pids:
+        for entry in backbone_mappings(pid):
+            by_inode.setdefault(entry["inode"], {}).setdefault(pid, []).append(entry)
+    return by_inode
+
+
 async def test_lora_sandboxes_map_one_shared_read_only_backbone(client):
     for name, event in [("support", {"message": "hi"}), ("summarize", {"text": "t"}),
                         ("sql", {"question": "q"})]:
@@ -80,10 +89,7 @@ async def test_lora_sandboxes_map_one_shared_read_only_backbone(client):
     (listing,) = await client.nodes()
     (llama,) = [b for b in listing["backbones"] if b["model"] == model_path()]
     assert llama["users"] >= 3 and llama["backend"] == "cpu-shm"
-    by_inode: dict[int, dict[int, list[dict[str, int]]]] = {}
-    for pid, _, _ in zygote_family():
-        for entry in backbone_mappings(pid):
-            by_inode.setdefault(entry["inode"], {}).setdefault(pid, []).append(entry)
+    by_inode = mappings_by_backbone([pid for pid, _, _ in zygote_family()])
     mapped = max(by_inode.values(), key=len)  # the Llama backbone: most sandboxes map it
     assert len(mapped) >= 3
     for pid, entries in mapped.items():
@@ -123,7 +129,7 @@ async def test_a_function_cannot_reach_beyond_its_sandbox(client, node):
 async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faas_home, tmp_path):
     """The issue's scale: a ~190M-parameter Llama (bf16) and 4 LoRA functions on one node;
     every sandbox maps the same backbone, shared, with almost nothing private."""
-    from bench.sharing import PROMPT, build_model, write_functions
+    from bench.models import PROMPT, build_model, write_functions
 
     model_dir = build_model(faas_home / "bench-models", 4)
     functions = tmp_path / "functions"
@@ -137,11 +143,9 @@ async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faa
         async with Client(node.url) as client:
             for i in range(4):
                 await client.invoke(f"fn{i}", {"prompt": PROMPT}, timeout_s=300)
-        by_inode: dict[int, dict[int, list[dict[str, int]]]] = {}
-        for pid, _, uid in zygote_family():
-            if 66000 <= uid <= 66999:  # this node's sandboxes, not the session node's
-                for entry in backbone_mappings(pid):
-                    by_inode.setdefault(entry["inode"], {}).setdefault(pid, []).append(entry)
+        # This node's sandboxes (by their uids), not the session node's.
+        by_inode = mappings_by_backbone([pid for pid, _, uid in zygote_family()
+                                         if 66000 <= uid <= 66999])
         (mapped,) = by_inode.values()
         assert len(mapped) == 4
         backbone_kb = (model_dir / "model.safetensors").stat().st_size // 1024

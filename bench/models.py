@@ -1,0 +1,71 @@
+"""The benchmarks' model and functions: a ~190M-parameter Llama (hidden 1024, 16 layers,
+16 heads / 8 KV) in bf16 with one LoRA adapter per function, built offline from fixed seeds,
+and function files that serve it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROMPT = "Customer: my order arrived damaged, what can I do?\nAgent:"
+# About one token of the bundled tokenizer: n of these make a prompt of about n tokens.
+PROMPT_WORD = "order "
+
+
+def prompt_of(tokens: int) -> str:
+    return PROMPT_WORD * tokens
+
+
+def build_model(root: Path, n_adapters: int) -> Path:
+    """The bench backbone and `n_adapters` adapters under root (kept across runs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from runtime.engine import quiet_transformers
+    from runtime.modelzoo import build_tokenizer
+
+    model_dir = root / "m200"
+    # Complete when the last files each step writes are there (a build is deterministic).
+    if (model_dir / "model.safetensors").exists() and all(
+            (model_dir / "adapters" / f"a{i}" / "adapter_model.safetensors").exists()
+            for i in range(n_adapters)):
+        return model_dir
+    quiet_transformers()
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=8,
+                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         max_position_embeddings=1024)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "v_proj"]))
+    for i in range(n_adapters):
+        torch.manual_seed(100 + i)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        peft_model.save_pretrained(model_dir / "adapters" / f"a{i}")
+    for path in model_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return model_dir
+
+
+def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
+    """One function file per name, function i on adapter a<i>. An event carries either a
+    `prompt`, or `prompt_tokens` (a prompt of about that many tokens is made) and
+    `output_tokens` (default 1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / f"{name}.py").write_text(
+            "from faas import function\n"
+            f"@function(name={name!r}, backbone={str(model_dir)!r}, "
+            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300, max_queue=1024)\n"
+            "def handler(event, ctx):\n"
+            f"    prompt = event.get('prompt') or {PROMPT_WORD!r} * int(event['prompt_tokens'])\n"
+            "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)))\n"
+            "    return {'tokens': len(r.token_ids)}\n")
