@@ -64,7 +64,8 @@ def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
         (folder / f"{name}.py").write_text(
             "from faas import function\n"
             f"@function(name={name!r}, backbone={str(model_dir)!r}, "
-            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300, max_queue=1024)\n"
+            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300, max_queue=1024, "
+            "max_instances=8)\n"
             "def handler(event, ctx):\n"
             f"    prompt = event.get('prompt') or {PROMPT_WORD!r} * int(event['prompt_tokens'])\n"
             "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)))\n"

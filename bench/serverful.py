@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ import nats
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.streamers import BaseStreamer
 
+from bench.frontdoor import answer, open_front_door
 from bench.models import prompt_of
 from faas import protocol
-from faas.protocol import Encoding, Metrics
-from runtime.engine import quiet_transformers
+from runtime.engine import FirstTokenClock, UsageMeter, quiet_transformers
 
 
 @dataclass
@@ -38,20 +36,6 @@ class Pending:
     prompt: str
     output_tokens: int
     received: float
-
-
-class _FirstToken(BaseStreamer):
-    def __init__(self) -> None:
-        self.calls = 0
-        self.at: float | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls == 2 and self.at is None:  # the first call carries the prompt
-            self.at = time.monotonic()
-
-    def end(self) -> None:
-        pass
 
 
 class Server:
@@ -70,26 +54,27 @@ class Server:
     @torch.inference_mode()
     def run_batch(self, batch: list[Pending]) -> tuple[list[list[int]], float | None]:
         inputs = self.tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
-        clock = _FirstToken()
+        meter = UsageMeter()
         out = self.model.generate(**inputs, adapter_names=[p.function for p in batch],
                                   max_new_tokens=max(p.output_tokens for p in batch),
                                   do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                  streamer=clock)
+                                  streamer=FirstTokenClock(meter))
         width = inputs["input_ids"].shape[1]
-        return [out[i, width:width + p.output_tokens].tolist() for i, p in enumerate(batch)], clock.at
+        return [out[i, width:width + p.output_tokens].tolist() for i, p in enumerate(batch)], meter.first_token_at
 
     async def serve(self, nc: nats.NATS) -> None:
         while True:
             batch = [await self.queue.get()]
             while len(batch) < self.max_batch and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            token_ids, first_at = await asyncio.to_thread(self.run_batch, batch)
-            for pending, ids in zip(batch, token_ids):
-                metrics = Metrics(request_id=protocol.new_request_id(), node="serverful",
-                                  ttft_ms=(first_at - pending.received) * 1000 if first_at else None,
-                                  total_ms=(time.monotonic() - pending.received) * 1000,
-                                  tokens_out=len(ids))
-                body, headers = protocol.ok_reply({"tokens": len(ids)}, metrics, Encoding.MSGPACK)
+            try:
+                token_ids, first_at = await asyncio.to_thread(self.run_batch, batch)
+                outcomes: list[dict | BaseException] = [
+                    {"first_token_at": first_at, "tokens": len(ids)} for ids in token_ids]
+            except Exception as exc:  # one bad batch fails its requests, not the server
+                outcomes = [exc] * len(batch)
+            for pending, outcome in zip(batch, outcomes):
+                body, headers = answer("serverful", pending.received, outcome)
                 await nc.publish(pending.msg.reply, body, headers=headers)  # type: ignore[attr-defined]
 
 
@@ -97,7 +82,6 @@ async def main_async(args: argparse.Namespace) -> None:
     names = args.functions.split(",")
     adapters = {name: f"{args.model}/adapters/a{i}" for i, name in enumerate(names)}
     server = Server(args.model, adapters, args.max_batch)
-    nc = await nats.connect(args.nats, **json.loads(sys.stdin.readline()))
 
     async def on_request(msg) -> None:
         event = msgpack.unpackb(msg.data, raw=False)
@@ -105,10 +89,7 @@ async def main_async(args: argparse.Namespace) -> None:
         server.queue.put_nowait(Pending(msg, protocol.function_from_subject(msg.subject), prompt,
                                         int(event.get("output_tokens", 1)), time.monotonic()))
 
-    await nc.subscribe(protocol.INVOKE_WILDCARD, cb=on_request)
-    await nc.flush()
-    print("ready", flush=True)
-    await server.serve(nc)
+    await server.serve(await open_front_door(args.nats, on_request))
 
 
 def main() -> int:

@@ -51,7 +51,7 @@ class WorkloadSpec:
     workload: str = "trace"
     functions: int = 12
     duration_s: float = 180.0
-    rate_rps: float = 1.0  # average requests per second over the run
+    rate_rps: float = 0.5  # average requests per second over the run
     seed: int = 1
     zipf_s: float = 1.1
     max_prompt_tokens: int = 256

@@ -33,6 +33,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, device=args.device,
         backbone_keep_alive_s=args.backbone_keep_alive_s,
+        sandbox_keep_alive_s=args.sandbox_keep_alive_s,
         sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
 
 
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
     up.add_argument("--backbone-keep-alive-s", type=float, default=300.0,
                     help="how long an unused backbone stays loaded")
+    up.add_argument("--sandbox-keep-alive-s", type=float, default=600.0,
+                    help="how long an idle sandbox is kept for its function's next request")
     up.add_argument("--sandbox-uids", default="61000-61999", metavar="FIRST-LAST|off",
                     help="when run as root: one unprivileged uid per function from this range")
     up.add_argument("--no-network-isolation", action="store_true",

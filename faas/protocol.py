@@ -148,6 +148,9 @@ class Metrics:
     total_ms: float = 0.0
     tokens_in: int = 0
     tokens_out: int = 0
+    # What the request found: "loaded" (a warm instance was free) or "cold" (it waited for
+    # one to start). The pre-loading issue adds the levels in between.
+    level: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

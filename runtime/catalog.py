@@ -25,8 +25,8 @@ from typing import Any
 
 from faas.bundled import faas_home
 from faas.errors import FaasError
-from faas.protocol import valid_function_name
 from faas.logs import get_logger
+from faas.protocol import valid_function_name
 from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
 from runtime.procs import die_with_parent

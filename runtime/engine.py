@@ -40,8 +40,9 @@ class UsageMeter:
         self.first_token_at = None
 
 
-class _FirstTokenClock(BaseStreamer):
-    """`generate` calls put() with the prompt first, then with each new token."""
+class FirstTokenClock(BaseStreamer):
+    """Stamps `meter.first_token_at` when `generate` produces its first token (it calls
+    put() with the prompt first, then with each new token)."""
 
     def __init__(self, meter: UsageMeter) -> None:
         self._meter = meter
@@ -116,7 +117,7 @@ class LoraEngine:
             if seed is not None:
                 torch.manual_seed(seed)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self._pad_id, streamer=_FirstTokenClock(self.meter),
+                                  pad_token_id=self._pad_id, streamer=FirstTokenClock(self.meter),
                                   **sampling)
         new_ids = out[0, n_prompt:].tolist()
         eos = self.tokenizer.eos_token_id

@@ -147,7 +147,8 @@ class Node:
             ttft_ms = round((result.first_token_at - received) * 1000, 3)
         metrics = Metrics(request_id=request_id, node=self.node_id,
                           queue_ms=round((served.leased_at - received) * 1000, 3),
-                          ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out)
+                          ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out,
+                          level=served.level)
         metrics.total_ms = round((time.monotonic() - received) * 1000, 3)
         try:
             body, headers = protocol.ok_reply(result.output, metrics, encoding)
@@ -162,7 +163,7 @@ class Node:
             await self._reply_error(msg, err, encoding, request_id, log)
             return
         await self._publish(msg.reply, body, headers, log)
-        log.info("invoked", start=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
+        log.info("invoked", level=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,

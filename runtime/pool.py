@@ -4,7 +4,8 @@ Sandboxes are leased to one function only and never reused for another. A reques
 for an idle sandbox of its function; when none is idle and fewer than `max_instances`
 exist, the pool starts one (the cold start) in a task it owns, so a caller that gives up
 does not waste a half-finished start. A sandbox that dies, or that is killed because a
-request ran past its budget, is dropped and the next request starts a fresh one.
+request ran past its budget, is dropped and the next request starts a fresh one. An idle
+sandbox is stopped after the keep-alive.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class FunctionPool:
         self.isolation = isolation
         self._backbones = backbones
         self._idle: list[Sandbox] = []
+        self._expiry: dict[Sandbox, asyncio.TimerHandle] = {}
         self._busy: set[Sandbox] = set()
         self._starting = 0
         self._waiting = 0
@@ -56,6 +58,7 @@ class FunctionPool:
         self._last_failure: FaasError | None = None
         self._cond = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()  # expired sandboxes; close() waits for them
         self._closed = False
         self.log = get_logger(fn=self.name)
 
@@ -122,6 +125,7 @@ class FunctionPool:
             while True:
                 while self._idle:
                     sandbox = self._idle.pop()
+                    self._expiry.pop(sandbox).cancel()
                     if sandbox.alive:
                         self._busy.add(sandbox)
                         return sandbox, level
@@ -160,7 +164,7 @@ class FunctionPool:
                 self._failures += 1
                 self._last_failure = failure
             elif not self._closed:
-                self._idle.append(sandbox)
+                self._park(sandbox)
             self._cond.notify_all()
         if sandbox is not None and self._closed:  # started after close(): nobody will lease it
             await sandbox.stop(self._config.stop_grace_s)
@@ -190,11 +194,26 @@ class FunctionPool:
         backbone.on_corrupt.add(kill)
         return sandbox
 
+    def _park(self, sandbox: Sandbox) -> None:
+        """Make a sandbox leasable, and stop it if nobody leases it within the keep-alive."""
+        self._idle.append(sandbox)
+        self._expiry[sandbox] = asyncio.get_running_loop().call_later(
+            self._config.keep_alive_s, self._expire, sandbox)
+
+    def _expire(self, sandbox: Sandbox) -> None:
+        self._idle.remove(sandbox)
+        del self._expiry[sandbox]
+        self.log.info("sandbox_expired", pid=sandbox.proc.pid, keep_alive_s=self._config.keep_alive_s)
+        task = asyncio.create_task(sandbox.stop(self._config.stop_grace_s))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
     def _exited(self, sandbox: Sandbox, code: int) -> None:
         """A sandbox process ended. An idle one is dropped at once (its backbone use with
         it); a busy one is handled by the request it was serving."""
         if sandbox in self._idle:
             self._idle.remove(sandbox)
+            self._expiry.pop(sandbox).cancel()
             sandbox.discard()
             self.log.warning("sandbox_exited_idle", pid=sandbox.proc.pid, code=code)
 
@@ -203,7 +222,7 @@ class FunctionPool:
             self._busy.discard(sandbox)
             keep = sandbox.alive and not self._closed
             if keep:
-                self._idle.append(sandbox)
+                self._park(sandbox)
             self._cond.notify_all()
         if not keep:
             await sandbox.stop(self._config.stop_grace_s)
@@ -214,8 +233,11 @@ class FunctionPool:
         async with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            for handle in self._expiry.values():
+                handle.cancel()
+            self._expiry.clear()
             self._cond.notify_all()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(s.stop(self._config.stop_grace_s) for s in idle))
+        await asyncio.gather(*(s.stop(self._config.stop_grace_s) for s in idle), *self._stopping)

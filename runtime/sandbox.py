@@ -15,8 +15,8 @@ import socket
 import time
 from typing import Any, Callable
 
-from faas.logs import get_logger
 from faas.errors import SpecError
+from faas.logs import get_logger
 from faas.sdk import Context, FunctionSpec
 from runtime import frames
 from runtime.loader import find_spec

@@ -24,11 +24,13 @@ class SandboxDied(HandlerError):
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """How sandboxes are started. `threads` is torch's intra-op thread count per sandbox,
-    kept low so several sandboxes do not oversubscribe the cores."""
+    """How sandboxes are started and kept. `threads` is torch's intra-op thread count per
+    sandbox, kept low so several sandboxes do not oversubscribe the cores; an idle sandbox
+    is stopped `keep_alive_s` after its last request (scale to zero)."""
 
     threads: int = 1
     stop_grace_s: float = 2.0
+    keep_alive_s: float = 600.0
 
 
 @dataclass

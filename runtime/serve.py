@@ -36,6 +36,7 @@ class UpOptions:
     bundled_models: bool = True
     device: str = "auto"
     backbone_keep_alive_s: float = 300.0
+    sandbox_keep_alive_s: float = 600.0
     # When the node runs as root: discovery runs as the first uid, function i (by sorted
     # name) as first + 1 + i. None: sandboxes keep the node's uid.
     sandbox_uids: tuple[int, int] | None = (61000, 61999)
@@ -100,7 +101,8 @@ async def up(options: UpOptions) -> int:
         log.info("protections", **catalog.protections,
                  nats=("embedded server: node credentials; clients without credentials may "
                        "only invoke and publish events") if server else "external server")
-        config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads),
+        config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads,
+                                                      keep_alive_s=options.sandbox_keep_alive_s),
                             loader_isolation=catalog.loader_isolation,
                             device=detect_device(options.device),
                             backbone_keep_alive_s=options.backbone_keep_alive_s)

@@ -58,16 +58,20 @@ async def test_a_tiny_replay_is_timed_and_billed():
 
         async def invoke(self, request: Request) -> dict:
             self.sent.append(time.monotonic())
-            return {"ttft_ms": 100.0 if request.function == "fast" else 4000.0}
+            return {"ttft_ms": 100.0 if request.function == "fast" else 4000.0,
+                    "level": "cold" if len(self.sent) == 1 else "loaded"}
 
     mode = Constant()
     requests = [Request(0.0, "fast", 8, 4), Request(0.3, "slow", 8, 4), Request(0.6, "fast", 8, 4)]
     outcomes, memory, duration = await replay(mode, requests, sample_every_s=0.1)
     gaps = [b - a for a, b in zip(mode.sent, mode.sent[1:])]
     assert gaps == pytest.approx([0.3, 0.3], abs=0.05)
-    result = summarize(outcomes, memory, duration, "serverless", slo_ms=2500, price_per_gib_s=0.5)
+    result = summarize(outcomes, memory, duration, "serverless", slo_ms=2500, price_per_gib_s=0.5,
+                       capacity_gib=16)
     assert result["slo_attainment"] == pytest.approx(2 / 3)
+    assert result["cold_starts"] == 1 and not result["over_capacity"]
     assert result["memory_gib_s"] == pytest.approx(2 * duration, rel=0.05)
     assert result["cost"] == pytest.approx(result["memory_gib_s"] * 0.5)
-    serverful = summarize(outcomes, memory, duration, "serverful", 2500, 0.5)
+    serverful = summarize(outcomes, memory, duration, "serverful", 2500, 0.5, capacity_gib=1.5)
     assert serverful["cost"] == pytest.approx(2 * duration * 0.5)
+    assert serverful["over_capacity"]  # held 2 GiB of a 1.5 GiB machine: flagged

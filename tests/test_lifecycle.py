@@ -39,15 +39,38 @@ def wait_all_gone(pids: set[int], timeout_s: float = 10.0) -> set[int]:
     return {p for p in pids if alive(p)}
 
 
-@pytest.fixture
-def own_node(models, faas_home, tmp_path):
+def second_node(tmp_path: Path, *options: str) -> LocalNode:
     with open(tmp_path / "node.log", "ab") as log:
         # A second node on this host: it needs a uid range of its own (the first one is locked).
         node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats",
-                         extra_args=("--sandbox-uids", "62000-62999"))
+                         extra_args=("--sandbox-uids", "62000-62999", *options))
         node.start()
+    return node
+
+
+@pytest.fixture
+def own_node(models, faas_home, tmp_path):
+    node = second_node(tmp_path)
     yield node
     node.stop()
+
+
+async def test_idle_sandbox_stops_after_keep_alive_and_next_request_is_cold(models, faas_home,
+                                                                            tmp_path):
+    node = second_node(tmp_path, "--sandbox-keep-alive-s", "1")
+    try:
+        async with Client(node.url) as client:
+            assert (await client.invoke("echo", {})).metrics["level"] == "cold"
+            assert (await client.invoke("echo", {})).metrics["level"] == "loaded"
+            sandboxes = descendants(node.proc.pid)
+            await asyncio.sleep(2.5)
+            [listing] = await client.nodes()
+            echo = next(f for f in listing["functions"] if f["name"] == "echo")
+            assert (echo["idle"], echo["busy"]) == (0, 0)
+            assert (await client.invoke("echo", {})).metrics["level"] == "cold"
+        assert len(sandboxes - descendants(node.proc.pid)) >= 1  # the expired one is gone
+    finally:
+        node.stop()
 
 
 async def test_sigkill_of_node_leaves_no_process(own_node):

@@ -13,8 +13,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from faas import Client, HandlerError, SpecError, function
-from faas.localnode import LocalNode
 from faas.bundled import TINY_LLAMA, TINY_QWEN2, adapter_path, model_path
+from faas.localnode import LocalNode
 from runtime.skeleton import bind_shared
 from runtime.weights import CpuSharedFile
 from tests.conftest import sandbox_host_pids, zygote_family, zygote_pid

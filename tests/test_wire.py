@@ -13,8 +13,8 @@ import nats
 import pytest
 
 from faas import DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
-from tests.conftest import sandbox_host_pids, zygote_pid
 from faas.protocol import HDR_ERROR, HDR_ERROR_CODE, HDR_REQUEST_ID, HDR_TIMEOUT_MS
+from tests.conftest import sandbox_host_pids, zygote_pid
 
 
 async def assert_still_serving(client) -> None:
@@ -36,7 +36,7 @@ async def test_json_request_from_raw_nats_gets_json(nc):
     reply = json.loads(msg.data)
     assert reply["output"] == {"echo": {"x": 1, "y": [1, 2]}, "keys": ["x", "y"]}
     assert set(reply["metrics"]) == {"request_id", "node", "queue_ms", "ttft_ms", "total_ms",
-                                     "tokens_in", "tokens_out"}
+                                     "tokens_in", "tokens_out", "level"}
     assert reply["metrics"]["ttft_ms"] is None  # a plain function never generates
 
 
