@@ -10,8 +10,7 @@ reported too so readers can re-price.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,8 +126,3 @@ def pss_bytes(pids: Iterable[int]) -> int:
         except OSError:
             continue  # it exited between listing and reading
     return total
-
-
-def sample_memory(trace: MemoryTrace, held_bytes: Callable[[], int], started: float) -> None:
-    """Record one sample now (`started` is the run's time.monotonic() origin)."""
-    trace.add(time.monotonic() - started, held_bytes())

@@ -15,6 +15,16 @@ def prompt_of(tokens: int) -> str:
     return PROMPT_WORD * tokens
 
 
+def adapter_dir(model_dir: Path, i: int) -> Path:
+    """Where the bench model's i-th adapter lives (function i of a run serves it)."""
+    return model_dir / "adapters" / f"a{i}"
+
+
+def adapters_of(model_dir: Path, names: list[str]) -> dict[str, Path]:
+    """Function name -> its adapter folder, in the order the functions are named."""
+    return {name: adapter_dir(model_dir, i) for i, name in enumerate(names)}
+
+
 def build_model(root: Path, n_adapters: int) -> Path:
     """The bench backbone and `n_adapters` adapters under root (kept across runs)."""
     import torch
@@ -27,7 +37,7 @@ def build_model(root: Path, n_adapters: int) -> Path:
     model_dir = root / "m200"
     # Complete when the last files each step writes are there (a build is deterministic).
     if (model_dir / "model.safetensors").exists() and all(
-            (model_dir / "adapters" / f"a{i}" / "adapter_model.safetensors").exists()
+            (adapter_dir(model_dir, i) / "adapter_model.safetensors").exists()
             for i in range(n_adapters)):
         return model_dir
     quiet_transformers()
@@ -49,7 +59,7 @@ def build_model(root: Path, n_adapters: int) -> Path:
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 torch.nn.init.normal_(param, std=0.02)
-        peft_model.save_pretrained(model_dir / "adapters" / f"a{i}")
+        peft_model.save_pretrained(adapter_dir(model_dir, i))
     for path in model_dir.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
     return model_dir
@@ -60,11 +70,11 @@ def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
     `prompt`, or `prompt_tokens` (a prompt of about that many tokens is made) and
     `output_tokens` (default 1)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names):
+    for name, adapter in adapters_of(model_dir, names).items():
         (folder / f"{name}.py").write_text(
             "from faas import function\n"
             f"@function(name={name!r}, backbone={str(model_dir)!r}, "
-            f"adapter={str(model_dir / 'adapters' / f'a{i}')!r}, timeout_s=300, max_queue=1024, "
+            f"adapter={str(adapter)!r}, timeout_s=300, max_queue=1024, "
             "max_instances=8)\n"
             "def handler(event, ctx):\n"
             f"    prompt = event.get('prompt') or {PROMPT_WORD!r} * int(event['prompt_tokens'])\n"

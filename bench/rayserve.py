@@ -39,7 +39,8 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from bench.frontdoor import answer, open_front_door  # noqa: E402
-from faas import protocol  # noqa: E402
+from bench.models import adapters_of  # noqa: E402
+from faas import FunctionNotFound, protocol  # noqa: E402
 
 # Measured here (PLATFORM.md): Ray's head processes hold ~0.66 GiB with no replica, and a
 # replica ~0.45 GiB besides its model.
@@ -61,11 +62,14 @@ class LoraReplica:
         self.adapters = adapters
         self.lock = asyncio.Lock()  # one model: loading and generating take turns
         self.served = 0  # a replica's first request waited for it to start: a cold start
+        self.fresh: set[str] = set()  # adapters loaded for a request not yet answered
 
+    # Every function's adapter may stay (they are a few MB each): no eviction churn.
     @serve.multiplexed(max_num_models_per_replica=1024)
     async def get_adapter(self, function: str) -> str:
         async with self.lock:
             await asyncio.to_thread(self._load_adapter, function)
+            self.fresh.add(function)
         return function
 
     def _load_adapter(self, function: str) -> None:
@@ -85,8 +89,12 @@ class LoraReplica:
         result = self.engine.generate(prompt_of(prompt_tokens), max_new_tokens=output_tokens,
                                       temperature=0.0, top_p=1.0, seed=None)
         self.served += 1
+        # The levels of a faas reply: a new replica is a cold start; an adapter loaded onto a
+        # warm replica (backbone in place) is "attached".
+        level = "cold" if self.served == 1 else "attached" if function in self.fresh else "loaded"
+        self.fresh.discard(function)
         return {"first_token_at": self.engine.meter.first_token_at, "tokens": len(result.token_ids),
-                "level": "cold" if self.served == 1 else "loaded"}
+                "level": level}
 
     async def __call__(self, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
         function = await self.get_adapter(serve.get_multiplexed_model_id())
@@ -102,7 +110,7 @@ def max_replicas(capacity_gib: float, model_dir: Path) -> int:
 
 async def main_async(args: argparse.Namespace) -> None:
     names = args.functions.split(",")
-    adapters = {name: str(args.model / "adapters" / f"a{i}") for i, name in enumerate(names)}
+    adapters = {name: str(path) for name, path in adapters_of(args.model, names).items()}
     replicas = max_replicas(args.capacity_gib, args.model)
     ray.init(num_cpus=args.cpus, include_dashboard=False, _temp_dir=str(args.temp_dir),
              logging_level="ERROR", log_to_driver=False)
@@ -112,7 +120,9 @@ async def main_async(args: argparse.Namespace) -> None:
                             "target_ongoing_requests": 1, "upscale_delay_s": 0,
                             "downscale_delay_s": args.keep_alive_s, "look_back_period_s": 2,
                             "metrics_interval_s": 0.5},
-        max_ongoing_requests=2,
+        # A replica generates one request at a time: a second one would wait inside it,
+        # out of reach of the router and the autoscaler, instead of going to a free replica.
+        max_ongoing_requests=1,
         # Every replica fits the CPUs Ray is given, as sandboxes share the node's cores.
         ray_actor_options={"num_cpus": args.cpus / replicas},
     ).bind(str(args.model), adapters)
@@ -120,10 +130,13 @@ async def main_async(args: argparse.Namespace) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle_request(msg: Any, received: float) -> None:
-        event = msgpack.unpackb(msg.data, raw=False)
-        function = protocol.function_from_subject(msg.subject)
+        outcome: dict[str, Any] | BaseException
         try:
-            outcome: dict[str, Any] | BaseException = await handle.options(
+            event = msgpack.unpackb(msg.data, raw=False)
+            function = protocol.function_from_subject(msg.subject)
+            if function not in adapters:
+                raise FunctionNotFound(f"no function named {function!r}")
+            outcome = await handle.options(
                 multiplexed_model_id=function).remote(int(event["prompt_tokens"]),
                                                       int(event.get("output_tokens", 1)))
         except Exception as exc:
@@ -143,6 +156,9 @@ async def main_async(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await nc.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     serve.shutdown()
     ray.shutdown()
 

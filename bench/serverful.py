@@ -16,6 +16,7 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 import nats
@@ -24,8 +25,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.frontdoor import answer, open_front_door
-from bench.models import prompt_of
-from faas import protocol
+from bench.models import adapters_of, prompt_of
+from faas import FunctionNotFound, protocol
 from runtime.engine import FirstTokenClock, UsageMeter, quiet_transformers
 
 
@@ -80,16 +81,29 @@ class Server:
 
 async def main_async(args: argparse.Namespace) -> None:
     names = args.functions.split(",")
-    adapters = {name: f"{args.model}/adapters/a{i}" for i, name in enumerate(names)}
+    adapters = {name: str(path) for name, path in adapters_of(Path(args.model), names).items()}
     server = Server(args.model, adapters, args.max_batch)
 
-    async def on_request(msg) -> None:
-        event = msgpack.unpackb(msg.data, raw=False)
-        prompt = prompt_of(int(event["prompt_tokens"]))
-        server.queue.put_nowait(Pending(msg, protocol.function_from_subject(msg.subject), prompt,
-                                        int(event.get("output_tokens", 1)), time.monotonic()))
+    nc: nats.NATS | None = None  # set before `ready`, so before any request arrives
 
-    await server.serve(await open_front_door(args.nats, on_request))
+    async def on_request(msg) -> None:
+        received = time.monotonic()
+        try:
+            event = msgpack.unpackb(msg.data, raw=False)
+            function = protocol.function_from_subject(msg.subject)
+            if function not in adapters:
+                raise FunctionNotFound(f"no function named {function!r}")
+            pending = Pending(msg, function, prompt_of(int(event["prompt_tokens"])),
+                              int(event.get("output_tokens", 1)), received)
+        except Exception as exc:  # a bad request gets its error, the others their batch
+            body, headers = answer("serverful", received, exc)
+            assert nc is not None
+            await nc.publish(msg.reply, body, headers=headers)
+            return
+        server.queue.put_nowait(pending)
+
+    nc = await open_front_door(args.nats, on_request)
+    await server.serve(nc)
 
 
 def main() -> int:

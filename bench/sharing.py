@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.accounting import process_tree, pss_bytes
-from bench.models import PROMPT, build_model, write_functions
+from bench.models import PROMPT, adapter_dir, build_model, write_functions
 from faas import Client
 from faas.bundled import faas_home
 from faas.localnode import LocalNode
@@ -80,7 +80,7 @@ def run_copies(model_dir: Path, counts: list[int]) -> dict:
         for i in range(max(counts)):
             spawned = time.monotonic()
             proc = subprocess.Popen(
-                [sys.executable, "-c", _COPY_CHILD, str(model_dir), str(model_dir / "adapters" / f"a{i}"),
+                [sys.executable, "-c", _COPY_CHILD, str(model_dir), str(adapter_dir(model_dir, i)),
                  str(spawned)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, env=env)
             procs.append(proc)

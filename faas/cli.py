@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
     up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
-    up.add_argument("--backbone-keep-alive-s", type=float, default=300.0,
+    up.add_argument("--backbone-keep-alive-s", type=_positive_seconds, default=300.0,
                     help="how long an unused backbone stays loaded")
-    up.add_argument("--sandbox-keep-alive-s", type=float, default=600.0,
+    up.add_argument("--sandbox-keep-alive-s", type=_positive_seconds, default=600.0,
                     help="how long an idle sandbox is kept for its function's next request")
     up.add_argument("--sandbox-uids", default="61000-61999", metavar="FIRST-LAST|off",
                     help="when run as root: one unprivileged uid per function from this range")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("function")
     invoke.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
     invoke.add_argument("--nats", default=env_url)
-    invoke.add_argument("--timeout-s", type=float, default=60.0)
+    invoke.add_argument("--timeout-s", type=_positive_seconds, default=60.0)
     invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
     invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
 
@@ -159,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--functions", default="functions")
     demo.set_defaults(run=_cmd_demo)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,7 @@ class Node:
             await self._reply_error(msg, err, encoding, request_id, log)
             return
         await self._publish(msg.reply, body, headers, log)
-        log.info("invoked", level=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
+        log.info("invoked", found=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,

@@ -53,7 +53,7 @@ async def test_a_tiny_replay_is_timed_and_billed():
         def __init__(self) -> None:
             self.sent: list[float] = []
 
-        def held_bytes(self) -> int:
+        async def held_bytes(self) -> int:
             return 2 * GIB
 
         async def invoke(self, request: Request) -> dict:
