@@ -10,6 +10,7 @@ reported too so readers can re-price.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,3 +127,38 @@ def pss_bytes(pids: Iterable[int]) -> int:
         except OSError:
             continue  # it exited between listing and reading
     return total
+
+
+def _is_shared_memory_file(target: str) -> bool:
+    return target.startswith(("/memfd:", "/dev/shm/"))
+
+
+def unmapped_shared_bytes(pids: Iterable[int]) -> int:
+    """Shared-memory files (memfd, /dev/shm) that these processes keep open but none of them
+    maps: memory they hold that PSS does not see (a faas node keeps its backbone's memfd
+    open between sandboxes). Mapped ones are already in the mappers' PSS."""
+    held: dict[tuple[str, int], int] = {}  # (device "maj:min" in hex, inode) -> size
+    mapped: set[tuple[str, int]] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = f"/proc/{pid}/fd/{fd}"
+                try:
+                    if _is_shared_memory_file(os.readlink(link)):
+                        st = os.stat(link)
+                        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+                        held[(device, st.st_ino)] = st.st_size
+                except OSError:
+                    continue  # closed meanwhile
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and _is_shared_memory_file(fields[5]):
+                    mapped.add((fields[3], int(fields[4])))
+        except OSError:
+            continue  # it exited between listing and reading
+    return sum(size for key, size in held.items() if key not in mapped)
+
+
+def held_bytes(pids: list[int]) -> int:
+    """What these processes hold: their PSS plus shared memory they keep but do not map."""
+    return pss_bytes(pids) + unmapped_shared_bytes(pids)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 import nats
 
-from bench.accounting import process_tree, pss_bytes
+from bench.accounting import held_bytes, process_tree, pss_bytes
 from bench.frontdoor import answer
 from bench.models import adapters_of, write_functions
 from bench.workloads import Request
@@ -86,10 +86,10 @@ class _ThroughNats:
             await self.client.close()
 
 
-async def _pss_of_tree(pid: int | None, skip: bytes | None = None) -> int:
+async def _held_by_tree(pid: int | None, skip: bytes | None = None) -> int:
     if pid is None:
         return 0
-    return await asyncio.to_thread(lambda: pss_bytes(process_tree(pid, skip=skip)))
+    return await asyncio.to_thread(lambda: held_bytes(process_tree(pid, skip=skip)))
 
 
 class Ours(_ThroughNats):
@@ -111,7 +111,7 @@ class Ours(_ThroughNats):
         await self.connect(await asyncio.to_thread(self.node.start))
 
     async def held_bytes(self) -> int:
-        return await _pss_of_tree(self.node.proc.pid if self.node.proc else None, skip=b"nats-server")
+        return await _held_by_tree(self.node.proc.pid if self.node.proc else None, skip=b"nats-server")
 
     async def stop(self) -> None:
         await self.disconnect()
@@ -145,7 +145,7 @@ class ServingProcess(_ThroughNats):
         await self.connect(self.server.url)
 
     async def held_bytes(self) -> int:
-        return await _pss_of_tree(self.proc.pid if self.proc else None)
+        return await _held_by_tree(self.proc.pid if self.proc else None)
 
     async def stop(self) -> None:
         await self.disconnect()

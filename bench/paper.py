@@ -55,10 +55,11 @@ async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.
                  ) -> tuple[list[Outcome], MemoryTrace, float]:
     """Send each request at its time; sample the mode's memory meanwhile; show progress
     (answered requests) on stderr."""
-    memory = MemoryTrace()
-    started = time.monotonic()
     progress = tqdm(total=len(requests), desc=f"{mode.name:>10}", unit="req", leave=True,
                     file=sys.stderr, dynamic_ncols=True)
+    memory = MemoryTrace()
+    memory.add(0.0, await mode.held_bytes())
+    started = time.monotonic()
 
     async def one(request: Request) -> Outcome:
         await asyncio.sleep(max(0.0, started + request.at_s - time.monotonic()))
@@ -75,8 +76,8 @@ async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.
 
     async def sample() -> None:
         while True:
-            memory.add(time.monotonic() - started, await mode.held_bytes())
             await asyncio.sleep(sample_every_s)
+            memory.add(time.monotonic() - started, await mode.held_bytes())
 
     sampler = asyncio.create_task(sample())
     try:

@@ -75,3 +75,24 @@ async def test_a_tiny_replay_is_timed_and_billed():
     serverful = summarize(outcomes, memory, duration, "serverful", 2500, 0.5, capacity_gib=1.5)
     assert serverful["cost"] == pytest.approx(2 * duration * 0.5)
     assert serverful["over_capacity"]  # held 2 GiB of a 1.5 GiB machine: flagged
+
+
+def test_shared_memory_kept_open_but_unmapped_is_held_and_mapped_is_not_counted_twice():
+    """A node keeps its backbone's memfd open between sandboxes: PSS cannot see it then."""
+    import mmap
+
+    from bench.accounting import held_bytes, pss_bytes, unmapped_shared_bytes
+
+    me = [os.getpid()]
+    before = unmapped_shared_bytes(me)
+    fd = os.memfd_create("faas-test")
+    try:
+        os.write(fd, b"x" * (4 << 20))
+        assert unmapped_shared_bytes(me) - before == 4 << 20
+        assert held_bytes(me) - pss_bytes(me) > (4 << 20) - (1 << 20)  # PSS moves a little
+        with mmap.mmap(fd, 4 << 20, prot=mmap.PROT_READ) as view:
+            assert unmapped_shared_bytes(me) == before  # now the mapping's pages are in PSS
+            assert sum(view[i] for i in range(0, 4 << 20, 4096)) == ord("x") * 1024
+            assert pss_bytes(me) >= 4 << 20
+    finally:
+        os.close(fd)
