@@ -75,6 +75,17 @@ def test_each_cov_class_has_its_coefficient_of_variation(trace, workload, low, h
         assert low < coefficient_of_variation(times) <= high
 
 
+@pytest.mark.parametrize("workload", ["cov-predictable", "cov-normal", "cov-bursty"])
+def test_each_cov_class_keeps_the_requested_rate_from_the_first_second(trace, workload):
+    """Arrivals start in steady state: a bursty function does not open every run with a
+    burst, so a short run gets the rate asked for (on average over seeds) too."""
+    short = [len(generate(WorkloadSpec(workload=workload, duration_s=180, rate_rps=0.5, seed=s),
+                          trace)) for s in range(1, 201)]
+    assert sum(short) / len(short) == pytest.approx(90, rel=0.15)
+    long = generate(WorkloadSpec(workload=workload, duration_s=20000, rate_rps=0.5), trace)
+    assert len(long) == pytest.approx(10000, rel=0.2)
+
+
 def test_burst_is_quiet_then_every_function_at_once(trace):
     spec = WorkloadSpec(workload="burst", functions=8, duration_s=100, rate_rps=1.0)
     requests = generate(spec, trace)
