@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 import nats
 
-from bench.accounting import held_bytes, process_tree, pss_bytes
+from bench.accounting import GIB, held_bytes, process_tree, pss_bytes
 from bench.frontdoor import answer
 from bench.models import adapters_of, write_functions
 from bench.workloads import Request
@@ -230,7 +230,7 @@ class ClassicServerless(_ThroughNats):
         self.tasks: set[asyncio.Task[None]] = set()
         self.staged_dir: Path | None = None
         self.staged_bytes = 0
-        self.capacity_bytes = int(config.capacity_gib * 2**30)
+        self.capacity_bytes = int(config.capacity_gib * GIB)
         # Until one is measured: the checkpoint plus what a Python process with torch holds.
         self.instance_bytes = sum(p.stat().st_size for p in config.model_dir.rglob("*")
                                   if p.is_file()) + 2**29
@@ -298,8 +298,8 @@ class ClassicServerless(_ThroughNats):
                     self.evictions += 1
                     await victim.kill()
                 elif held == 0:
-                    raise Overloaded(f"one instance ({self.instance_bytes / 2**30:.2f} GiB) does "
-                                     f"not fit the capacity of {self.capacity_bytes / 2**30:.2f} GiB")
+                    raise Overloaded(f"one instance ({self.instance_bytes / GIB:.2f} GiB) does "
+                                     f"not fit the capacity of {self.capacity_bytes / GIB:.2f} GiB")
                 else:
                     await self.room.wait()
         try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.accounting import MemoryTrace, latency_summary, slo_attainment
+from bench.accounting import GIB, MemoryTrace, latency_summary, slo_attainment
 from bench.models import build_model
 from bench.modes import MODES, Mode, ModeConfig
 from bench.workloads import (
@@ -96,19 +96,20 @@ async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.
 def summarize(outcomes: list[Outcome], memory: MemoryTrace, duration_s: float, billing: str,
               slo_ms: float, price_per_gib_s: float, capacity_gib: float) -> dict[str, Any]:
     ok = [o for o in outcomes if o.error is None]
+    levels = Counter(o.level for o in ok if o.level)
     return {
         "requests": len(outcomes), "errors": len(outcomes) - len(ok),
         "error_samples": sorted({o.error for o in outcomes if o.error})[:5],
-        "cold_starts": sum(o.level == "cold" for o in ok),
-        "levels": dict(Counter(o.level for o in ok if o.level)),
+        "cold_starts": levels["cold"],
+        "levels": dict(levels),
         "ttft_ms": latency_summary([o.ttft_ms for o in ok if o.ttft_ms is not None]),
         "e2e_ms": latency_summary([o.e2e_ms for o in ok]),
         "throughput_rps": len(ok) / duration_s if duration_s else 0.0,
         "slo_attainment": slo_attainment([o.ttft_ms if o.error is None else None
                                           for o in outcomes], slo_ms),
         "memory_gib_s": memory.gib_seconds(duration_s),
-        "peak_memory_gib": memory.peak_bytes / 2**30,
-        "over_capacity": memory.peak_bytes > capacity_gib * 2**30,
+        "peak_memory_gib": memory.peak_bytes / GIB,
+        "over_capacity": memory.peak_bytes > capacity_gib * GIB,
         "billing": billing,
         "cost": memory.cost(billing, price_per_gib_s, duration_s),
         "duration_s": duration_s,
@@ -129,7 +130,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         if ttfts:
             cdf.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=name)
         mem.plot([t for t, _ in mode["memory_over_time"]],
-                 [b / 2**30 for _, b in mode["memory_over_time"]], label=name)
+                 [b / GIB for _, b in mode["memory_over_time"]], label=name)
     cdf.set_xscale("log")
     cdf.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF")
     mem.set(xlabel="time (s)", ylabel="held memory (GiB)", title="memory over time")

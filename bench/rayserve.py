@@ -38,6 +38,7 @@ import msgpack  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from bench.accounting import GIB  # noqa: E402
 from bench.frontdoor import answer, open_front_door  # noqa: E402
 from bench.models import adapters_of  # noqa: E402
 from faas import FunctionNotFound, protocol  # noqa: E402
@@ -104,7 +105,7 @@ class LoraReplica:
 
 def max_replicas(capacity_gib: float, model_dir: Path) -> int:
     """As many replicas as the memory capacity holds, each with its own backbone copy."""
-    model_gib = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**30
+    model_gib = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / GIB
     return max(1, int((capacity_gib - HEAD_GIB) / (model_gib + REPLICA_OVERHEAD_GIB)))
 
 

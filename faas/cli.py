@@ -37,6 +37,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _uid_range(text: str) -> tuple[int, int] | None:
     if text == "off":
         return None
@@ -159,17 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--functions", default="functions")
     demo.set_defaults(run=_cmd_demo)
     return parser
-
-
-def _positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
