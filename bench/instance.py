@@ -39,10 +39,10 @@ def main() -> int:
     import torch
 
     from bench.models import prompt_of
-    from runtime.engine import LoraEngine
+    from runtime.engine import load_engine
 
     torch.set_num_threads(1)
-    engine = LoraEngine(str(args.model), str(args.adapter))
+    engine = load_engine(str(args.model), str(args.adapter))
     for param in engine.model.parameters():
         param.data = param.data.clone()  # its own copy: instances share nothing
     print(json.dumps({"ready": True}), flush=True)

@@ -2,6 +2,8 @@
 faas node (same envelope, TTFT from the front door's receive time to the first token):
 
 - `ours`: this system, one node (`faas up`) serving the functions on one shared backbone;
+  `ours-no-preload` the same without predictive pre-loading (fixed keep-alives),
+  `ours-rate` with the rate estimate instead of the hybrid histogram;
 - `serverful`: one always-on process with every adapter, batching across adapters;
 - `isolated`: classic serverless, a fresh process with its own backbone copy per instance;
 - `fast-load`: the same with the checkpoints staged in host memory (ServerlessLLM);
@@ -93,22 +95,43 @@ async def _held_by_tree(pid: int | None, skip: bytes | None = None) -> int:
 
 
 class Ours(_ThroughNats):
-    """This system: one node, the functions as LoRA functions on one shared backbone, idle
-    sandboxes (and then the backbone) stopped after the keep-alive."""
+    """This system: one node, the functions as LoRA functions on one shared backbone. With
+    pre-loading (the default) the plan keeps and starts what the history predicts; without
+    (`--no-preload`), idle sandboxes and then the backbone stop after the keep-alive."""
 
-    name, billing = "ours", "serverless"
+    billing = "serverless"
 
-    def __init__(self, config: ModeConfig) -> None:
-        self.functions = config.workdir / "functions-ours"
+    def __init__(self, config: ModeConfig, name: str = "ours", options: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.functions = config.workdir / f"functions-{name}"
+        self.state_dir = config.workdir / f"nats-{name}"
         write_functions(self.functions, config.model_dir, config.names)
-        self.node = LocalNode(self.functions, state_dir=config.workdir / "nats-ours",
-                              stderr=subprocess.DEVNULL,
+        self.node = LocalNode(self.functions, state_dir=self.state_dir, stderr=subprocess.DEVNULL,
                               extra_args=("--sandbox-uids", "65000-65999",
                                           "--sandbox-keep-alive-s", str(config.keep_alive_s),
-                                          "--backbone-keep-alive-s", str(config.keep_alive_s)))
+                                          "--backbone-keep-alive-s", str(config.keep_alive_s),
+                                          *options))
 
     async def start(self) -> None:
         await self.connect(await asyncio.to_thread(self.node.start))
+
+    async def seed_history(self, arrivals: list[tuple[float, str]]) -> None:
+        """Publish earlier invocations (Unix time, function) to the node's history stream,
+        as the node's own login (producers may not write history), and wait until stored."""
+        user, password = (self.state_dir / "node-credentials").read_text().strip().split(":", 1)
+        nc = await nats.connect(self.node.url, user=user, password=password)
+        try:
+            for at, function in arrivals:
+                await nc.publish(protocol.history_subject(function),
+                                 protocol.history_record(at, "bench-history"))
+            js = nc.jetstream()
+            for _ in range(100):
+                info = await js.stream_info(protocol.HISTORY_STREAM)
+                if info.state.messages >= len(arrivals):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
 
     async def held_bytes(self) -> int:
         return await _held_by_tree(self.node.proc.pid if self.node.proc else None, skip=b"nats-server")
@@ -382,6 +405,8 @@ class ClassicServerless(_ThroughNats):
 
 MODES: dict[str, Callable[[ModeConfig], Mode]] = {
     "ours": Ours,
+    "ours-no-preload": lambda config: Ours(config, "ours-no-preload", ("--no-preload",)),
+    "ours-rate": lambda config: Ours(config, "ours-rate", ("--predictor", "rate")),
     "isolated": lambda config: ClassicServerless(config, staged=False),
     "fast-load": lambda config: ClassicServerless(config, staged=True),
     "serverful": serverful,

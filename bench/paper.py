@@ -32,6 +32,7 @@ from bench.workloads import (
     WorkloadSpec,
     function_names,
     generate,
+    history,
     load_trace,
     time_scale,
 )
@@ -115,6 +116,7 @@ def summarize(outcomes: list[Outcome], memory: MemoryTrace, duration_s: float, b
         "duration_s": duration_s,
         "memory_over_time": memory.samples,
         "ttft_samples_ms": sorted(o.ttft_ms for o in ok if o.ttft_ms is not None),
+        "outcomes": [asdict(o) for o in outcomes],
     }
 
 
@@ -159,6 +161,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         workdir=faas_home() / "bench-paper",
                         keep_alive_s=600 * time_scale(spec, trace), capacity_gib=args.capacity_gib)
     results: dict[str, Any] = {"workload": {**asdict(spec), "requests": len(requests),
+                                            "history_periods": args.history_periods,
                                             "trace": str(args.trace), "slo_ms": args.slo_ms,
                                             "price_per_gib_s": args.price_per_gib_s,
                                             "keep_alive_s": config.keep_alive_s,
@@ -166,10 +169,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                             "model": str(model_dir), "cpus": os.cpu_count()},
                                "modes": {}}
     print(json.dumps(results["workload"]), flush=True)
+    earlier = history(spec, trace, args.history_periods)
     for name in modes:
         mode = MODES[name](config)
         try:
             await mode.start()
+            seed = getattr(mode, "seed_history", None)
+            if seed is not None and earlier:
+                now = time.time()
+                await seed([(now + r.at_s, r.function) for r in earlier])
             outcomes, memory, duration = await replay(mode, requests)
         finally:
             await mode.stop()
@@ -204,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     # which one drowns first.
     parser.add_argument("--rate-rps", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--history-periods", type=int, default=10,
+                        help="earlier runs of the workload fed to the invocation history first "
+                             "(modes that keep one: ours); 0 starts with none")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--slo-ms", type=float, default=2500.0)
     parser.add_argument("--price-per-gib-s", type=float, default=1.0)

@@ -56,10 +56,10 @@ class LoraReplica:
     def __init__(self, model_dir: str, adapters: dict[str, str]) -> None:
         import torch
 
-        from runtime.engine import LoraEngine
+        from runtime.engine import load_engine
 
         torch.set_num_threads(1)
-        self.engine = LoraEngine(model_dir)
+        self.engine = load_engine(model_dir)
         self.adapters = adapters
         self.lock = asyncio.Lock()  # one model: loading and generating take turns
         self.served = 0  # a replica's first request waited for it to start: a cold start

@@ -40,9 +40,9 @@ _COPY_CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from runtime.engine import LoraEngine
+from runtime.engine import load_engine
 backbone, adapter, spawned_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
-engine = LoraEngine(backbone, adapter)
+engine = load_engine(backbone, adapter)
 for p in engine.model.parameters():
     p.data = p.data.clone()   # a private copy, as in a separate container
 engine.generate({prompt!r}, max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None)

@@ -18,6 +18,7 @@ Token counts are capped (defaults: 256 prompt, 32 output) and time is scaled by
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import random
 import statistics
@@ -114,6 +115,18 @@ def generate(spec: WorkloadSpec, trace: list[TraceRow]) -> list[Request]:
         requests = _burst(spec, trace, rng, names)
     else:
         requests = _gamma_arrivals(spec, trace, rng, names, weights, COV_TARGETS[spec.workload])
+    return sorted(requests, key=lambda r: (r.at_s, r.function))
+
+
+def history(spec: WorkloadSpec, trace: list[TraceRow], periods: int) -> list[Request]:
+    """`periods` earlier runs of the same workload (other seeds), back to back before the
+    run: what a node that has served it for a while has in its invocation history. Times
+    are negative, in seconds before the run starts."""
+    requests = []
+    for back in range(1, periods + 1):
+        earlier = dataclasses.replace(spec, seed=spec.seed + 7919 * back)
+        requests += [dataclasses.replace(r, at_s=r.at_s - back * spec.duration_s)
+                     for r in generate(earlier, trace)]
     return sorted(requests, key=lambda r: (r.at_s, r.function))
 
 

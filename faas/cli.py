@@ -26,25 +26,31 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from runtime.preload import PreloadConfig
     from runtime.serve import UpOptions, up
 
+    preload = PreloadConfig(enabled=not args.no_preload, predictor=args.predictor,
+                            horizon_s=args.preload_horizon_s, host_budget_gib=args.preload_budget_gib,
+                            device_budget_gib=args.preload_device_budget_gib,
+                            price_s_per_gib_s=args.preload_price,
+                            fallback_keep_alive_s=args.sandbox_keep_alive_s)
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, device=args.device,
         backbone_keep_alive_s=args.backbone_keep_alive_s,
-        sandbox_keep_alive_s=args.sandbox_keep_alive_s,
+        sandbox_keep_alive_s=args.sandbox_keep_alive_s, preload=preload,
         sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
 
 
-def _positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above zero."""
+def _positive(text: str) -> float:
+    """argparse type: a finite number above zero (seconds, GiB)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 
@@ -88,11 +94,14 @@ async def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0
-    rows = [("NODE", "FUNCTION", "BACKBONE", "ADAPTER", "IDLE", "BUSY", "STARTING", "QUEUED")]
+    rows = [("NODE", "FUNCTION", "BACKBONE", "ADAPTER", "IDLE", "BUSY", "STARTING", "QUEUED",
+             "LEVELS", "PLANNED", "CHANCE", "WHY")]
     for node in nodes:
         for fn in node["functions"]:
             rows.append((node["node"], fn["name"], _short(fn["backbone"]), _short(fn["adapter"]),
-                         str(fn["idle"]), str(fn["busy"]), str(fn["starting"]), str(fn["queued"])))
+                         fn["idle"], fn["busy"], fn["starting"], fn["queued"],
+                         ",".join(fn.get("levels", [])) or "-", fn.get("planned", "-"),
+                         fn.get("chance", "-"), fn.get("why", "-")))
     print(format_table(rows))
     if not nodes:
         print("(no node answered)", file=sys.stderr)
@@ -139,10 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
     up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
-    up.add_argument("--backbone-keep-alive-s", type=_positive_seconds, default=300.0,
-                    help="how long an unused backbone stays loaded")
-    up.add_argument("--sandbox-keep-alive-s", type=_positive_seconds, default=600.0,
-                    help="how long an idle sandbox is kept for its function's next request")
+    up.add_argument("--backbone-keep-alive-s", type=_positive, default=300.0,
+                    help="with --no-preload: how long an unused backbone stays loaded")
+    up.add_argument("--sandbox-keep-alive-s", type=_positive, default=600.0,
+                    help="with --no-preload: how long an idle sandbox is kept for its function's "
+                         "next request; with pre-loading, the keep-alive of functions with too "
+                         "little history")
+    up.add_argument("--no-preload", action="store_true",
+                    help="no predictive pre-loading: sandboxes and backbones start on demand "
+                         "and live for their keep-alives")
+    up.add_argument("--predictor", default="histogram", choices=("histogram", "rate"),
+                    help="how the pre-loader predicts invocations (default: hybrid histogram)")
+    up.add_argument("--preload-horizon-s", type=_positive, default=5.0,
+                    help="the pre-loader plans for invocations within this long")
+    up.add_argument("--preload-budget-gib", type=_positive, default=None,
+                    help="host memory the pre-loader may fill (default: a quarter of the machine's)")
+    up.add_argument("--preload-device-budget-gib", type=_positive, default=None,
+                    help="device memory the pre-loader may fill (default: half the GPU's)")
+    up.add_argument("--preload-price", type=_positive, default=0.1,
+                    help="seconds of expected TTFT saved that justify holding 1 GiB for 1 s")
     up.add_argument("--sandbox-uids", default="61000-61999", metavar="FIRST-LAST|off",
                     help="when run as root: one unprivileged uid per function from this range")
     up.add_argument("--no-network-isolation", action="store_true",
@@ -153,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("function")
     invoke.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
     invoke.add_argument("--nats", default=env_url)
-    invoke.add_argument("--timeout-s", type=_positive_seconds, default=60.0)
+    invoke.add_argument("--timeout-s", type=_positive, default=60.0)
     invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
     invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
 

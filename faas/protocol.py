@@ -28,6 +28,10 @@ INVOKE_WILDCARD = INVOKE_PREFIX + "*"
 NODE_QUEUE_GROUP = "faas-nodes"
 # Every node answers this (no queue group) with what it serves; callers gather replies.
 ADMIN_LS_SUBJECT = "faas.admin.ls"
+# One message per invocation, kept in a JetStream stream so every node, and a restarted
+# one, predicts from the same history.
+HISTORY_PREFIX = "faas.history."
+HISTORY_STREAM = "FAAS_HISTORY"
 
 HDR_CONTENT_TYPE = "Content-Type"
 HDR_REQUEST_ID = "Faas-Request-Id"
@@ -207,3 +211,23 @@ def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:
     if not isinstance(body, dict) or "output" not in body:
         raise FaasError(f"malformed reply: {body!r:.200}")
     return Invocation(output=body["output"], metrics=body.get("metrics", {}))
+
+
+def history_subject(function: str) -> str:
+    return HISTORY_PREFIX + function
+
+
+def history_record(at: float, node: str) -> bytes:
+    """One invocation of a function: when it arrived (Unix time, s) and on which node."""
+    return msgpack.packb({"t": at, "node": node})
+
+
+def parse_history(subject: str, data: bytes) -> tuple[str, float]:
+    """(function, arrival time) of a history message; ValueError when malformed."""
+    if not subject.startswith(HISTORY_PREFIX):
+        raise ValueError(f"not a history subject: {subject!r}")
+    try:
+        record = msgpack.unpackb(data)
+        return subject[len(HISTORY_PREFIX):], float(record["t"])
+    except (msgpack.UnpackException, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed history record: {exc}") from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,39 +58,68 @@ class FirstTokenClock(BaseStreamer):
         pass
 
 
-@dataclass
 class LoraEngine:
-    """A backbone with (optionally) one peft LoRA adapter on top, never merged.
+    """A backbone with (optionally) one peft LoRA adapter on top, never merged, built in the
+    steps of runtime/levels.py: `attach` (the backbone), `stage` (the adapter's weights in
+    host memory), `load` (adapter on the device, tokenizer). `load_engine` does all three.
 
-    With `shared` (the backbone export the node passes in a sandbox's init frame), the
-    weights are the backbone process's tensors, bound into a meta skeleton without a copy;
-    without it the model is loaded privately (an isolated instance).
+    With `shared` (the backbone export the node passes to a sandbox), the weights are the
+    backbone process's tensors, bound into a meta skeleton without a copy; without it the
+    model is loaded privately (an isolated instance).
     """
 
-    backbone: str
-    adapter: str | None = None
-    shared: dict[str, Any] | None = None
-    meter: UsageMeter = field(default_factory=UsageMeter)
-
-    def __post_init__(self) -> None:
+    def __init__(self, backbone: str, adapter: str | None = None) -> None:
         quiet_transformers()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone)
-        if self.shared is not None:
+        self.backbone = backbone
+        self.adapter = adapter
+        self.meter = UsageMeter()
+        self.device = "cpu"
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._staged: tuple[Any, dict[str, torch.Tensor]] | None = None
+
+    def attach(self, shared: dict[str, Any] | None = None) -> None:
+        if shared is not None:
             from runtime.skeleton import bind_shared
             from runtime.weights import backend_for
 
-            self.device = self.shared["device"]
-            tensors = backend_for(self.device).attach(self.shared["manifest"], self.shared["fds"])
-            model = bind_shared(self.backbone, tensors, self.device)
+            self.device = shared["device"]
+            tensors = backend_for(self.device).attach(shared["manifest"], shared["fds"])
+            self.model = bind_shared(self.backbone, tensors, self.device)
         else:
-            self.device = "cpu"
             # dtype "auto": serve in the checkpoint's own dtype (no converted private copy).
-            model = AutoModelForCausalLM.from_pretrained(self.backbone, dtype="auto")
+            self.model = AutoModelForCausalLM.from_pretrained(self.backbone, dtype="auto")
+
+    def stage(self) -> None:
+        """Read the adapter's config and weights into host memory (nothing on the device)."""
+        if self.adapter is not None:
+            from peft import PeftConfig
+            from peft.utils import load_peft_weights
+
+            config = PeftConfig.from_pretrained(self.adapter)
+            config.inference_mode = True
+            self._staged = (config, load_peft_weights(self.adapter, device="cpu"))
+
+    def load(self) -> None:
+        """Put the staged adapter on the backbone (as `PeftModel.from_pretrained` does, from
+        the weights already in memory) and load the tokenizer."""
         if self.adapter is not None:
             from peft import PeftModel
+            from peft.utils import set_peft_model_state_dict
 
-            model = PeftModel.from_pretrained(model, self.adapter)
-        self.model = model.eval()
+            if self._staged is None:
+                self.stage()
+            assert self._staged is not None
+            config, weights = self._staged
+            self._staged = None
+            model = PeftModel(self.model, config)
+            result = set_peft_model_state_dict(model, weights)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing:
+                raise FaasError(f"adapter {self.adapter} lacks weights for {missing[:3]}")
+            self.model = model
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone)
         self._pad_id = self.tokenizer.pad_token_id
         if self._pad_id is None:
             self._pad_id = self.tokenizer.eos_token_id
@@ -126,3 +155,13 @@ class LoraEngine:
         self.meter.tokens_out += len(new_ids)
         return Generation(text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
                           token_ids=new_ids, prompt_tokens=n_prompt, finish_reason=finish)
+
+
+def load_engine(backbone: str, adapter: str | None = None,
+                shared: dict[str, Any] | None = None) -> LoraEngine:
+    """An engine with every step done."""
+    engine = LoraEngine(backbone, adapter)
+    engine.attach(shared)
+    engine.stage()
+    engine.load()
+    return engine

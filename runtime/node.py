@@ -24,8 +24,11 @@ from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, O
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
+from runtime.history import History
 from runtime.isolation import Isolation
+from runtime.levels import Profiles
 from runtime.pool import FunctionPool
+from runtime.preload import PreloadConfig, Preloader
 from runtime.sandboxes import SandboxConfig, Zygote
 
 
@@ -39,9 +42,11 @@ class NodeConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     drain_timeout_s: float = 30.0
     device: str = "cpu"
-    # How long an unused backbone stays exported (the pre-loading issue will decide this).
+    # How long an unused backbone stays exported when nothing pre-loads (with the
+    # pre-loader, the plan pins the backbones worth keeping and the rest go after its linger).
     backbone_keep_alive_s: float = 300.0
     loader_isolation: Isolation = field(default_factory=Isolation)
+    preload: PreloadConfig = field(default_factory=PreloadConfig)
 
 
 def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
@@ -68,13 +73,20 @@ class Node:
         self.nc = nc
         self.config = config
         self.node_id = config.node_id
-        self.backbones = BackboneRegistry(config.device, config.backbone_keep_alive_s,
-                                          config.sandbox.threads, config.loader_isolation)
+        preload = config.preload
+        self.backbones = BackboneRegistry(
+            config.device, preload.linger_s if preload.enabled else config.backbone_keep_alive_s,
+            config.sandbox.threads, config.loader_isolation)
         self.zygote = Zygote(config.sandbox.threads)
+        self.profiles = Profiles(config.device)
+        self.history = History(nc, self.node_id, on_arrival=self._on_history)
         # Fails closed: a function without an isolation decision is a bug, not root access.
-        self.pools = {spec["name"]: FunctionPool(spec, config.sandbox, self.zygote, self.backbones,
-                                                 isolation[spec["name"]])
-                      for spec in specs}
+        self.pools = {spec["name"]: FunctionPool(
+            spec, config.sandbox, self.zygote, self.backbones, isolation[spec["name"]],
+            self.profiles, keep_alive_s=None if preload.enabled else config.sandbox.keep_alive_s,
+            on_change=self._on_pool_change) for spec in specs}
+        self.preloader = (Preloader(self.pools, self.backbones, self.profiles, self.history,
+                                    preload, config.device) if preload.enabled else None)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self.log = get_logger(node=self.node_id)
@@ -86,7 +98,19 @@ class Node:
         self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
         await self.nc.flush()
         self.zygote.start()
-        self.log.info("node_started", functions=sorted(self.pools))
+        await self.history.start()
+        if self.preloader is not None:
+            self.preloader.start()  # its first plan is the deploy's
+        self.log.info("node_started", functions=sorted(self.pools),
+                      preload=self.config.preload.predictor if self.preloader else "off")
+
+    def _on_history(self, _function: str) -> None:
+        if self.preloader is not None:
+            self.preloader.poke()
+
+    def _on_pool_change(self) -> None:
+        if self.preloader is not None:
+            self.preloader.poke()
 
     # --- request path ---------------------------------------------------------------
 
@@ -109,6 +133,7 @@ class Node:
             event = protocol.decode_event(msg.data, encoding)
             deadline = received + _budget_s(headers, pool.spec)
             pool.admit()
+            await self.history.record(function)
         except FaasError as err:
             await self._reply_error(msg, err, encoding, request_id, log)
             return
@@ -148,7 +173,7 @@ class Node:
         metrics = Metrics(request_id=request_id, node=self.node_id,
                           queue_ms=round((served.leased_at - received) * 1000, 3),
                           ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out,
-                          level=served.level)
+                          level=served.level.label)
         metrics.total_ms = round((time.monotonic() - received) * 1000, 3)
         try:
             body, headers = protocol.ok_reply(result.output, metrics, encoding)
@@ -163,7 +188,7 @@ class Node:
             await self._reply_error(msg, err, encoding, request_id, log)
             return
         await self._publish(msg.reply, body, headers, log)
-        log.info("invoked", found=served.level, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
+        log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
@@ -181,11 +206,14 @@ class Node:
     # --- introspection --------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        """What `faas ls` shows: this node's functions and their sandboxes."""
-        return {"node": self.node_id, "backbones": self.backbones.state(), "functions": [
+        """What `faas ls` shows: this node's functions, their sandboxes and levels, and what
+        the pre-loader planned for each and why."""
+        preloader = self.preloader
+        return {"node": self.node_id, "backbones": self.backbones.state(),
+                "preload": preloader.summary() if preloader else None, "functions": [
             {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
              "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
-             **pool.state()}
+             **pool.state(), **(preloader.describe(name) if preloader else {})}
             for name, pool in sorted(self.pools.items())]}
 
     async def _on_ls(self, msg: Msg) -> None:
@@ -205,6 +233,9 @@ class Node:
                 await sub.drain()
             except NatsError as exc:
                 self.log.warning("unsubscribe_failed", error=str(exc))
+        if self.preloader is not None:  # nothing new starts ahead of requests from now on
+            await self.preloader.close()
+        await self.history.close()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout_s)
             for task in pending:

@@ -1,31 +1,39 @@
-"""Per-function sandbox pool: admission (bounded queue), leasing, cold starts, replacement.
+"""Per-function sandbox pool: admission (bounded queue), leasing, climbing the levels,
+replacement.
 
-Sandboxes are leased to one function only and never reused for another. A request waits
-for an idle sandbox of its function; when none is idle and fewer than `max_instances`
-exist, the pool starts one (the cold start) in a task it owns, so a caller that gives up
-does not waste a half-finished start. A sandbox that dies, or that is killed because a
-request ran past its budget, is dropped and the next request starts a fresh one. An idle
-sandbox is stopped after the keep-alive.
+Sandboxes are leased to one function only and never reused for another. Each is a `Slot`
+from the moment its start is decided: it climbs the levels of runtime/levels.py in a task
+the pool owns, towards a target set by a request (LOADED) or by the pre-loader (any level).
+A request takes the free slot that is furthest up (a LOADED idle one at once; one below
+LOADED is finished for it, without the warm-up); when there is none and fewer than
+`max_instances` exist, it starts one (the cold start). A request that gives up leaves the
+climb to finish and the sandbox to the next request. A sandbox that dies, or that is killed
+because a request ran past its budget, is dropped and the next request starts a fresh one.
+
+Idle sandboxes are stopped `keep_alive_s` after their last use when the pool has one; under
+the pre-loader (`keep_alive_s=None`) the plan decides, through `prepare` and `trim`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from faas.errors import DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
-from runtime.backbones import BackboneRegistry
+from runtime.backbones import Backbone, BackboneRegistry
 from runtime.isolation import Isolation
+from runtime.levels import Level, Profiles
 from runtime.sandboxes import (
     Sandbox,
     SandboxConfig,
     SandboxDied,
     SandboxResult,
+    StepCost,
     Zygote,
-    spawn_sandbox,
+    fork_sandbox,
 )
 
 
@@ -35,30 +43,50 @@ class Served:
 
     result: SandboxResult
     leased_at: float  # time.monotonic() when a sandbox was leased (end of queueing)
-    level: str  # "loaded" (a warm sandbox was idle) or "cold" (the request waited for a start)
+    level: Level  # what the request found: the level of the sandbox it got, COLD if none
+
+
+@dataclass(eq=False)
+class Slot:
+    """One sandbox of the function, from the moment its start is decided."""
+
+    sandbox: Sandbox | None = None
+    level: Level = Level.COLD  # reached
+    target: Level = Level.COLD  # climbing towards
+    climb: asyncio.Task[None] | None = None
+    waiter: asyncio.Future[None] | None = None  # a request's, resolved when it may use the slot
+    busy: bool = False
+    idle_since: float = field(default_factory=time.monotonic)
+    expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def free(self) -> bool:
+        """Neither serving nor promised to a request."""
+        return not self.busy and self.waiter is None
 
 
 class FunctionPool:
     """The sandboxes of one function on this node."""
 
     def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
-                 backbones: BackboneRegistry, isolation: Isolation) -> None:
+                 backbones: BackboneRegistry, isolation: Isolation, profiles: Profiles,
+                 keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
         self._zygote = zygote
         self.isolation = isolation
         self._backbones = backbones
-        self._idle: list[Sandbox] = []
-        self._expiry: dict[Sandbox, asyncio.TimerHandle] = {}
-        self._busy: set[Sandbox] = set()
-        self._starting = 0
+        self._profiles = profiles
+        self._keep_alive_s = keep_alive_s
+        self._on_change = on_change
+        self._slots: list[Slot] = []
         self._waiting = 0
         self._failures = 0
         self._last_failure: FaasError | None = None
+        self._start_failed = False  # the last start failed: pre-load again only after one succeeds
         self._cond = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping: set[asyncio.Task[None]] = set()  # expired sandboxes; close() waits for them
+        self._stopping: set[asyncio.Task[None]] = set()  # stopped sandboxes; close() waits for them
         self._closed = False
         self.log = get_logger(fn=self.name)
 
@@ -77,11 +105,23 @@ class FunctionPool:
 
     @property
     def instances(self) -> int:
-        return len(self._idle) + len(self._busy) + self._starting
+        return len(self._slots)
+
+    @property
+    def busy(self) -> bool:
+        return any(not s.free for s in self._slots)
+
+    @property
+    def best_level(self) -> Level:
+        """The furthest a free sandbox of this function is (or is being) loaded."""
+        return max((max(s.level, s.target) for s in self._slots if s.free), default=Level.COLD)
 
     def state(self) -> dict[str, Any]:
-        return {"idle": len(self._idle), "busy": len(self._busy), "starting": self._starting,
-                "queued": self._waiting}
+        return {"idle": sum(1 for s in self._slots if s.free and s.climb is None),
+                "busy": sum(1 for s in self._slots if s.busy),
+                "starting": sum(1 for s in self._slots if s.climb is not None),
+                "queued": self._waiting,
+                "levels": [s.level.label for s in self._slots]}
 
     # --- serving --------------------------------------------------------------------
 
@@ -89,10 +129,12 @@ class FunctionPool:
         """Lease a sandbox for an admitted request, run the handler and give the sandbox
         back; a sandbox that outlives `deadline` (time.monotonic()) is killed."""
         try:
-            sandbox, level = await self._with_deadline(self._lease(), deadline, "waiting for a sandbox")
+            slot, found = await self._with_deadline(self._lease(), deadline, "waiting for a sandbox")
         finally:
             self._waiting -= 1
         leased_at = time.monotonic()
+        sandbox = slot.sandbox
+        assert sandbox is not None
         try:
             result = await self._with_deadline(sandbox.invoke(request_id, event), deadline,
                                                "in the handler")
@@ -109,8 +151,8 @@ class FunctionPool:
                            code=sandbox.proc.returncode)
             raise
         finally:
-            await self._release(sandbox)
-        return Served(result=result, leased_at=leased_at, level=level)
+            await self._release(slot)
+        return Served(result=result, leased_at=leased_at, level=found)
 
     async def _with_deadline(self, aw: Any, deadline: float, where: str) -> Any:
         try:
@@ -118,126 +160,234 @@ class FunctionPool:
         except TimeoutError:
             raise DeadlineExceeded(f"function {self.name!r} ran out of budget {where}") from None
 
-    async def _lease(self) -> tuple[Sandbox, str]:
-        level = "loaded"
+    async def _lease(self) -> tuple[Slot, Level]:
         async with self._cond:
             seen_failures = self._failures
             while True:
-                while self._idle:
-                    sandbox = self._idle.pop()
-                    self._expiry.pop(sandbox).cancel()
-                    if sandbox.alive:
-                        self._busy.add(sandbox)
-                        return sandbox, level
-                    sandbox.discard()
+                free = [s for s in self._slots if s.free]
+                if free:
+                    slot = max(free, key=lambda s: (s.level, s.climb is None))
+                    found = slot.level
+                    break
                 if self._failures != seen_failures and self._last_failure is not None:
                     raise self._last_failure
                 if self._closed:
                     raise Overloaded(f"function {self.name!r} is shutting down on this node")
                 if self.instances < self.spec["max_instances"]:
-                    self._start_one()
-                    level = "cold"
+                    slot = Slot()
+                    self._slots.append(slot)
+                    found = Level.COLD
+                    break
                 await self._cond.wait()
+            if slot.level == Level.LOADED and slot.climb is None:
+                self._take(slot)
+                return slot, found
+            slot.waiter = asyncio.get_running_loop().create_future()
+            self._raise_target(slot, Level.LOADED)
+            waiter = slot.waiter
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            async with self._cond:
+                if slot.waiter is waiter:  # not handed over yet: the climb parks it idle
+                    slot.waiter = None
+                elif slot.busy:  # handed over as we gave up: give it back
+                    slot.busy = False
+                    self._park(slot)
+                self._cond.notify_all()
+            raise
+        return slot, found
 
-    def _start_one(self) -> None:
-        self._starting += 1
-        task = asyncio.create_task(self._start(), name=f"start-sandbox-{self.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _take(self, slot: Slot) -> None:
+        slot.busy = True
+        if slot.expiry is not None:
+            slot.expiry.cancel()
+            slot.expiry = None
 
-    async def _start(self) -> None:
-        sandbox: Sandbox | None = None
+    async def _release(self, slot: Slot) -> None:
+        async with self._cond:
+            slot.busy = False
+            sandbox = slot.sandbox
+            keep = sandbox is not None and sandbox.alive and not self._closed
+            if keep:
+                self._park(slot)
+            else:
+                self._slots.remove(slot)
+            self._cond.notify_all()
+        if not keep and sandbox is not None:
+            await sandbox.stop(self._config.stop_grace_s)
+        self._on_change()
+
+    # --- climbing the levels --------------------------------------------------------
+
+    def _raise_target(self, slot: Slot, target: Level) -> None:
+        """Make `slot` climb to at least `target` (call with the condition held)."""
+        slot.target = max(slot.target, target)
+        if slot.expiry is not None:
+            slot.expiry.cancel()
+            slot.expiry = None
+        if slot.climb is None and slot.level < slot.target:
+            slot.climb = asyncio.create_task(self._climb(slot), name=f"climb-{self.name}")
+
+    async def _climb(self, slot: Slot) -> None:
         failure: FaasError | None = None
         try:
-            sandbox = await self._spawn()
+            await asyncio.wait_for(self._steps(slot), self.spec["start_timeout_s"])
+        except TimeoutError:
+            failure = HandlerError(f"sandbox of {self.name!r} did not load within "
+                                   f"start_timeout_s={self.spec['start_timeout_s']:g}")
         except FaasError as exc:
             failure = exc
+        except asyncio.CancelledError:  # close(): the pool is going away
+            failure = Overloaded(f"function {self.name!r} is shutting down on this node")
         except Exception as exc:  # spawning itself failed (fork, exec, socket)
             failure = HandlerError(f"could not start a sandbox for {self.name!r}: {exc}")
-        if failure is not None:
-            self.log.error("sandbox_start_failed", error=failure.message)
-        else:
-            sandbox.proc.add_exit_callback(lambda code: self._exited(sandbox, code))
+        if failure is not None and slot.sandbox is not None:
+            await slot.sandbox.kill()
         async with self._cond:
-            self._starting -= 1
+            slot.climb = None
             if failure is not None:
+                self.log.error("sandbox_start_failed", error=failure.message)
+                self._slots.remove(slot)
                 self._failures += 1
                 self._last_failure = failure
-            elif not self._closed:
-                self._park(sandbox)
+                self._start_failed = True
+                if slot.waiter is not None and not slot.waiter.done():
+                    slot.waiter.set_exception(failure)
+            elif self._closed:
+                self._slots.remove(slot)
+            elif slot.level < slot.target:  # the target was raised during the last step
+                slot.climb = asyncio.create_task(self._climb(slot), name=f"climb-{self.name}")
+            else:
+                self._start_failed = False
+                if slot.waiter is not None:
+                    self._take(slot)
+                    slot.waiter.set_result(None)
+                    slot.waiter = None
+                else:
+                    self._park(slot)
             self._cond.notify_all()
-        if sandbox is not None and self._closed:  # started after close(): nobody will lease it
-            await sandbox.stop(self._config.stop_grace_s)
+        if failure is None and self._closed and slot.sandbox is not None:
+            await slot.sandbox.stop(self._config.stop_grace_s)
+        self._on_change()
 
-    async def _spawn(self) -> Sandbox:
-        """A new sandbox; a LoRA function's holds the shared backbone until it is let go."""
-        if self.spec["backbone"] is None:
-            return await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation)
-        backbone = await self._backbones.acquire(self.spec["backbone"])
-        kill: Callable[[], None] | None = None
-        released = False
+    async def _steps(self, slot: Slot) -> None:
+        started = time.monotonic()
+        if slot.sandbox is None:
+            sandbox, cost = await fork_sandbox(self.spec, self._config, self._zygote, self.isolation)
+            slot.sandbox = sandbox
+            sandbox.proc.add_exit_callback(lambda code: self._exited(slot, code))
+            self._reached(slot, cost)
+        sandbox = slot.sandbox
+        while slot.level < slot.target:
+            level = Level(slot.level + 1)
+            frame = {"type": "step", "level": int(level),
+                     "warm_up": slot.waiter is None}  # nobody waiting: pay first-call costs now
+            if level == Level.ATTACHED and self.spec["backbone"] is not None:
+                backbone = await self._backbones.acquire(self.spec["backbone"])
+                self._reached(slot, await sandbox.step(frame, backbone,
+                                                       self._backbone_release(backbone, sandbox)))
+            else:
+                self._reached(slot, await sandbox.step(frame))
+        sandbox.log.info("sandbox_climbed", level=slot.level.label,
+                         ms=round((time.monotonic() - started) * 1000, 1))
 
-        def release() -> None:  # once, whichever of spawn failure or sandbox end comes first
-            nonlocal released
-            if not released:
-                released = True
-                backbone.on_corrupt.discard(kill)  # type: ignore[arg-type]
-                self._backbones.release(backbone)
-
-        try:
-            sandbox = await spawn_sandbox(self.spec, self._config, self._zygote, self.isolation,
-                                          backbone, on_close=release)
-        except BaseException:
-            release()
-            raise
+    def _backbone_release(self, backbone: Backbone, sandbox: Sandbox) -> Callable[[], None]:
+        """What lets go of `backbone` once, however the sandbox ends; meanwhile the sandbox
+        is killed if the backbone's weights are found corrupted."""
         kill = sandbox.proc.kill
         backbone.on_corrupt.add(kill)
-        return sandbox
 
-    def _park(self, sandbox: Sandbox) -> None:
-        """Make a sandbox leasable, and stop it if nobody leases it within the keep-alive."""
-        self._idle.append(sandbox)
-        self._expiry[sandbox] = asyncio.get_running_loop().call_later(
-            self._config.keep_alive_s, self._expire, sandbox)
+        def release() -> None:
+            backbone.on_corrupt.discard(kill)
+            self._backbones.release(backbone)
 
-    def _expire(self, sandbox: Sandbox) -> None:
-        self._idle.remove(sandbox)
-        del self._expiry[sandbox]
-        self.log.info("sandbox_expired", pid=sandbox.proc.pid, keep_alive_s=self._config.keep_alive_s)
-        task = asyncio.create_task(sandbox.stop(self._config.stop_grace_s))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        return release
 
-    def _exited(self, sandbox: Sandbox, code: int) -> None:
+    def _reached(self, slot: Slot, cost: StepCost) -> None:
+        slot.level = cost.level
+        self._profiles.observe(self.spec["backbone"], cost.level, cost.seconds, cost.host_bytes,
+                               cost.device_bytes)
+
+    # --- idle sandboxes -------------------------------------------------------------
+
+    def _park(self, slot: Slot) -> None:
+        """Make a slot leasable; with a keep-alive, stop it if nobody leases it in time."""
+        slot.idle_since = time.monotonic()
+        if self._keep_alive_s is not None:
+            slot.expiry = asyncio.get_running_loop().call_later(self._keep_alive_s, self._expire, slot)
+
+    def _expire(self, slot: Slot) -> None:
+        slot.expiry = None
+        self.log.info("sandbox_expired", pid=slot.sandbox.proc.pid if slot.sandbox else None,
+                      keep_alive_s=self._keep_alive_s)
+        self._stop(slot)
+
+    def _stop(self, slot: Slot) -> None:
+        """Stop an idle slot in the background (close() waits for it)."""
+        self._slots.remove(slot)
+        if slot.sandbox is not None:
+            task = asyncio.create_task(slot.sandbox.stop(self._config.stop_grace_s))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def _exited(self, slot: Slot, code: int) -> None:
         """A sandbox process ended. An idle one is dropped at once (its backbone use with
-        it); a busy one is handled by the request it was serving."""
-        if sandbox in self._idle:
-            self._idle.remove(sandbox)
-            self._expiry.pop(sandbox).cancel()
-            sandbox.discard()
-            self.log.warning("sandbox_exited_idle", pid=sandbox.proc.pid, code=code)
+        it); a busy or climbing one is handled by the request or the climb."""
+        if slot in self._slots and slot.free and slot.climb is None:
+            self._slots.remove(slot)
+            if slot.expiry is not None:
+                slot.expiry.cancel()
+            assert slot.sandbox is not None
+            slot.sandbox.discard()
+            self.log.warning("sandbox_exited_idle", pid=slot.sandbox.proc.pid, code=code)
+            self._on_change()
 
-    async def _release(self, sandbox: Sandbox) -> None:
-        async with self._cond:
-            self._busy.discard(sandbox)
-            keep = sandbox.alive and not self._closed
-            if keep:
-                self._park(sandbox)
-            self._cond.notify_all()
-        if not keep:
-            await sandbox.stop(self._config.stop_grace_s)
+    # --- the pre-loader's handles ---------------------------------------------------
+
+    def prepare(self, target: Level) -> None:
+        """Have one sandbox ready at `target` or above: the free one furthest up climbs to
+        it, or a new one is started when the function has no sandbox at all. Not after a
+        failed start: a function that cannot load is retried by its next request, not in
+        the background."""
+        if self._closed or target == Level.COLD or self._start_failed:
+            return
+        free = [s for s in self._slots if s.free]
+        if free:
+            slot = max(free, key=lambda s: s.level)
+            if max(slot.level, slot.target) < target:
+                self._raise_target(slot, target)
+        elif not self._slots:
+            slot = Slot()
+            self._slots.append(slot)
+            self._raise_target(slot, target)
+
+    def trim(self, target: Level, linger_s: float) -> int:
+        """Stop idle sandboxes beyond the plan: the one furthest up when it is above
+        `target` (all of it for COLD), the others (a burst's) once idle for `linger_s`.
+        Never a busy or climbing one. Returns how many were stopped."""
+        idle = sorted((s for s in self._slots if s.free and s.climb is None),
+                      key=lambda s: s.level, reverse=True)
+        now = time.monotonic()
+        stopped = 0
+        for i, slot in enumerate(idle):
+            if (slot.level > target) if i == 0 else (now - slot.idle_since >= linger_s):
+                self._stop(slot)
+                stopped += 1
+        return stopped
 
     async def close(self) -> None:
         """Stop taking requests, stop idle sandboxes and those still starting. Busy ones
         are stopped by `_release` when their request is answered."""
         async with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
-            for handle in self._expiry.values():
-                handle.cancel()
-            self._expiry.clear()
+            climbs = [s.climb for s in self._slots if s.climb is not None]
+            for slot in [s for s in self._slots if s.free and s.climb is None]:
+                if slot.expiry is not None:
+                    slot.expiry.cancel()
+                self._stop(slot)
             self._cond.notify_all()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(s.stop(self._config.stop_grace_s) for s in idle), *self._stopping)
+        for climb in climbs:
+            climb.cancel()
+        await asyncio.gather(*climbs, return_exceptions=True)
+        await asyncio.gather(*self._stopping)

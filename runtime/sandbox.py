@@ -1,16 +1,19 @@
 """The sandbox process: serves one function, one request at a time, for the node agent.
 
-Forked by the zygote (runtime/zygote.py) with one end of a socketpair and the backbone's
-descriptors. It receives an `init` frame (which function), imports the function's file,
-loads backbone + adapter when the function declares them, runs `setup`, answers `ready`
-(or `init_error`), then answers each `invoke` frame with a `result` or an `error` frame.
-It exits when the socket closes, and the kernel kills it if the node dies.
+Forked by the zygote (runtime/zygote.py) with one end of a socketpair. It receives an
+`init` frame (which function) and answers `level` (SPAWNED). Then the node moves it up
+the levels of runtime/levels.py with one `step` frame each (the ATTACHED step carries the
+backbone's descriptors), each answered with `level` (its time and the memory the process
+holds after it) or `init_error`. Once LOADED it answers each `invoke` frame with a
+`result` or an `error` frame. It exits when the socket closes, and the kernel kills it if
+the node dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import socket
 import time
 from typing import Any, Callable
@@ -19,34 +22,58 @@ from faas.errors import SpecError
 from faas.logs import get_logger
 from faas.sdk import Context, FunctionSpec
 from runtime import frames
+from runtime.levels import Level
 from runtime.loader import find_spec
+from runtime.memory import device_bytes, give_back_heap, private_dirty_bytes
 
 
 def _error(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc)}
 
 
-class _Served:
-    """The loaded function: spec, optional engine, and the sandbox-lifetime state."""
+class _Function:
+    """The function this sandbox serves, loaded one level at a time."""
 
     def __init__(self, init: dict[str, Any]) -> None:
-        self.engine = None
+        self.init = init
+        self.level = Level.SPAWNED
+        self.engine: Any = None
+        self.spec: FunctionSpec | None = None
         self.state: dict[str, Any] = {}
         self.loop = asyncio.new_event_loop()
-        # The zygote already isolated this process (runtime/isolation.py): everything below,
-        # the runtime's loading included, happens with the function's rights only.
-        if init["backbone_path"] is not None:
+
+    def step(self, level: Level, frame: dict[str, Any], fds: list[int]) -> None:
+        """Do what reaching `level` takes. The zygote already isolated this process
+        (runtime/isolation.py): all of it runs with the function's rights only."""
+        if level != self.level + 1:
+            raise RuntimeError(f"cannot step from {self.level.label} to {level.label}")
+        init = self.init
+        if level == Level.ATTACHED and init["backbone_path"] is not None:
             import torch
 
             from runtime.engine import LoraEngine
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            self.engine = LoraEngine(init["backbone_path"], init["adapter"], init.get("backbone"))
-        self.spec: FunctionSpec = find_spec(init["source_file"], init["name"])
+            self.engine = LoraEngine(init["backbone_path"], init["adapter"])
+            shared = frame.get("backbone")
+            if shared is not None:
+                shared["fds"] = fds
+            self.engine.attach(shared)
+        elif level == Level.STAGED and self.engine is not None:
+            self.engine.stage()
+        elif level == Level.LOADED:
+            self._load(warm_up=bool(frame.get("warm_up")))
+        self.level = level
+
+    def _load(self, warm_up: bool) -> None:
+        init = self.init
+        if self.engine is not None:
+            self.engine.load()
+        self.spec = find_spec(init["source_file"], init["name"])
         if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
             raise SpecError(f"{init['source_file']} changed since the node loaded it "
                             "(backbone or adapter differ): restart the node")
-        if self.engine is not None:
+        if self.engine is not None and warm_up:
             self.engine.warm_up()
         if self.spec.setup is not None:
             self._call(self.spec.setup, Context(self.spec.name, None, self.state, self._generator))
@@ -62,6 +89,9 @@ class _Served:
         return result
 
     def invoke(self, frame: dict[str, Any]) -> bytes:
+        if self.spec is None:
+            return frames.pack({"type": "error", "error": {
+                "type": "RuntimeError", "message": "the sandbox is not loaded"}})
         if self.engine is not None:
             self.engine.meter.reset()
         ctx = Context(self.spec.name, frame["request_id"], self.state, self._generator)
@@ -83,26 +113,37 @@ class _Served:
                 "message": f"handler returned a value that cannot be encoded: {exc}"}})
 
 
-def serve(sock: socket.socket, backbone_fds: list[int]) -> int:
-    """Serve one function on `sock` (the zygote calls this in a forked child);
-    `backbone_fds` are this process's descriptors of the shared backbone, if any."""
+def _level_frame(level: Level, seconds: float) -> bytes:
+    return frames.pack({"type": "level", "level": int(level), "ms": seconds * 1000,
+                        "host_bytes": private_dirty_bytes(), "device_bytes": device_bytes()})
+
+
+def serve(sock: socket.socket) -> int:
+    """Serve one function on `sock` (the zygote calls this in a forked child)."""
     init = frames.recv_frame(sock)
     if init is None:
         return 0
-    if init.get("backbone") is not None:
-        init["backbone"]["fds"] = backbone_fds
     log = get_logger(fn=init["name"])
-    started = time.monotonic()
-    try:
-        served = _Served(init)
-    except Exception as exc:
-        log.error("sandbox_init_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
-        sock.sendall(frames.pack({"type": "init_error", "error": _error(exc)}))
-        return 1
-    load_ms = (time.monotonic() - started) * 1000
-    sock.sendall(frames.pack({"type": "ready", "load_ms": load_ms}))
-    log.info("sandbox_ready", load_ms=round(load_ms, 1))
-    while (frame := frames.recv_frame(sock)) is not None:
+    function = _Function(init)
+    sock.sendall(_level_frame(Level.SPAWNED, 0.0))
+    while True:
+        frame, fds = frames.recv_frame_with_fds(sock)
+        if frame is None:
+            return 0
         if frame.get("type") == "invoke":
-            sock.sendall(served.invoke(frame))
-    return 0
+            sock.sendall(function.invoke(frame))
+            give_back_heap()
+            continue
+        level = Level(frame["level"])
+        started = time.monotonic()
+        try:
+            function.step(level, frame, fds)
+        except Exception as exc:
+            log.error("sandbox_init_failed", level=level.label, error=f"{type(exc).__name__}: {exc}",
+                      exc_info=True)
+            sock.sendall(frames.pack({"type": "init_error", "error": _error(exc)}))
+            return 1
+        finally:
+            for fd in fds:  # a mapping outlives its descriptor
+                os.close(fd)
+        sock.sendall(_level_frame(level, time.monotonic() - started))

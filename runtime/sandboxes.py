@@ -15,6 +15,7 @@ from faas.logs import get_logger
 from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
+from runtime.levels import Level
 from runtime.procs import start_node_child
 
 
@@ -41,19 +42,33 @@ class SandboxResult:
     first_token_at: float | None = None
 
 
-class Sandbox:
-    """One sandbox process leased to one function; serves one request at a time."""
+@dataclass(frozen=True)
+class StepCost:
+    """What one step took, measured on the node, and what the sandbox holds after it."""
 
-    def __init__(self, function: str, proc: ForkedProcess,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 on_close: Callable[[], None] | None = None) -> None:
+    level: Level
+    seconds: float
+    host_bytes: int
+    device_bytes: int
+
+
+class Sandbox:
+    """One sandbox process leased to one function; climbs the levels one step at a time
+    (runtime/levels.py), then serves one request at a time."""
+
+    def __init__(self, function: str, proc: ForkedProcess, sock: socket.socket,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.function = function
         self.proc = proc
+        # A twin of the stream's socket for the one frame that carries descriptors (the
+        # backbone's); asyncio's transport cannot attach them.
+        self._fd_sock = socket.socket(fileno=os.dup(sock.fileno()))
         self._reader = reader
         self._writer = writer
-        self._on_close = on_close
+        self._on_close: Callable[[], None] | None = None
         self._output_task: asyncio.Task[None] | None = None  # ends at EOF, when the process does
-        self.load_ms: float = 0.0
+        self.level = Level.COLD
+        self.idle_since = time.monotonic()
         self.log = get_logger(fn=function, pid=proc.pid)
 
     @property
@@ -95,14 +110,27 @@ class Sandbox:
             raise SandboxDied(f"sandbox of {self.function!r} exited with code {code} "
                               "while serving the request") from None
 
-    async def initialise(self, init: dict[str, Any]) -> None:
-        await self._send({"type": "init", **init})
+    async def step(self, frame: dict[str, Any], backbone: Backbone | None = None,
+                   on_close: Callable[[], None] | None = None) -> StepCost:
+        """Send one step (`init` or `step`) and wait for the level it reached; with a
+        backbone, its descriptors go along and `on_close` (which lets go of it) runs once
+        when this sandbox is let go of. HandlerError when the step failed."""
+        started = time.monotonic()
+        if backbone is not None:
+            self._on_close = on_close
+            await self._writer.drain()
+            frames.send_frame_with_fds(self._fd_sock, {**frame, "backbone": backbone.for_sandbox()},
+                                       backbone.fds)
+        else:
+            await self._send(frame)
         reply = await self._receive()
         if reply["type"] == "init_error":
             err = reply["error"]
             raise HandlerError(f"function {self.function!r} failed to load: "
                                f"{err['type']}: {err['message']}")
-        self.load_ms = float(reply["load_ms"])
+        self.level = Level(reply["level"])
+        return StepCost(self.level, time.monotonic() - started, int(reply["host_bytes"]),
+                        int(reply["device_bytes"]))
 
     async def invoke(self, request_id: str, event: dict[str, Any]) -> SandboxResult:
         """Run the handler; HandlerError if it raised, SandboxDied if the process died."""
@@ -120,6 +148,7 @@ class Sandbox:
     def discard(self) -> None:
         """Let go of a sandbox that already exited: our socket end and its backbone."""
         self._writer.close()
+        self._fd_sock.close()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
@@ -127,6 +156,7 @@ class Sandbox:
     async def stop(self, grace_s: float) -> None:
         """Close the socket (the sandbox exits on EOF); kill it if it lingers."""
         self._writer.close()
+        self._fd_sock.close()
         try:
             await asyncio.wait_for(self.proc.wait(), grace_s)
         except TimeoutError:
@@ -285,40 +315,31 @@ class Zygote:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def spawn_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
-                        isolation: Isolation, backbone: Backbone | None = None,
-                        on_close: Callable[[], None] | None = None) -> Sandbox:
-    """Fork a sandbox for the function described by `spec` and wait until it is ready
-    (backbone mapping, adapter, setup, warm-up: the cold start after the imports). The
-    backbone's descriptors are passed to the process; `on_close` runs once when the
-    sandbox is let go of, however it ends."""
+async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
+                       isolation: Isolation) -> tuple[Sandbox, StepCost]:
+    """Fork a sandbox for the function described by `spec` and tell it which function it
+    serves: a SPAWNED sandbox, nothing loaded yet."""
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     output_r, output_w = os.pipe()
     try:
-        proc = await zygote.fork([theirs.fileno(), output_w, *(backbone.fds if backbone else [])],
-                                 isolation)
+        proc = await zygote.fork([theirs.fileno(), output_w], isolation)
     except BaseException:
         os.close(output_r)
+        ours.close()
         raise
     finally:
         theirs.close()
         os.close(output_w)
     reader, writer = await asyncio.open_unix_connection(sock=ours)
-    sandbox = Sandbox(spec["name"], proc, reader, writer, on_close)
+    sandbox = Sandbox(spec["name"], proc, ours, reader, writer)
     await sandbox.forward_output(output_r)
-    init = {"name": spec["name"], "source_file": spec["source_file"], "threads": config.threads,
-            "backbone_path": spec["backbone"], "adapter": spec["adapter"],
-            "backbone": backbone.for_sandbox() if backbone is not None else None}
+    init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
+            "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"]}
     try:
-        await asyncio.wait_for(sandbox.initialise(init), spec["start_timeout_s"])
-    except TimeoutError:
-        await sandbox.kill()
-        raise HandlerError(f"sandbox of {spec['name']!r} did not load within "
-                           f"start_timeout_s={spec['start_timeout_s']:g}") from None
+        cost = await sandbox.step(init)
     except BaseException:
         await sandbox.kill()
         raise
-    sandbox.log.info("sandbox_started", load_ms=round(sandbox.load_ms, 1),
-                     start_ms=round((time.monotonic() - started) * 1000, 1))
-    return sandbox
+    return sandbox, StepCost(cost.level, time.monotonic() - started, cost.host_bytes,
+                             cost.device_bytes)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -21,6 +21,7 @@ from runtime.backbones import detect_device
 from runtime.catalog import Catalog, load_catalog
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig
+from runtime.preload import PreloadConfig
 from runtime.sandboxes import SandboxConfig
 
 log = get_logger()
@@ -37,6 +38,7 @@ class UpOptions:
     device: str = "auto"
     backbone_keep_alive_s: float = 300.0
     sandbox_keep_alive_s: float = 600.0
+    preload: PreloadConfig = field(default_factory=PreloadConfig)
     # When the node runs as root: discovery runs as the first uid, function i (by sorted
     # name) as first + 1 + i. None: sandboxes keep the node's uid.
     sandbox_uids: tuple[int, int] | None = (61000, 61999)
@@ -105,7 +107,8 @@ async def up(options: UpOptions) -> int:
                                                       keep_alive_s=options.sandbox_keep_alive_s),
                             loader_isolation=catalog.loader_isolation,
                             device=detect_device(options.device),
-                            backbone_keep_alive_s=options.backbone_keep_alive_s)
+                            backbone_keep_alive_s=options.backbone_keep_alive_s,
+                            preload=options.preload)
         nc = await connect_node(url, config.node_id, on_closed, credentials)
         node = Node(nc, catalog.specs, config, catalog.isolation)
         await node.start()

@@ -5,8 +5,8 @@ The node starts it once (`python -m runtime.zygote --fd N --parent PID`, with OM
 counts set in its environment). It only imports: nothing in it runs a torch op, so no
 OpenMP pool exists to be broken by fork. Protocol on its socket (msgpack frames):
 
-- node -> zygote: `fork {id, isolation}` with the new sandbox's socket, the write end of its
-  output pipe and the backbone's descriptors attached (SCM_RIGHTS); zygote -> node:
+- node -> zygote: `fork {id, isolation}` with the new sandbox's socket and the write end of
+  its output pipe attached (SCM_RIGHTS); zygote -> node:
   `forked {id, pid}`.
 - zygote -> node: `exited {pid, code}` whenever a sandbox ends (code < 0: killed by signal).
 
@@ -54,14 +54,14 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple
         os.setsid()
         die_with_parent()
         # stdout and stderr go to a pipe the node reads and tags, not to the node's stderr.
-        sock_fd, output_fd, *backbone_fds = fds
+        sock_fd, output_fd = fds
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         os.close(output_fd)
         Isolation.from_dict(isolation).enter()
         from runtime.sandbox import serve
 
-        code = serve(socket.socket(fileno=sock_fd), backbone_fds)
+        code = serve(socket.socket(fileno=sock_fd))
     except SystemExit as exc:  # a handler's sys.exit(n): report n, like a process would
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

@@ -1,0 +1,91 @@
+"""Invocation history in NATS: one message per invocation on `faas.history.<function>`,
+kept in the JetStream stream FAAS_HISTORY (created if missing), so every node and a node
+that restarts predict from the same history.
+
+Each node publishes its own invocations (a plain publish: the stream stores it, the request
+path never waits for an ack) and reads the whole stream with an ordered consumer: first
+what is stored, then every new invocation of any node, in order. Without JetStream (a
+server started without `-js`) the history is this node's own, in memory, and it says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import DeliverPolicy, StorageType
+from nats.js.errors import BadRequestError
+
+from faas import protocol
+from faas.logs import get_logger
+
+
+class History:
+    """Arrival times (Unix seconds, ascending) per function, at most `keep` each."""
+
+    def __init__(self, nc: NATS, node_id: str, keep: int = 1000, max_age_s: float = 7 * 86400,
+                 on_arrival: Callable[[str], None] = lambda _fn: None) -> None:
+        self.nc = nc
+        self.node_id = node_id
+        self.keep = keep
+        self.max_age_s = max_age_s
+        self.on_arrival = on_arrival
+        self.arrivals: dict[str, list[float]] = {}
+        self.shared = False  # True once it reads the JetStream stream
+        self._sub = None
+        self.log = get_logger(component="history")
+
+    async def start(self) -> None:
+        js = self.nc.jetstream()
+        config = dict(name=protocol.HISTORY_STREAM, subjects=[protocol.HISTORY_PREFIX + ">"],
+                      max_msgs_per_subject=self.keep, max_age=self.max_age_s,
+                      storage=StorageType.FILE)
+        try:
+            try:
+                await js.add_stream(**config)
+            except BadRequestError:  # it exists with other limits: ours win
+                await js.update_stream(**config)
+            self._sub = await js.subscribe(protocol.HISTORY_PREFIX + ">", cb=self._on_message,
+                                           ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+            self.shared = True
+        except (NatsError, TimeoutError) as exc:
+            self.log.warning("history_local_only", error=f"{type(exc).__name__}: {exc}",
+                             hint="start nats-server with JetStream (-js) to share the history")
+
+    async def record(self, function: str) -> None:
+        """An invocation of `function` arrived now."""
+        now = time.time()
+        if not self.shared:
+            self._add(function, now)
+            return
+        try:
+            await self.nc.publish(protocol.history_subject(function),
+                                  protocol.history_record(now, self.node_id))
+        except NatsError as exc:
+            self.log.warning("history_publish_failed", fn=function, error=str(exc))
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            function, at = protocol.parse_history(msg.subject, msg.data)
+        except ValueError as exc:
+            self.log.warning("history_record_ignored", subject=msg.subject, error=str(exc))
+            return
+        self._add(function, at)
+
+    def _add(self, function: str, at: float) -> None:
+        times = self.arrivals.setdefault(function, [])
+        bisect.insort(times, at)  # nodes' clocks differ a little: keep them sorted
+        if len(times) > self.keep:
+            del times[:len(times) - self.keep]
+        self.on_arrival(function)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except NatsError:
+                pass

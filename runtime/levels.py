@@ -1,0 +1,147 @@
+"""How far a function's sandbox is loaded, and what each step costs (the pre-loader's profile).
+
+A sandbox climbs the levels one step at a time, each step a frame to the sandbox:
+
+- SPAWNED: forked from the zygote (python, torch, transformers and peft already imported);
+- ATTACHED: device context up and the shared backbone mapped into a meta skeleton;
+- STAGED: the adapter's weights read into host memory;
+- LOADED: adapter on the device (peft, unmerged), tokenizer, handler module imported, `setup`
+  run, warm-up forward done (when no request is waiting for it).
+
+COLD is no sandbox at all. A function without a backbone has nothing to attach or stage:
+those steps cost nothing for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+
+class Level(IntEnum):
+    COLD = 0
+    SPAWNED = 1
+    ATTACHED = 2
+    STAGED = 3
+    LOADED = 4
+
+    @property
+    def label(self) -> str:
+        """The name replies, logs and `faas ls` use."""
+        return self.name.lower()
+
+
+STEPS = (Level.SPAWNED, Level.ATTACHED, Level.STAGED, Level.LOADED)
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+def _weights_size(model: str) -> int:
+    folder = Path(model)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+@dataclass
+class Cost:
+    """One step's running estimate: its time and the memory the sandbox holds after it.
+    Memory is what the sandbox holds privately (the backbone it maps is the backbone's)."""
+
+    seconds: float
+    host_bytes: int
+    device_bytes: int = 0
+    samples: int = 0
+
+    def observe(self, seconds: float, host_bytes: int, device_bytes: int, weight: float = 0.3) -> None:
+        """Fold in one measurement; the first replaces the prior."""
+        if self.samples == 0:
+            self.seconds, self.host_bytes, self.device_bytes = seconds, host_bytes, device_bytes
+        else:
+            self.seconds += weight * (seconds - self.seconds)
+            self.host_bytes = round(self.host_bytes + weight * (host_bytes - self.host_bytes))
+            self.device_bytes = round(self.device_bytes + weight * (device_bytes - self.device_bytes))
+        self.samples += 1
+
+
+def _prior() -> dict[Level, Cost]:
+    # Order of magnitude on the 2-core dev machine with the bench model; replaced by the first
+    # measurement of each step.
+    return {Level.SPAWNED: Cost(0.05, 20 * MIB), Level.ATTACHED: Cost(0.3, 40 * MIB),
+            Level.STAGED: Cost(0.05, 45 * MIB), Level.LOADED: Cost(0.6, 120 * MIB)}
+
+
+@dataclass
+class LevelProfile:
+    """The measured cost of each level for the functions of one backbone (None: plain
+    Python functions), plus the backbone's own load time and size."""
+
+    steps: dict[Level, Cost] = field(default_factory=_prior)
+    backbone_seconds: float = 0.0
+    backbone_bytes: int = 0
+    backbone_device_bytes: int = 0
+
+    def time_to_loaded(self, level: Level) -> float:
+        """Seconds from `level` to LOADED (the rest of a cold start, backbone excluded)."""
+        return sum(self.steps[step].seconds for step in STEPS if step > level)
+
+    def saved(self, level: Level) -> float:
+        """TTFT a request saves by finding a sandbox at `level` rather than none."""
+        return self.time_to_loaded(Level.COLD) - self.time_to_loaded(level)
+
+    def held(self, level: Level) -> tuple[int, int]:
+        """(host, device) bytes a sandbox holds at `level`."""
+        if level == Level.COLD:
+            return 0, 0
+        cost = self.steps[level]
+        return cost.host_bytes, cost.device_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": {step.label: {"ms": round(c.seconds * 1000, 1),
+                                       "host_mib": round(c.host_bytes / MIB, 1),
+                                       "device_mib": round(c.device_bytes / MIB, 1),
+                                       "samples": c.samples}
+                          for step, c in self.steps.items()},
+                "backbone": {"ms": round(self.backbone_seconds * 1000, 1),
+                             "host_mib": round(self.backbone_bytes / MIB, 1),
+                             "device_mib": round(self.backbone_device_bytes / MIB, 1)}}
+
+
+class Profiles:
+    """The node's level profiles, one per backbone (None: plain functions), measured from
+    every step a sandbox takes (first use replaces the prior, later ones refine it)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._by_model: dict[str | None, LevelProfile] = {}
+
+    def of(self, model: str | None) -> LevelProfile:
+        profile = self._by_model.get(model)
+        if profile is None:
+            profile = self._by_model[model] = LevelProfile()
+            if model is None:  # nothing to attach or stage
+                for step in (Level.ATTACHED, Level.STAGED):
+                    profile.steps[step] = Cost(0.0, profile.steps[Level.SPAWNED].host_bytes)
+            else:  # until it is loaded once: its size on disk, and a load time guessed from it
+                size = _weights_size(model)
+                self.observe_backbone(model, 1.0 + size / GIB, 0 if self.on_device else size,
+                                      size if self.on_device else 0)
+        return profile
+
+    @property
+    def on_device(self) -> bool:
+        return self.device != "cpu"
+
+    def observe(self, model: str | None, level: Level, seconds: float, host_bytes: int,
+                device_bytes: int) -> None:
+        self.of(model).steps[level].observe(seconds, host_bytes, device_bytes)
+
+    def observe_backbone(self, model: str, seconds: float, host_bytes: int, device_bytes: int) -> None:
+        profile = self.of(model)
+        profile.backbone_seconds = seconds
+        profile.backbone_bytes, profile.backbone_device_bytes = host_bytes, device_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {model or "(plain)": p.to_dict() for model, p in self._by_model.items()}

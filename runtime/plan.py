@@ -1,0 +1,129 @@
+"""The pre-load plan: which level each function's sandbox should be kept at, and which
+backbones kept loaded, under a host and a device memory budget. Pure (no I/O).
+
+A precedence-constrained knapsack: pre-loading function f to level L is worth
+`chance_f x (TTFT saved at L)` seconds over the horizon and weighs the memory a sandbox
+holds at L; a sandbox at ATTACHED or above needs its backbone, which is worth its load
+time times the chance that any of its functions is invoked. Solved greedily by value
+density, where each candidate move is a whole chain (raising f from its planned level to
+L, with the backbone when it is not planned yet), so a cheap prerequisite never hides a
+valuable step behind it and precedence holds by construction. A move must also be worth
+its memory: at least `price_s_per_gib_s x GiB x horizon` seconds saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from runtime.levels import GIB, STEPS, Level, LevelProfile
+
+
+@dataclass(frozen=True)
+class Demand:
+    """One function as the planner sees it."""
+
+    function: str
+    backbone: str | None
+    chance: float  # of an invocation within the horizon
+    serving: bool = False  # a sandbox of it is busy: it needs no pre-loading, and its backbone is in use
+
+
+@dataclass(frozen=True)
+class Budget:
+    host_bytes: int
+    device_bytes: int = 0
+
+
+@dataclass
+class Plan:
+    levels: dict[str, Level]
+    backbones: set[str]  # kept loaded for the plan (those in use are not counted here)
+    values: dict[str, float]  # expected seconds of TTFT saved, per function (and backbone)
+    host_bytes: int = 0
+    device_bytes: int = 0
+    order: list[str] = field(default_factory=list)  # functions, most valuable move first
+
+
+@dataclass(frozen=True)
+class _Move:
+    density: float
+    value: float
+    function: str | None  # None: the backbone alone
+    level: Level
+    backbone: str | None  # planned by this move
+    host: int
+    device: int
+
+
+def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelProfile],
+              budget: Budget, horizon_s: float, price_s_per_gib_s: float) -> Plan:
+    demands = list(demands)
+    plan = Plan(levels={d.function: Level.COLD for d in demands}, backbones=set(), values={})
+    in_use = {d.backbone for d in demands if d.serving and d.backbone is not None}
+    backbone_value = _backbone_values(demands, profile)
+
+    def fits(host: int, device: int) -> bool:
+        return (plan.host_bytes + host <= budget.host_bytes
+                and plan.device_bytes + device <= budget.device_bytes)
+
+    def weight(host: int, device: int) -> float:
+        # Each budget's share, so a move that fills the scarcer one weighs more.
+        return (host / max(budget.host_bytes, 1)) + (device / max(budget.device_bytes, 1))
+
+    def worth(value: float, host: int, device: int) -> bool:
+        return value > 0 and value >= price_s_per_gib_s * (host + device) / GIB * horizon_s
+
+    def moves() -> Iterable[_Move]:
+        for model in {d.backbone for d in demands if d.backbone is not None} - in_use - plan.backbones:
+            p = profile(model)
+            host, device = p.backbone_bytes, p.backbone_device_bytes
+            if fits(host, device) and worth(backbone_value[model], host, device):
+                yield _Move(backbone_value[model] / max(weight(host, device), 1e-12),
+                            backbone_value[model], None, Level.COLD, model, host, device)
+        for d in demands:
+            if d.serving:
+                continue
+            p = profile(d.backbone)
+            now = plan.levels[d.function]
+            held_host, held_device = p.held(now)
+            for level in STEPS:
+                if level <= now:
+                    continue
+                host, device = p.held(level)
+                host, device = host - held_host, device - held_device
+                value = d.chance * (p.saved(level) - p.saved(now))
+                needs = (d.backbone if d.backbone is not None and level >= Level.ATTACHED
+                         and d.backbone not in in_use | plan.backbones else None)
+                if needs is not None:
+                    host, device = host + p.backbone_bytes, device + p.backbone_device_bytes
+                    value += backbone_value[needs]
+                if fits(host, device) and worth(value, host, device):
+                    yield _Move(value / max(weight(host, device), 1e-12), value, d.function,
+                                level, needs, host, device)
+
+    while True:
+        best = max(moves(), key=lambda m: m.density, default=None)
+        if best is None:
+            return plan
+        if best.backbone is not None:
+            plan.backbones.add(best.backbone)
+            plan.values[best.backbone] = backbone_value[best.backbone]
+        if best.function is not None:
+            own = best.value - (backbone_value[best.backbone] if best.backbone else 0.0)
+            plan.levels[best.function] = best.level
+            plan.values[best.function] = plan.values.get(best.function, 0.0) + own
+            if best.function not in plan.order:
+                plan.order.append(best.function)
+        plan.host_bytes += best.host
+        plan.device_bytes += best.device
+
+
+def _backbone_values(demands: list[Demand], profile: Callable[[str | None], LevelProfile]
+                     ) -> dict[str, float]:
+    """A loaded backbone saves its load time to the first request of any of its functions."""
+    none_invoked: dict[str, float] = {}
+    for d in demands:
+        if d.backbone is not None:
+            none_invoked[d.backbone] = none_invoked.get(d.backbone, 1.0) * (1.0 - d.chance)
+    return {model: profile(model).backbone_seconds * (1.0 - q) for model, q in none_invoked.items()}

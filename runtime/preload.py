@@ -1,0 +1,183 @@
+"""The pre-loader: invocation history -> predictions -> plan -> sandboxes and backbones.
+
+It re-plans on a timer, whenever an invocation arrives (on any node: the history is shared)
+or a sandbox changes state, and on deploy (start). Applying a plan first stops what it
+drops, lowest value first (never a busy or climbing sandbox), then pins the backbones it
+keeps and has each function's sandbox climb to its planned level, most valuable first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from faas.logs import get_logger
+from runtime.backbones import Backbone, BackboneRegistry
+from runtime.history import History
+from runtime.levels import GIB, Profiles
+from runtime.plan import Budget, Demand, Plan, make_plan
+from runtime.pool import FunctionPool
+from runtime.predict import HybridHistogram, Prediction, Predictor, RateEstimate
+
+
+@dataclass(frozen=True)
+class PreloadConfig:
+    """How the node pre-loads. Disabled, sandboxes and backbones live for their fixed
+    keep-alives after use and nothing starts ahead of a request."""
+
+    enabled: bool = True
+    predictor: str = "histogram"  # or "rate"
+    horizon_s: float = 5.0  # chances are of an invocation within this long
+    interval_s: float = 1.0  # re-plan at least this often
+    linger_s: float = 10.0  # idle extra sandboxes (a burst's) and unpinned backbones stay this long
+    host_budget_gib: float | None = None  # default: a quarter of the machine's memory
+    device_budget_gib: float | None = None  # default: half of the device's memory (GPU nodes)
+    # Seconds of expected TTFT that justify holding one GiB for one second.
+    price_s_per_gib_s: float = 0.1
+    fallback_keep_alive_s: float = 600.0  # for functions with too little history
+
+    def make_predictor(self) -> Predictor:
+        if self.predictor == "histogram":
+            return HybridHistogram(fallback_keep_alive_s=self.fallback_keep_alive_s)
+        if self.predictor == "rate":
+            return RateEstimate()
+        raise ValueError(f"unknown predictor {self.predictor!r} (histogram or rate)")
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _device_memory_bytes() -> int:
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return 0
+
+
+def budget_of(config: PreloadConfig, device: str) -> Budget:
+    host = (config.host_budget_gib * GIB if config.host_budget_gib is not None
+            else _host_memory_bytes() // 4)
+    if device == "cpu":
+        return Budget(int(host), 0)
+    dev = (config.device_budget_gib * GIB if config.device_budget_gib is not None
+           else _device_memory_bytes() // 2)
+    return Budget(int(host), int(dev))
+
+
+class Preloader:
+    def __init__(self, pools: dict[str, FunctionPool], backbones: BackboneRegistry,
+                 profiles: Profiles, history: History, config: PreloadConfig, device: str) -> None:
+        self.pools = pools
+        self.backbones = backbones
+        self.profiles = profiles
+        self.history = history
+        self.config = config
+        self.predictor = config.make_predictor()
+        self.budget = budget_of(config, device)
+        self.plan: Plan | None = None
+        self.predictions: dict[str, Prediction] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pins: dict[str, asyncio.Task[Backbone]] = {}
+        self._closing = False
+        self.log = get_logger(component="preload")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="preloader")
+
+    def poke(self, *_: Any) -> None:
+        """Something changed (an invocation, a sandbox): re-plan soon."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._closing:
+            # Not wait_for: on Python 3.11 it can swallow a cancel that races a wake-up.
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait([woken], timeout=self.config.interval_s)
+            finally:
+                woken.cancel()
+            self._wake.clear()
+            try:
+                self.replan()
+            except Exception:  # a bug here must not stop serving: log it and plan again later
+                self.log.exception("replan_failed")
+            await asyncio.sleep(0.05)  # a burst of invocations re-plans once, not per message
+
+    def replan(self) -> Plan:
+        now = time.time()
+        for b in self.backbones.state():
+            self.profiles.observe_backbone(b["model"], b["load_ms"] / 1000,
+                                           0 if self.profiles.on_device else b["bytes"],
+                                           b["bytes"] if self.profiles.on_device else 0)
+        self.predictions = {
+            name: self.predictor.predict(self.history.arrivals.get(name, []), now, self.config.horizon_s)
+            for name in self.pools}
+        demands = [Demand(name, pool.spec["backbone"], self.predictions[name].chance, pool.busy)
+                   for name, pool in self.pools.items()]
+        plan = make_plan(demands, self.profiles.of, self.budget, self.config.horizon_s,
+                         self.config.price_s_per_gib_s)
+        self._apply(plan)
+        self.plan = plan
+        return plan
+
+    def _apply(self, plan: Plan) -> None:
+        for name in sorted(self.pools, key=lambda n: plan.values.get(n, 0.0)):
+            if self.pools[name].trim(plan.levels[name], self.config.linger_s):
+                self.log.info("preload_dropped", fn=name, to=plan.levels[name].label,
+                              chance=round(self.predictions[name].chance, 3))
+        for model in set(self._pins) - plan.backbones:
+            pin = self._pins.pop(model)
+            pin.add_done_callback(self._unpin)
+        for model in plan.backbones - set(self._pins):
+            self._pins[model] = asyncio.create_task(self.backbones.acquire(model))
+            self.log.info("preload_backbone", model=model, value_s=round(plan.values[model], 3))
+        for name in plan.order:
+            pool = self.pools[name]
+            if pool.best_level < plan.levels[name] and not pool.busy:
+                self.log.info("preload", fn=name, to=plan.levels[name].label,
+                              chance=round(self.predictions[name].chance, 3),
+                              why=self.predictions[name].why)
+            pool.prepare(plan.levels[name])
+
+    def _unpin(self, pin: asyncio.Task[Backbone]) -> None:
+        if not pin.cancelled() and pin.exception() is None:
+            self.backbones.release(pin.result())
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What `faas ls` shows of the plan for one function, and why."""
+        prediction = self.predictions.get(name)
+        if self.plan is None or prediction is None:
+            return {}
+        return {"planned": self.plan.levels[name].label, "chance": round(prediction.chance, 4),
+                "why": prediction.why, "value_s": round(self.plan.values.get(name, 0.0), 4)}
+
+    def summary(self) -> dict[str, Any]:
+        plan = self.plan
+        return {"predictor": self.config.predictor, "horizon_s": self.config.horizon_s,
+                "budget_gib": {"host": round(self.budget.host_bytes / GIB, 3),
+                               "device": round(self.budget.device_bytes / GIB, 3)},
+                "planned_gib": {"host": round(plan.host_bytes / GIB, 3) if plan else 0.0,
+                                "device": round(plan.device_bytes / GIB, 3) if plan else 0.0},
+                "backbones": sorted(plan.backbones) if plan else [],
+                "profiles": self.profiles.to_dict(), "shared_history": self.history.shared}
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for pin in self._pins.values():
+            pin.cancel()
+        await asyncio.gather(*self._pins.values(), return_exceptions=True)
+        self._pins.clear()
