@@ -33,7 +33,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                             horizon_s=args.preload_horizon_s, host_budget_gib=args.preload_budget_gib,
                             device_budget_gib=args.preload_device_budget_gib,
                             price_s_per_gib_s=args.preload_price,
-                            fallback_keep_alive_s=args.sandbox_keep_alive_s)
+                            keep_alive_s=args.sandbox_keep_alive_s)
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sandbox-keep-alive-s", type=_positive, default=600.0,
                     help="with --no-preload: how long an idle sandbox is kept for its function's "
                          "next request; with pre-loading, the keep-alive of functions with too "
-                         "little history")
+                         "little history and of the extra sandboxes a burst started")
     up.add_argument("--no-preload", action="store_true",
                     help="no predictive pre-loading: sandboxes and backbones start on demand "
                          "and live for their keep-alives")

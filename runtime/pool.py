@@ -247,7 +247,8 @@ class FunctionPool:
         async with self._cond:
             slot.climb = None
             if failure is not None:
-                self.log.error("sandbox_start_failed", error=failure.message)
+                if not self._closed:
+                    self.log.error("sandbox_start_failed", error=failure.message)
                 self._slots.remove(slot)
                 self._failures += 1
                 self._last_failure = failure
@@ -362,16 +363,17 @@ class FunctionPool:
             self._slots.append(slot)
             self._raise_target(slot, target)
 
-    def trim(self, target: Level, linger_s: float) -> int:
+    def trim(self, target: Level, extra_keep_alive_s: float) -> int:
         """Stop idle sandboxes beyond the plan: the one furthest up when it is above
-        `target` (all of it for COLD), the others (a burst's) once idle for `linger_s`.
+        `target` (all of it for COLD), the others (a burst's) once idle for
+        `extra_keep_alive_s`.
         Never a busy or climbing one. Returns how many were stopped."""
         idle = sorted((s for s in self._slots if s.free and s.climb is None),
                       key=lambda s: s.level, reverse=True)
         now = time.monotonic()
         stopped = 0
         for i, slot in enumerate(idle):
-            if (slot.level > target) if i == 0 else (now - slot.idle_since >= linger_s):
+            if (slot.level > target) if i == 0 else (now - slot.idle_since >= extra_keep_alive_s):
                 self._stop(slot)
                 stopped += 1
         return stopped

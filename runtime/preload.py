@@ -32,16 +32,18 @@ class PreloadConfig:
     predictor: str = "histogram"  # or "rate"
     horizon_s: float = 5.0  # chances are of an invocation within this long
     interval_s: float = 1.0  # re-plan at least this often
-    linger_s: float = 10.0  # idle extra sandboxes (a burst's) and unpinned backbones stay this long
+    linger_s: float = 10.0  # a backbone the plan no longer pins stays this long after its last user
     host_budget_gib: float | None = None  # default: a quarter of the machine's memory
     device_budget_gib: float | None = None  # default: half of the device's memory (GPU nodes)
     # Seconds of expected TTFT that justify holding one GiB for one second.
     price_s_per_gib_s: float = 0.1
-    fallback_keep_alive_s: float = 600.0  # for functions with too little history
+    # For functions with too little history (the predictor's fallback) and for the extra
+    # sandboxes a burst started beyond the one the plan keeps: what --no-preload keeps all by.
+    keep_alive_s: float = 600.0
 
     def make_predictor(self) -> Predictor:
         if self.predictor == "histogram":
-            return HybridHistogram(fallback_keep_alive_s=self.fallback_keep_alive_s)
+            return HybridHistogram(fallback_keep_alive_s=self.keep_alive_s)
         if self.predictor == "rate":
             return RateEstimate()
         raise ValueError(f"unknown predictor {self.predictor!r} (histogram or rate)")
@@ -133,7 +135,7 @@ class Preloader:
 
     def _apply(self, plan: Plan) -> None:
         for name in sorted(self.pools, key=lambda n: plan.values.get(n, 0.0)):
-            if self.pools[name].trim(plan.levels[name], self.config.linger_s):
+            if self.pools[name].trim(plan.levels[name], self.config.keep_alive_s):
                 self.log.info("preload_dropped", fn=name, to=plan.levels[name].label,
                               chance=round(self.predictions[name].chance, 3))
         for model in set(self._pins) - plan.backbones:

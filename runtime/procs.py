@@ -37,8 +37,10 @@ _ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NVIDIA_")
 def child_environment(threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES)}
+    # A name for whoever runs it: sandboxes and loaders run under uids with no passwd entry,
+    # where getpass.getuser() (torch's compile cache, imported by transformers) would raise.
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", USER="faas", LOGNAME="faas")
     return env
 
 

@@ -146,4 +146,11 @@ def serve(sock: socket.socket) -> int:
         finally:
             for fd in fds:  # a mapping outlives its descriptor
                 os.close(fd)
+        # Return what loading and the warm-up freed: before the reply when nobody waits for
+        # it (the profile then sees what an idle sandbox holds), after it when a request does.
+        waited = not frame.get("warm_up")
+        if not waited:
+            give_back_heap()
         sock.sendall(_level_frame(level, time.monotonic() - started))
+        if waited:
+            give_back_heap()

@@ -87,3 +87,16 @@ def zygote_pid(node_pid: int) -> int:
 def sandbox_host_pids(uid: int) -> list[int]:
     """Host pids of the sandboxes running as uid (forked from a zygote)."""
     return [p for p, _, u in zygote_family() if u == uid]
+
+
+def second_node(tmp_path: Path, *options: str):
+    """A node of the test's own (its server state in tmp_path/nats, its log in
+    tmp_path/node.log), beside the session's: it needs a uid range of its own (the first
+    one is locked)."""
+    from faas.localnode import LocalNode
+
+    with open(tmp_path / "node.log", "ab") as log:
+        node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats",
+                         extra_args=("--sandbox-uids", "62000-62999", *options))
+        node.start()
+    return node

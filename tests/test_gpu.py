@@ -68,3 +68,32 @@ async def test_gpu_scribbler_is_detected_and_the_backbone_reloaded(models, tmp_p
                 raise AssertionError("the corrupted backbone was not retired")
             after = (await client.invoke("support", event, timeout_s=300)).output["token_ids"]
             assert after == before
+
+
+async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
+    """The levels on the GPU: a sandbox attached through CUDA IPC with its adapter staged in
+    host memory puts the adapter on the device for its first request, which then matches
+    the reference; the profile records the device memory a loaded sandbox holds."""
+    import time
+
+    from bench.levels import node_parts, prepared
+    from runtime.levels import Level, Profiles
+    from runtime.pool import FunctionPool
+    from runtime.sandboxes import SandboxConfig
+
+    async with node_parts(EXAMPLES, "cuda") as (catalog, zygote, backbones):
+        spec = next(s for s in catalog.specs if s["name"] == "support")
+        profiles = Profiles("cuda")
+        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones, catalog.isolation["support"],
+                            profiles, keep_alive_s=None)
+        try:
+            await prepared(pool, Level.STAGED)
+            event = {"message": "Where is my parcel?", "max_new_tokens": 16}
+            pool.admit()
+            served = await pool.serve("gpu-staged", event, time.monotonic() + 300)
+            assert served.level == Level.STAGED
+            prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
+            assert served.result.output["token_ids"] == cuda_reference("support", prompt, 16)
+            assert profiles.of(spec["backbone"]).steps[Level.LOADED].device_bytes > 0
+        finally:
+            await pool.close()

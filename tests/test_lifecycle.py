@@ -13,8 +13,7 @@ import pytest
 
 from bench.accounting import process_tree
 from faas import Client
-from faas.localnode import LocalNode
-from tests.conftest import EXAMPLES, TEST_FUNCTIONS
+from tests.conftest import second_node
 
 
 def descendants(pid: int) -> set[int]:
@@ -37,15 +36,6 @@ def wait_all_gone(pids: set[int], timeout_s: float = 10.0) -> set[int]:
             return left
         time.sleep(0.05)
     return {p for p in pids if alive(p)}
-
-
-def second_node(tmp_path: Path, *options: str) -> LocalNode:
-    with open(tmp_path / "node.log", "ab") as log:
-        # A second node on this host: it needs a uid range of its own (the first one is locked).
-        node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats",
-                         extra_args=("--sandbox-uids", "62000-62999", *options))
-        node.start()
-    return node
 
 
 @pytest.fixture

@@ -1,0 +1,118 @@
+"""What each pre-load level costs and saves, measured: for one LoRA function of the bench model,
+a sandbox is prepared to each level (COLD: none) and then serves one request; we record the
+request's time to first token, the level it found, and the profile the node keeps (each
+step's time, the memory a sandbox holds at each level).
+
+    python -m bench.levels [--device cpu|cuda] [--repeat 3] [--out results/levels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from bench.models import build_model, write_functions
+from faas.bundled import faas_home
+from runtime.backbones import BackboneRegistry
+from runtime.catalog import load_catalog
+from runtime.levels import STEPS, Level, Profiles
+from runtime.pool import FunctionPool
+from runtime.sandboxes import SandboxConfig, Zygote
+
+
+@asynccontextmanager
+async def node_parts(functions: Path, device: str) -> AsyncIterator[tuple[Any, Zygote, BackboneRegistry]]:
+    """The catalog of `functions`, a zygote and a backbone registry, as a node has them
+    (sandboxes keep this process's uid)."""
+    catalog = await load_catalog((functions,), None, False, False)
+    zygote, backbones = Zygote(1), BackboneRegistry(device, 600.0)
+    zygote.start()
+    try:
+        yield catalog, zygote, backbones
+    finally:
+        await zygote.close()
+        await backbones.close()
+        catalog.close()
+
+
+async def prepared(pool: FunctionPool, level: Level, timeout_s: float = 300.0) -> None:
+    """Prepare one sandbox of `pool` to `level` and wait until it is there and idle."""
+    pool.prepare(level)
+    deadline = time.monotonic() + timeout_s
+    while level > Level.COLD and (pool.state()["levels"] != [level.label] or pool.state()["starting"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no sandbox reached {level.label}: {pool.state()}")
+        await asyncio.sleep(0.02)
+
+
+async def measure(device: str, repeat: int, prompt_tokens: int) -> dict[str, Any]:
+    model_dir = build_model(faas_home() / "bench-models", 1)
+    functions = faas_home() / "bench-levels" / "functions"
+    write_functions(functions, model_dir, ["fn00"])
+    profiles = Profiles(device)
+    rows: dict[str, list[dict[str, Any]]] = {level.label: [] for level in Level}
+    async with node_parts(functions, device) as (catalog, zygote, backbones):
+        [spec] = catalog.specs
+        started = time.monotonic()
+        backbone = await backbones.acquire(spec["backbone"])  # warm for every level's runs
+        backbone_s = time.monotonic() - started
+        try:
+            for _ in range(repeat):
+                for level in Level:
+                    pool = FunctionPool(spec, SandboxConfig(), zygote, backbones,
+                                        catalog.isolation["fn00"], profiles, keep_alive_s=None)
+                    try:
+                        await prepared(pool, level)
+                        pool.admit()
+                        sent = time.monotonic()
+                        served = await pool.serve("levels", {"prompt_tokens": prompt_tokens,
+                                                             "output_tokens": 1}, sent + 300)
+                        assert served.result.first_token_at is not None
+                        rows[level.label].append({
+                            "found": served.level.label,
+                            "ttft_ms": (served.result.first_token_at - sent) * 1000})
+                    finally:
+                        await pool.close()
+        finally:
+            backbones.release(backbone)
+    profile = profiles.of(spec["backbone"])
+    return {
+        "device": device, "model": str(model_dir), "prompt_tokens": prompt_tokens, "repeat": repeat,
+        "backbone_load_ms": backbone_s * 1000, "backbone_bytes": backbone.manifest.get("bytes", 0),
+        "levels": {label: {"found": sorted({r["found"] for r in runs}),
+                           "ttft_ms_median": statistics.median(r["ttft_ms"] for r in runs),
+                           "ttft_ms": [round(r["ttft_ms"], 1) for r in runs]}
+                   for label, runs in rows.items()},
+        "profile": profile.to_dict()["steps"],
+        "saved_ms_by_profile": {step.label: round(profile.saved(step) * 1000, 1) for step in STEPS},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.levels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("results/levels.json"))
+    args = parser.parse_args(argv)
+    result = asyncio.run(measure(args.device, args.repeat, args.prompt_tokens))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{'found':>10} {'TTFT ms':>10} {'step ms':>10} {'host MiB':>10} {'device MiB':>10}")
+    for level in Level:
+        step = result["profile"].get(level.label, {"ms": 0.0, "host_mib": 0.0, "device_mib": 0.0})
+        print(f"{level.label:>10} {result['levels'][level.label]['ttft_ms_median']:>10.1f} "
+              f"{step['ms']:>10.1f} {step['host_mib']:>10.1f} {step['device_mib']:>10.1f}")
+    print(f"backbone load {result['backbone_load_ms']:.0f} ms; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Pre-loading: the predictors and the planner on synthetic histories with known answers,
+and a sandbox prepared to a level serving its first request from there."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from runtime.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
+from runtime.plan import Budget, Demand, make_plan
+from runtime.predict import HybridHistogram, RateEstimate
+
+PERIOD = 60.0
+HORIZON = 5.0
+
+
+def periodic(n: int = 30, period: float = PERIOD, start: float = 1000.0) -> list[float]:
+    return [start + i * period for i in range(n)]
+
+
+def profile(device: bool = False) -> LevelProfile:
+    """Known costs: each step 0.5 s; a sandbox holds 100/200/300/400 MiB at the levels."""
+    steps = {step: Cost(0.5, 0 if device and step >= Level.ATTACHED else (i + 1) * 100 * MIB,
+                        (i + 1) * 100 * MIB if device and step >= Level.ATTACHED else 0)
+             for i, step in enumerate(STEPS)}
+    return LevelProfile(steps=steps, backbone_seconds=3.0,
+                        backbone_bytes=0 if device else 1000 * MIB,
+                        backbone_device_bytes=1000 * MIB if device else 0)
+
+
+def test_histogram_expects_a_periodic_function_just_before_its_period():
+    arrivals = periodic()
+    last = arrivals[-1]
+    histogram = HybridHistogram()
+    chances = {idle: histogram.predict(arrivals, last + idle, HORIZON).chance
+               for idle in (1, 10, 30, 50, 55.5, 56, 58)}
+    assert chances[1] == chances[10] == chances[30] == chances[50] == 0.0
+    assert chances[56] == chances[58] == 1.0
+    assert chances[55.5] == pytest.approx(0.5)  # the horizon reaches half into the period's bin
+    # The paper's windows: pre-warm at 90% of the 5th percentile, keep until 110% of the 99th.
+    assert "windows 54-67.1s" in histogram.predict(arrivals, last + 56, HORIZON).why
+
+
+def test_histogram_falls_back_to_keep_alive_with_little_history_and_to_rate_beyond_it():
+    histogram = HybridHistogram(min_samples=5, fallback_keep_alive_s=30)
+    few = [100.0, 110.0, 120.0]
+    assert histogram.predict(few, 140.0, HORIZON).chance == 1.0
+    assert histogram.predict(few, 151.0, HORIZON).chance == 0.0
+    assert "keep-alive 30s" in histogram.predict(few, 140.0, HORIZON).why
+    arrivals = periodic()
+    beyond = histogram.predict(arrivals, arrivals[-1] + 5 * PERIOD, HORIZON)
+    rate = RateEstimate().predict(arrivals, arrivals[-1] + 5 * PERIOD, HORIZON)
+    assert beyond.chance == rate.chance and "beyond every gap" in beyond.why
+
+
+def test_rate_estimate_is_poisson_at_the_recent_rate():
+    arrivals = [float(t) for t in range(0, 200, 10)]  # 20 arrivals, one per 10 s
+    prediction = RateEstimate(window=20).predict(arrivals, 200.0, HORIZON)
+    assert prediction.chance == pytest.approx(1 - math.exp(-20 / 200 * HORIZON))
+    assert RateEstimate().predict([], 0.0, HORIZON).chance == 0.0
+
+
+def test_plan_pre_warms_a_periodic_function_only_just_before_its_period():
+    arrivals = periodic()
+    histogram = HybridHistogram()
+    levels = {}
+    for idle in (10, 30, 57):
+        chance = histogram.predict(arrivals, arrivals[-1] + idle, HORIZON).chance
+        plan = make_plan([Demand("tick", "base", chance)], lambda _m: profile(), Budget(8 * GIB),
+                         HORIZON, price_s_per_gib_s=0.1)
+        levels[idle] = plan.levels["tick"]
+        assert (plan.backbones == {"base"}) == (plan.levels["tick"] >= Level.ATTACHED)
+    assert levels == {10: Level.COLD, 30: Level.COLD, 57: Level.LOADED}
+
+
+def test_plan_respects_the_budget_and_prefers_the_likelier_function():
+    demands = [Demand(f"fn{i}", "base", chance) for i, chance in enumerate((0.2, 0.9, 0.5, 0.7))]
+    budget = Budget(1000 * MIB + 400 * MIB + 100 * MIB)  # backbone, one LOADED, one SPAWNED
+    plan = make_plan(demands, lambda _m: profile(), budget, HORIZON, price_s_per_gib_s=0.0)
+    held = sum(profile().held(level)[0] for level in plan.levels.values())
+    assert held + (1000 * MIB if plan.backbones else 0) <= budget.host_bytes
+    assert plan.levels["fn1"] == Level.LOADED  # the likeliest gets the most
+    assert plan.order[0] == "fn1"
+    assert sum(level > Level.COLD for level in plan.levels.values()) == 2
+
+
+def test_plan_never_attaches_without_the_backbone():
+    demands = [Demand(f"fn{i}", "base", 0.3) for i in range(6)]
+    for host_mib in range(0, 4000, 250):
+        plan = make_plan(demands, lambda _m: profile(), Budget(host_mib * MIB), HORIZON, 0.0)
+        attached = [f for f, level in plan.levels.items() if level >= Level.ATTACHED]
+        assert not attached or plan.backbones == {"base"}
+        assert plan.host_bytes <= host_mib * MIB
+
+
+def test_plan_uses_a_backbone_in_use_for_free_and_leaves_serving_functions_alone():
+    demands = [Demand("busy", "base", 1.0, serving=True), Demand("next", "base", 0.5)]
+    budget = Budget(400 * MIB)  # one LOADED sandbox, no room for a backbone
+    plan = make_plan(demands, lambda _m: profile(), budget, HORIZON, 0.0)
+    assert plan.levels == {"busy": Level.COLD, "next": Level.LOADED}
+    assert plan.backbones == set()  # in use already: not the plan's to pin
+
+
+def test_device_and_host_budgets_are_separate():
+    demands = [Demand("gpu-fn", "base", 1.0)]
+    host_only = make_plan(demands, lambda _m: profile(device=True), Budget(8 * GIB, 0), HORIZON, 0.0)
+    assert host_only.levels["gpu-fn"] == Level.SPAWNED  # anything above needs device memory
+    both = make_plan(demands, lambda _m: profile(device=True), Budget(8 * GIB, 2 * GIB), HORIZON, 0.0)
+    assert both.levels["gpu-fn"] == Level.LOADED and both.device_bytes <= 2 * GIB
+
+
+def test_plan_holds_nothing_that_is_not_worth_its_memory():
+    demands = [Demand("rare", "base", 0.001), Demand("never", "base", 0.0)]
+    plan = make_plan(demands, lambda _m: profile(), Budget(64 * GIB), HORIZON, price_s_per_gib_s=0.1)
+    assert set(plan.levels.values()) == {Level.COLD} and not plan.backbones
+
+
+@pytest.mark.parametrize("prepared_level", [Level.SPAWNED, Level.ATTACHED, Level.STAGED],
+                         ids=lambda level: level.label)
+async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, prepared_level):
+    """Prepared to a level below LOADED, the sandbox finishes loading for the request,
+    which says what it found, and answers exactly like plain transformers + peft."""
+    from bench.levels import node_parts, prepared
+    from faas.bundled import adapter_path, model_path
+    from runtime.levels import Profiles
+    from runtime.loader import load_file
+    from runtime.pool import FunctionPool
+    from runtime.sandboxes import SandboxConfig
+    from tests.conftest import EXAMPLES
+    from tests.reference import greedy_token_ids
+
+    async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
+        spec = next(s for s in catalog.specs if s["name"] == "support")
+        profiles = Profiles()
+        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones, catalog.isolation["support"],
+                            profiles, keep_alive_s=None)
+        try:
+            await prepared(pool, prepared_level)
+            event = {"message": "Where is my refund?", "max_new_tokens": 8}
+            pool.admit()
+            served = await pool.serve("req-1", event, time.monotonic() + 120)
+            assert served.level == prepared_level
+            prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
+            assert served.result.output["token_ids"] == greedy_token_ids(
+                model_path(), adapter_path("support"), prompt, 8)
+            assert pool.state()["levels"] == ["loaded"]
+            measured = profiles.of(spec["backbone"]).steps
+            assert all(measured[step].samples >= 1 for step in STEPS)
+            assert measured[Level.LOADED].host_bytes > 0
+            pool.admit()
+            assert (await pool.serve("req-2", event, time.monotonic() + 120)).level == Level.LOADED
+        finally:
+            await pool.close()
+
+async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(models, tmp_path):
+    """The history is in JetStream: a node started again on the same server predicts from
+    what the first one served, pre-loads it before any request, and `faas ls` says why."""
+    from faas import Client
+    from tests.conftest import second_node
+
+    event = {"text": "The parcel arrived.", "max_words": 5, "max_new_tokens": 4}
+    node = second_node(tmp_path)
+    try:
+        async with Client(node.url) as client:
+            for _ in range(2):
+                await client.invoke("summarize", event, timeout_s=120)
+    finally:
+        node.stop()
+    node = second_node(tmp_path)
+    try:
+        async with Client(node.url) as client:
+            deadline = time.monotonic() + 90
+            while True:
+                [listing] = await client.nodes()
+                functions = {f["name"]: f for f in listing["functions"]}
+                if functions["summarize"]["levels"] == ["loaded"] and not functions["summarize"]["starting"]:
+                    break
+                assert time.monotonic() < deadline, functions["summarize"]
+                await asyncio.sleep(0.2)
+            summarize = functions["summarize"]
+            assert (summarize["planned"], summarize["chance"]) == ("loaded", 1.0)
+            assert "1 gaps: keep-alive" in summarize["why"]  # too little history: the fallback
+            assert (functions["sql"]["planned"], functions["sql"]["levels"]) == ("cold", [])
+            assert listing["preload"]["shared_history"] is True
+            result = await client.invoke("summarize", event, timeout_s=120)
+            assert result.metrics["level"] == "loaded"
+    finally:
+        node.stop()
