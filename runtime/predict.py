@@ -59,6 +59,9 @@ class HybridHistogram:
     min_samples: int = 5
     fallback_keep_alive_s: float = 600.0
     margin: float = 0.1
+    # Pseudo-gaps of the rate estimate's chance mixed in: where few gaps were ever longer
+    # than the current idle time, the histogram alone would say 0 or 1 on one or two samples.
+    prior_weight: float = 2.0
     name: str = "histogram"
 
     def histogram(self, arrivals: Sequence[float]) -> tuple[Counter[int], int]:
@@ -113,10 +116,11 @@ class HybridHistogram:
             beyond += count * part
             within += count * max(0.0, min(high, idle + horizon_s) - max(low, idle)) / self.bin_s
         window = f"windows {prewarm:.3g}-{keep_until:.3g}s"
+        rate = RateEstimate().predict(arrivals, now, horizon_s).chance
         if beyond + out <= 0:
-            chance = RateEstimate().predict(arrivals, now, horizon_s).chance
-            return Prediction(chance, f"idle {idle:.3g}s beyond every gap ({window}): rate")
-        return Prediction(within / (beyond + out), f"idle {idle:.3g}s, {window}")
+            return Prediction(rate, f"idle {idle:.3g}s beyond every gap ({window}): rate")
+        chance = (within + self.prior_weight * rate) / (beyond + out + self.prior_weight)
+        return Prediction(chance, f"idle {idle:.3g}s, {window}")
 
 
 PREDICTORS: dict[str, type[HybridHistogram] | type[RateEstimate]] = {
