@@ -106,7 +106,8 @@ class Ours(_ThroughNats):
         self.functions = config.workdir / f"functions-{name}"
         self.state_dir = config.workdir / f"nats-{name}"
         write_functions(self.functions, config.model_dir, config.names)
-        self.node = LocalNode(self.functions, state_dir=self.state_dir, stderr=subprocess.DEVNULL,
+        self.log = open(config.workdir / f"{name}.log", "wb")  # the node's log: what it planned
+        self.node = LocalNode(self.functions, state_dir=self.state_dir, stderr=self.log.fileno(),
                               extra_args=("--sandbox-uids", "65000-65999",
                                           "--sandbox-keep-alive-s", str(config.keep_alive_s),
                                           "--backbone-keep-alive-s", str(config.keep_alive_s),
@@ -139,6 +140,7 @@ class Ours(_ThroughNats):
     async def stop(self) -> None:
         await self.disconnect()
         await asyncio.to_thread(self.node.stop)
+        self.log.close()
 
 
 class ServingProcess(_ThroughNats):

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +52,11 @@ class Outcome:
     level: str | None = None  # "cold" when the request waited for an instance to start
 
 
-async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.5
-                 ) -> tuple[list[Outcome], MemoryTrace, float]:
+async def replay(mode: Mode, requests: list[Request], sample_every_s: float = 0.5,
+                 label: str = "") -> tuple[list[Outcome], MemoryTrace, float]:
     """Send each request at its time; sample the mode's memory meanwhile; show progress
     (answered requests) on stderr."""
-    progress = tqdm(total=len(requests), desc=f"{mode.name:>10}", unit="req", leave=True,
+    progress = tqdm(total=len(requests), desc=f"{mode.name + label:>10}", unit="req", leave=True,
                     file=sys.stderr, dynamic_ncols=True)
     memory = MemoryTrace()
     memory.add(0.0, await mode.held_bytes())
@@ -162,6 +162,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         keep_alive_s=600 * time_scale(spec, trace), capacity_gib=args.capacity_gib)
     results: dict[str, Any] = {"workload": {**asdict(spec), "requests": len(requests),
                                             "history_periods": args.history_periods,
+                                            "warmup_s": config.keep_alive_s if args.warmup else 0.0,
                                             "trace": str(args.trace), "slo_ms": args.slo_ms,
                                             "price_per_gib_s": args.price_per_gib_s,
                                             "keep_alive_s": config.keep_alive_s,
@@ -170,14 +171,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                "modes": {}}
     print(json.dumps(results["workload"]), flush=True)
     earlier = history(spec, trace, args.history_periods)
+    # The end of the history is served for real, unmeasured: every mode starts the run in the
+    # state that traffic left it in (what a fixed keep-alive keeps, what a plan pre-loaded).
+    warmup_s = config.keep_alive_s if args.warmup else 0.0
+    warmup = [replace(r, at_s=r.at_s + warmup_s) for r in earlier if r.at_s >= -warmup_s]
     for name in modes:
         mode = MODES[name](config)
         try:
             await mode.start()
             seed = getattr(mode, "seed_history", None)
-            if seed is not None and earlier:
-                now = time.time()
-                await seed([(now + r.at_s, r.function) for r in earlier])
+            if seed is not None:
+                run_starts = time.time() + warmup_s
+                await seed([(run_starts + r.at_s, r.function) for r in earlier if r.at_s < -warmup_s])
+            if warmup:
+                await replay(mode, warmup, label=" warm-up")
             outcomes, memory, duration = await replay(mode, requests)
         finally:
             await mode.stop()
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-periods", type=int, default=10,
                         help="earlier runs of the workload fed to the invocation history first "
                              "(modes that keep one: ours); 0 starts with none")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="start measuring at once; by default each mode first serves, "
+                             "unmeasured, the history's last keep-alive of requests")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--slo-ms", type=float, default=2500.0)
     parser.add_argument("--price-per-gib-s", type=float, default=1.0)

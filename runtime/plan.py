@@ -9,6 +9,11 @@ density, where each candidate move is a whole chain (raising f from its planned 
 L, with the backbone when it is not planned yet), so a cheap prerequisite never hides a
 valuable step behind it and precedence holds by construction. A move must also be worth
 its memory: at least `price_s_per_gib_s x GiB x horizon` seconds saved.
+
+What is already loaded counts `HOLD_BONUS` times its value (dropping it and loading it again
+later costs the load twice: without this margin a chance hovering at the threshold would
+stop and restart sandboxes every second), and a sandbox is never moved down in place: the
+plan keeps a function at the level it holds, or drops it altogether.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from runtime.levels import GIB, STEPS, Level, LevelProfile
+
+HOLD_BONUS = 2.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,7 @@ class Demand:
     backbone: str | None
     chance: float  # of an invocation within the horizon
     serving: bool = False  # a sandbox of it is busy: it needs no pre-loading, and its backbone is in use
+    held: Level = Level.COLD  # how far its idle sandbox is loaded now
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,19 @@ class _Move:
 
 
 def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelProfile],
-              budget: Budget, horizon_s: float, price_s_per_gib_s: float) -> Plan:
+              budget: Budget, horizon_s: float, price_s_per_gib_s: float,
+              held_backbones: frozenset[str] = frozenset()) -> Plan:
+    """The plan for `demands`; `held_backbones` are those loaded now."""
     demands = list(demands)
     plan = Plan(levels={d.function: Level.COLD for d in demands}, backbones=set(), values={})
     in_use = {d.backbone for d in demands if d.serving and d.backbone is not None}
-    backbone_value = _backbone_values(demands, profile)
+    backbone_value = {model: value * (HOLD_BONUS if model in held_backbones else 1.0)
+                      for model, value in _backbone_values(demands, profile).items()}
+
+    def gain(d: Demand, p: LevelProfile, low: Level, high: Level) -> float:
+        return d.chance * sum((p.saved(step) - p.saved(Level(step - 1)))
+                              * (HOLD_BONUS if step <= d.held else 1.0)
+                              for step in STEPS if low < step <= high)
 
     def fits(host: int, device: int) -> bool:
         return (plan.host_bytes + host <= budget.host_bytes
@@ -92,7 +108,7 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
                     continue
                 host, device = p.held(level)
                 host, device = host - held_host, device - held_device
-                value = d.chance * (p.saved(level) - p.saved(now))
+                value = gain(d, p, now, level)
                 needs = (d.backbone if d.backbone is not None and level >= Level.ATTACHED
                          and d.backbone not in in_use | plan.backbones else None)
                 if needs is not None:
@@ -105,7 +121,7 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
     while True:
         best = max(moves(), key=lambda m: m.density, default=None)
         if best is None:
-            return plan
+            break
         if best.backbone is not None:
             plan.backbones.add(best.backbone)
             plan.values[best.backbone] = backbone_value[best.backbone]
@@ -117,6 +133,14 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
                 plan.order.append(best.function)
         plan.host_bytes += best.host
         plan.device_bytes += best.device
+    for d in demands:  # kept, not moved down in place (it may then exceed the budget)
+        if Level.COLD < plan.levels[d.function] < d.held:
+            p = profile(d.backbone)
+            (low_host, low_device), (host, device) = p.held(plan.levels[d.function]), p.held(d.held)
+            plan.levels[d.function] = d.held
+            plan.host_bytes += host - low_host
+            plan.device_bytes += device - low_device
+    return plan
 
 
 def _backbone_values(demands: list[Demand], profile: Callable[[str | None], LevelProfile]

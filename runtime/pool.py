@@ -112,6 +112,11 @@ class FunctionPool:
         return any(not s.free for s in self._slots)
 
     @property
+    def held_level(self) -> Level:
+        """How far the furthest idle sandbox of this function is loaded."""
+        return max((s.level for s in self._slots if s.free and s.climb is None), default=Level.COLD)
+
+    @property
     def best_level(self) -> Level:
         """The furthest a free sandbox of this function is (or is being) loaded."""
         return max((max(s.level, s.target) for s in self._slots if s.free), default=Level.COLD)

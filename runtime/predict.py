@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -64,63 +67,74 @@ class HybridHistogram:
     prior_weight: float = 2.0
     name: str = "histogram"
 
-    def histogram(self, arrivals: Sequence[float]) -> tuple[Counter[int], int]:
-        """Inter-arrival counts per bin, and how many gaps were out of bounds."""
-        bins: Counter[int] = Counter()
-        out = 0
-        for earlier, later in zip(arrivals, arrivals[1:]):
-            gap = later - earlier
-            if gap >= self.range_s:
-                out += 1
-            else:
-                bins[int(gap // self.bin_s)] += 1
-        return bins, out
-
-    def windows(self, bins: Counter[int]) -> tuple[float, float]:
-        """(pre-warm, keep-alive end), seconds after an arrival: the 5th percentile less
-        the margin and the 99th plus it, as in the paper."""
-        total = sum(bins.values())
-        head = tail = None
-        seen = 0
-        for b in sorted(bins):
-            seen += bins[b]
-            if head is None and seen >= 0.05 * total:
-                head = b * self.bin_s
-            if seen >= 0.99 * total:
-                tail = (b + 1) * self.bin_s
-                break
-        assert head is not None and tail is not None
-        return head * (1 - self.margin), tail * (1 + self.margin)
+    def histogram(self, arrivals: Sequence[float]) -> Histogram:
+        """The inter-arrival histogram of `arrivals` (cached: the node asks every second)."""
+        return _histogram(tuple(arrivals), self.bin_s, self.range_s)
 
     def predict(self, arrivals: Sequence[float], now: float, horizon_s: float) -> Prediction:
         if not arrivals:
             return Prediction(0.0, "never invoked")
         idle = now - arrivals[-1]
-        bins, out = self.histogram(arrivals)
-        total = sum(bins.values())
-        if total < self.min_samples or out > total:
+        h = self.histogram(arrivals)
+        if h.binned < self.min_samples or h.out > h.binned:
             # The paper's fallback: a fixed keep-alive after each invocation.
             kept = idle < self.fallback_keep_alive_s
             return Prediction(1.0 if kept else 0.0,
-                              f"{total} gaps: keep-alive {self.fallback_keep_alive_s:g}s")
-        prewarm, keep_until = self.windows(bins)
-        # P(next gap in (idle, idle + h] | gap > idle), from the histogram; a bin counts in
-        # proportion to its overlap with the interval, so the chance rises smoothly as the
-        # window approaches.
-        beyond = within = 0.0
-        for b, count in bins.items():
-            low, high = b * self.bin_s, (b + 1) * self.bin_s
-            if high <= idle:
-                continue
-            part = (high - max(low, idle)) / self.bin_s
-            beyond += count * part
-            within += count * max(0.0, min(high, idle + horizon_s) - max(low, idle)) / self.bin_s
-        window = f"windows {prewarm:.3g}-{keep_until:.3g}s"
+                              f"{h.binned} gaps: keep-alive {self.fallback_keep_alive_s:g}s")
+        head, tail = h.quantile(0.05), h.quantile(0.99) + self.bin_s
+        window = f"windows {head * (1 - self.margin):.3g}-{tail * (1 + self.margin):.3g}s"
+        # P(next gap in (idle, idle + h] | gap > idle), from the histogram.
+        within = h.below(idle + horizon_s) - h.below(idle)
+        beyond = h.binned - h.below(idle) + h.out
         rate = RateEstimate().predict(arrivals, now, horizon_s).chance
-        if beyond + out <= 0:
+        if beyond <= 0:
             return Prediction(rate, f"idle {idle:.3g}s beyond every gap ({window}): rate")
-        chance = (within + self.prior_weight * rate) / (beyond + out + self.prior_weight)
+        chance = (within + self.prior_weight * rate) / (beyond + self.prior_weight)
         return Prediction(chance, f"idle {idle:.3g}s, {window}")
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Gap counts per bin (sorted bins, cumulative counts) and the out-of-bounds count."""
+
+    bin_s: float
+    bins: tuple[int, ...]
+    cumulative: tuple[int, ...]  # gaps in bins[0..i]
+    out: int
+
+    @property
+    def binned(self) -> int:
+        return self.cumulative[-1] if self.cumulative else 0
+
+    def below(self, x: float) -> float:
+        """Gaps shorter than x, a bin counting in proportion to its part below x (so a
+        chance rises smoothly as a window approaches)."""
+        b = x / self.bin_s
+        i = bisect.bisect_left(self.bins, math.floor(b))
+        full = self.cumulative[i - 1] if i > 0 else 0
+        if i < len(self.bins) and self.bins[i] == math.floor(b):
+            count = self.cumulative[i] - full
+            return full + count * (b - math.floor(b))
+        return float(full)
+
+    def quantile(self, q: float) -> float:
+        """The lower edge of the bin where the q-quantile of the binned gaps lies."""
+        i = bisect.bisect_left(self.cumulative, q * self.binned)
+        return self.bins[min(i, len(self.bins) - 1)] * self.bin_s
+
+
+@functools.lru_cache(maxsize=4096)
+def _histogram(arrivals: tuple[float, ...], bin_s: float, range_s: float) -> Histogram:
+    counts: Counter[int] = Counter()
+    out = 0
+    for earlier, later in zip(arrivals, arrivals[1:]):
+        gap = later - earlier
+        if gap >= range_s:
+            out += 1
+        else:
+            counts[int(gap // bin_s)] += 1
+    bins = tuple(sorted(counts))
+    return Histogram(bin_s, bins, tuple(itertools.accumulate(counts[b] for b in bins)), out)
 
 
 PREDICTORS: dict[str, type[HybridHistogram] | type[RateEstimate]] = {

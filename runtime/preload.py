@@ -125,10 +125,11 @@ class Preloader:
         self.predictions = {
             name: self.predictor.predict(self.history.arrivals.get(name, []), now, self.config.horizon_s)
             for name in self.pools}
-        demands = [Demand(name, pool.spec["backbone"], self.predictions[name].chance, pool.busy)
-                   for name, pool in self.pools.items()]
+        demands = [Demand(name, pool.spec["backbone"], self.predictions[name].chance, pool.busy,
+                          pool.held_level) for name, pool in self.pools.items()]
         plan = make_plan(demands, self.profiles.of, self.budget, self.config.horizon_s,
-                         self.config.price_s_per_gib_s)
+                         self.config.price_s_per_gib_s,
+                         frozenset(b["model"] for b in self.backbones.state()))
         self._apply(plan)
         self.plan = plan
         return plan
