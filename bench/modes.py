@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 import nats
 
-from bench.accounting import GIB, held_bytes, process_tree, pss_bytes
+from bench.accounting import GIB, device_used_bytes, held_bytes, process_tree, pss_bytes
 from bench.frontdoor import answer
 from bench.models import adapters_of, write_functions
 from bench.workloads import Request
@@ -50,6 +50,10 @@ class ModeConfig:
     workdir: Path
     keep_alive_s: float
     capacity_gib: float
+    # Where our node keeps backbones, and more `faas up` options for it (the baselines run
+    # on the CPU).
+    device: str = "cpu"
+    node_args: tuple[str, ...] = ()
 
 
 class Mode(Protocol):
@@ -103,6 +107,8 @@ class Ours(_ThroughNats):
 
     def __init__(self, config: ModeConfig, name: str = "ours", options: tuple[str, ...] = ()) -> None:
         self.name = name
+        self.device = config.device
+        self.device_baseline = 0
         self.functions = config.workdir / f"functions-{name}"
         self.state_dir = config.workdir / f"nats-{name}"
         write_functions(self.functions, config.model_dir, config.names)
@@ -111,9 +117,11 @@ class Ours(_ThroughNats):
                               extra_args=("--sandbox-uids", "65000-65999",
                                           "--sandbox-keep-alive-s", str(config.keep_alive_s),
                                           "--backbone-keep-alive-s", str(config.keep_alive_s),
-                                          *options))
+                                          "--device", config.device, *config.node_args, *options))
 
     async def start(self) -> None:
+        if self.device != "cpu":
+            self.device_baseline = await asyncio.to_thread(device_used_bytes)
         await self.connect(await asyncio.to_thread(self.node.start))
 
     async def seed_history(self, arrivals: list[tuple[float, str]]) -> None:
@@ -135,7 +143,10 @@ class Ours(_ThroughNats):
             await nc.close()
 
     async def held_bytes(self) -> int:
-        return await _held_by_tree(self.node.proc.pid if self.node.proc else None, skip=b"nats-server")
+        host = await _held_by_tree(self.node.proc.pid if self.node.proc else None, skip=b"nats-server")
+        if self.device == "cpu":
+            return host
+        return host + max(0, await asyncio.to_thread(device_used_bytes) - self.device_baseline)
 
     async def stop(self) -> None:
         await self.disconnect()

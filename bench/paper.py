@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from collections import Counter
@@ -157,9 +158,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = generate(spec, trace)
     model_dir = build_model(faas_home() / "bench-models", args.functions)
     # Keep-alive of 10 trace-minutes, compressed like the arrivals.
+    if args.device != "cpu" and not all(m.startswith("ours") for m in modes):
+        raise SystemExit("faas bench: --device cuda runs our modes only (the baselines are CPU-only)")
     config = ModeConfig(model_dir=model_dir, names=function_names(args.functions),
                         workdir=faas_home() / "bench-paper",
-                        keep_alive_s=600 * time_scale(spec, trace), capacity_gib=args.capacity_gib)
+                        keep_alive_s=600 * time_scale(spec, trace), capacity_gib=args.capacity_gib,
+                        device=args.device, node_args=tuple(shlex.split(args.node_args)))
     results: dict[str, Any] = {"workload": {**asdict(spec), "requests": len(requests),
                                             "history_periods": args.history_periods,
                                             "warmup_s": config.keep_alive_s if args.warmup else 0.0,
@@ -167,6 +171,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                             "price_per_gib_s": args.price_per_gib_s,
                                             "keep_alive_s": config.keep_alive_s,
                                             "capacity_gib": config.capacity_gib,
+                                            "device": args.device, "node_args": args.node_args,
                                             "model": str(model_dir), "cpus": os.cpu_count()},
                                "modes": {}}
     print(json.dumps(results["workload"]), flush=True)
@@ -230,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--price-per-gib-s", type=float, default=1.0)
     parser.add_argument("--capacity-gib", type=float, default=16.0,
                         help="memory every mode may hold; instances wait for room beyond it")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where our node keeps backbones (ours modes only)")
+    parser.add_argument("--node-args", default="", help="more `faas up` options for our node")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))

@@ -10,6 +10,7 @@ server started without `-js`) the history is this node's own, in memory, and it 
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from typing import Callable
@@ -36,10 +37,13 @@ class History:
         self.on_arrival = on_arrival
         self.arrivals: dict[str, list[float]] = {}
         self.shared = False  # True once it reads the JetStream stream
+        self._seen = 0  # stream sequence of the last record read
         self._sub = None
         self.log = get_logger(component="history")
 
-    async def start(self) -> None:
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Read what the stream holds (up to `timeout_s`): plans made before would predict
+        from part of the history."""
         js = self.nc.jetstream()
         config = dict(name=protocol.HISTORY_STREAM, subjects=[protocol.HISTORY_PREFIX + ">"],
                       max_msgs_per_subject=self.keep, max_age=self.max_age_s,
@@ -49,12 +53,21 @@ class History:
                 await js.add_stream(**config)
             except BadRequestError:  # it exists with other limits: ours win
                 await js.update_stream(**config)
+            stored = (await js.stream_info(protocol.HISTORY_STREAM)).state.last_seq
             self._sub = await js.subscribe(protocol.HISTORY_PREFIX + ">", cb=self._on_message,
                                            ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
             self.shared = True
+            await self._caught_up(stored, timeout_s)
         except (NatsError, TimeoutError) as exc:
             self.log.warning("history_local_only", error=f"{type(exc).__name__}: {exc}",
                              hint="start nats-server with JetStream (-js) to share the history")
+
+    async def _caught_up(self, stored: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._seen < stored and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self.log.info("history_read", records=self._seen, functions=len(self.arrivals),
+                      complete=self._seen >= stored)
 
     async def record(self, function: str) -> None:
         """An invocation of `function` arrived now."""
@@ -69,6 +82,7 @@ class History:
             self.log.warning("history_publish_failed", fn=function, error=str(exc))
 
     async def _on_message(self, msg: Msg) -> None:
+        self._seen = max(self._seen, msg.metadata.sequence.stream)
         try:
             function, at = protocol.parse_history(msg.subject, msg.data)
         except ValueError as exc:

@@ -67,10 +67,10 @@ class Cost:
 
 
 def _prior() -> dict[Level, Cost]:
-    # Order of magnitude on the 2-core dev machine with the bench model; replaced by the first
-    # measurement of each step.
-    return {Level.SPAWNED: Cost(0.05, 20 * MIB), Level.ATTACHED: Cost(0.3, 40 * MIB),
-            Level.STAGED: Cost(0.05, 45 * MIB), Level.LOADED: Cost(0.6, 120 * MIB)}
+    # What the steps cost the bench's 190M Llama on the 2-core dev machine (bench/levels.py);
+    # the first measurement of each step replaces it.
+    return {Level.SPAWNED: Cost(0.015, 4 * MIB), Level.ATTACHED: Cost(0.1, 23 * MIB),
+            Level.STAGED: Cost(0.01, 23 * MIB), Level.LOADED: Cost(0.18, 145 * MIB)}
 
 
 @dataclass
@@ -92,11 +92,11 @@ class LevelProfile:
         return self.time_to_loaded(Level.COLD) - self.time_to_loaded(level)
 
     def held(self, level: Level) -> tuple[int, int]:
-        """(host, device) bytes a sandbox holds at `level`."""
-        if level == Level.COLD:
-            return 0, 0
-        cost = self.steps[level]
-        return cost.host_bytes, cost.device_bytes
+        """(host, device) bytes a sandbox holds at `level`: never less than at a level below
+        (a measurement after the heap was trimmed can be lower than one before)."""
+        below = [self.steps[step] for step in STEPS if step <= level]
+        return (max((c.host_bytes for c in below), default=0),
+                max((c.device_bytes for c in below), default=0))
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": {step.label: {"ms": round(c.seconds * 1000, 1),

@@ -282,14 +282,21 @@ class Zygote:
             if child is not None:
                 child.exited(frame["code"])
 
-    async def fork(self, fds: list[int], isolation: Isolation) -> ForkedProcess:
-        """A new sandbox process serving the first of `fds` (the rest are the backbone's),
-        isolated as `isolation` says before it reads anything."""
+    async def ready(self) -> None:
+        """Wait until the zygote can fork (it is started if needed)."""
         self.start()
         if self._ready is None:
             raise HandlerError("the node is shutting down")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.fork_timeout_s)
+        except TimeoutError:
+            raise HandlerError(f"the zygote did not start within {self.fork_timeout_s:g}s") from None
+
+    async def fork(self, fds: list[int], isolation: Isolation) -> ForkedProcess:
+        """A new sandbox process serving the first of `fds` (its socket; the second is its
+        output pipe), isolated as `isolation` says before it reads anything."""
+        await self.ready()
+        try:
             # One fork in flight: the zygote reads exactly one frame (and its descriptors).
             async with self._fork_lock:
                 if self._send is None:
@@ -318,7 +325,9 @@ class Zygote:
 async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
                        isolation: Isolation) -> tuple[Sandbox, StepCost]:
     """Fork a sandbox for the function described by `spec` and tell it which function it
-    serves: a SPAWNED sandbox, nothing loaded yet."""
+    serves: a SPAWNED sandbox, nothing loaded yet. Its cost is timed from the fork (not from
+    waiting for a zygote that is still starting)."""
+    await zygote.ready()
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     output_r, output_w = os.pipe()

@@ -114,8 +114,11 @@ def test_device_and_host_budgets_are_separate():
 
 def test_plan_holds_nothing_that_is_not_worth_its_memory():
     demands = [Demand("rare", "base", 0.001), Demand("never", "base", 0.0)]
-    plan = make_plan(demands, lambda _m: profile(), Budget(64 * GIB), HORIZON, price_s_per_gib_s=0.1)
-    assert set(plan.levels.values()) == {Level.COLD} and not plan.backbones
+    trimmed = profile()  # measured after the heap was trimmed: less than the level below
+    trimmed.steps[Level.LOADED] = Cost(0.5, 50 * MIB)
+    for p in (profile(), trimmed):
+        plan = make_plan(demands, lambda _m, p=p: p, Budget(64 * GIB), HORIZON, price_s_per_gib_s=0.1)
+        assert set(plan.levels.values()) == {Level.COLD} and not plan.backbones
 
 
 def test_plan_keeps_what_is_loaded_until_its_chance_falls_well_below_the_threshold():
