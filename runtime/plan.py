@@ -7,7 +7,9 @@ holds at L; a sandbox at ATTACHED or above needs its backbone, which is worth it
 time times the chance that any of its functions is invoked. Solved greedily by value
 density, where each candidate move is a whole chain (raising f from its planned level to
 L, with the backbone when it is not planned yet), so a cheap prerequisite never hides a
-valuable step behind it and precedence holds by construction. A move must also be worth
+valuable step behind it and precedence holds by construction. A bursty function may get a
+2nd, 3rd... sandbox, each worth the chance that so many are needed at once, and each at most
+as far up as the one before it. A move must also be worth
 its memory: at least `price_s_per_gib_s x GiB x horizon` seconds saved.
 
 What is already loaded counts `HOLD_BONUS` times its value (dropping it and loading it again
@@ -33,8 +35,10 @@ class Demand:
     function: str
     backbone: str | None
     chance: float  # of an invocation within the horizon
-    serving: bool = False  # a sandbox of it is busy: it needs no pre-loading, and its backbone is in use
+    serving: bool = False  # a sandbox of it is busy (it covers the first planned one): its backbone is in use
     held: Level = Level.COLD  # how far its idle sandbox is loaded now
+    # Chances that a 2nd, 3rd... sandbox is needed at once within the horizon (bursts).
+    extra: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Budget:
 
 @dataclass
 class Plan:
-    levels: dict[str, Level]
+    levels: dict[str, Level]  # of each function's first sandbox
+    extra: dict[str, list[Level]]  # of its 2nd, 3rd... (never above the one before)
     backbones: set[str]  # kept loaded for the plan (those in use are not counted here)
     values: dict[str, float]  # expected seconds of TTFT saved, per function (and backbone)
     host_bytes: int = 0
@@ -62,6 +67,7 @@ class _Move:
     backbone: str | None  # planned by this move
     host: int
     device: int
+    instance: int = 0  # 0: the function's first sandbox; k: its (k+1)-th
 
 
 def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelProfile],
@@ -69,15 +75,17 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
               held_backbones: frozenset[str] = frozenset()) -> Plan:
     """The plan for `demands`; `held_backbones` are those loaded now."""
     demands = list(demands)
-    plan = Plan(levels={d.function: Level.COLD for d in demands}, backbones=set(), values={})
+    plan = Plan(levels={d.function: Level.COLD for d in demands},
+                extra={d.function: [Level.COLD] * len(d.extra) for d in demands},
+                backbones=set(), values={})
     in_use = {d.backbone for d in demands if d.serving and d.backbone is not None}
     backbone_value = {model: value * (HOLD_BONUS if model in held_backbones else 1.0)
                       for model, value in _backbone_values(demands, profile).items()}
 
-    def gain(d: Demand, p: LevelProfile, low: Level, high: Level) -> float:
-        return d.chance * sum((p.saved(step) - p.saved(Level(step - 1)))
-                              * (HOLD_BONUS if step <= d.held else 1.0)
-                              for step in STEPS if low < step <= high)
+    def gain(chance: float, p: LevelProfile, low: Level, high: Level, held: Level) -> float:
+        return chance * sum((p.saved(step) - p.saved(Level(step - 1)))
+                            * (HOLD_BONUS if step <= held else 1.0)
+                            for step in STEPS if low < step <= high)
 
     def fits(host: int, device: int) -> bool:
         return (plan.host_bytes + host <= budget.host_bytes
@@ -98,8 +106,6 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
                 yield _Move(backbone_value[model] / max(weight(host, device), 1e-12),
                             backbone_value[model], None, Level.COLD, model, host, device)
         for d in demands:
-            if d.serving:
-                continue
             p = profile(d.backbone)
             now = plan.levels[d.function]
             held_host, held_device = p.held(now)
@@ -108,7 +114,7 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
                     continue
                 host, device = p.held(level)
                 host, device = host - held_host, device - held_device
-                value = gain(d, p, now, level)
+                value = gain(d.chance, p, now, level, d.held)
                 needs = (d.backbone if d.backbone is not None and level >= Level.ATTACHED
                          and d.backbone not in in_use | plan.backbones else None)
                 if needs is not None:
@@ -117,6 +123,20 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
                 if fits(host, device) and worth(value, host, device):
                     yield _Move(value / max(weight(host, device), 1e-12), value, d.function,
                                 level, needs, host, device)
+            # Burst sandboxes: each at most as far as the one before (which holds the backbone).
+            levels = [plan.levels[d.function], *plan.extra[d.function]]
+            for k, chance in enumerate(d.extra):
+                now = levels[k + 1]
+                held_host, held_device = p.held(now)
+                for level in STEPS:
+                    if not now < level <= levels[k]:
+                        continue
+                    host, device = p.held(level)
+                    host, device = host - held_host, device - held_device
+                    value = gain(chance, p, now, level, Level.COLD)
+                    if fits(host, device) and worth(value, host, device):
+                        yield _Move(value / max(weight(host, device), 1e-12), value, d.function,
+                                    level, None, host, device, k + 1)
 
     while True:
         best = max(moves(), key=lambda m: m.density, default=None)
@@ -127,12 +147,18 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
             plan.values[best.backbone] = backbone_value[best.backbone]
         if best.function is not None:
             own = best.value - (backbone_value[best.backbone] if best.backbone else 0.0)
-            plan.levels[best.function] = best.level
+            if best.instance:
+                plan.extra[best.function][best.instance - 1] = best.level
+            else:
+                plan.levels[best.function] = best.level
             plan.values[best.function] = plan.values.get(best.function, 0.0) + own
             if best.function not in plan.order:
                 plan.order.append(best.function)
         plan.host_bytes += best.host
         plan.device_bytes += best.device
+    for levels in plan.extra.values():
+        while levels and levels[-1] == Level.COLD:
+            levels.pop()
     for d in demands:  # kept, not moved down in place (it may then exceed the budget)
         if Level.COLD < plan.levels[d.function] < d.held:
             p = profile(d.backbone)

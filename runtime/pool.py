@@ -351,34 +351,39 @@ class FunctionPool:
 
     # --- the pre-loader's handles ---------------------------------------------------
 
-    def prepare(self, target: Level) -> None:
-        """Have one sandbox ready at `target` or above: the free one furthest up climbs to
-        it, or a new one is started when the function has no sandbox at all. Not after a
-        failed start: a function that cannot load is retried by its next request, not in
-        the background."""
-        if self._closed or target == Level.COLD or self._start_failed:
+    def prepare(self, levels: list[Level]) -> None:
+        """Have sandboxes ready at these levels (the function's first, second...; a busy
+        one covers the first): free ones climb, and new ones start while the function has
+        fewer than `max_instances`. Not after a failed start: a function that cannot load
+        is retried by its next request, not in the background."""
+        if self._closed or self._start_failed:
             return
-        free = [s for s in self._slots if s.free]
-        if free:
-            slot = max(free, key=lambda s: s.level)
-            if max(slot.level, slot.target) < target:
+        busy = sum(1 for s in self._slots if not s.free)
+        free = sorted((s for s in self._slots if s.free), key=lambda s: max(s.level, s.target),
+                      reverse=True)
+        for i, target in enumerate(levels[busy:]):
+            if target == Level.COLD:
+                break
+            if i < len(free):
+                if max(free[i].level, free[i].target) < target:
+                    self._raise_target(free[i], target)
+            elif self.instances < self.spec["max_instances"]:
+                slot = Slot()
+                self._slots.append(slot)
                 self._raise_target(slot, target)
-        elif not self._slots:
-            slot = Slot()
-            self._slots.append(slot)
-            self._raise_target(slot, target)
 
-    def trim(self, target: Level, extra_keep_alive_s: float) -> int:
-        """Stop idle sandboxes beyond the plan: the one furthest up when it is above
-        `target` (all of it for COLD), the others (a burst's) once idle for
-        `extra_keep_alive_s`.
-        Never a busy or climbing one. Returns how many were stopped."""
+    def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:
+        """Stop idle sandboxes beyond the plan: every one when it plans none; else those
+        beyond the planned ones (a burst's) once idle for `extra_keep_alive_s`. A planned one
+        is never moved down in place. Never a busy or climbing one. Returns how many were
+        stopped."""
+        planned = sum(1 for level in levels if level > Level.COLD)
         idle = sorted((s for s in self._slots if s.free and s.climb is None),
                       key=lambda s: s.level, reverse=True)
         now = time.monotonic()
         stopped = 0
         for i, slot in enumerate(idle):
-            if (slot.level > target) if i == 0 else (now - slot.idle_since >= extra_keep_alive_s):
+            if planned == 0 or (i >= planned and now - slot.idle_since >= extra_keep_alive_s):
                 self._stop(slot)
                 stopped += 1
         return stopped

@@ -137,5 +137,30 @@ def _histogram(arrivals: tuple[float, ...], bin_s: float, range_s: float) -> His
     return Histogram(bin_s, bins, tuple(itertools.accumulate(counts[b] for b in bins)), out)
 
 
+def followers(arrivals: Sequence[float], window_s: float, most: int = 8) -> tuple[float, ...]:
+    """How bursty a function is: entry k-1 is the share of its invocations that had at least
+    k more within `window_s` (those that need a second, third... sandbox at once). Arrivals
+    in the last window are left out: their window has not ended."""
+    return _followers(tuple(arrivals), window_s, most)
+
+
+@functools.lru_cache(maxsize=4096)
+def _followers(arrivals: tuple[float, ...], window_s: float, most: int) -> tuple[float, ...]:
+    if not arrivals:
+        return ()
+    complete = bisect.bisect_right(arrivals, arrivals[-1] - window_s)
+    if complete == 0:
+        return ()
+    at_least = [0] * most
+    for i in range(complete):
+        more = min(bisect.bisect_right(arrivals, arrivals[i] + window_s) - i - 1, most)
+        for k in range(more):
+            at_least[k] += 1
+    shares = [n / complete for n in at_least]
+    while shares and shares[-1] == 0:
+        shares.pop()
+    return tuple(shares)
+
+
 PREDICTORS: dict[str, type[HybridHistogram] | type[RateEstimate]] = {
     "histogram": HybridHistogram, "rate": RateEstimate}

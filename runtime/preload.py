@@ -17,10 +17,10 @@ from typing import Any
 from faas.logs import get_logger
 from runtime.backbones import Backbone, BackboneRegistry
 from runtime.history import History
-from runtime.levels import GIB, Profiles
+from runtime.levels import GIB, Level, Profiles
 from runtime.plan import Budget, Demand, Plan, make_plan
 from runtime.pool import FunctionPool
-from runtime.predict import HybridHistogram, Prediction, Predictor, RateEstimate
+from runtime.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,7 @@ class Preloader:
         self.predictions = {
             name: self.predictor.predict(self.history.arrivals.get(name, []), now, self.config.horizon_s)
             for name in self.pools}
-        demands = [Demand(name, pool.spec["backbone"], self.predictions[name].chance, pool.busy,
-                          pool.held_level) for name, pool in self.pools.items()]
+        demands = [self._demand(name, pool) for name, pool in self.pools.items()]
         plan = make_plan(demands, self.profiles.of, self.budget, self.config.horizon_s,
                          self.config.price_s_per_gib_s,
                          frozenset(b["model"] for b in self.backbones.state()))
@@ -134,12 +133,24 @@ class Preloader:
         self.plan = plan
         return plan
 
+    def _demand(self, name: str, pool: FunctionPool) -> Demand:
+        chance = self.predictions[name].chance
+        bursts = followers(self.history.arrivals.get(name, []), self.config.horizon_s,
+                           pool.spec["max_instances"] - 1)
+        return Demand(name, pool.spec["backbone"], chance, pool.busy, pool.held_level,
+                      tuple(chance * share for share in bursts))
+
     def _apply(self, plan: Plan) -> None:
-        for name in sorted(self.pools, key=lambda n: plan.values.get(n, 0.0)):
-            if self.pools[name].trim(plan.levels[name], self.config.keep_alive_s):
-                self.log.info("preload_dropped", fn=name, to=plan.levels[name].label,
+        serving = {name for name, pool in self.pools.items() if pool.busy}
+        # A function being served keeps its idle sandboxes (the plan leaves it alone).
+        for name in sorted(set(self.pools) - serving, key=lambda n: plan.values.get(n, 0.0)):
+            stopped = self.pools[name].trim(self._levels(plan, name), self.config.keep_alive_s)
+            if stopped:
+                self.log.info("preload_dropped", fn=name, sandboxes=stopped,
+                              planned=plan.levels[name].label,
                               chance=round(self.predictions[name].chance, 3))
-        for model in set(self._pins) - plan.backbones:
+        in_use = {self.pools[name].spec["backbone"] for name in serving}
+        for model in set(self._pins) - plan.backbones - in_use:
             pin = self._pins.pop(model)
             pin.add_done_callback(self._unpin)
         for model in plan.backbones - set(self._pins):
@@ -149,9 +160,14 @@ class Preloader:
             pool = self.pools[name]
             if pool.best_level < plan.levels[name] and not pool.busy:
                 self.log.info("preload", fn=name, to=plan.levels[name].label,
+                              more=[level.label for level in plan.extra[name]],
                               chance=round(self.predictions[name].chance, 3),
                               why=self.predictions[name].why)
-            pool.prepare(plan.levels[name])
+            pool.prepare(self._levels(plan, name))
+
+    @staticmethod
+    def _levels(plan: Plan, name: str) -> list[Level]:
+        return [plan.levels[name], *plan.extra[name]]
 
     def _unpin(self, pin: asyncio.Task[Backbone]) -> None:
         if not pin.cancelled() and pin.exception() is None:
@@ -162,7 +178,8 @@ class Preloader:
         prediction = self.predictions.get(name)
         if self.plan is None or prediction is None:
             return {}
-        return {"planned": self.plan.levels[name].label, "chance": round(prediction.chance, 4),
+        return {"planned": "+".join(level.label for level in self._levels(self.plan, name)),
+                "chance": round(prediction.chance, 4),
                 "why": prediction.why, "value_s": round(self.plan.values.get(name, 0.0), 4)}
 
     def summary(self) -> dict[str, Any]:

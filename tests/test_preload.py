@@ -11,7 +11,7 @@ import pytest
 
 from runtime.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
 from runtime.plan import Budget, Demand, make_plan
-from runtime.predict import HybridHistogram, RateEstimate
+from runtime.predict import HybridHistogram, RateEstimate, followers
 
 PERIOD = 60.0
 HORIZON = 5.0
@@ -96,12 +96,34 @@ def test_plan_never_attaches_without_the_backbone():
         assert plan.host_bytes <= host_mib * MIB
 
 
-def test_plan_uses_a_backbone_in_use_for_free_and_leaves_serving_functions_alone():
-    demands = [Demand("busy", "base", 1.0, serving=True), Demand("next", "base", 0.5)]
+def test_plan_uses_a_backbone_in_use_for_free():
+    demands = [Demand("busy", "base", 0.0, serving=True), Demand("next", "base", 0.5)]
     budget = Budget(400 * MIB)  # one LOADED sandbox, no room for a backbone
     plan = make_plan(demands, lambda _m: profile(), budget, HORIZON, 0.0)
     assert plan.levels == {"busy": Level.COLD, "next": Level.LOADED}
     assert plan.backbones == set()  # in use already: not the plan's to pin
+
+
+def test_followers_measure_how_bursty_a_function_is():
+    bursts = [t + d for t in range(0, 600, 60) for d in (0.0, 0.5, 1.0)]  # 3 at once, every minute
+    assert followers(bursts, 5.0) == pytest.approx((2 / 3, 1 / 3))
+    assert followers(periodic(), 5.0) == ()
+
+
+def test_plan_gives_a_bursty_function_more_sandboxes_within_the_budget():
+    chance = 0.9
+    demands = [Demand("bursty", "base", chance, extra=(chance * 2 / 3, chance * 1 / 3)),
+               Demand("steady", "base", chance)]
+    roomy = make_plan(demands, lambda _m: profile(), Budget(8 * GIB), HORIZON, 0.1)
+    assert roomy.levels["bursty"] == Level.LOADED and len(roomy.extra["bursty"]) == 2
+    assert roomy.extra["bursty"][0] >= roomy.extra["bursty"][1] > Level.COLD
+    assert roomy.extra["steady"] == []
+    budget = Budget(1000 * MIB + 2 * 400 * MIB + 100 * MIB)  # the backbone, 2 LOADED, 1 SPAWNED
+    tight = make_plan(demands, lambda _m: profile(), budget, HORIZON, 0.1)
+    held = sum(profile().held(level)[0] for level in [*tight.levels.values(), *tight.extra["bursty"]])
+    assert held + 1000 * MIB == tight.host_bytes <= budget.host_bytes
+    assert (tight.levels["bursty"], tight.levels["steady"]) == (Level.LOADED, Level.LOADED)
+    assert tight.extra["bursty"] == [Level.SPAWNED]
 
 
 def test_device_and_host_budgets_are_separate():
@@ -125,7 +147,7 @@ def test_plan_keeps_what_is_loaded_until_its_chance_falls_well_below_the_thresho
     """Hysteresis: each step here is worth its memory from a chance of about 0.49; what a
     function already holds stays until the chance falls under half that."""
     def plan_for(chance: float, held: Level) -> Level:
-        demands = [Demand("busy", "base", 1.0, serving=True),  # the backbone is in use
+        demands = [Demand("busy", "base", 0.0, serving=True),  # the backbone is in use
                    Demand("fn", "base", chance, held=held)]
         return make_plan(demands, lambda _m: profile(), Budget(8 * GIB), HORIZON, 0.5).levels["fn"]
 
@@ -138,7 +160,7 @@ def test_plan_keeps_what_is_loaded_until_its_chance_falls_well_below_the_thresho
 def test_plan_never_moves_a_sandbox_down_in_place():
     heavy_load = profile()
     heavy_load.steps[Level.LOADED] = Cost(0.5, 3000 * MIB)  # loading costs a lot of memory
-    demands = [Demand("busy", "base", 1.0, serving=True), Demand("fn", "base", 0.5, held=Level.LOADED)]
+    demands = [Demand("busy", "base", 0.0, serving=True), Demand("fn", "base", 0.5, held=Level.LOADED)]
     plan = make_plan(demands, lambda _m: heavy_load, Budget(8 * GIB), HORIZON, 0.5)
     assert plan.levels["fn"] == Level.LOADED  # the plan alone would stop at STAGED
     assert plan.host_bytes == 3000 * MIB
