@@ -44,7 +44,7 @@ async def node_parts(functions: Path, device: str) -> AsyncIterator[tuple[Any, Z
 
 async def prepared(pool: FunctionPool, level: Level, timeout_s: float = 300.0) -> None:
     """Prepare one sandbox of `pool` to `level` and wait until it is there and idle."""
-    pool.prepare([level])
+    pool.prepare([level], 1)
     deadline = time.monotonic() + timeout_s
     while level > Level.COLD and (pool.state()["levels"] != [level.label] or pool.state()["starting"]):
         if time.monotonic() > deadline:

@@ -112,6 +112,10 @@ class BackboneRegistry:
             backbone.expiry = None
         return backbone
 
+    def is_live(self, backbone: Backbone) -> bool:
+        """Still the one sandboxes get (not retired as corrupted or expired)."""
+        return self._live.get(backbone.model) is backbone
+
     def release(self, backbone: Backbone) -> None:
         backbone.users -= 1
         if backbone.users == 0 and self._live.get(backbone.model) is backbone:

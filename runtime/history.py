@@ -28,16 +28,19 @@ from faas.logs import get_logger
 class History:
     """Arrival times (Unix seconds, ascending) per function, at most `keep` each."""
 
-    def __init__(self, nc: NATS, node_id: str, keep: int = 1000, max_age_s: float = 7 * 86400,
+    def __init__(self, nc: NATS, node_id: str, functions: set[str], keep: int = 1000,
+                 max_age_s: float = 7 * 86400,
                  on_arrival: Callable[[str], None] = lambda _fn: None) -> None:
         self.nc = nc
         self.node_id = node_id
+        self.functions = functions  # records of others (not served here) are skipped
         self.keep = keep
         self.max_age_s = max_age_s
         self.on_arrival = on_arrival
         self.arrivals: dict[str, list[float]] = {}
         self.shared = False  # True once it reads the JetStream stream
-        self._seen = 0  # stream sequence of the last record read
+        self._read = 0
+        self._read_all = asyncio.Event()
         self._sub = None
         self.log = get_logger(component="history")
 
@@ -53,27 +56,29 @@ class History:
                 await js.add_stream(**config)
             except BadRequestError:  # it exists with other limits: ours win
                 await js.update_stream(**config)
-            stored = (await js.stream_info(protocol.HISTORY_STREAM)).state.last_seq
+            stored = (await js.stream_info(protocol.HISTORY_STREAM)).state.messages
             self._sub = await js.subscribe(protocol.HISTORY_PREFIX + ">", cb=self._on_message,
                                            ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
             self.shared = True
-            await self._caught_up(stored, timeout_s)
+            if stored:
+                await self._caught_up(timeout_s)
         except (NatsError, TimeoutError) as exc:
             self.log.warning("history_local_only", error=f"{type(exc).__name__}: {exc}",
                              hint="start nats-server with JetStream (-js) to share the history")
 
-    async def _caught_up(self, stored: int, timeout_s: float) -> None:
+    async def _caught_up(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while self._seen < stored and time.monotonic() < deadline:
+        while not self._read_all.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        self.log.info("history_read", records=self._seen, functions=len(self.arrivals),
-                      complete=self._seen >= stored)
+        self.log.info("history_read", records=self._read, functions=len(self.arrivals),
+                      complete=self._read_all.is_set())
 
     async def record(self, function: str) -> None:
         """An invocation of `function` arrived now."""
         now = time.time()
         if not self.shared:
-            self._add(function, now)
+            if function in self.functions:
+                self._add(function, now)
             return
         try:
             await self.nc.publish(protocol.history_subject(function),
@@ -82,13 +87,16 @@ class History:
             self.log.warning("history_publish_failed", fn=function, error=str(exc))
 
     async def _on_message(self, msg: Msg) -> None:
-        self._seen = max(self._seen, msg.metadata.sequence.stream)
+        self._read += 1
+        if msg.metadata.num_pending == 0:  # nothing stored beyond this one
+            self._read_all.set()
         try:
             function, at = protocol.parse_history(msg.subject, msg.data)
         except ValueError as exc:
             self.log.warning("history_record_ignored", subject=msg.subject, error=str(exc))
             return
-        self._add(function, at)
+        if function in self.functions:
+            self._add(function, at)
 
     def _add(self, function: str, at: float) -> None:
         times = self.arrivals.setdefault(function, [])

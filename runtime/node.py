@@ -79,7 +79,8 @@ class Node:
             config.sandbox.threads, config.loader_isolation)
         self.zygote = Zygote(config.sandbox.threads)
         self.profiles = Profiles(config.device)
-        self.history = History(nc, self.node_id, on_arrival=self._on_history)
+        self.history = History(nc, self.node_id, {spec["name"] for spec in specs},
+                               on_arrival=self._on_history)
         # Fails closed: a function without an isolation decision is a bug, not root access.
         self.pools = {spec["name"]: FunctionPool(
             spec, config.sandbox, self.zygote, self.backbones, isolation[spec["name"]],
@@ -132,8 +133,8 @@ class Node:
                 raise FunctionNotFound(f"no function named {function!r}")
             event = protocol.decode_event(msg.data, encoding)
             deadline = received + _budget_s(headers, pool.spec)
+            await self.history.record(function)  # demand, even when the queue is full
             pool.admit()
-            await self.history.record(function)
         except FaasError as err:
             await self._reply_error(msg, err, encoding, request_id, log)
             return

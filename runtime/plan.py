@@ -166,6 +166,12 @@ def make_plan(demands: Iterable[Demand], profile: Callable[[str | None], LevelPr
             plan.levels[d.function] = d.held
             plan.host_bytes += host - low_host
             plan.device_bytes += device - low_device
+            if (d.backbone is not None and d.held >= Level.ATTACHED
+                    and d.backbone not in in_use | plan.backbones):
+                plan.backbones.add(d.backbone)  # it maps it: precedence holds
+                plan.values[d.backbone] = backbone_value[d.backbone]
+                plan.host_bytes += p.backbone_bytes
+                plan.device_bytes += p.backbone_device_bytes
     return plan
 
 

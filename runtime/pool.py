@@ -58,6 +58,7 @@ class Slot:
     busy: bool = False
     idle_since: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
+    load_s: float = 0.0  # spent in its own steps (what start_timeout_s bounds)
 
     @property
     def free(self) -> bool:
@@ -115,11 +116,6 @@ class FunctionPool:
     def held_level(self) -> Level:
         """How far the furthest idle sandbox of this function is loaded."""
         return max((s.level for s in self._slots if s.free and s.climb is None), default=Level.COLD)
-
-    @property
-    def best_level(self) -> Level:
-        """The furthest a free sandbox of this function is (or is being) loaded."""
-        return max((max(s.level, s.target) for s in self._slots if s.free), default=Level.COLD)
 
     def state(self) -> dict[str, Any]:
         return {"idle": sum(1 for s in self._slots if s.free and s.climb is None),
@@ -225,19 +221,22 @@ class FunctionPool:
 
     # --- climbing the levels --------------------------------------------------------
 
-    def _raise_target(self, slot: Slot, target: Level) -> None:
-        """Make `slot` climb to at least `target` (call with the condition held)."""
+    def _raise_target(self, slot: Slot, target: Level) -> bool:
+        """Make `slot` climb to at least `target` (call with the condition held); True when
+        that starts a climb."""
         slot.target = max(slot.target, target)
         if slot.expiry is not None:
             slot.expiry.cancel()
             slot.expiry = None
         if slot.climb is None and slot.level < slot.target:
             slot.climb = asyncio.create_task(self._climb(slot), name=f"climb-{self.name}")
+            return True
+        return False
 
     async def _climb(self, slot: Slot) -> None:
         failure: FaasError | None = None
         try:
-            await asyncio.wait_for(self._steps(slot), self.spec["start_timeout_s"])
+            await self._steps(slot)
         except TimeoutError:
             failure = HandlerError(f"sandbox of {self.name!r} did not load within "
                                    f"start_timeout_s={self.spec['start_timeout_s']:g}")
@@ -278,9 +277,14 @@ class FunctionPool:
         self._on_change()
 
     async def _steps(self, slot: Slot) -> None:
+        """Climb to the slot's target. `start_timeout_s` bounds the sandbox's own steps, all
+        climbs of the slot together; waiting for the zygote or a backbone load is not
+        counted (the backbone has its own limit)."""
         started = time.monotonic()
         if slot.sandbox is None:
-            sandbox, cost = await fork_sandbox(self.spec, self._config, self._zygote, self.isolation)
+            await self._zygote.ready()
+            sandbox, cost = await self._within_start_timeout(
+                slot, fork_sandbox(self.spec, self._config, self._zygote, self.isolation))
             slot.sandbox = sandbox
             sandbox.proc.add_exit_callback(lambda code: self._exited(slot, code))
             self._reached(slot, cost)
@@ -291,12 +295,20 @@ class FunctionPool:
                      "warm_up": slot.waiter is None}  # nobody waiting: pay first-call costs now
             if level == Level.ATTACHED and self.spec["backbone"] is not None:
                 backbone = await self._backbones.acquire(self.spec["backbone"])
-                self._reached(slot, await sandbox.step(frame, backbone,
-                                                       self._backbone_release(backbone, sandbox)))
+                sandbox.hold(self._backbone_release(backbone, sandbox))
+                step = sandbox.step(frame, backbone)
             else:
-                self._reached(slot, await sandbox.step(frame))
+                step = sandbox.step(frame)
+            self._reached(slot, await self._within_start_timeout(slot, step))
         sandbox.log.info("sandbox_climbed", level=slot.level.label,
                          ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def _within_start_timeout(self, slot: Slot, step: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(step, max(0.0, self.spec["start_timeout_s"] - slot.load_s))
+        finally:
+            slot.load_s += time.monotonic() - started
 
     def _backbone_release(self, backbone: Backbone, sandbox: Sandbox) -> Callable[[], None]:
         """What lets go of `backbone` once, however the sandbox ends; meanwhile the sandbox
@@ -351,26 +363,33 @@ class FunctionPool:
 
     # --- the pre-loader's handles ---------------------------------------------------
 
-    def prepare(self, levels: list[Level]) -> None:
+    def prepare(self, levels: list[Level], most: int) -> int:
         """Have sandboxes ready at these levels (the function's first, second...; a busy
         one covers the first): free ones climb, and new ones start while the function has
-        fewer than `max_instances`. Not after a failed start: a function that cannot load
-        is retried by its next request, not in the background."""
+        fewer than `max_instances`; at most `most` climbs are started. Returns how many
+        were. Not after a failed start: a function that cannot load is retried by its next
+        request, not in the background."""
         if self._closed or self._start_failed:
-            return
+            return 0
         busy = sum(1 for s in self._slots if not s.free)
         free = sorted((s for s in self._slots if s.free), key=lambda s: max(s.level, s.target),
                       reverse=True)
+        started = 0
         for i, target in enumerate(levels[busy:]):
-            if target == Level.COLD:
+            if target == Level.COLD or started >= most:
                 break
             if i < len(free):
                 if max(free[i].level, free[i].target) < target:
-                    self._raise_target(free[i], target)
+                    started += self._raise_target(free[i], target)
             elif self.instances < self.spec["max_instances"]:
                 slot = Slot()
                 self._slots.append(slot)
-                self._raise_target(slot, target)
+                started += self._raise_target(slot, target)
+        return started
+
+    @property
+    def climbing(self) -> int:
+        return sum(1 for s in self._slots if s.climb is not None)
 
     def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:
         """Stop idle sandboxes beyond the plan: every one when it plans none; else those

@@ -1,14 +1,15 @@
 """Predictors: from a function's invocation times, the chance it is invoked within the next
 `horizon_s` seconds. Pure (no I/O, no clock): callers pass the times and `now`.
 
-- `HybridHistogram`: the hybrid histogram policy of "Serverless in the Wild" (Shahrad et
-  al., ATC'20). It keeps a histogram of the function's inter-arrival times (arrival to
-  arrival: our requests last seconds, not minutes), and reads from it the chance that a
-  function idle for `s` seconds is invoked within `(s, s + horizon]`. Its pre-warm and
-  keep-alive windows (the 5th and 99th percentiles, with a 10% margin) are what the paper
-  schedules by; we report them and they bound where the chance is read. With too little
-  history (fewer than `min_samples` gaps) it falls back to a fixed keep-alive, as the
-  paper does; idle beyond every gap it has seen, it falls back to the rate estimate.
+- `HybridHistogram`: after the hybrid histogram policy of "Serverless in the Wild" (Shahrad
+  et al., ATC'20). It keeps a histogram of the function's inter-arrival times (arrival to
+  arrival: our requests last seconds, not minutes). Where the paper turns it into a pre-warm
+  and a keep-alive window (the 5th and 99th percentiles, 10% margins; we report them in
+  `why`), we read from it the chance the planner needs: that a function idle for `s` seconds
+  is invoked within `(s, s + horizon]` (inside the paper's windows that chance is high,
+  outside them low). With too little history (fewer than `min_samples` gaps) it falls back
+  to a fixed keep-alive, as the paper does; idle beyond every gap it has seen, to the rate
+  estimate.
 - `RateEstimate`: a Poisson process at the function's recent rate (the comparison).
 """
 
@@ -123,7 +124,7 @@ class Histogram:
         return self.bins[min(i, len(self.bins) - 1)] * self.bin_s
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _histogram(arrivals: tuple[float, ...], bin_s: float, range_s: float) -> Histogram:
     counts: Counter[int] = Counter()
     out = 0
@@ -144,7 +145,7 @@ def followers(arrivals: Sequence[float], window_s: float, most: int = 8) -> tupl
     return _followers(tuple(arrivals), window_s, most)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _followers(arrivals: tuple[float, ...], window_s: float, most: int) -> tuple[float, ...]:
     if not arrivals:
         return ()

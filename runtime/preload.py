@@ -92,6 +92,7 @@ class Preloader:
         self._task: asyncio.Task[None] | None = None
         self._pins: dict[str, asyncio.Task[Backbone]] = {}
         self._closing = False
+        self.max_climbs = max(1, (os.cpu_count() or 2) // 2)
         self.log = get_logger(component="preload")
 
     def start(self) -> None:
@@ -150,20 +151,31 @@ class Preloader:
                               planned=plan.levels[name].label,
                               chance=round(self.predictions[name].chance, 3))
         in_use = {self.pools[name].spec["backbone"] for name in serving}
+        for model, pin in list(self._pins.items()):  # failed, or retired (corrupted): pin anew
+            if pin.done() and (pin.cancelled() or pin.exception() is not None
+                               or not self.backbones.is_live(pin.result())):
+                del self._pins[model]
+                pin.add_done_callback(self._unpin)
         for model in set(self._pins) - plan.backbones - in_use:
             pin = self._pins.pop(model)
             pin.add_done_callback(self._unpin)
         for model in plan.backbones - set(self._pins):
             self._pins[model] = asyncio.create_task(self.backbones.acquire(model))
             self.log.info("preload_backbone", model=model, value_s=round(plan.values[model], 3))
+        # Background loading must not starve serving: a few climbs at a time, the most
+        # valuable first; the rest follow at the next plans.
+        room = self.max_climbs - sum(pool.climbing for pool in self.pools.values())
         for name in plan.order:
+            if room <= 0:
+                break
             pool = self.pools[name]
-            if pool.best_level < plan.levels[name] and not pool.busy:
+            started = pool.prepare(self._levels(plan, name), room)
+            if started:
                 self.log.info("preload", fn=name, to=plan.levels[name].label,
                               more=[level.label for level in plan.extra[name]],
                               chance=round(self.predictions[name].chance, 3),
                               why=self.predictions[name].why)
-            pool.prepare(self._levels(plan, name))
+            room -= started
 
     @staticmethod
     def _levels(plan: Plan, name: str) -> list[Level]:

@@ -67,8 +67,6 @@ class Sandbox:
         self._writer = writer
         self._on_close: Callable[[], None] | None = None
         self._output_task: asyncio.Task[None] | None = None  # ends at EOF, when the process does
-        self.level = Level.COLD
-        self.idle_since = time.monotonic()
         self.log = get_logger(fn=function, pid=proc.pid)
 
     @property
@@ -110,14 +108,19 @@ class Sandbox:
             raise SandboxDied(f"sandbox of {self.function!r} exited with code {code} "
                               "while serving the request") from None
 
-    async def step(self, frame: dict[str, Any], backbone: Backbone | None = None,
-                   on_close: Callable[[], None] | None = None) -> StepCost:
+    def hold(self, on_close: Callable[[], None]) -> None:
+        """Run `on_close` once when this sandbox is let go of (at once if it already was):
+        what lets go of the backbone it maps."""
+        if self._writer.is_closing():
+            on_close()
+        else:
+            self._on_close = on_close
+
+    async def step(self, frame: dict[str, Any], backbone: Backbone | None = None) -> StepCost:
         """Send one step (`init` or `step`) and wait for the level it reached; with a
-        backbone, its descriptors go along and `on_close` (which lets go of it) runs once
-        when this sandbox is let go of. HandlerError when the step failed."""
+        backbone, its descriptors go along. HandlerError when the step failed."""
         started = time.monotonic()
         if backbone is not None:
-            self._on_close = on_close
             await self._writer.drain()
             frames.send_frame_with_fds(self._fd_sock, {**frame, "backbone": backbone.for_sandbox()},
                                        backbone.fds)
@@ -128,8 +131,7 @@ class Sandbox:
             err = reply["error"]
             raise HandlerError(f"function {self.function!r} failed to load: "
                                f"{err['type']}: {err['message']}")
-        self.level = Level(reply["level"])
-        return StepCost(self.level, time.monotonic() - started, int(reply["host_bytes"]),
+        return StepCost(Level(reply["level"]), time.monotonic() - started, int(reply["host_bytes"]),
                         int(reply["device_bytes"]))
 
     async def invoke(self, request_id: str, event: dict[str, Any]) -> SandboxResult:
@@ -340,12 +342,18 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
     finally:
         theirs.close()
         os.close(output_w)
-    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+    except BaseException:  # cancelled, say: nobody would ever talk to the new process
+        proc.kill()
+        os.close(output_r)
+        ours.close()
+        raise
     sandbox = Sandbox(spec["name"], proc, ours, reader, writer)
-    await sandbox.forward_output(output_r)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"]}
     try:
+        await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)
     except BaseException:
         await sandbox.kill()

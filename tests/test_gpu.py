@@ -32,8 +32,8 @@ def cuda_reference(adapter: str, prompt: str, max_new_tokens: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
-    with LocalNode(EXAMPLES, extra_args=("--device", "cuda", "--sandbox-uids", "63000-63999"),
+async def test_cuda_ipc_backbone_matches_reference(models, tmp_path, uids):
+    with LocalNode(EXAMPLES, extra_args=("--device", "cuda", "--sandbox-uids", uids),
                    state_dir=tmp_path) as node:
         async with Client(node.url) as client:
             for name in ("support", "sql"):
@@ -52,7 +52,7 @@ async def test_gpu_scribbler_is_detected_and_the_backbone_reloaded(models, tmp_p
     from tests.conftest import TEST_FUNCTIONS
 
     with LocalNode(EXAMPLES, TEST_FUNCTIONS, state_dir=tmp_path,
-                   extra_args=("--device", "cuda", "--sandbox-uids", "63000-63999")) as node:
+                   extra_args=("--device", "cuda", "--sandbox-uids", "off")) as node:
         async with Client(node.url) as client:
             event = {"message": "Is my refund on its way?", "max_new_tokens": 12}
             before = (await client.invoke("support", event, timeout_s=300)).output["token_ids"]
