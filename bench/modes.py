@@ -111,8 +111,10 @@ class Ours(_ThroughNats):
         self.device_baseline = 0
         self.functions = config.workdir / f"functions-{name}"
         self.state_dir = config.workdir / f"nats-{name}"
-        # A fresh server: no invocation history left by an earlier run.
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        # A fresh server (no invocation history left by an earlier run), and only this run's
+        # functions.
+        for left in (self.state_dir, self.functions):
+            shutil.rmtree(left, ignore_errors=True)
         write_functions(self.functions, config.model_dir, config.names)
         self.log = open(config.workdir / f"{name}.log", "wb")  # the node's log: what it planned
         self.node = LocalNode(self.functions, state_dir=self.state_dir, stderr=self.log.fileno(),

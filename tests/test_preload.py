@@ -239,3 +239,55 @@ async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(model
             assert result.metrics["level"] == "loaded"
     finally:
         node.stop()
+
+
+async def test_pool_prepares_burst_sandboxes_trims_extras_and_gives_up_after_a_failed_start(models):
+    """The pool's handles for the plan, with real sandboxes of plain functions: prepare
+    starts what is planned (a busy sandbox covers the first), trim stops the extras once
+    idle past their keep-alive and everything for COLD, and a function whose start failed
+    is not pre-loaded again."""
+    from bench.levels import node_parts
+    from runtime.levels import Profiles
+    from runtime.pool import FunctionPool
+    from runtime.sandboxes import SandboxConfig
+    from tests.conftest import EXAMPLES, TEST_FUNCTIONS
+
+    async def settled(pool: FunctionPool) -> dict:
+        while pool.climbing:
+            await asyncio.sleep(0.02)
+        return pool.state()
+
+    async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
+        echo = next(s for s in catalog.specs if s["name"] == "echo")
+        pool = FunctionPool({**echo, "max_instances": 3}, SandboxConfig(), zygote, backbones,
+                            catalog.isolation["echo"], Profiles(), keep_alive_s=None)
+        try:
+            assert pool.prepare([Level.LOADED, Level.LOADED, Level.SPAWNED], most=2) == 2
+            assert (await settled(pool))["levels"] == ["loaded", "loaded"]
+            assert pool.prepare([Level.LOADED, Level.LOADED, Level.SPAWNED], most=2) == 1
+            assert sorted((await settled(pool))["levels"]) == ["loaded", "loaded", "spawned"]
+            assert pool.trim([Level.LOADED], extra_keep_alive_s=60) == 0  # extras still kept
+            assert pool.trim([Level.LOADED], extra_keep_alive_s=0) == 2
+            assert pool.state()["levels"] == ["loaded"]
+            pool.admit()
+            serving = asyncio.create_task(pool.serve("r", {"x": 1}, time.monotonic() + 30))
+            await asyncio.sleep(0)
+            assert pool.prepare([Level.LOADED, Level.LOADED], most=2) == 1  # the busy one covers one
+            await serving
+            assert (await settled(pool))["levels"] == ["loaded", "loaded"]
+            assert pool.trim([Level.COLD], extra_keep_alive_s=60) == 2
+            while pool.instances:
+                await asyncio.sleep(0.02)
+        finally:
+            await pool.close()
+    async with node_parts(TEST_FUNCTIONS, "cpu") as (catalog, zygote, backbones):
+        stuck = next(s for s in catalog.specs if s["name"] == "stuck-setup")
+        pool = FunctionPool(stuck, SandboxConfig(), zygote, backbones,
+                            catalog.isolation["stuck-setup"], Profiles(), keep_alive_s=None)
+        try:
+            assert pool.prepare([Level.LOADED], most=1) == 1
+            while pool.instances:  # killed after its start_timeout_s
+                await asyncio.sleep(0.05)
+            assert pool.prepare([Level.LOADED], most=1) == 0
+        finally:
+            await pool.close()
