@@ -391,6 +391,10 @@ class FunctionPool:
     def climbing(self) -> int:
         return sum(1 for s in self._slots if s.climb is not None)
 
+    @property
+    def serving(self) -> int:
+        return sum(1 for s in self._slots if s.busy)
+
     def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:
         """Stop idle sandboxes beyond the plan: every one when it plans none; else those
         beyond the planned ones (a burst's) once idle for `extra_keep_alive_s`. A planned one

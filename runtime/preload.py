@@ -92,7 +92,8 @@ class Preloader:
         self._task: asyncio.Task[None] | None = None
         self._pins: dict[str, asyncio.Task[Backbone]] = {}
         self._closing = False
-        self.max_climbs = max(1, (os.cpu_count() or 2) // 2)
+        self.cores = os.cpu_count() or 2
+        self.max_climbs = max(1, self.cores // 2)
         self.log = get_logger(component="preload")
 
     def start(self) -> None:
@@ -163,8 +164,11 @@ class Preloader:
             self._pins[model] = asyncio.create_task(self.backbones.acquire(model))
             self.log.info("preload_backbone", model=model, value_s=round(plan.values[model], 3))
         # Background loading must not starve serving: a few climbs at a time, the most
-        # valuable first; the rest follow at the next plans.
+        # valuable first, none while requests keep every core busy; the rest follow at the
+        # next plans.
         room = self.max_climbs - sum(pool.climbing for pool in self.pools.values())
+        if sum(pool.serving for pool in self.pools.values()) >= self.cores:
+            room = 0
         for name in plan.order:
             if room <= 0:
                 break
