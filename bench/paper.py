@@ -43,6 +43,27 @@ from faas.bundled import faas_home
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """The options that define a workload and its history (faas bench, bench.predictors)."""
+    parser.add_argument("--workload", choices=WORKLOADS, default=default)
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--functions", type=int, default=12)
+    parser.add_argument("--minutes", type=float, default=3.0)
+    # A request of the default size costs ~2.2 core-seconds here (bench model, 1 thread):
+    # 0.5 rps keeps a 2-core machine about half busy, where modes differ by design, not by
+    # which one drowns first.
+    parser.add_argument("--rate-rps", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--history-periods", type=int, default=10,
+                        help="earlier runs of the workload fed to the invocation history first "
+                             "(modes that keep one: ours); 0 starts with none")
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    return WorkloadSpec(workload=args.workload, functions=args.functions,
+                        duration_s=args.minutes * 60, rate_rps=args.rate_rps, seed=args.seed)
+
+
 @dataclass
 class Outcome:
     function: str
@@ -152,8 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"faas bench: unknown mode(s) {', '.join(unknown)} "
                          f"(available: {', '.join(MODES)})")
-    spec = WorkloadSpec(workload=args.workload, functions=args.functions,
-                        duration_s=args.minutes * 60, rate_rps=args.rate_rps, seed=args.seed)
+    spec = workload_spec(args)
     trace = load_trace(args.trace)
     requests = generate(spec, trace)
     model_dir = build_model(faas_home() / "bench-models", args.functions)
@@ -215,18 +235,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="faas bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=WORKLOADS, default="trace")
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
-    parser.add_argument("--functions", type=int, default=12)
-    parser.add_argument("--minutes", type=float, default=3.0)
-    # A request of the default size costs ~2.2 core-seconds here (bench model, 1 thread):
-    # 0.5 rps keeps a 2-core machine about half busy, where modes differ by design, not by
-    # which one drowns first.
-    parser.add_argument("--rate-rps", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--history-periods", type=int, default=10,
-                        help="earlier runs of the workload fed to the invocation history first "
-                             "(modes that keep one: ours); 0 starts with none")
+    add_workload_arguments(parser, default="trace")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="start measuring at once; by default each mode first serves, "
                              "unmeasured, the history's last keep-alive of requests")

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.paper import DEFAULT_TRACE
-from bench.workloads import WORKLOADS, WorkloadSpec, generate, history, load_trace, time_scale
+from bench.paper import add_workload_arguments, workload_spec
+from bench.workloads import generate, history, load_trace, time_scale
 from runtime.predict import HybridHistogram, Predictor, RateEstimate
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
@@ -62,18 +62,11 @@ def evaluate(predictor: Predictor, arrivals: dict[str, list[float]], duration_s:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.predictors", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=WORKLOADS, default="cov-normal")
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
-    parser.add_argument("--functions", type=int, default=12)
-    parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--rate-rps", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--history-periods", type=int, default=10)
+    add_workload_arguments(parser, default="cov-normal")
     parser.add_argument("--horizon-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("results/predictors.json"))
     args = parser.parse_args(argv)
-    spec = WorkloadSpec(workload=args.workload, functions=args.functions,
-                        duration_s=args.minutes * 60, rate_rps=args.rate_rps, seed=args.seed)
+    spec = workload_spec(args)
     trace = load_trace(args.trace)
     keep_alive_s = 600 * time_scale(spec, trace)  # as faas bench gives the modes
     arrivals: dict[str, list[float]] = {}
