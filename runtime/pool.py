@@ -30,6 +30,7 @@ from runtime.sandboxes import (
     Sandbox,
     SandboxConfig,
     SandboxDied,
+    SandboxGone,
     SandboxResult,
     StepCost,
     Zygote,
@@ -128,11 +129,21 @@ class FunctionPool:
 
     async def serve(self, request_id: str, event: dict[str, Any], deadline: float) -> Served:
         """Lease a sandbox for an admitted request, run the handler and give the sandbox
-        back; a sandbox that outlives `deadline` (time.monotonic()) is killed."""
+        back; a sandbox that outlives `deadline` (time.monotonic()) is killed. A sandbox
+        found dead before the request reached it (it died idle, and the node had not heard
+        yet) is dropped and another one leased, once."""
         try:
             slot, found = await self._with_deadline(self._lease(), deadline, "waiting for a sandbox")
         finally:
             self._waiting -= 1
+        try:
+            return await self._run(slot, found, request_id, event, deadline)
+        except SandboxGone:
+            slot, found = await self._with_deadline(self._lease(), deadline, "waiting for a sandbox")
+            return await self._run(slot, found, request_id, event, deadline)
+
+    async def _run(self, slot: Slot, found: Level, request_id: str, event: dict[str, Any],
+                   deadline: float) -> Served:
         leased_at = time.monotonic()
         sandbox = slot.sandbox
         assert sandbox is not None
@@ -162,6 +173,15 @@ class FunctionPool:
             raise DeadlineExceeded(f"function {self.name!r} ran out of budget {where}") from None
 
     async def _lease(self) -> tuple[Slot, Level]:
+        """A sandbox for one request and the level it found. When the sandbox it waited for
+        dies while loading (killed, or its zygote died), it tries once more: it may have
+        taken over a climb the pre-loader started before that death was noticed."""
+        try:
+            return await self._lease_once()
+        except SandboxDied:
+            return await self._lease_once()
+
+    async def _lease_once(self) -> tuple[Slot, Level]:
         async with self._cond:
             seen_failures = self._failures
             while True:

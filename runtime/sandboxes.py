@@ -23,6 +23,10 @@ class SandboxDied(HandlerError):
     """The sandbox process exited (crashed or was killed) while it held a request."""
 
 
+class SandboxGone(SandboxDied):
+    """The sandbox had exited before the request reached it: the handler never ran."""
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     """How sandboxes are started and kept. `threads` is torch's intra-op thread count per
@@ -140,7 +144,7 @@ class Sandbox:
             await self._send({"type": "invoke", "request_id": request_id, "event": event})
         except (ConnectionError, BrokenPipeError):
             code = await self.proc.wait()
-            raise SandboxDied(f"sandbox of {self.function!r} exited with code {code}") from None
+            raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}") from None
         reply = await self._receive()
         if reply["type"] == "error":
             err = reply["error"]

@@ -6,36 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from pathlib import Path
 
 import pytest
 
 from bench.accounting import process_tree
 from faas import Client
-from tests.conftest import second_node
+from tests.conftest import second_node, wait_all_gone
 
 
 def descendants(pid: int) -> set[int]:
     return set(process_tree(pid)) - {pid}
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_all_gone(pids: set[int], timeout_s: float = 10.0) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        left = {p for p in pids if alive(p)}
-        if not left:
-            return left
-        time.sleep(0.05)
-    return {p for p in pids if alive(p)}
 
 
 @pytest.fixture
