@@ -126,8 +126,7 @@ class Profiles:
                     profile.steps[step] = Cost(0.0, profile.steps[Level.SPAWNED].host_bytes)
             else:  # until it is loaded once: its size on disk, and a load time guessed from it
                 size = _weights_size(model)
-                self.observe_backbone(model, 1.0 + size / GIB, 0 if self.on_device else size,
-                                      size if self.on_device else 0)
+                self.observe_backbone(model, 1.0 + size / GIB, size)
         return profile
 
     @property
@@ -138,10 +137,11 @@ class Profiles:
                 device_bytes: int) -> None:
         self.of(model).steps[level].observe(seconds, host_bytes, device_bytes)
 
-    def observe_backbone(self, model: str, seconds: float, host_bytes: int, device_bytes: int) -> None:
+    def observe_backbone(self, model: str, seconds: float, size: int) -> None:
+        """A backbone's load time and size (in device memory on a GPU node, else in host)."""
         profile = self.of(model)
         profile.backbone_seconds = seconds
-        profile.backbone_bytes, profile.backbone_device_bytes = host_bytes, device_bytes
+        profile.backbone_bytes, profile.backbone_device_bytes = (0, size) if self.on_device else (size, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {model or "(plain)": p.to_dict() for model, p in self._by_model.items()}

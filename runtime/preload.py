@@ -121,9 +121,7 @@ class Preloader:
     def replan(self) -> Plan:
         now = time.time()
         for b in self.backbones.state():
-            self.profiles.observe_backbone(b["model"], b["load_ms"] / 1000,
-                                           0 if self.profiles.on_device else b["bytes"],
-                                           b["bytes"] if self.profiles.on_device else 0)
+            self.profiles.observe_backbone(b["model"], b["load_ms"] / 1000, b["bytes"])
         self.predictions = {
             name: self.predictor.predict(self.history.arrivals.get(name, []), now, self.config.horizon_s)
             for name in self.pools}
