@@ -162,16 +162,3 @@ def unmapped_shared_bytes(pids: Iterable[int]) -> int:
 def held_bytes(pids: list[int]) -> int:
     """What these processes hold: their PSS plus shared memory they keep but do not map."""
     return pss_bytes(pids) + unmapped_shared_bytes(pids)
-
-
-def device_used_bytes() -> int:
-    """Memory in use on GPU 0 (NVML), whoever holds it: per-process figures are missing in
-    some containers, so a mode is billed what the GPU holds beyond its use before the mode
-    started (the bench machine runs nothing else)."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-    finally:
-        pynvml.nvmlShutdown()

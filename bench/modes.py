@@ -32,12 +32,13 @@ from typing import Any, Callable, Protocol
 import msgpack
 import nats
 
-from bench.accounting import GIB, device_used_bytes, held_bytes, process_tree, pss_bytes
+from bench.accounting import GIB, held_bytes, process_tree, pss_bytes
 from bench.frontdoor import answer
 from bench.models import adapters_of, write_functions
 from bench.workloads import Request
 from faas import Client, FaasError, FunctionNotFound, Overloaded, protocol
 from faas.localnode import LocalNode, free_port
+from runtime.memory import gpu_memory
 from runtime.natsd import EmbeddedNats
 
 
@@ -125,7 +126,7 @@ class Ours(_ThroughNats):
 
     async def start(self) -> None:
         if self.device != "cpu":
-            self.device_baseline = await asyncio.to_thread(device_used_bytes)
+            self.device_baseline = (await asyncio.to_thread(gpu_memory))[1]
         await self.connect(await asyncio.to_thread(self.node.start))
 
     async def seed_history(self, arrivals: list[tuple[float, str]]) -> None:
@@ -150,7 +151,10 @@ class Ours(_ThroughNats):
         host = await _held_by_tree(self.node.proc.pid if self.node.proc else None, skip=b"nats-server")
         if self.device == "cpu":
             return host
-        return host + max(0, await asyncio.to_thread(device_used_bytes) - self.device_baseline)
+        # What the GPU holds beyond its use before the mode started (the machine runs
+        # nothing else; per-process figures are missing in some containers).
+        used = (await asyncio.to_thread(gpu_memory))[1]
+        return host + max(0, used - self.device_baseline)
 
     async def stop(self) -> None:
         await self.disconnect()

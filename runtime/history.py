@@ -67,9 +67,10 @@ class History:
                              hint="start nats-server with JetStream (-js) to share the history")
 
     async def _caught_up(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._read_all.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(self._read_all.wait(), timeout_s)
+        except TimeoutError:
+            pass
         self.log.info("history_read", records=self._read, functions=len(self.arrivals),
                       complete=self._read_all.is_set())
 

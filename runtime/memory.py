@@ -32,3 +32,21 @@ def give_back_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def gpu_memory() -> tuple[int, int]:
+    """(total, used) bytes of GPU 0, from NVML; (0, 0) without a GPU. Whoever holds it:
+    per-process figures are missing in some containers."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0, 0
+    try:
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return int(info.total), int(info.used)
+    except pynvml.NVMLError:
+        return 0, 0
+    finally:
+        pynvml.nvmlShutdown()

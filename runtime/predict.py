@@ -161,7 +161,3 @@ def _followers(arrivals: tuple[float, ...], window_s: float, most: int) -> tuple
     while shares and shares[-1] == 0:
         shares.pop()
     return tuple(shares)
-
-
-PREDICTORS: dict[str, type[HybridHistogram] | type[RateEstimate]] = {
-    "histogram": HybridHistogram, "rate": RateEstimate}

@@ -18,6 +18,7 @@ from faas.logs import get_logger
 from runtime.backbones import Backbone, BackboneRegistry
 from runtime.history import History
 from runtime.levels import GIB, Level, Profiles
+from runtime.memory import gpu_memory
 from runtime.plan import Budget, Demand, Plan, make_plan
 from runtime.pool import FunctionPool
 from runtime.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
@@ -53,26 +54,13 @@ def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _device_memory_bytes() -> int:
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return 0
-
-
 def budget_of(config: PreloadConfig, device: str) -> Budget:
     host = (config.host_budget_gib * GIB if config.host_budget_gib is not None
             else _host_memory_bytes() // 4)
     if device == "cpu":
         return Budget(int(host), 0)
     dev = (config.device_budget_gib * GIB if config.device_budget_gib is not None
-           else _device_memory_bytes() // 2)
+           else gpu_memory()[0] // 2)
     return Budget(int(host), int(dev))
 
 
