@@ -39,7 +39,7 @@ def main() -> int:
     import torch
 
     from bench.models import prompt_of
-    from runtime.engine import load_engine
+    from runtime.engine import UsageMeter, load_engine
 
     torch.set_num_threads(1)
     engine = load_engine(str(args.model), str(args.adapter))
@@ -48,11 +48,11 @@ def main() -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         event = json.loads(line)
-        engine.meter.reset()
+        meter = UsageMeter()
         prompt = prompt_of(int(event["prompt_tokens"]))
-        result = engine.generate(prompt, max_new_tokens=int(event["output_tokens"]),
-                                 temperature=0.0, top_p=1.0, seed=None)
-        print(json.dumps({"first_token_at": engine.meter.first_token_at,
+        result = engine.generate(prompt, meter, max_new_tokens=int(event["output_tokens"]),
+                                 ignore_eos=True)
+        print(json.dumps({"first_token_at": meter.first_token_at,
                           "tokens": len(result.token_ids)}), flush=True)
     return 0
 

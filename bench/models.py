@@ -78,5 +78,5 @@ def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
             "max_instances=8)\n"
             "def handler(event, ctx):\n"
             f"    prompt = event.get('prompt') or {PROMPT_WORD!r} * int(event['prompt_tokens'])\n"
-            "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)))\n"
+            "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)), ignore_eos=True)\n"
             "    return {'tokens': len(r.token_ids)}\n")

@@ -81,20 +81,22 @@ class LoraReplica:
         else:
             self.engine.model = PeftModel.from_pretrained(
                 self.engine.model, self.adapters[function], adapter_name=function).eval()
+            self.engine.batcher.model = self.engine.model
 
     def _generate(self, function: str, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
         from bench.models import prompt_of
+        from runtime.engine import UsageMeter
 
         self.engine.model.set_adapter(function)
-        self.engine.meter.reset()
-        result = self.engine.generate(prompt_of(prompt_tokens), max_new_tokens=output_tokens,
-                                      temperature=0.0, top_p=1.0, seed=None)
+        meter = UsageMeter()
+        result = self.engine.generate(prompt_of(prompt_tokens), meter, max_new_tokens=output_tokens,
+                                      ignore_eos=True)
         self.served += 1
         # The levels of a faas reply: a new replica is a cold start; an adapter loaded onto a
         # warm replica (backbone in place) is "attached".
         level = "cold" if self.served == 1 else "attached" if function in self.fresh else "loaded"
         self.fresh.discard(function)
-        return {"first_token_at": self.engine.meter.first_token_at, "tokens": len(result.token_ids),
+        return {"first_token_at": meter.first_token_at, "tokens": len(result.token_ids),
                 "level": level}
 
     async def __call__(self, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:

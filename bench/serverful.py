@@ -23,11 +23,29 @@ import nats
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from bench.frontdoor import answer, open_front_door
 from bench.models import adapters_of, prompt_of
 from faas import FunctionNotFound, protocol
-from runtime.engine import FirstTokenClock, UsageMeter, quiet_transformers
+from runtime.engine import quiet_transformers
+
+
+class FirstTokenClock(BaseStreamer):
+    """When `generate` produced its first token (it calls put() with the prompt first, then
+    with each new token)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first_token_at = time.monotonic()
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -55,13 +73,13 @@ class Server:
     @torch.inference_mode()
     def run_batch(self, batch: list[Pending]) -> tuple[list[list[int]], float | None]:
         inputs = self.tokenizer([p.prompt for p in batch], return_tensors="pt", padding=True)
-        meter = UsageMeter()
+        clock = FirstTokenClock()
         out = self.model.generate(**inputs, adapter_names=[p.function for p in batch],
                                   max_new_tokens=max(p.output_tokens for p in batch),
                                   do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                  streamer=FirstTokenClock(meter))
+                                  streamer=clock)
         width = inputs["input_ids"].shape[1]
-        return [out[i, width:width + p.output_tokens].tolist() for i, p in enumerate(batch)], meter.first_token_at
+        return [out[i, width:width + p.output_tokens].tolist() for i, p in enumerate(batch)], clock.first_token_at
 
     async def serve(self, nc: nats.NATS) -> None:
         while True:

@@ -40,13 +40,14 @@ _COPY_CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from runtime.engine import load_engine
+from runtime.engine import UsageMeter, load_engine
 backbone, adapter, spawned_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 engine = load_engine(backbone, adapter)
 for p in engine.model.parameters():
     p.data = p.data.clone()   # a private copy, as in a separate container
-engine.generate({prompt!r}, max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None)
-print(json.dumps({{"ttft_ms": (engine.meter.first_token_at - spawned_at) * 1000}}), flush=True)
+meter = UsageMeter()
+engine.generate({prompt!r}, meter, max_new_tokens=1)
+print(json.dumps({{"ttft_ms": (meter.first_token_at - spawned_at) * 1000}}), flush=True)
 sys.stdin.read()
 """.format(prompt=PROMPT)
 

@@ -7,6 +7,7 @@ The SDK (this package) is light: importing it pulls in no torch. Declare functio
 from faas.client import Client
 from faas.errors import (
     BadRequest,
+    Cancelled,
     DeadlineExceeded,
     FaasError,
     FunctionNotFound,
@@ -14,11 +15,11 @@ from faas.errors import (
     Overloaded,
     SpecError,
 )
-from faas.protocol import Invocation
+from faas.protocol import Chunk, Invocation
 from faas.sdk import Context, FunctionSpec, Generation, function
 
 __all__ = [
-    "BadRequest", "Client", "Context", "DeadlineExceeded", "FaasError", "FunctionNotFound",
+    "BadRequest", "Cancelled", "Chunk", "Client", "Context", "DeadlineExceeded", "FaasError", "FunctionNotFound",
     "FunctionSpec", "Generation", "HandlerError", "Invocation", "Overloaded", "SpecError",
     "function",
 ]

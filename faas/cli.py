@@ -37,7 +37,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
-        sandbox_threads=args.sandbox_threads, device=args.device,
+        sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
+        batch_windows=not args.no_batch_window, memory_budget_gib=args.memory_budget_gib,
+        device_memory_budget_gib=args.device_memory_budget_gib, device=args.device,
         backbone_keep_alive_s=args.backbone_keep_alive_s,
         sandbox_keep_alive_s=args.sandbox_keep_alive_s, preload=preload,
         sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
@@ -51,6 +53,17 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
 
 
@@ -146,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of function files (repeatable; default ./functions)")
     up.add_argument("--state-dir", help="embedded server data and log (default $FAAS_HOME/nats)")
     up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
+    up.add_argument("--max-batch", type=_count, default=64,
+                    help="cap on every function's max_batch: requests one sandbox generates for "
+                         "at once (1: no batching)")
+    up.add_argument("--no-batch-window", action="store_true",
+                    help="hand every request to its sandbox at once, also under contention")
+    up.add_argument("--memory-budget-gib", type=_positive, default=None,
+                    help="host memory the node may hold (default: 3/4 of the machine's); beyond "
+                         "it idle sandboxes are offloaded, then requests get 503")
+    up.add_argument("--device-memory-budget-gib", type=_positive, default=None,
+                    help="device memory the node may hold (default: 9/10 of the GPU's)")
     up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
     up.add_argument("--backbone-keep-alive-s", type=_positive, default=300.0,

@@ -4,6 +4,11 @@
 async with Client("nats://127.0.0.1:4222") as client:
     result = await client.invoke("support", {"message": "Where is my order?"}, timeout_s=30)
     print(result.output, result.metrics["ttft_ms"])
+
+    async with client.stream("support", {"message": "Where is my order?"}) as stream:
+        async for chunk in stream:          # text as it is generated
+            print(chunk.delta, end="", flush=True)
+    print(stream.result.output)             # then the usual reply
 ```
 Errors raise the FaasError subclass of the reply's code (BadRequest, FunctionNotFound,
 HandlerError, Overloaded, DeadlineExceeded).
@@ -21,7 +26,7 @@ from nats.aio.client import Client as NATS
 from faas import protocol
 from faas.errors import DeadlineExceeded, FaasError, Overloaded
 from faas.logs import get_logger
-from faas.protocol import Encoding, Invocation
+from faas.protocol import Chunk, Encoding, Invocation
 
 # The node answers 504 when the budget runs out; wait a little longer for that reply.
 _REPLY_GRACE_S = 2.0
@@ -72,11 +77,7 @@ class Client:
                      timeout_s: float = 60.0, request_id: str | None = None) -> Invocation:
         """Call `function` with `event` and wait for its reply (at most `timeout_s`, which
         is also the budget the node enforces)."""
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
-        headers = {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type,
-                   protocol.HDR_REQUEST_ID: request_id or protocol.new_request_id(),
-                   protocol.HDR_TIMEOUT_MS: str(int(timeout_s * 1000))}
+        headers = _request_headers(timeout_s, request_id)
         body = protocol.encode(event or {}, Encoding.MSGPACK)
         try:
             msg = await self.nc.request(protocol.invoke_subject(function), body,
@@ -87,6 +88,18 @@ class Client:
         except nats.errors.TimeoutError:
             raise DeadlineExceeded(f"no reply from {function!r} within {timeout_s}s") from None
         return protocol.parse_reply(msg.data, msg.headers)
+
+    def stream(self, function: str, event: dict[str, Any] | None = None, *,
+               timeout_s: float = 60.0, request_id: str | None = None) -> Stream:
+        """Call `function` asking for its text as it is generated (the handler streams what
+        it generates with `stream=True`). Use as `async with client.stream(...) as s:` and
+        iterate `s` for `Chunk`s; `s.result` then holds the reply. Leaving the block early
+        (or `await s.cancel()`) cancels the request: its generation stops."""
+        return Stream(self.nc, function, event or {}, timeout_s, request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        """Cancel a request in flight (queued or generating) by its id."""
+        await self.nc.publish(protocol.cancel_subject(request_id), b"")
 
     async def nodes(self, wait_s: float = 0.5) -> list[dict[str, Any]]:
         """What every reachable node serves (each node answers; replies gathered for wait_s)."""
@@ -106,3 +119,67 @@ class Client:
         finally:
             await sub.unsubscribe()
         return sorted(replies, key=lambda r: r.get("node", ""))
+
+
+def _request_headers(timeout_s: float, request_id: str | None) -> dict[str, str]:
+    if timeout_s <= 0:
+        raise ValueError("timeout_s must be positive")
+    return {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type,
+            protocol.HDR_REQUEST_ID: request_id or protocol.new_request_id(),
+            protocol.HDR_TIMEOUT_MS: str(int(timeout_s * 1000))}
+
+
+class Stream:
+    """A streamed invocation (see `Client.stream`): its chunks, then its reply."""
+
+    def __init__(self, nc: NATS, function: str, event: dict[str, Any], timeout_s: float,
+                 request_id: str | None) -> None:
+        self._nc = nc
+        self.function = function
+        self._headers = _request_headers(timeout_s, request_id)
+        self._headers[protocol.HDR_STREAM] = "true"
+        self.request_id = self._headers[protocol.HDR_REQUEST_ID]
+        self._event = event
+        self._timeout_s = timeout_s
+        self._sub: Any = None
+        self._end = 0.0
+        self.result: Invocation | None = None
+        self._done = False
+
+    async def __aenter__(self) -> Stream:
+        inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(inbox)
+        self._end = asyncio.get_running_loop().time() + self._timeout_s + _REPLY_GRACE_S
+        await self._nc.publish(protocol.invoke_subject(self.function),
+                               protocol.encode(self._event, Encoding.MSGPACK), reply=inbox,
+                               headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._done:
+            await self.cancel()
+        await self._sub.unsubscribe()
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        left = self._end - asyncio.get_running_loop().time()
+        try:
+            msg = await self._sub.next_msg(timeout=max(0.001, left))
+        except nats.errors.TimeoutError:
+            self._done = True
+            raise DeadlineExceeded(f"no reply from {self.function!r} within {self._timeout_s}s") from None
+        if protocol.is_final(msg.headers):
+            self._done = True
+            self.result = protocol.parse_reply(msg.data, msg.headers)
+            raise StopAsyncIteration
+        chunk = protocol.decode(msg.data, msg.headers)
+        return Chunk(delta=chunk["delta"], token_ids=list(chunk["token_ids"]))
+
+    async def cancel(self) -> None:
+        """Stop the request; the node answers it with a 499."""
+        self._done = True
+        await self._nc.publish(protocol.cancel_subject(self.request_id), b"")

@@ -12,6 +12,8 @@ class FaasError(Exception):
 
     code: int = 500
 
+    retry_after_s: float | None = None  # when retrying has a chance (503s)
+
     def __init__(self, message: str = "") -> None:
         super().__init__(message)
         self.message = message
@@ -45,9 +47,20 @@ class HandlerError(FaasError):
 
 
 class Overloaded(FaasError):
-    """The function's queue is full (or no node answers); retry later."""
+    """The function's queue is full, the node has no memory for another sandbox, or no node
+    answers; retry later (after `retry_after_s`, when the node said)."""
 
     code = 503
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Cancelled(FaasError):
+    """The caller cancelled the request (`faas.cancel.<request_id>`) before it completed."""
+
+    code = 499
 
 
 class DeadlineExceeded(FaasError):
@@ -57,7 +70,8 @@ class DeadlineExceeded(FaasError):
 
 
 _BY_CODE: dict[int, type[FaasError]] = {
-    cls.code: cls for cls in (BadRequest, FunctionNotFound, HandlerError, Overloaded, DeadlineExceeded)
+    cls.code: cls for cls in (BadRequest, FunctionNotFound, HandlerError, Overloaded, DeadlineExceeded,
+                               Cancelled)
 }
 
 

@@ -32,10 +32,21 @@ ADMIN_LS_SUBJECT = "faas.admin.ls"
 # one, predicts from the same history.
 HISTORY_PREFIX = "faas.history."
 HISTORY_STREAM = "FAAS_HISTORY"
+# A message here stops the request of that id wherever it is (queued or generating).
+CANCEL_PREFIX = "faas.cancel."
+CANCEL_WILDCARD = CANCEL_PREFIX + "*"
 
 HDR_CONTENT_TYPE = "Content-Type"
 HDR_REQUEST_ID = "Faas-Request-Id"
 HDR_TIMEOUT_MS = "Faas-Timeout-Ms"
+# An absolute deadline (Unix time in ms), e.g. forwarded by a gateway; past it: 504.
+HDR_DEADLINE_MS = "Faas-Deadline-Ms"
+# A request with `Faas-Stream: true` gets chunk messages on its reply subject, then one
+# message with `Faas-Final: true` carrying the reply envelope (or the error).
+HDR_STREAM = "Faas-Stream"
+HDR_FINAL = "Faas-Final"
+# On a 503: when trying again has a chance (ms).
+HDR_RETRY_AFTER_MS = "Faas-Retry-After-Ms"
 HDR_ERROR = "Nats-Service-Error"
 HDR_ERROR_CODE = "Nats-Service-Error-Code"
 JSON_CONTENT_TYPE = "application/json"
@@ -76,6 +87,20 @@ def function_from_subject(subject: str) -> str:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def cancel_subject(request_id: str) -> str:
+    """Publishing anything here cancels the request `request_id`."""
+    return CANCEL_PREFIX + request_id
+
+
+def wants_stream(headers: dict[str, str] | None) -> bool:
+    return (headers or {}).get(HDR_STREAM, "").strip().lower() in ("true", "1", "yes")
+
+
+def is_final(headers: dict[str, str] | None) -> bool:
+    """Whether a message on a streamed request's reply subject is its last one."""
+    return (headers or {}).get(HDR_FINAL, "").strip().lower() == "true" or HDR_ERROR_CODE in (headers or {})
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -152,9 +177,10 @@ class Metrics:
     total_ms: float = 0.0
     tokens_in: int = 0
     tokens_out: int = 0
-    # What the request found: "loaded" (a warm instance was free) or "cold" (it waited for
-    # one to start). The pre-loading issue adds the levels in between.
+    # What the request found: "loaded" (a warm sandbox), "cold" (it waited for one to
+    # start), or a level in between (runtime/levels.py).
     level: str | None = None
+    batch: int = 0  # how many prompts its first prefill ran with (0: it did not generate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +192,14 @@ class Invocation:
 
     output: Any
     metrics: dict[str, Any]
+
+
+@dataclass
+class Chunk:
+    """One piece of a streamed reply: new text and the token ids that produced it."""
+
+    delta: str
+    token_ids: list[int]
 
 
 def _header_safe(message: str) -> str:
@@ -184,14 +218,25 @@ def ok_reply(output: Any, metrics: Metrics, encoding: Encoding) -> tuple[bytes, 
 
 
 def error_reply(err: FaasError, encoding: Encoding, request_id: str) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of an error reply: micro error headers + `{"error": {code, message}}`."""
+    """Body and headers of an error reply: micro error headers + `{"error": {code, message}}`
+    (+ `retry_after_ms` and its header when the error says when to try again)."""
     headers = reply_headers(encoding, request_id)
     headers[HDR_ERROR] = _header_safe(err.message) or "error"
     headers[HDR_ERROR_CODE] = str(err.code)
     message = err.message
     if len(message) > _MAX_ERROR_MESSAGE:
         message = message[:_MAX_ERROR_MESSAGE] + f"... ({len(err.message)} characters)"
-    return encode({"error": {"code": err.code, "message": message}}, encoding), headers
+    error: dict[str, Any] = {"code": err.code, "message": message}
+    retry_after_s = getattr(err, "retry_after_s", None)
+    if retry_after_s is not None:
+        error["retry_after_ms"] = int(retry_after_s * 1000)
+        headers[HDR_RETRY_AFTER_MS] = str(error["retry_after_ms"])
+    return encode({"error": error}, encoding), headers
+
+
+def chunk_message(chunk: dict[str, Any], encoding: Encoding, request_id: str) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of one streamed chunk: `{"delta": text, "token_ids": [...]}`."""
+    return encode(chunk, encoding), reply_headers(encoding, request_id)
 
 
 def wire_size(body: bytes, headers: dict[str, str]) -> int:
@@ -207,7 +252,10 @@ def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:
     if HDR_ERROR_CODE in headers or (isinstance(body, dict) and "error" in body):
         error = body.get("error", {}) if isinstance(body, dict) else {}
         code = int(error.get("code") or headers.get(HDR_ERROR_CODE, 500))
-        raise error_for_code(code, error.get("message") or headers.get(HDR_ERROR, ""))
+        err = error_for_code(code, error.get("message") or headers.get(HDR_ERROR, ""))
+        if error.get("retry_after_ms") is not None:
+            err.retry_after_s = float(error["retry_after_ms"]) / 1000
+        raise err
     if not isinstance(body, dict) or "output" not in body:
         raise FaasError(f"malformed reply: {body!r:.200}")
     return Invocation(output=body["output"], metrics=body.get("metrics", {}))

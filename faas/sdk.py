@@ -27,14 +27,15 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
 
 
 class Generator(Protocol):
     """What the runtime plugs into a Context to make `ctx.generate` work."""
 
     def __call__(self, prompt: str, *, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int | None) -> Generation: ...
+                 top_p: float, seed: int | None, stop: tuple[str, ...], ignore_eos: bool,
+                 stream: bool) -> Generation: ...
 
 
 class Context:
@@ -54,8 +55,15 @@ class Context:
         self._generator = generator
 
     def generate(self, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> Generation:
-        """Generate up to `max_new_tokens` after `prompt`: greedy when temperature is 0."""
+                 top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
+                 ignore_eos: bool = False, stream: bool = False) -> Generation:
+        """Generate up to `max_new_tokens` after `prompt`: greedy when temperature is 0,
+        sampled (nucleus `top_p`, reproducible with `seed`) otherwise. Generation ends at
+        EOS (unless `ignore_eos`: benchmarks want exact lengths), at the token limit, or
+        before the first of the `stop` strings (left out of the text). With `stream=True` and a caller that asked for a stream (`Faas-Stream`), the
+        text is sent to the caller as it is produced; the deltas join to the text returned.
+        The call runs in a batch with the other requests of this function (continuous
+        batching); it raises `Cancelled` when the caller gives up."""
         if self._generator is None:
             raise FaasError(f"function {self.function!r} declares no backbone: it cannot generate")
         if not isinstance(prompt, str):
@@ -64,8 +72,12 @@ class Context:
             raise ValueError("max_new_tokens must be >= 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of them")
         return self._generator(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed)
+                               top_p=top_p, seed=seed, stop=stops, ignore_eos=ignore_eos,
+                               stream=stream)
 
 
 Handler = Callable[[dict, Context], Any]
@@ -81,6 +93,9 @@ class FunctionSpec:
     a request, `max_queue` how many requests may wait, `max_instances` how many sandboxes
     may serve it at once, `start_timeout_s` how long a sandbox may take to load (imports,
     model, adapter, `setup`) before it is killed and the waiting requests get a 500.
+    `slo_ttft_s` is the time-to-first-token the function promises: under contention the
+    node batches its requests only as long as that still holds. `max_batch` is how many
+    requests one sandbox generates for at once (1: no batching).
     """
 
     name: str
@@ -92,6 +107,8 @@ class FunctionSpec:
     max_instances: int = 1
     start_timeout_s: float = 120.0
     setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
+    slo_ttft_s: float = 2.5
+    max_batch: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -101,11 +118,11 @@ class FunctionSpec:
             raise SpecError(f"{self.name}: handler must be callable")
         if self.setup is not None and not callable(self.setup):
             raise SpecError(f"{self.name}: setup must be callable")
-        for attr in ("timeout_s", "start_timeout_s"):
+        for attr in ("timeout_s", "start_timeout_s", "slo_ttft_s"):
             value = getattr(self, attr)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise SpecError(f"{self.name}: {attr} must be a positive number, got {value!r}")
-        for attr in ("max_queue", "max_instances"):
+        for attr in ("max_queue", "max_instances", "max_batch"):
             value = getattr(self, attr)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"{self.name}: {attr} must be an integer >= 1, got {value!r}")
@@ -140,6 +157,8 @@ class FunctionSpec:
             "source_file": self.source_file,
             "handler": self.handler.__name__,
             "has_setup": self.setup is not None,
+            "slo_ttft_s": float(self.slo_ttft_s),
+            "max_batch": self.max_batch,
         }
 
 
@@ -202,8 +221,8 @@ def _resolve(path: str | None, base: Path) -> str | None:
 
 def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
              timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
-             start_timeout_s: float = 120.0,
-             setup: Callable[[Context], Any] | None = None) -> Callable[[Handler], Handler]:
+             start_timeout_s: float = 120.0, setup: Callable[[Context], Any] | None = None,
+             slo_ttft_s: float = 2.5, max_batch: int = 8) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
@@ -221,7 +240,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
         spec = FunctionSpec(name=name, handler=handler, backbone=_resolve(backbone, base),
                             adapter=_resolve(adapter, base), timeout_s=timeout_s,
                             max_queue=max_queue, max_instances=max_instances,
-                            start_timeout_s=start_timeout_s, setup=setup)
+                            start_timeout_s=start_timeout_s, setup=setup,
+                            slo_ttft_s=slo_ttft_s, max_batch=max_batch)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

@@ -32,5 +32,6 @@ def load_faq(ctx) -> None:
 def support(event: dict, ctx) -> dict:
     message = str(event.get("message", "")).lower()
     related = [answer for topic, answer in ctx.state["faq"].items() if topic in message]
-    r = ctx.generate(prompt_for(event), max_new_tokens=int(event.get("max_new_tokens", 24)))
+    r = ctx.generate(prompt_for(event), max_new_tokens=int(event.get("max_new_tokens", 24)),
+                     stream=True)
     return {"reply": postprocess(r.text), "faq": related, "token_ids": r.token_ids}

@@ -113,12 +113,12 @@ def _valid(spec: object, path: Path) -> bool:
             and isinstance(spec["handler"], str) and isinstance(spec["has_setup"], bool)
             and path_or_none("backbone") and path_or_none("adapter")
             and (spec["adapter"] is None or spec["backbone"] is not None)
-            and positive("timeout_s") and positive("start_timeout_s")
-            and count("max_queue") and count("max_instances"))
+            and positive("timeout_s") and positive("start_timeout_s") and positive("slo_ttft_s")
+            and count("max_queue") and count("max_instances") and count("max_batch"))
 
 
 _SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_instances",
-              "start_timeout_s", "source_file", "handler", "has_setup"}
+              "start_timeout_s", "source_file", "handler", "has_setup", "slo_ttft_s", "max_batch"}
 
 
 _UID_BLOCK = 100

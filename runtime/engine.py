@@ -1,22 +1,22 @@
-"""Generation for one LoRA function inside its sandbox: the backbone and the function's
-adapter loaded with transformers + peft (unmerged), greedy or sampled decoding with a
-KV cache, and the time of the first generated token for TTFT."""
+"""One LoRA function's model inside its sandbox: the backbone and the function's adapter
+loaded with transformers + peft (unmerged) one level at a time, and its generations run by
+the continuous batcher (runtime/generation.py)."""
 
 from __future__ import annotations
 
 import os
-import time
+import threading
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from faas.errors import FaasError
 from faas.sdk import Generation
+from runtime.generation import Batcher, DeltaSink, GenRequest, Prefill
 
 
 def quiet_transformers() -> None:
@@ -29,33 +29,14 @@ def quiet_transformers() -> None:
 
 @dataclass
 class UsageMeter:
-    """What a request's generations used: token counts and the first token's time."""
+    """One request's generations: token counts, the first token's time, whether the caller
+    gave up (a cancelled request's generations stop at their next token)."""
 
     tokens_in: int = 0
     tokens_out: int = 0
     first_token_at: float | None = None  # time.monotonic() (system-wide on Linux)
-
-    def reset(self) -> None:
-        self.tokens_in = self.tokens_out = 0
-        self.first_token_at = None
-
-
-class FirstTokenClock(BaseStreamer):
-    """Stamps `meter.first_token_at` when `generate` produces its first token (it calls
-    put() with the prompt first, then with each new token)."""
-
-    def __init__(self, meter: UsageMeter) -> None:
-        self._meter = meter
-        self._seen_prompt = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:
-            self._seen_prompt = True
-        elif self._meter.first_token_at is None:
-            self._meter.first_token_at = time.monotonic()
-
-    def end(self) -> None:
-        pass
+    prefill_batch: int = 0  # how many prompts its first prefill ran with
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class LoraEngine:
@@ -68,11 +49,14 @@ class LoraEngine:
     model is loaded privately (an isolated instance).
     """
 
-    def __init__(self, backbone: str, adapter: str | None = None) -> None:
+    def __init__(self, backbone: str, adapter: str | None = None, max_batch: int = 1,
+                 on_prefill: Callable[[Prefill], None] = lambda p: None) -> None:
         quiet_transformers()
         self.backbone = backbone
         self.adapter = adapter
-        self.meter = UsageMeter()
+        self.max_batch = max_batch
+        self._on_prefill = on_prefill
+        self.batcher: Batcher | None = None
         self.device = "cpu"
         self.model: Any = None
         self.tokenizer: Any = None
@@ -120,47 +104,56 @@ class LoraEngine:
             self.model = model
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone)
-        self._pad_id = self.tokenizer.pad_token_id
-        if self._pad_id is None:
-            self._pad_id = self.tokenizer.eos_token_id
+        self.batcher = Batcher(self.model, self.tokenizer, self.device, self.max_batch,
+                               self._on_prefill)
+
+    def unload(self) -> None:
+        """Back to `staged`: the adapter leaves the device (its weights kept in host memory,
+        from where `load` puts it back), the batcher and tokenizer go."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
+        if self.adapter is not None:
+            from peft.utils import get_peft_model_state_dict
+
+            weights = {k: v.to("cpu") for k, v in get_peft_model_state_dict(self.model).items()}
+            config = self.model.peft_config["default"]
+            self.model = self.model.unload()  # the backbone's modules, LoRA layers removed
+            self._staged = (config, weights)
+        self.tokenizer = None
 
     def warm_up(self) -> None:
         """One short generation so the first request does not pay first-call costs."""
-        self.generate("hello", max_new_tokens=2, temperature=0.0, top_p=1.0, seed=None)
-        self.meter.reset()
+        self.generate("hello", UsageMeter(), max_new_tokens=2)
 
-    @torch.inference_mode()
-    def generate(self, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int | None) -> Generation:
-        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        n_prompt = int(inputs["input_ids"].shape[1])
-        if n_prompt == 0:
+    def generate(self, prompt: str, meter: UsageMeter, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: tuple[str, ...] = (), ignore_eos: bool = False,
+                 on_delta: DeltaSink | None = None) -> Generation:
+        """Generate in the batch with every other request of this sandbox (any thread)."""
+        assert self.batcher is not None, "the engine is not loaded"
+        input_ids = self.tokenizer(prompt)["input_ids"]
+        if not input_ids:
             raise FaasError("prompt encodes to no tokens")
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and n_prompt + max_new_tokens > limit:
-            raise FaasError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
+        if limit is not None and len(input_ids) + max_new_tokens > limit:
+            raise FaasError(f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                             f"exceeds the model's context of {limit}")
-        sampling: dict[str, object] = {"do_sample": False}
-        if temperature > 0:
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            if seed is not None:
-                torch.manual_seed(seed)
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self._pad_id, streamer=FirstTokenClock(self.meter),
-                                  **sampling)
-        new_ids = out[0, n_prompt:].tolist()
-        eos = self.tokenizer.eos_token_id
-        finish = "stop" if eos is not None and new_ids and new_ids[-1] == eos else "length"
-        self.meter.tokens_in += n_prompt
-        self.meter.tokens_out += len(new_ids)
-        return Generation(text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
-                          token_ids=new_ids, prompt_tokens=n_prompt, finish_reason=finish)
+        request = GenRequest(input_ids, max_new_tokens, temperature, top_p, seed, stop, ignore_eos,
+                             on_delta, meter.cancelled)
+        generation = self.batcher.submit(request).result()
+        meter.tokens_in += generation.prompt_tokens
+        meter.tokens_out += len(generation.token_ids)
+        if meter.first_token_at is None:
+            meter.first_token_at = request.first_token_at
+            meter.prefill_batch = request.prefill_batch
+        return generation
 
 
 def load_engine(backbone: str, adapter: str | None = None,
-                shared: dict[str, Any] | None = None) -> LoraEngine:
+                shared: dict[str, Any] | None = None, max_batch: int = 1) -> LoraEngine:
     """An engine with every step done."""
-    engine = LoraEngine(backbone, adapter)
+    engine = LoraEngine(backbone, adapter, max_batch)
     engine.attach(shared)
     engine.stage()
     engine.load()

@@ -1,7 +1,7 @@
 """Length-prefixed msgpack frames between the node agent and its sandboxes.
 
 One frame: a 4-byte big-endian length, then a msgpack map with a "type" key. The node side
-uses asyncio streams; the sandbox side a blocking socket (it serves one request at a time).
+uses asyncio streams; the sandbox side a blocking socket.
 """
 
 from __future__ import annotations
@@ -61,19 +61,35 @@ def send_frame_with_fds(sock: socket.socket, frame: dict[str, Any], fds: list[in
     sock.sendall(data[sent:])
 
 
+class FrameReader:
+    """Blocking reads of frames and the descriptors sent with them from a socket on which
+    the peer may send several frames back to back (a sandbox's invokes and cancels)."""
+
+    def __init__(self, sock: socket.socket, max_fds: int = 8) -> None:
+        self.sock = sock
+        self.max_fds = max_fds
+        self._buf = bytearray()
+        self._fds: list[int] = []
+
+    def next(self) -> tuple[dict[str, Any] | None, list[int]]:
+        """The next frame and the descriptors that arrived with it; (None, fds) on EOF."""
+        while True:
+            if len(self._buf) >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(self._buf)
+                end = _HEADER.size + size
+                if len(self._buf) >= end:
+                    frame = _unpack(bytes(self._buf[_HEADER.size:end]))
+                    del self._buf[:end]
+                    fds, self._fds = self._fds, []
+                    return frame, fds
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, self.max_fds)
+            self._fds += fds
+            if not data:
+                return None, self._fds
+            self._buf += data
+
+
 def recv_frame_with_fds(sock: socket.socket, max_fds: int = 8) -> tuple[dict[str, Any] | None, list[int]]:
-    """Blocking read of one frame and the descriptors sent with it; (None, []) on EOF."""
-    data, fds, _, _ = socket.recv_fds(sock, 65536, max_fds)
-    if not data:
-        return None, fds
-    buf = bytearray(data)
-    while len(buf) < _HEADER.size:
-        chunk = sock.recv(_HEADER.size - len(buf))
-        if not chunk:
-            return None, fds
-        buf += chunk
-    (size,) = _HEADER.unpack(buf[:_HEADER.size])
-    rest = _recv_exactly(sock, _HEADER.size + size - len(buf))
-    if rest is None:
-        return None, fds
-    return _unpack(bytes(buf[_HEADER.size:]) + rest), fds
+    """Blocking read of one frame and the descriptors sent with it; (None, []) on EOF. Only
+    where the peer sends one frame and waits for the answer (bytes past it are lost)."""
+    return FrameReader(sock, max_fds).next()

@@ -8,6 +8,7 @@ handlers run in sandbox processes.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 import uuid
@@ -20,13 +21,23 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from faas import protocol
-from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded
+from faas.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    FaasError,
+    FunctionNotFound,
+    HandlerError,
+    Overloaded,
+)
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
+from runtime.batching import Contention
 from runtime.history import History
 from runtime.isolation import Isolation
 from runtime.levels import Profiles
+from runtime.offload import MemoryGuard, node_budget
+from runtime.plan import Budget
 from runtime.pool import FunctionPool
 from runtime.preload import PreloadConfig, Preloader
 from runtime.sandboxes import SandboxConfig, Zygote
@@ -47,22 +58,43 @@ class NodeConfig:
     backbone_keep_alive_s: float = 300.0
     loader_isolation: Isolation = field(default_factory=Isolation)
     preload: PreloadConfig = field(default_factory=PreloadConfig)
+    # Batch windows under contention (runtime/batching.py); how many windows may prefill at
+    # once (None: one per core's worth of sandbox threads on CPU, 2 on a GPU).
+    batch_windows: bool = True
+    prefill_parallel: int | None = None
+    # What the node may hold (runtime/offload.py); None: 3/4 of RAM, 9/10 of the GPU.
+    memory_budget_gib: float | None = None
+    device_memory_budget_gib: float | None = None
+
+
+def _header_ms(headers: dict[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number of ms, got {raw!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise BadRequest(f"{name} must be positive, got {raw!r}")
+    return value
 
 
 def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
-    """The request's budget: the caller's `Faas-Timeout-Ms`, capped by the function's
-    `timeout_s` (the function's own limit wins, so a caller cannot pin a sandbox longer)."""
-    limit = float(spec["timeout_s"])
-    raw = headers.get(protocol.HDR_TIMEOUT_MS)
-    if raw is None:
-        return limit
-    try:
-        timeout_ms = float(raw)
-    except ValueError:
-        raise BadRequest(f"{protocol.HDR_TIMEOUT_MS} must be a number of ms, got {raw!r}") from None
-    if not timeout_ms > 0:
-        raise BadRequest(f"{protocol.HDR_TIMEOUT_MS} must be positive, got {raw!r}")
-    return min(timeout_ms / 1000, limit)
+    """The request's budget: the caller's `Faas-Timeout-Ms` and `Faas-Deadline-Ms` (Unix
+    time), capped by the function's `timeout_s` (the function's own limit wins, so a caller
+    cannot pin a sandbox longer). DeadlineExceeded when the deadline has passed already."""
+    budget = float(spec["timeout_s"])
+    timeout_ms = _header_ms(headers, protocol.HDR_TIMEOUT_MS)
+    if timeout_ms is not None:
+        budget = min(budget, timeout_ms / 1000)
+    deadline_ms = _header_ms(headers, protocol.HDR_DEADLINE_MS)
+    if deadline_ms is not None:
+        left = deadline_ms / 1000 - time.time()
+        if left <= 0:
+            raise DeadlineExceeded(f"the request's deadline passed {-left:.3f}s before it arrived")
+        budget = min(budget, left)
+    return budget
 
 
 class Node:
@@ -79,16 +111,31 @@ class Node:
             config.sandbox.threads, config.loader_isolation)
         self.zygote = Zygote(config.sandbox.threads)
         self.profiles = Profiles(config.device)
+        parallel = config.prefill_parallel or (
+            max(1, (os.cpu_count() or 1) // config.sandbox.threads) if config.device == "cpu" else 2)
+        self.contention = Contention(config.device, parallel,
+                                     lambda: sum(1 for pool in self.pools.values() if pool.serving))
         self.history = History(nc, self.node_id, {spec["name"] for spec in specs},
                                on_arrival=self._on_history)
         # Fails closed: a function without an isolation decision is a bug, not root access.
         self.pools = {spec["name"]: FunctionPool(
             spec, config.sandbox, self.zygote, self.backbones, isolation[spec["name"]],
             self.profiles, keep_alive_s=None if preload.enabled else config.sandbox.keep_alive_s,
-            on_change=self._on_pool_change) for spec in specs}
+            on_change=self._on_pool_change,
+            contention=self.contention if config.batch_windows else None) for spec in specs}
         self.preloader = (Preloader(self.pools, self.backbones, self.profiles, self.history,
                                     preload, config.device) if preload.enabled else None)
+        budget = node_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device)
+        self.guard = MemoryGuard(self.pools, self.backbones, self.profiles, budget,
+                                 self.preloader.value if self.preloader else lambda name: 0.0)
+        for pool in self.pools.values():
+            pool.guard = self.guard
+        if self.preloader is not None:  # it plans within what the node may hold
+            planned = self.preloader.budget
+            self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
+                                           min(planned.device_bytes, budget.device_bytes))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cancels: dict[str, asyncio.Event] = {}  # in-flight requests, by id
         self._subs: list[Subscription] = []
         self.log = get_logger(node=self.node_id)
 
@@ -97,8 +144,11 @@ class Node:
         self._subs.append(await self.nc.subscribe(
             protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
         self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
+        # Every node hears every cancel; the one holding the request acts on it.
+        self._subs.append(await self.nc.subscribe(protocol.CANCEL_WILDCARD, cb=self._on_cancel))
         await self.nc.flush()
         self.zygote.start()
+        self.contention.start()
         await self.history.start()
         if self.preloader is not None:
             self.preloader.start()  # its first plan is the deploy's
@@ -143,7 +193,16 @@ class Node:
             await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
                                     request_id, log)
             return
-        self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline))
+        cancel = self._cancels.setdefault(request_id, asyncio.Event())
+        self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline,
+                              protocol.wants_stream(headers), cancel))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
+        cancel = self._cancels.get(request_id)
+        if cancel is not None:
+            self.log.info("cancel_requested", req=request_id)
+            cancel.set()
 
     def _own(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -151,21 +210,38 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, msg: Msg, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
-                     request_id: str, received: float, deadline: float) -> None:
+                     request_id: str, received: float, deadline: float, stream: bool,
+                     cancel: asyncio.Event) -> None:
         log = self.log.bind(fn=pool.name, req=request_id)
+        final = {protocol.HDR_FINAL: "true"} if stream else {}
         try:
-            served = await pool.serve(request_id, event, deadline)
+            await self._serve_one(msg, pool, event, encoding, request_id, received, deadline,
+                                  stream, cancel, final, log)
+        finally:
+            if self._cancels.get(request_id) is cancel:
+                del self._cancels[request_id]
+
+    async def _serve_one(self, msg: Msg, pool: FunctionPool, event: dict[str, Any],
+                         encoding: Encoding, request_id: str, received: float, deadline: float,
+                         stream: bool, cancel: asyncio.Event, final: dict[str, str],
+                         log: Any) -> None:
+        async def send_chunk(chunk: dict[str, Any]) -> None:
+            await self._publish(msg.reply, *protocol.chunk_message(chunk, encoding, request_id), log)
+
+        try:
+            served = await pool.serve(request_id, event, deadline, received=received, stream=stream,
+                                      on_chunk=send_chunk if stream else None, cancel=cancel)
         except FaasError as err:
-            await self._reply_error(msg, err, encoding, request_id, log)
+            await self._reply_error(msg, err, encoding, request_id, log, final)
             return
         except asyncio.CancelledError:
             await self._reply_error(msg, Overloaded("the node shut down before the request "
-                                                    "completed"), encoding, request_id, log)
+                                                    "completed"), encoding, request_id, log, final)
             raise
         except Exception:
             log.exception("serve_failed")
             await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
-                                    request_id, log)
+                                    request_id, log, final)
             return
         result = served.result
         ttft_ms = None
@@ -174,28 +250,30 @@ class Node:
         metrics = Metrics(request_id=request_id, node=self.node_id,
                           queue_ms=round((served.leased_at - received) * 1000, 3),
                           ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out,
-                          level=served.level.label)
+                          level=served.level.label, batch=result.batch)
         metrics.total_ms = round((time.monotonic() - received) * 1000, 3)
         try:
             body, headers = protocol.ok_reply(result.output, metrics, encoding)
         except (TypeError, ValueError) as exc:
             err = HandlerError(f"output cannot be encoded as {encoding.value}: {exc}")
-            await self._reply_error(msg, err, encoding, request_id, log)
+            await self._reply_error(msg, err, encoding, request_id, log, final)
             return
+        headers.update(final)
         size = protocol.wire_size(body, headers)
         if size > self.nc.max_payload:
             err = HandlerError(f"reply of {size} bytes exceeds the server's max payload "
                                f"of {self.nc.max_payload} bytes")
-            await self._reply_error(msg, err, encoding, request_id, log)
+            await self._reply_error(msg, err, encoding, request_id, log, final)
             return
         await self._publish(msg.reply, body, headers, log)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
-                 total_ms=metrics.total_ms)
+                 total_ms=metrics.total_ms, batch=result.batch)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
-                           log: Any) -> None:
+                           log: Any, final: dict[str, str] | None = None) -> None:
         log.warning("invoke_failed", code=err.code, error=err.message)
         body, headers = protocol.error_reply(err, encoding, request_id)
+        headers.update(final or {})
         await self._publish(msg.reply, body, headers, log)
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str], log: Any) -> None:
@@ -211,9 +289,11 @@ class Node:
         the pre-loader planned for each and why."""
         preloader = self.preloader
         return {"node": self.node_id, "backbones": self.backbones.state(),
-                "preload": preloader.summary() if preloader else None, "functions": [
+                "preload": preloader.summary() if preloader else None,
+                "contention": self.contention.state(), "memory": self.guard.state(), "functions": [
             {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
              "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
+             "max_batch": pool.max_batch, "window": pool.window.state() if pool.window else None,
              **pool.state(), **(preloader.describe(name) if preloader else {})}
             for name, pool in sorted(self.pools.items())]}
 
@@ -243,6 +323,7 @@ class Node:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        await self.contention.close()
         await self.zygote.close()
         await self.backbones.close()
         self.log.info("node_drained")

@@ -21,12 +21,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from faas.errors import DeadlineExceeded, FaasError, HandlerError, Overloaded
+from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
 from runtime.backbones import Backbone, BackboneRegistry
+from runtime.batching import BatchWindow, Contention
 from runtime.isolation import Isolation
 from runtime.levels import Level, Profiles
+from runtime.offload import MemoryGuard
 from runtime.sandboxes import (
+    ChunkSink,
     Sandbox,
     SandboxConfig,
     SandboxDied,
@@ -35,6 +38,7 @@ from runtime.sandboxes import (
     StepCost,
     Zygote,
     fork_sandbox,
+    max_batch,
 )
 
 
@@ -56,15 +60,18 @@ class Slot:
     target: Level = Level.COLD  # climbing towards
     climb: asyncio.Task[None] | None = None
     waiter: asyncio.Future[None] | None = None  # a request's, resolved when it may use the slot
-    busy: bool = False
+    active: int = 0  # requests it is serving (a batch)
+    joining: int = 0  # requests waiting for its climb to join its first one
     idle_since: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
     load_s: float = 0.0  # spent in its own steps (what start_timeout_s bounds)
+    host_bytes: int = 0  # what it reported holding after its last step
+    device_bytes: int = 0
 
     @property
     def free(self) -> bool:
         """Neither serving nor promised to a request."""
-        return not self.busy and self.waiter is None
+        return self.active == 0 and self.waiter is None and self.joining == 0
 
 
 class FunctionPool:
@@ -72,7 +79,8 @@ class FunctionPool:
 
     def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
                  backbones: BackboneRegistry, isolation: Isolation, profiles: Profiles,
-                 keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None) -> None:
+                 keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None,
+                 contention: Contention | None = None) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
@@ -90,6 +98,10 @@ class FunctionPool:
         self._cond = asyncio.Condition()
         self._stopping: set[asyncio.Task[None]] = set()  # stopped sandboxes; close() waits for them
         self._closed = False
+        self.guard: MemoryGuard | None = None  # the node's, set once every pool exists
+        self.service_s = 1.0  # a request's time in a sandbox (moving average): retry hints
+        self.window = (BatchWindow(self.name, float(spec.get("slo_ttft_s", 2.5)), self.max_batch,
+                                   contention) if contention is not None else None)
         self.log = get_logger(fn=self.name)
 
     # --- admission and state --------------------------------------------------------
@@ -120,42 +132,62 @@ class FunctionPool:
 
     def state(self) -> dict[str, Any]:
         return {"idle": sum(1 for s in self._slots if s.free and s.climb is None),
-                "busy": sum(1 for s in self._slots if s.busy),
+                "busy": sum(1 for s in self._slots if s.active),
+                "active": sum(s.active for s in self._slots),
                 "starting": sum(1 for s in self._slots if s.climb is not None),
                 "queued": self._waiting,
                 "levels": [s.level.label for s in self._slots]}
 
     # --- serving --------------------------------------------------------------------
 
-    async def serve(self, request_id: str, event: dict[str, Any], deadline: float) -> Served:
-        """Lease a sandbox for an admitted request, run the handler and give the sandbox
-        back; a sandbox that outlives `deadline` (time.monotonic()) is killed. A sandbox
-        found dead before the request reached it (it died idle, and the node had not heard
-        yet) is dropped and another one leased, once."""
+    async def serve(self, request_id: str, event: dict[str, Any], deadline: float, *,
+                    received: float | None = None, stream: bool = False,
+                    on_chunk: ChunkSink | None = None, cancel: asyncio.Event | None = None) -> Served:
+        """Lease a sandbox for an admitted request (joining the batch of one that is
+        serving, when it has room; under contention, when its batch window closes), run
+        the handler and give the sandbox back. Past
+        `deadline` (time.monotonic()) or once `cancel` is set, the request stops: still
+        queued, it leaves the queue; in a sandbox, its generations stop at the next token,
+        and a handler that does not return within the stop grace gets its sandbox killed.
+        A sandbox found dead before the request reached it (it died idle, and the node had
+        not heard yet) is dropped and another one leased, once."""
         try:
-            slot, found = await self._with_deadline(self._lease(), deadline, "waiting for a sandbox")
+            if self.window is not None and any(s.level == Level.LOADED for s in self._slots):
+                hold = self.window.hold(time.monotonic() if received is None else received,
+                                        self.serving > 0)
+                await self._bounded(hold, deadline, cancel, "in the batch window")
+            slot, found = await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox")
         finally:
             self._waiting -= 1
         try:
-            return await self._run(slot, found, request_id, event, deadline)
+            return await self._run(slot, found, request_id, event, deadline, stream, on_chunk, cancel)
         except SandboxGone:
-            slot, found = await self._with_deadline(self._lease(), deadline, "waiting for a sandbox")
-            return await self._run(slot, found, request_id, event, deadline)
+            slot, found = await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox")
+            return await self._run(slot, found, request_id, event, deadline, stream, on_chunk, cancel)
 
     async def _run(self, slot: Slot, found: Level, request_id: str, event: dict[str, Any],
-                   deadline: float) -> Served:
+                   deadline: float, stream: bool, on_chunk: ChunkSink | None,
+                   cancel: asyncio.Event | None) -> Served:
         leased_at = time.monotonic()
         sandbox = slot.sandbox
         assert sandbox is not None
+        call = asyncio.ensure_future(sandbox.invoke(request_id, event, stream, on_chunk))
+        settling = False
         try:
-            result = await self._with_deadline(sandbox.invoke(request_id, event), deadline,
-                                               "in the handler")
-        except DeadlineExceeded:
-            self.log.warning("sandbox_killed_past_deadline", req=request_id, pid=sandbox.proc.pid)
-            await sandbox.kill()
-            raise
+            stopped = await self._race(call, deadline, cancel, "in the handler")
+            if stopped is not None:
+                # The caller hears at once; the slot is free once the handler has stopped.
+                await sandbox.cancel(request_id)
+                settling = True
+                task = asyncio.create_task(self._settle(slot, call, request_id, stopped))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+                raise stopped
+            self.service_s += 0.2 * (time.monotonic() - leased_at - self.service_s)
+            return Served(result=call.result(), leased_at=leased_at, level=found)
         except asyncio.CancelledError:
             # It still owes this request's reply: never lease it to another request.
+            call.cancel()
             await sandbox.kill()
             raise
         except SandboxDied:
@@ -163,14 +195,62 @@ class FunctionPool:
                            code=sandbox.proc.returncode)
             raise
         finally:
-            await self._release(slot)
-        return Served(result=result, leased_at=leased_at, level=found)
+            if not settling:
+                await self._release(slot)
 
-    async def _with_deadline(self, aw: Any, deadline: float, where: str) -> Any:
+    async def _settle(self, slot: Slot, call: asyncio.Future[Any], request_id: str,
+                      stopped: FaasError) -> None:
+        """Give a stopped request's handler `stop_grace_s` to return (its generations stop at
+        the next token); kill its sandbox if it does not (a handler stuck elsewhere)."""
+        sandbox = slot.sandbox
+        assert sandbox is not None
         try:
-            return await asyncio.wait_for(aw, max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(call, self._config.stop_grace_s)
         except TimeoutError:
-            raise DeadlineExceeded(f"function {self.name!r} ran out of budget {where}") from None
+            self.log.warning("sandbox_killed_handler_did_not_stop", req=request_id,
+                             pid=sandbox.proc.pid, why=stopped.message)
+            await sandbox.kill()
+        except FaasError:
+            pass  # its generation raised Cancelled: what stopping it means
+        finally:
+            await self._release(slot)
+
+    async def _race(self, task: asyncio.Future[Any], deadline: float, cancel: asyncio.Event | None,
+                    where: str) -> FaasError | None:
+        """Wait for `task`; None when it finished, else why the request stopped first (the
+        task is left running)."""
+        waits: set[asyncio.Future[Any]] = {task}
+        stopper = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+        if stopper is not None:
+            waits.add(stopper)
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+        if task.done():
+            return None
+        if cancel is not None and cancel.is_set():
+            return Cancelled(f"the caller cancelled the request {where}")
+        return DeadlineExceeded(f"function {self.name!r} ran out of budget {where}")
+
+    async def _bounded(self, aw: Any, deadline: float, cancel: asyncio.Event | None, where: str) -> Any:
+        """`aw`'s result, or the error of the deadline or cancellation that came first."""
+        task = asyncio.ensure_future(aw)
+        try:
+            stopped = await self._race(task, deadline, cancel, where)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if stopped is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if not task.cancelled() and task.exception() is None and isinstance(task.result(), tuple):
+                slot, _ = task.result()  # leased just as the request stopped: give it back
+                await self._release(slot)
+            raise stopped
+        return task.result()
 
     async def _lease(self) -> tuple[Slot, Level]:
         """A sandbox for one request and the level it found. When the sandbox it waited for
@@ -181,28 +261,52 @@ class FunctionPool:
         except SandboxDied:
             return await self._lease_once()
 
+    def _pick(self) -> tuple[Slot, str] | None:
+        """Where a request goes: a loaded sandbox with room in its batch (the least busy);
+        else a free one still climbing (the furthest up); else the batch of a sandbox that a
+        request is waiting for; None: a new sandbox, or wait."""
+        room = [s for s in self._slots if s.level == Level.LOADED and s.climb is None
+                and s.waiter is None and s.active + s.joining < self.max_batch]
+        if room:
+            return min(room, key=lambda s: s.active + s.joining), "ready"
+        free = [s for s in self._slots if s.free]
+        if free:
+            return max(free, key=lambda s: (s.level, s.climb is None)), "climb"
+        climbing = [s for s in self._slots if s.waiter is not None and s.climb is not None
+                    and 1 + s.joining < self.max_batch]
+        if climbing:
+            return min(climbing, key=lambda s: s.joining), "join"
+        return None
+
     async def _lease_once(self) -> tuple[Slot, Level]:
         async with self._cond:
             seen_failures = self._failures
             while True:
-                free = [s for s in self._slots if s.free]
-                if free:
-                    slot = max(free, key=lambda s: (s.level, s.climb is None))
+                picked = self._pick()
+                if picked is not None:
+                    slot, how = picked
                     found = slot.level
+                    if how == "ready":
+                        self._take(slot)
+                        return slot, found
+                    if how == "join":
+                        return await self._join(slot, found, seen_failures)
                     break
                 if self._failures != seen_failures and self._last_failure is not None:
                     raise self._last_failure
                 if self._closed:
                     raise Overloaded(f"function {self.name!r} is shutting down on this node")
                 if self.instances < self.spec["max_instances"]:
-                    slot = Slot()
-                    self._slots.append(slot)
-                    found = Level.COLD
-                    break
+                    if self.guard is None or self.guard.admit(self):
+                        slot = Slot()
+                        self._slots.append(slot)
+                        found = Level.COLD
+                        break
+                    if self.instances == 0:  # nothing of ours will free up: come back later
+                        raise Overloaded(f"no memory on this node for a sandbox of {self.name!r} "
+                                         "(everything idle was offloaded; the rest is serving)",
+                                         retry_after_s=self.guard.retry_after_s())
                 await self._cond.wait()
-            if slot.level == Level.LOADED and slot.climb is None:
-                self._take(slot)
-                return slot, found
             slot.waiter = asyncio.get_running_loop().create_future()
             self._raise_target(slot, Level.LOADED)
             waiter = slot.waiter
@@ -212,31 +316,55 @@ class FunctionPool:
             async with self._cond:
                 if slot.waiter is waiter:  # not handed over yet: the climb parks it idle
                     slot.waiter = None
-                elif slot.busy:  # handed over as we gave up: give it back
-                    slot.busy = False
-                    self._park(slot)
+                elif slot.active:  # handed over as we gave up: give it back
+                    self._drop_request(slot)
                 self._cond.notify_all()
             raise
         return slot, found
 
+    async def _join(self, slot: Slot, found: Level, seen_failures: int) -> tuple[Slot, Level]:
+        """Wait (condition held) for the climb another request waits for, and join its batch."""
+        slot.joining += 1
+        try:
+            while slot.level < Level.LOADED or slot.climb is not None:
+                if slot not in self._slots:
+                    if self._failures != seen_failures and self._last_failure is not None:
+                        raise self._last_failure
+                    raise SandboxDied(f"the sandbox of {self.name!r} being started went away")
+                await self._cond.wait()
+        finally:
+            slot.joining -= 1
+        self._take(slot)
+        return slot, found
+
+    @property
+    def max_batch(self) -> int:
+        return max_batch(self.spec, self._config)
+
     def _take(self, slot: Slot) -> None:
-        slot.busy = True
+        slot.active += 1
         if slot.expiry is not None:
             slot.expiry.cancel()
             slot.expiry = None
 
+    def _drop_request(self, slot: Slot) -> None:
+        """One request of `slot` is done (condition held): park it once it serves none."""
+        slot.active -= 1
+        sandbox = slot.sandbox
+        if slot.active or slot not in self._slots:
+            return
+        if sandbox is not None and sandbox.alive and not self._closed:
+            self._park(slot)
+        else:
+            self._slots.remove(slot)
+
     async def _release(self, slot: Slot) -> None:
         async with self._cond:
-            slot.busy = False
-            sandbox = slot.sandbox
-            keep = sandbox is not None and sandbox.alive and not self._closed
-            if keep:
-                self._park(slot)
-            else:
-                self._slots.remove(slot)
+            self._drop_request(slot)
+            stop = slot not in self._slots and slot.active == 0
             self._cond.notify_all()
-        if not keep and sandbox is not None:
-            await sandbox.stop(self._config.stop_grace_s)
+        if stop and slot.sandbox is not None:
+            await slot.sandbox.stop(self._config.stop_grace_s)
         self._on_change()
 
     # --- climbing the levels --------------------------------------------------------
@@ -307,8 +435,14 @@ class FunctionPool:
                 slot, fork_sandbox(self.spec, self._config, self._zygote, self.isolation))
             slot.sandbox = sandbox
             sandbox.proc.add_exit_callback(lambda code: self._exited(slot, code))
+            if self.window is not None:
+                profile = self.window.profile
+                sandbox.on_prefill = lambda frame: profile.observe(int(frame["rows"]), frame["ms"] / 1000)
             self._reached(slot, cost)
         sandbox = slot.sandbox
+        if slot.target < slot.level:  # offloaded: the adapter leaves the device
+            cost = await sandbox.step({"type": "step", "level": int(slot.target)})
+            slot.level, slot.host_bytes, slot.device_bytes = cost.level, cost.host_bytes, cost.device_bytes
         while slot.level < slot.target:
             level = Level(slot.level + 1)
             frame = {"type": "step", "level": int(level),
@@ -344,6 +478,7 @@ class FunctionPool:
 
     def _reached(self, slot: Slot, cost: StepCost) -> None:
         slot.level = cost.level
+        slot.host_bytes, slot.device_bytes = cost.host_bytes, cost.device_bytes
         self._profiles.observe(self.spec["backbone"], cost.level, cost.seconds, cost.host_bytes,
                                cost.device_bytes)
 
@@ -381,6 +516,39 @@ class FunctionPool:
             self.log.warning("sandbox_exited_idle", pid=slot.sandbox.proc.pid, code=code)
             self._on_change()
 
+    # --- memory: what it holds, offloading ---------------------------------------------
+
+    def slot_bytes(self, slot: Slot) -> tuple[int, int]:
+        """(host, device) bytes a sandbox holds: as it reported, or, while it climbs, what
+        its target costs."""
+        if slot.climb is not None and slot.target > slot.level:
+            host, device = self._profiles.of(self.spec["backbone"]).held(slot.target)
+            return max(host, slot.host_bytes), max(device, slot.device_bytes)
+        return slot.host_bytes, slot.device_bytes
+
+    def held_bytes(self) -> tuple[int, int]:
+        host = device = 0
+        for slot in self._slots:
+            h, d = self.slot_bytes(slot)
+            host, device = host + h, device + d
+        return host, device
+
+    def idle_slots(self) -> list[Slot]:
+        """Sandboxes that may be offloaded: neither serving, promised nor climbing."""
+        return [s for s in self._slots if s.free and s.climb is None and s.sandbox is not None]
+
+    def offload(self, slot: Slot, to: Level) -> None:
+        """Move an idle sandbox down: to STAGED (its adapter off the device) or COLD (stopped)."""
+        if slot.expiry is not None:
+            slot.expiry.cancel()
+            slot.expiry = None
+        if to == Level.COLD:
+            self._stop(slot)
+        else:
+            slot.target = to
+            slot.climb = asyncio.create_task(self._climb(slot), name=f"offload-{self.name}")
+        self._on_change()
+
     # --- the pre-loader's handles ---------------------------------------------------
 
     def prepare(self, levels: list[Level], most: int) -> int:
@@ -398,9 +566,13 @@ class FunctionPool:
         for i, target in enumerate(levels[busy:]):
             if target == Level.COLD or started >= most:
                 break
+            have = max(free[i].level, free[i].target) if i < len(free) else Level.COLD
+            if have >= target:
+                continue
+            if self.guard is not None and not self.guard.fits(self, have, target):
+                break
             if i < len(free):
-                if max(free[i].level, free[i].target) < target:
-                    started += self._raise_target(free[i], target)
+                started += self._raise_target(free[i], target)
             elif self.instances < self.spec["max_instances"]:
                 slot = Slot()
                 self._slots.append(slot)
@@ -413,7 +585,8 @@ class FunctionPool:
 
     @property
     def serving(self) -> int:
-        return sum(1 for s in self._slots if s.busy)
+        """How many of its sandboxes are serving requests."""
+        return sum(1 for s in self._slots if s.active)
 
     def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:
         """Stop idle sandboxes beyond the plan: every one when it plans none; else those

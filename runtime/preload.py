@@ -175,6 +175,11 @@ class Preloader:
         if not pin.cancelled() and pin.exception() is None:
             self.backbones.release(pin.result())
 
+    def value(self, name: str) -> float:
+        """Expected seconds of TTFT that `name`'s pre-loaded sandboxes save (what offloading
+        weighs them by; 0 before the first plan)."""
+        return self.plan.values.get(name, 0.0) if self.plan is not None else 0.0
+
     def describe(self, name: str) -> dict[str, Any]:
         """What `faas ls` shows of the plan for one function, and why."""
         prediction = self.predictions.get(name)

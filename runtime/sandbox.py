@@ -1,12 +1,16 @@
-"""The sandbox process: serves one function, one request at a time, for the node agent.
+"""The sandbox process: serves one function for the node agent, several requests at once.
 
 Forked by the zygote (runtime/zygote.py) with one end of a socketpair. It receives an
 `init` frame (which function) and answers `level` (SPAWNED). Then the node moves it up
 the levels of runtime/levels.py with one `step` frame each (the ATTACHED step carries the
 backbone's descriptors), each answered with `level` (its time and the memory the process
-holds after it) or `init_error`. Once LOADED it answers each `invoke` frame with a
-`result` or an `error` frame. It exits when the socket closes, and the kernel kills it if
-the node dies.
+holds after it) or `init_error`; a `down` frame moves a LOADED sandbox back to STAGED (the
+adapter leaves the device: offloading). Once LOADED it acknowledges each `invoke` frame
+(`started`) and runs its handler on a worker thread of its own (up to the function's `max_batch` at once: their generations
+share one batch, runtime/generation.py), and answers with `chunk` frames (streamed text,
+when the request asked for a stream) and then one `result` or `error` frame, each tagged
+with the request id; a `cancel` frame stops a request's generations. It exits when the
+socket closes, and the kernel kills it if the node dies.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import asyncio
 import inspect
 import os
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from faas.errors import SpecError
 from faas.logs import get_logger
-from faas.sdk import Context, FunctionSpec
+from faas.sdk import Context, FunctionSpec, Generation
 from runtime import frames
 from runtime.levels import Level
 from runtime.loader import find_spec
@@ -31,20 +37,60 @@ def _error(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc)}
 
 
+class _Wire:
+    """The socket to the node, written by several threads (handlers, the batcher)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, frame: dict[str, Any]) -> None:
+        data = frames.pack(frame)
+        with self._lock:
+            self.sock.sendall(data)
+
+
+class _Call:
+    """One request in this sandbox: its usage meter and where its stream goes."""
+
+    def __init__(self, frame: dict[str, Any], wire: _Wire) -> None:
+        from runtime.engine import UsageMeter
+
+        self.request_id: str = frame["request_id"]
+        self.stream = bool(frame.get("stream"))
+        self.meter = UsageMeter()
+        self._wire = wire
+
+    def delta(self, text: str, token_ids: list[int]) -> None:
+        self._wire.send({"type": "chunk", "request_id": self.request_id, "delta": text,
+                         "token_ids": token_ids})
+
+
 class _Function:
     """The function this sandbox serves, loaded one level at a time."""
 
-    def __init__(self, init: dict[str, Any]) -> None:
+    def __init__(self, init: dict[str, Any], wire: _Wire) -> None:
         self.init = init
+        self.wire = wire
         self.level = Level.SPAWNED
         self.engine: Any = None
         self.spec: FunctionSpec | None = None
         self.state: dict[str, Any] = {}
-        self.loop = asyncio.new_event_loop()
+        self.loop = asyncio.new_event_loop()  # `setup`'s
+        self.calls: dict[str, _Call] = {}
+        self._calls_lock = threading.Lock()
+        self._local = threading.local()  # each worker thread's event loop, for async handlers
+        self.workers = ThreadPoolExecutor(max_workers=max(1, int(init.get("max_batch", 1))),
+                                          thread_name_prefix="handler")
 
     def step(self, level: Level, frame: dict[str, Any], fds: list[int]) -> None:
         """Do what reaching `level` takes. The zygote already isolated this process
         (runtime/isolation.py): all of it runs with the function's rights only."""
+        if level == Level.STAGED and self.level == Level.LOADED:
+            if self.engine is not None:
+                self.engine.unload()
+            self.level = level
+            return
         if level != self.level + 1:
             raise RuntimeError(f"cannot step from {self.level.label} to {level.label}")
         init = self.init
@@ -54,7 +100,8 @@ class _Function:
             from runtime.engine import LoraEngine
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            self.engine = LoraEngine(init["backbone_path"], init["adapter"])
+            self.engine = LoraEngine(init["backbone_path"], init["adapter"],
+                                     int(init.get("max_batch", 1)), self._prefilled)
             shared = frame.get("backbone")
             if shared is not None:
                 shared["fds"] = fds
@@ -65,74 +112,124 @@ class _Function:
             self._load(warm_up=bool(frame.get("warm_up")))
         self.level = level
 
+    def _prefilled(self, prefill: Any) -> None:
+        self.wire.send({"type": "prefill", "rows": prefill.rows, "tokens": prefill.tokens,
+                        "ms": prefill.seconds * 1000})
+
     def _load(self, warm_up: bool) -> None:
         init = self.init
         if self.engine is not None:
             self.engine.load()
-        self.spec = find_spec(init["source_file"], init["name"])
-        if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
-            raise SpecError(f"{init['source_file']} changed since the node loaded it "
-                            "(backbone or adapter differ): restart the node")
+        if self.spec is None:  # back from an offload: the handler module and setup stay
+            self.spec = find_spec(init["source_file"], init["name"])
+            if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
+                raise SpecError(f"{init['source_file']} changed since the node loaded it "
+                                "(backbone or adapter differ): restart the node")
+            if self.spec.setup is not None:
+                self._call(self.spec.setup, Context(self.spec.name, None, self.state, None), loop=self.loop)
         if self.engine is not None and warm_up:
             self.engine.warm_up()
-        if self.spec.setup is not None:
-            self._call(self.spec.setup, Context(self.spec.name, None, self.state, self._generator))
 
-    @property
-    def _generator(self) -> Callable[..., Any] | None:
-        return self.engine.generate if self.engine is not None else None
+    def _generator(self, call: _Call) -> Callable[..., Generation] | None:
+        engine = self.engine
+        if engine is None:
+            return None
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        def generate(prompt: str, *, stream: bool, **options: Any) -> Generation:
+            return engine.generate(prompt, call.meter, on_delta=call.delta if stream and call.stream
+                                   else None, **options)
+
+        return generate
+
+    def _call(self, fn: Callable[..., Any], *args: Any, loop: asyncio.AbstractEventLoop | None = None) -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
-            result = self.loop.run_until_complete(result)
+            if loop is None:
+                loop = getattr(self._local, "loop", None)
+                if loop is None:
+                    loop = self._local.loop = asyncio.new_event_loop()
+            result = loop.run_until_complete(result)
         return result
 
-    def invoke(self, frame: dict[str, Any]) -> bytes:
-        if self.spec is None:
-            return frames.pack({"type": "error", "error": {
-                "type": "RuntimeError", "message": "the sandbox is not loaded"}})
-        if self.engine is not None:
-            self.engine.meter.reset()
-        ctx = Context(self.spec.name, frame["request_id"], self.state, self._generator)
+    def invoke(self, frame: dict[str, Any]) -> None:
+        """Run one request's handler on a worker thread; its frames go to the node."""
+        call = _Call(frame, self.wire)
+        with self._calls_lock:
+            self.calls[call.request_id] = call
+        self.workers.submit(self._serve, call, frame["event"])
+
+    def cancel(self, request_id: str) -> None:
+        with self._calls_lock:
+            call = self.calls.get(request_id)
+        if call is not None:
+            call.meter.cancelled.set()
+
+    def _serve(self, call: _Call, event: dict[str, Any]) -> None:
         try:
-            output = self._call(self.spec.handler, frame["event"], ctx)
+            self.wire.send(self._run(call, event))
+        except OSError:  # the node went away: the main thread exits on EOF
+            pass
+        except SystemExit as exc:  # the handler asked the process to end: it does, as it asked
+            code = exc.code
+            os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+        finally:
+            with self._calls_lock:
+                del self.calls[call.request_id]
+                idle = not self.calls
+            if idle:
+                give_back_heap()
+
+    def _run(self, call: _Call, event: dict[str, Any]) -> dict[str, Any]:
+        tag = {"request_id": call.request_id}
+        if self.spec is None:
+            return {"type": "error", **tag, "error": {
+                "type": "RuntimeError", "message": "the sandbox is not loaded"}}
+        ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call))
+        try:
+            output = self._call(self.spec.handler, event, ctx)
         except Exception as exc:
             ctx.log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
-            return frames.pack({"type": "error", "error": _error(exc)})
-        usage = {}
-        if self.engine is not None:
-            meter = self.engine.meter
-            usage = {"tokens_in": meter.tokens_in, "tokens_out": meter.tokens_out,
-                     "first_token_at": meter.first_token_at}
+            return {"type": "error", **tag, "error": _error(exc)}
+        meter = call.meter
+        usage = {"tokens_in": meter.tokens_in, "tokens_out": meter.tokens_out,
+                 "first_token_at": meter.first_token_at, "batch": meter.prefill_batch}
+        result = {"type": "result", **tag, "output": output, "usage": usage}
         try:
-            return frames.pack({"type": "result", "output": output, "usage": usage})
+            frames.pack(result)
         except Exception as exc:  # e.g. a set, an object, an int beyond 64 bits
-            return frames.pack({"type": "error", "error": {
+            return {"type": "error", **tag, "error": {
                 "type": type(exc).__name__,
-                "message": f"handler returned a value that cannot be encoded: {exc}"}})
+                "message": f"handler returned a value that cannot be encoded: {exc}"}}
+        return result
 
 
-def _level_frame(level: Level, seconds: float) -> bytes:
-    return frames.pack({"type": "level", "level": int(level), "ms": seconds * 1000,
-                        "host_bytes": private_dirty_bytes(), "device_bytes": device_bytes()})
+def _level_frame(level: Level, seconds: float) -> dict[str, Any]:
+    return {"type": "level", "level": int(level), "ms": seconds * 1000,
+            "host_bytes": private_dirty_bytes(), "device_bytes": device_bytes()}
 
 
 def serve(sock: socket.socket) -> int:
     """Serve one function on `sock` (the zygote calls this in a forked child)."""
-    init = frames.recv_frame(sock)
+    reader = frames.FrameReader(sock)
+    init, _ = reader.next()
     if init is None:
         return 0
     log = get_logger(fn=init["name"])
-    function = _Function(init)
-    sock.sendall(_level_frame(Level.SPAWNED, 0.0))
+    wire = _Wire(sock)
+    function = _Function(init, wire)
+    wire.send(_level_frame(Level.SPAWNED, 0.0))
     while True:
-        frame, fds = frames.recv_frame_with_fds(sock)
+        frame, fds = reader.next()
         if frame is None:
             return 0
-        if frame.get("type") == "invoke":
-            sock.sendall(function.invoke(frame))
-            give_back_heap()
+        kind = frame.get("type")
+        if kind == "invoke":
+            # Before the handler can run: a death without this frame means it never did.
+            wire.send({"type": "started", "request_id": frame["request_id"]})
+            function.invoke(frame)
+            continue
+        if kind == "cancel":
+            function.cancel(frame["request_id"])
             continue
         level = Level(frame["level"])
         started = time.monotonic()
@@ -141,7 +238,7 @@ def serve(sock: socket.socket) -> int:
         except Exception as exc:
             log.error("sandbox_init_failed", level=level.label, error=f"{type(exc).__name__}: {exc}",
                       exc_info=True)
-            sock.sendall(frames.pack({"type": "init_error", "error": _error(exc)}))
+            wire.send({"type": "init_error", "error": _error(exc)})
             return 1
         finally:
             for fd in fds:  # a mapping outlives its descriptor
@@ -151,6 +248,6 @@ def serve(sock: socket.socket) -> int:
         waited = not frame.get("warm_up")
         if not waited:
             give_back_heap()
-        sock.sendall(_level_frame(level, time.monotonic() - started))
+        wire.send(_level_frame(level, time.monotonic() - started))
         if waited:
             give_back_heap()

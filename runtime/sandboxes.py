@@ -31,11 +31,19 @@ class SandboxGone(SandboxDied):
 class SandboxConfig:
     """How sandboxes are started and kept. `threads` is torch's intra-op thread count per
     sandbox, kept low so several sandboxes do not oversubscribe the cores; an idle sandbox
-    is stopped `keep_alive_s` after its last request (scale to zero)."""
+    is stopped `keep_alive_s` after its last request (scale to zero); a request that stops
+    (cancelled, past its deadline) gets `stop_grace_s` for its handler to return before
+    its sandbox is killed."""
 
     threads: int = 1
     stop_grace_s: float = 2.0
     keep_alive_s: float = 600.0
+    max_batch: int = 64  # the node's cap on every function's `max_batch` (1: no batching)
+
+
+def max_batch(spec: dict[str, Any], config: SandboxConfig) -> int:
+    """How many requests one sandbox of this function serves at once."""
+    return max(1, min(int(spec.get("max_batch", 1)), config.max_batch))
 
 
 @dataclass
@@ -44,6 +52,13 @@ class SandboxResult:
     tokens_in: int = 0
     tokens_out: int = 0
     first_token_at: float | None = None
+    batch: int = 0  # how many prompts its first prefill ran with
+
+
+# What the pool hears from a sandbox besides replies: its prefills (rows, tokens, ms).
+PrefillSink = Callable[[dict[str, Any]], None]
+# Where a streamed request's chunks go, in order: {"delta", "token_ids"}.
+ChunkSink = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,8 @@ class StepCost:
 
 class Sandbox:
     """One sandbox process leased to one function; climbs the levels one step at a time
-    (runtime/levels.py), then serves one request at a time."""
+    (runtime/levels.py), then serves requests, several at once: one task reads every frame
+    and hands each to the step or the request it answers."""
 
     def __init__(self, function: str, proc: ForkedProcess, sock: socket.socket,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,7 +87,12 @@ class Sandbox:
         self._writer = writer
         self._on_close: Callable[[], None] | None = None
         self._output_task: asyncio.Task[None] | None = None  # ends at EOF, when the process does
+        self._step: asyncio.Future[dict[str, Any]] | None = None
+        self._eof = False  # its end of the socket closed: it is gone or going
+        self._calls: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self.on_prefill: PrefillSink = lambda frame: None
         self.log = get_logger(fn=function, pid=proc.pid)
+        self._reading = asyncio.create_task(self._read(), name=f"frames-{proc.pid}")
 
     @property
     def alive(self) -> bool:
@@ -104,13 +125,31 @@ class Sandbox:
         self._writer.write(frames.pack(frame))
         await self._writer.drain()
 
-    async def _receive(self) -> dict[str, Any]:
+    async def _read(self) -> None:
         try:
-            return await frames.read_frame(self._reader)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            code = await self.proc.wait()
-            raise SandboxDied(f"sandbox of {self.function!r} exited with code {code} "
-                              "while serving the request") from None
+            while True:
+                frame = await frames.read_frame(self._reader)
+                kind = frame["type"]
+                if kind in ("level", "init_error"):
+                    if self._step is not None and not self._step.done():
+                        self._step.set_result(frame)
+                elif kind == "prefill":
+                    self.on_prefill(frame)
+                elif (calls := self._calls.get(frame.get("request_id", ""))) is not None:
+                    calls.put_nowait(frame)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        self._eof = True
+        code = await self.proc.wait()
+        died = {"type": "died", "code": code}
+        if self._step is not None and not self._step.done():
+            self._step.set_result(died)
+        for calls in self._calls.values():
+            calls.put_nowait(died)
+
+    def _died(self, reply: dict[str, Any]) -> SandboxDied:
+        return SandboxDied(f"sandbox of {self.function!r} exited with code {reply['code']} "
+                           "while serving the request")
 
     def hold(self, on_close: Callable[[], None]) -> None:
         """Run `on_close` once when this sandbox is let go of (at once if it already was):
@@ -124,13 +163,19 @@ class Sandbox:
         """Send one step (`init` or `step`) and wait for the level it reached; with a
         backbone, its descriptors go along. HandlerError when the step failed."""
         started = time.monotonic()
-        if backbone is not None:
-            await self._writer.drain()
-            frames.send_frame_with_fds(self._fd_sock, {**frame, "backbone": backbone.for_sandbox()},
-                                       backbone.fds)
-        else:
-            await self._send(frame)
-        reply = await self._receive()
+        self._step = asyncio.get_running_loop().create_future()
+        try:
+            if backbone is not None:
+                await self._writer.drain()
+                frames.send_frame_with_fds(self._fd_sock, {**frame, "backbone": backbone.for_sandbox()},
+                                           backbone.fds)
+            else:
+                await self._send(frame)
+        except (ConnectionError, BrokenPipeError):
+            pass  # the reader sees the end too, and answers the step with it
+        reply = await self._step
+        if reply["type"] == "died":
+            raise self._died(reply)
         if reply["type"] == "init_error":
             err = reply["error"]
             raise HandlerError(f"function {self.function!r} failed to load: "
@@ -138,18 +183,46 @@ class Sandbox:
         return StepCost(Level(reply["level"]), time.monotonic() - started, int(reply["host_bytes"]),
                         int(reply["device_bytes"]))
 
-    async def invoke(self, request_id: str, event: dict[str, Any]) -> SandboxResult:
-        """Run the handler; HandlerError if it raised, SandboxDied if the process died."""
-        try:
-            await self._send({"type": "invoke", "request_id": request_id, "event": event})
-        except (ConnectionError, BrokenPipeError):
+    async def invoke(self, request_id: str, event: dict[str, Any], stream: bool = False,
+                     on_chunk: ChunkSink | None = None) -> SandboxResult:
+        """Run the handler (beside the sandbox's other requests); with `stream`, each chunk
+        of streamed text goes to `on_chunk` before this returns. HandlerError if the
+        handler raised, SandboxDied if the process died."""
+        if self._eof:
             code = await self.proc.wait()
-            raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}") from None
-        reply = await self._receive()
+            raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}")
+        replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._calls[request_id] = replies
+        try:
+            try:
+                await self._send({"type": "invoke", "request_id": request_id, "event": event,
+                                  "stream": stream})
+            except (ConnectionError, BrokenPipeError):
+                code = await self.proc.wait()
+                raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}") from None
+            started = False
+            while (reply := await replies.get())["type"] in ("started", "chunk"):
+                if reply["type"] == "started":
+                    started = True
+                elif on_chunk is not None:
+                    await on_chunk({"delta": reply["delta"], "token_ids": reply["token_ids"]})
+        finally:
+            del self._calls[request_id]
+        if reply["type"] == "died":
+            if not started:  # it died before it could run the handler: another may serve
+                raise SandboxGone(f"sandbox of {self.function!r} exited with code {reply['code']}")
+            raise self._died(reply)
         if reply["type"] == "error":
             err = reply["error"]
             raise HandlerError(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop a request's generations at their next token (its handler then answers)."""
+        try:
+            await self._send({"type": "cancel", "request_id": request_id})
+        except (ConnectionError, BrokenPipeError):
+            pass
 
     def discard(self) -> None:
         """Let go of a sandbox that already exited: our socket end and its backbone."""
@@ -355,7 +428,8 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
         raise
     sandbox = Sandbox(spec["name"], proc, ours, reader, writer)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
-            "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"]}
+            "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
+            "max_batch": max_batch(spec, config)}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)

@@ -34,6 +34,10 @@ class UpOptions:
     port: int = 4222
     state_dir: Path | None = None
     sandbox_threads: int = 1
+    max_batch: int = 64
+    batch_windows: bool = True
+    memory_budget_gib: float | None = None
+    device_memory_budget_gib: float | None = None
     bundled_models: bool = True
     device: str = "auto"
     backbone_keep_alive_s: float = 300.0
@@ -104,10 +108,14 @@ async def up(options: UpOptions) -> int:
                  nats=("embedded server: node credentials; clients without credentials may "
                        "only invoke and publish events") if server else "external server")
         config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads,
-                                                      keep_alive_s=options.sandbox_keep_alive_s),
+                                                  keep_alive_s=options.sandbox_keep_alive_s,
+                                                  max_batch=options.max_batch),
                             loader_isolation=catalog.loader_isolation,
                             device=detect_device(options.device),
                             backbone_keep_alive_s=options.backbone_keep_alive_s,
+                            batch_windows=options.batch_windows,
+                            memory_budget_gib=options.memory_budget_gib,
+                            device_memory_budget_gib=options.device_memory_budget_gib,
                             preload=options.preload)
         nc = await connect_node(url, config.node_id, on_closed, credentials)
         node = Node(nc, catalog.specs, config, catalog.isolation)

@@ -36,7 +36,7 @@ async def test_json_request_from_raw_nats_gets_json(nc):
     reply = json.loads(msg.data)
     assert reply["output"] == {"echo": {"x": 1, "y": [1, 2]}, "keys": ["x", "y"]}
     assert set(reply["metrics"]) == {"request_id", "node", "queue_ms", "ttft_ms", "total_ms",
-                                     "tokens_in", "tokens_out", "level"}
+                                     "tokens_in", "tokens_out", "level", "batch"}
     assert reply["metrics"]["ttft_ms"] is None  # a plain function never generates
 
 

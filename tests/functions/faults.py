@@ -24,7 +24,7 @@ def crash(event: dict, ctx) -> dict:
     return {"instance": INSTANCE, "uid": os.getuid()}
 
 
-@function(name="sleepy", timeout_s=30, max_queue=1)
+@function(name="sleepy", timeout_s=30, max_queue=1, max_batch=1)
 def sleepy(event: dict, ctx) -> dict:
     time.sleep(float(event.get("s", 0)))
     return {"slept_s": event.get("s", 0), "instance": INSTANCE}

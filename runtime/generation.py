@@ -1,0 +1,280 @@
+"""Continuous batching in a sandbox: every generation its function's handlers ask for runs in
+one batch with one KV cache, in a thread of its own.
+
+Each turn of the loop admits the generations submitted since the last one (up to
+`max_batch` in all) with one batched prefill, merges their cache into the running batch
+(left-padded, with an attention mask and per-row positions), then decodes one token for
+every row. A row leaves the batch when it reaches EOS, its token limit or a stop string,
+or when it is cancelled; the others go on. In fp32, greedy rows produce the tokens they
+would produce alone (padding is masked; PLATFORM.md: bf16 can differ).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+
+from faas.errors import Cancelled
+from faas.sdk import Generation
+
+# (text delta, token ids since the last delta)
+DeltaSink = Callable[[str, list[int]], None]
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """One generation: its tokenised prompt and how to decode it."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    on_delta: DeltaSink | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future[Generation] = field(default_factory=Future)
+    first_token_at: float | None = None  # time.monotonic()
+    prefill_batch: int = 0  # how many prompts its prefill ran with
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One batched prefill: how many prompts, their longest length, how long it took."""
+
+    rows: int
+    tokens: int
+    seconds: float
+
+
+class _Row:
+    """A request in the running batch: what it generated and what it has streamed."""
+
+    def __init__(self, request: GenRequest, device: str) -> None:
+        self.request = request
+        self.ids: list[int] = []
+        self.streamed_chars = 0
+        self.streamed_ids = 0
+        self.text = ""
+        self.finish: str | None = None
+        self.generator: torch.Generator | None = None
+        if request.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if request.seed is not None:
+                self.generator.manual_seed(request.seed)
+            else:
+                self.generator.seed()
+
+
+class Batcher:
+    """Runs the generations of one model, batched, on a thread of its own; `submit` from
+    any thread. `on_prefill` hears of every prefill (the node's batch window profiles it)."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, max_batch: int,
+                 on_prefill: Callable[[Prefill], None] = lambda p: None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_batch = max(1, max_batch)
+        self.on_prefill = on_prefill
+        self.eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
+        self._queue: queue.SimpleQueue[GenRequest | None] = queue.SimpleQueue()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cached length]: 0 on left padding
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenRequest) -> Future[Generation]:
+        self._queue.put(request)
+        return request.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                new = self._take(block=not self._rows)
+                if new is None:
+                    break
+                try:
+                    if new:
+                        self._prefill(new)
+                    if self._rows:
+                        self._decode()
+                except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
+                    for request in [*(row.request for row in self._rows), *new]:
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+                    self._rows, self._cache, self._mask = [], None, None
+        for row in self._rows:
+            row.request.future.set_exception(Cancelled("the sandbox is shutting down"))
+
+    def _take(self, block: bool) -> list[GenRequest] | None:
+        """The requests submitted since the last turn that fit in the batch (None: close)."""
+        room = self.max_batch - len(self._rows)
+        taken: list[GenRequest] = []
+        while len(taken) < room:
+            try:
+                request = self._queue.get(block=block and not taken)
+            except queue.Empty:
+                break
+            if request is None:
+                return None
+            if request.cancelled.is_set():
+                request.future.set_exception(Cancelled("cancelled before it started"))
+                continue
+            taken.append(request)
+        return taken
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, requests: list[GenRequest]) -> None:
+        started = time.monotonic()
+        width = max(len(r.input_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            ids[i, width - len(request.input_ids):] = torch.tensor(request.input_ids)
+            mask[i, width - len(request.input_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, cache)
+        rows = [_Row(r, self.device) for r in requests]
+        now = time.monotonic()
+        for request in requests:
+            request.first_token_at = now
+            request.prefill_batch = len(requests)
+        self.on_prefill(Prefill(len(requests), width, now - started))
+        self._merge(rows, cache, mask)
+        self._advance(rows, logits)
+
+    def _decode(self) -> None:
+        assert self._cache is not None and self._mask is not None
+        last = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+        logits = self._forward(last, self._mask, self._cache)
+        self._advance(self._rows, logits)
+
+    # --- the running batch --------------------------------------------------------------
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows to the running batch, left-padding the shorter side."""
+        if self._cache is None or self._mask is None:
+            self._rows, self._cache, self._mask = list(rows), cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        layers = [(torch.cat([pad(old.keys, -2), pad(new.keys, -2)]),
+                   torch.cat([pad(old.values, -2), pad(new.values, -2)]))
+                  for old, new in zip(self._cache.layers, cache.layers)]
+        self._cache = DynamicCache(layers)
+        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
+        self._rows += rows
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token, stream it, and retire the rows that are done."""
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            token = greedy[i] if row.generator is None else self._sample(row, logits[i])
+            row.ids.append(token)
+            self._update(row)
+        done = [i for i, row in enumerate(self._rows) if row.finish is not None
+                or row.request.cancelled.is_set()]
+        if done:
+            self._retire(done)
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        request = row.request
+        probs = torch.softmax(logits / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            # Keep the smallest head whose mass reaches top_p (the first token always).
+            outside = ordered.cumsum(-1) - ordered >= request.top_p
+            ordered[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _update(self, row: _Row) -> None:
+        request = row.request
+        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        if self.eos is not None and row.ids[-1] == self.eos and not request.ignore_eos:
+            row.finish = "stop"
+        elif len(row.ids) >= request.max_new_tokens:
+            row.finish = "length"
+        cut = min((i for i in (row.text.find(s) for s in request.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            row.text, row.finish = row.text[:cut], "stop"
+        if request.on_delta is not None:
+            self._stream(row)
+
+    def _stream(self, row: _Row) -> None:
+        """Send what is certain: not a character that may still be the start of a stop
+        string, nor half of a multi-byte one."""
+        end = len(row.text)
+        if row.finish is None:
+            end -= max((len(s) for s in row.request.stop), default=1) - 1
+            if row.text.endswith("\ufffd"):
+                end -= 1
+        if end > row.streamed_chars or (row.finish is not None and len(row.ids) > row.streamed_ids):
+            delta = row.text[row.streamed_chars:max(end, row.streamed_chars)]
+            ids = row.ids[row.streamed_ids:]
+            row.streamed_chars += len(delta)
+            row.streamed_ids = len(row.ids)
+            assert row.request.on_delta is not None
+            row.request.on_delta(delta, ids)
+
+    def _retire(self, done: list[int]) -> None:
+        assert self._cache is not None and self._mask is not None
+        for i in done:
+            row = self._rows[i]
+            request = row.request
+            if row.finish is None:
+                request.future.set_exception(Cancelled("the generation was cancelled"))
+            else:
+                request.future.set_result(Generation(
+                    text=row.text, token_ids=row.ids, prompt_tokens=len(request.input_ids),
+                    finish_reason=row.finish))
+        keep = [i for i in range(len(self._rows)) if i not in set(done)]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        mask = self._mask[keep]
+        # Columns that are padding in every remaining row are dropped with them.
+        start = int((mask.sum(0) > 0).nonzero()[0])
+        index = torch.tensor(keep, device=self.device)
+        self._cache = DynamicCache([(layer.keys.index_select(0, index)[:, :, start:],
+                                     layer.values.index_select(0, index)[:, :, start:])
+                                    for layer in self._cache.layers])
+        self._mask = mask[:, start:]
+        self._rows = [self._rows[i] for i in keep]

@@ -1,0 +1,154 @@
+"""Offloading and memory admission: the node never holds more than its memory budget.
+
+What the node holds is measured, not assumed: each sandbox's private memory and device
+memory as it reported them at its last step (or, while it climbs, what its target level
+costs in the profile), plus every backbone loaded. Before a new sandbox starts (a request's
+cold start, or the pre-loader's), `admit` checks that it fits. When it does not, idle
+artifacts move down a level, lowest value first (the pre-loader's value of their function,
+then the longest idle): on a GPU an idle LOADED sandbox first moves its adapter from the
+device to host memory (STAGED), and only then are idle sandboxes stopped. Nothing serving
+or climbing is touched. When even that cannot make room, the request gets a 503 with a
+retry hint instead of the node running out of memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from faas.logs import get_logger
+from runtime.backbones import BackboneRegistry
+from runtime.levels import Level, Profiles
+from runtime.memory import gpu_memory
+from runtime.plan import Budget
+
+if TYPE_CHECKING:
+    from runtime.pool import FunctionPool, Slot
+
+GIB = 1024**3
+
+
+def node_budget(host_gib: float | None, device_gib: float | None, device: str) -> Budget:
+    """The node's budget: as given, else three quarters of the machine's memory and nine
+    tenths of the GPU's."""
+    host = (host_gib * GIB if host_gib is not None
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
+    if device == "cpu":
+        return Budget(int(host), 0)
+    dev = device_gib * GIB if device_gib is not None else gpu_memory()[0] * 9 // 10
+    return Budget(int(host), int(dev))
+
+
+@dataclass
+class _Move:
+    pool: FunctionPool
+    slot: Slot
+    to: Level  # STAGED (adapter off the device) or COLD (stopped)
+
+
+class MemoryGuard:
+    """Admission and offloading over every pool of the node (see the module docstring)."""
+
+    def __init__(self, pools: dict[str, FunctionPool], backbones: BackboneRegistry,
+                 profiles: Profiles, budget: Budget,
+                 value: Callable[[str], float] = lambda name: 0.0) -> None:
+        self.pools = pools
+        self.backbones = backbones
+        self.profiles = profiles
+        self.budget = budget
+        self.value = value
+        self.offloaded = 0
+        self.refused = 0
+        self.log = get_logger(component="memory")
+
+    def held(self) -> tuple[int, int]:
+        """(host, device) bytes the node's sandboxes and backbones hold now."""
+        host = device = 0
+        for pool in self.pools.values():
+            h, d = pool.held_bytes()
+            host, device = host + h, device + d
+        for backbone in self.backbones.state():
+            if self.profiles.on_device:
+                device += backbone["bytes"]
+            else:
+                host += backbone["bytes"]
+        return host, device
+
+    def _need(self, pool: FunctionPool, have: Level, target: Level) -> tuple[int, int]:
+        """What moving one of `pool`'s sandboxes from `have` to `target` adds, with its
+        backbone when that is not loaded yet."""
+        model = pool.spec["backbone"]
+        profile = self.profiles.of(model)
+        host, device = profile.held(target)
+        had_host, had_device = profile.held(have) if have > Level.COLD else (0, 0)
+        host, device = max(0, host - had_host), max(0, device - had_device)
+        if model is not None and target >= Level.ATTACHED and not any(
+                b["model"] == model for b in self.backbones.state()):
+            host += profile.backbone_bytes
+            device += profile.backbone_device_bytes
+        return host, device
+
+    def _over(self, need: tuple[int, int]) -> tuple[int, int]:
+        host, device = self.held()
+        over_host = host + need[0] - self.budget.host_bytes
+        over_device = device + need[1] - self.budget.device_bytes if self.budget.device_bytes else 0
+        return over_host, over_device
+
+    def fits(self, pool: FunctionPool, have: Level, target: Level) -> bool:
+        """Whether a sandbox of `pool` may go from `have` to `target` as things are."""
+        over_host, over_device = self._over(self._need(pool, have, target))
+        return over_host <= 0 and over_device <= 0
+
+    def admit(self, pool: FunctionPool) -> bool:
+        """Room for one more LOADED sandbox of `pool`, offloading idle artifacts of any
+        function when needed; False when no room can be made (nothing was moved then)."""
+        over_host, over_device = self._over(self._need(pool, Level.COLD, Level.LOADED))
+        if over_host <= 0 and over_device <= 0:
+            return True
+        if not any(p.instances for p in self.pools.values()):
+            return True  # nothing to wait for or offload (the cost may be a prior's guess)
+        moves: list[_Move] = []
+        idle = [(p, s) for p in self.pools.values() for s in p.idle_slots()]
+        idle.sort(key=lambda ps: (self.value(ps[0].name), ps[1].idle_since))
+        for other, slot in idle:
+            if over_host <= 0 and over_device <= 0:
+                break
+            host, device = other.slot_bytes(slot)
+            if over_device > 0 and over_host <= 0 and slot.level == Level.LOADED and device:
+                staged_host, staged_device = self.profiles.of(other.spec["backbone"]).held(Level.STAGED)
+                moves.append(_Move(other, slot, Level.STAGED))
+                over_device -= device - staged_device
+                over_host += max(0, staged_host - host)
+            else:
+                moves.append(_Move(other, slot, Level.COLD))
+                over_host -= host
+                over_device -= device
+        if over_host > 0 or over_device > 0:
+            self.refused += 1
+            self.log.warning("memory_admission_refused", fn=pool.name,
+                             held_mib=[round(b / 2**20, 1) for b in self.held()],
+                             budget_mib=[round(self.budget.host_bytes / 2**20, 1),
+                                         round(self.budget.device_bytes / 2**20, 1)])
+            return False
+        for move in moves:
+            self.offloaded += 1
+            self.log.info("sandbox_offloaded", fn=move.pool.name, to=move.to.label,
+                          level=move.slot.level.label, for_fn=pool.name,
+                          idle_s=round(time.monotonic() - move.slot.idle_since, 1))
+            move.pool.offload(move.slot, move.to)
+        return True
+
+    def retry_after_s(self) -> float:
+        """When a refused request may find room: about when the soonest serving function
+        finishes a request."""
+        serving = [pool.service_s for pool in self.pools.values() if pool.serving]
+        return max(0.5, min(serving, default=1.0))
+
+    def state(self) -> dict[str, object]:
+        host, device = self.held()
+        return {"held_mib": {"host": round(host / 2**20, 1), "device": round(device / 2**20, 1)},
+                "budget_mib": {"host": round(self.budget.host_bytes / 2**20, 1),
+                               "device": round(self.budget.device_bytes / 2**20, 1)},
+                "offloaded": self.offloaded, "refused": self.refused}
