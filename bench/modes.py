@@ -3,7 +3,9 @@ faas node (same envelope, TTFT from the front door's receive time to the first t
 
 - `ours`: this system, one node (`faas up`) serving the functions on one shared backbone;
   `ours-no-preload` the same without predictive pre-loading (fixed keep-alives),
-  `ours-rate` with the rate estimate instead of the hybrid histogram;
+  `ours-rate` with the rate estimate instead of the hybrid histogram; `ours-no-batching`
+  one request per sandbox at a time (`--max-batch 1`), `ours-no-window` batching without
+  the contention-aware window (`--no-batch-window`);
 - `serverful`: one always-on process with every adapter, batching across adapters;
 - `isolated`: classic serverless, a fresh process with its own backbone copy per instance;
 - `fast-load`: the same with the checkpoints staged in host memory (ServerlessLLM);
@@ -428,6 +430,8 @@ MODES: dict[str, Callable[[ModeConfig], Mode]] = {
     "ours": Ours,
     "ours-no-preload": lambda config: Ours(config, "ours-no-preload", ("--no-preload",)),
     "ours-rate": lambda config: Ours(config, "ours-rate", ("--predictor", "rate")),
+    "ours-no-batching": lambda config: Ours(config, "ours-no-batching", ("--max-batch", "1")),
+    "ours-no-window": lambda config: Ours(config, "ours-no-window", ("--no-batch-window",)),
     "isolated": lambda config: ClassicServerless(config, staged=False),
     "fast-load": lambda config: ClassicServerless(config, staged=True),
     "serverful": serverful,
