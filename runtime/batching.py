@@ -222,7 +222,9 @@ class BatchWindow:
         self.windows += 1
         predicted = self.profile.predict(window.members)
         margin = window.slo_deadline - time.monotonic() - predicted
-        task = asyncio.ensure_future(self.contention.dispatch(margin, predicted))
+        # It holds the device for its predicted prefill, never past half the SLO (what N_max
+        # allows): a bad prediction must not keep every other window waiting.
+        task = asyncio.ensure_future(self.contention.dispatch(margin, min(predicted, self.slo_s / 2)))
         task.add_done_callback(lambda _: window.closed.done() or window.closed.set_result(None))
 
     def state(self) -> dict[str, object]:

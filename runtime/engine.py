@@ -50,12 +50,14 @@ class LoraEngine:
     """
 
     def __init__(self, backbone: str, adapter: str | None = None, max_batch: int = 1,
-                 on_prefill: Callable[[Prefill], None] = lambda p: None) -> None:
+                 on_prefill: Callable[[Prefill], None] = lambda p: None,
+                 prefill_budget_s: float | None = None) -> None:
         quiet_transformers()
         self.backbone = backbone
         self.adapter = adapter
         self.max_batch = max_batch
         self._on_prefill = on_prefill
+        self.prefill_budget_s = prefill_budget_s
         self.batcher: Batcher | None = None
         self.device = "cpu"
         self.model: Any = None
@@ -105,7 +107,7 @@ class LoraEngine:
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone)
         self.batcher = Batcher(self.model, self.tokenizer, self.device, self.max_batch,
-                               self._on_prefill)
+                               self._on_prefill, prefill_budget_s=self.prefill_budget_s)
 
     def unload(self) -> None:
         """Back to `staged`: the adapter leaves the device (its weights kept in host memory,

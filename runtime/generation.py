@@ -79,11 +79,20 @@ class Batcher:
     any thread. `on_prefill` hears of every prefill (the node's batch window profiles it)."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, max_batch: int,
-                 on_prefill: Callable[[Prefill], None] = lambda p: None) -> None:
+                 on_prefill: Callable[[Prefill], None] = lambda p: None,
+                 max_prefill_tokens: int = 2048, prefill_budget_s: float | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.max_batch = max(1, max_batch)
+        # One turn prefills at most this many prompt tokens (at least one prompt), and no
+        # more than it prefills in `prefill_budget_s` at its measured speed: a crowd of
+        # arrivals is prefilled in turns (where compute is the limit, as on a CPU, the first
+        # ones then get their first token early instead of all waiting for one long prefill).
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_budget_s = prefill_budget_s
+        self.tokens_per_s: float | None = None
+        self._held: GenRequest | None = None  # taken from the queue, waits for the next turn
         self.on_prefill = on_prefill
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
@@ -112,7 +121,7 @@ class Batcher:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                new = self._take(block=not self._rows)
+                new = self._take(block=not self._rows and self._held is None)
                 if new is None:
                     break
                 try:
@@ -125,25 +134,39 @@ class Batcher:
                         if not request.future.done():
                             request.future.set_exception(exc)
                     self._rows, self._cache, self._mask = [], None, None
-        for row in self._rows:
-            row.request.future.set_exception(Cancelled("the sandbox is shutting down"))
+        for request in [*(row.request for row in self._rows), *([self._held] if self._held else [])]:
+            request.future.set_exception(Cancelled("the sandbox is shutting down"))
 
     def _take(self, block: bool) -> list[GenRequest] | None:
-        """The requests submitted since the last turn that fit in the batch (None: close)."""
+        """The requests submitted since the last turn that fit in the batch and in one
+        prefill (None: close)."""
         room = self.max_batch - len(self._rows)
         taken: list[GenRequest] = []
+        tokens = 0
         while len(taken) < room:
-            try:
-                request = self._queue.get(block=block and not taken)
-            except queue.Empty:
-                break
+            if self._held is not None:
+                request, self._held = self._held, None
+            else:
+                try:
+                    request = self._queue.get(block=block and not taken)
+                except queue.Empty:
+                    break
             if request is None:
                 return None
             if request.cancelled.is_set():
                 request.future.set_exception(Cancelled("cancelled before it started"))
                 continue
+            if taken and tokens + len(request.input_ids) > self._prefill_tokens():
+                self._held = request
+                break
             taken.append(request)
+            tokens += len(request.input_ids)
         return taken
+
+    def _prefill_tokens(self) -> float:
+        if self.prefill_budget_s is None or self.tokens_per_s is None:
+            return self.max_prefill_tokens
+        return min(self.max_prefill_tokens, self.tokens_per_s * self.prefill_budget_s)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
@@ -167,6 +190,10 @@ class Batcher:
         for request in requests:
             request.first_token_at = now
             request.prefill_batch = len(requests)
+        if ids.numel() >= 32:  # shorter ones measure overheads, not speed
+            speed = ids.numel() / max(now - started, 1e-6)
+            self.tokens_per_s = speed if self.tokens_per_s is None else (
+                self.tokens_per_s + 0.3 * (speed - self.tokens_per_s))
         self.on_prefill(Prefill(len(requests), width, now - started))
         self._merge(rows, cache, mask)
         self._advance(rows, logits)

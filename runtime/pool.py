@@ -24,7 +24,7 @@ from typing import Any, Callable
 from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
 from runtime.backbones import Backbone, BackboneRegistry
-from runtime.batching import BatchWindow, Contention
+from runtime.batching import BatchWindow, Contention, PrefillProfile
 from runtime.isolation import Isolation
 from runtime.levels import Level, Profiles
 from runtime.offload import MemoryGuard
@@ -436,8 +436,7 @@ class FunctionPool:
             slot.sandbox = sandbox
             sandbox.proc.add_exit_callback(lambda code: self._exited(slot, code))
             if self.window is not None:
-                profile = self.window.profile
-                sandbox.on_prefill = lambda frame: profile.observe(int(frame["rows"]), frame["ms"] / 1000)
+                sandbox.on_prefill = self._prefill_observer(sandbox, self.window.profile)
             self._reached(slot, cost)
         sandbox = slot.sandbox
         if slot.target < slot.level:  # offloaded: the adapter leaves the device
@@ -456,6 +455,16 @@ class FunctionPool:
             self._reached(slot, await self._within_start_timeout(slot, step))
         sandbox.log.info("sandbox_climbed", level=slot.level.label,
                          ms=round((time.monotonic() - started) * 1000, 1))
+
+    @staticmethod
+    def _prefill_observer(sandbox: Sandbox, profile: PrefillProfile) -> Callable[[dict[str, Any]], None]:
+        def observe(frame: dict[str, Any]) -> None:
+            # A sandbox's first prefill may pay first-call costs (kernels, allocator) when
+            # a request took it before its warm-up: not what the next ones will take.
+            if sandbox.prefills > 1:
+                profile.observe(int(frame["rows"]), frame["ms"] / 1000)
+
+        return observe
 
     async def _within_start_timeout(self, slot: Slot, step: Any) -> Any:
         started = time.monotonic()

@@ -100,8 +100,10 @@ class _Function:
             from runtime.engine import LoraEngine
 
             torch.set_num_threads(int(init.get("threads", 1)))
+            # A turn's prefill takes at most a fifth of the function's TTFT SLO.
             self.engine = LoraEngine(init["backbone_path"], init["adapter"],
-                                     int(init.get("max_batch", 1)), self._prefilled)
+                                     int(init.get("max_batch", 1)), self._prefilled,
+                                     float(init.get("slo_ttft_s", 2.5)) / 5)
             shared = frame.get("backbone")
             if shared is not None:
                 shared["fds"] = fds

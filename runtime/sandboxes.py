@@ -91,6 +91,7 @@ class Sandbox:
         self._eof = False  # its end of the socket closed: it is gone or going
         self._calls: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self.on_prefill: PrefillSink = lambda frame: None
+        self.prefills = 0  # how many it reported
         self.log = get_logger(fn=function, pid=proc.pid)
         self._reading = asyncio.create_task(self._read(), name=f"frames-{proc.pid}")
 
@@ -134,6 +135,7 @@ class Sandbox:
                     if self._step is not None and not self._step.done():
                         self._step.set_result(frame)
                 elif kind == "prefill":
+                    self.prefills += 1
                     self.on_prefill(frame)
                 elif (calls := self._calls.get(frame.get("request_id", ""))) is not None:
                     calls.put_nowait(frame)
@@ -429,7 +431,7 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
     sandbox = Sandbox(spec["name"], proc, ours, reader, writer)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
-            "max_batch": max_batch(spec, config)}
+            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5)}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)

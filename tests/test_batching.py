@@ -58,6 +58,26 @@ def test_batched_greedy_equals_one_request_at_a_time(engine):
     assert max(r.prefill_batch for r in requests) > 1  # prompts shared a prefill
 
 
+def test_a_crowd_is_prefilled_in_turns_within_the_token_budget(engine):
+    """With a prefill budget of 40 prompt tokens a turn, six prompts are prefilled a few at a
+    time (the long one alone), and every row still gets its exact tokens."""
+    from runtime.generation import Batcher, GenRequest
+
+    batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, max_prefill_tokens=40)
+    try:
+        requests = [GenRequest(engine.tokenizer(p)["input_ids"], 10) for p in PROMPTS]
+        for request in requests:
+            batcher.submit(request)
+        results = [r.future.result(timeout=60) for r in requests]
+    finally:
+        batcher.close()
+    for prompt, result in zip(PROMPTS, results):
+        assert result.token_ids == greedy_token_ids(model_path(), adapter_path("support"), prompt, 10)
+    for request in requests:
+        share = sum(len(r.input_ids) for r in requests if r.first_token_at == request.first_token_at)
+        assert share <= 40 or request.prefill_batch == 1
+
+
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(engine):
     options = {"temperature": 0.9, "top_p": 0.8}
     a, _ = _generate_all(engine, ["hello"] * 3, [20] * 3, seed=7, **options)

@@ -98,3 +98,25 @@ async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
             assert profiles.of(spec["backbone"]).steps[Level.LOADED].device_bytes > 0
         finally:
             await pool.close()
+
+
+async def test_cuda_batched_requests_and_a_stream_match_the_reference(models, tmp_path):
+    """Concurrent requests share one batch on the GPU (fp32) and each still gets the tokens
+    the single-request CUDA reference gives; a streamed one joins to the same text."""
+    from tests.conftest import TEST_FUNCTIONS
+
+    prompts = ["Where is my refund?", "hi", "x y z " * 10, "The parcel left on Monday.", "ok"]
+    with LocalNode(EXAMPLES, TEST_FUNCTIONS, state_dir=tmp_path,
+                   extra_args=("--device", "cuda", "--sandbox-uids", "off")) as node:
+        async with Client(node.url) as client:
+            await client.invoke("writer", {"prompt": "warm", "max_new_tokens": 2}, timeout_s=300)
+            replies = await asyncio.gather(*(
+                client.invoke("writer", {"prompt": p, "max_new_tokens": 24}, timeout_s=300)
+                for p in prompts))
+            for prompt, reply in zip(prompts, replies):
+                assert reply.output["token_ids"] == cuda_reference("support", prompt, 24)
+            assert max(r.metrics["batch"] for r in replies) > 1
+            async with client.stream("writer", {"prompt": "hello", "max_new_tokens": 30}) as stream:
+                text = "".join([chunk.delta async for chunk in stream])
+            assert text == stream.result.output["text"]
+            assert stream.result.output["token_ids"] == cuda_reference("support", "hello", 30)
