@@ -2,9 +2,9 @@
 one batch with one KV cache, in a thread of its own.
 
 Each turn of the loop admits the generations submitted since the last one (up to
-`max_batch` in all) with one batched prefill, merges their cache into the running batch
-(left-padded, with an attention mask and per-row positions), then decodes one token for
-every row. A row leaves the batch when it reaches EOS, its token limit or a stop string,
+`max_batch` in all, within a prefill budget) with one batched prefill, merges their cache
+into the running batch (left-padded, with an attention mask and per-row positions), then,
+unless more prompts wait for room they have, decodes one token for every row. A row leaves the batch when it reaches EOS, its token limit or a stop string,
 or when it is cancelled; the others go on. In fp32, greedy rows produce the tokens they
 would produce alone (padding is masked; PLATFORM.md: bf16 can differ).
 """
@@ -127,7 +127,10 @@ class Batcher:
                 try:
                     if new:
                         self._prefill(new)
-                    if self._rows:
+                    # Prefills first (time to first token is what the SLO is about): the
+                    # rows already decoding wait while prompts that fit the batch wait.
+                    waiting = self._held is not None or not self._queue.empty()
+                    if self._rows and not (waiting and len(self._rows) < self.max_batch):
                         self._decode()
                 except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
                     for request in [*(row.request for row in self._rows), *new]:
