@@ -108,7 +108,7 @@ class FunctionSpec:
     start_timeout_s: float = 120.0
     setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
     slo_ttft_s: float = 2.5
-    max_batch: int = 8
+    max_batch: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -222,7 +222,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
              timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
              start_timeout_s: float = 120.0, setup: Callable[[Context], Any] | None = None,
-             slo_ttft_s: float = 2.5, max_batch: int = 8) -> Callable[[Handler], Handler]:
+             slo_ttft_s: float = 2.5, max_batch: int = 32) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
