@@ -95,7 +95,8 @@ class FunctionSpec:
     model, adapter, `setup`) before it is killed and the waiting requests get a 500.
     `slo_ttft_s` is the time-to-first-token the function promises: under contention the
     node batches its requests only as long as that still holds. `max_batch` is how many
-    requests one sandbox generates for at once (1: no batching).
+    requests one sandbox generates for at once (1: no batching); by default 32 for a
+    function with a backbone and 1 for plain Python (threads would share one GIL).
     """
 
     name: str
@@ -108,7 +109,7 @@ class FunctionSpec:
     start_timeout_s: float = 120.0
     setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
     slo_ttft_s: float = 2.5
-    max_batch: int = 32
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -122,6 +123,8 @@ class FunctionSpec:
             value = getattr(self, attr)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise SpecError(f"{self.name}: {attr} must be a positive number, got {value!r}")
+        if self.max_batch is None:
+            object.__setattr__(self, "max_batch", 32 if self.backbone is not None else 1)
         for attr in ("max_queue", "max_instances", "max_batch"):
             value = getattr(self, attr)
             if not isinstance(value, int) or value < 1:
@@ -222,7 +225,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
              timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
              start_timeout_s: float = 120.0, setup: Callable[[Context], Any] | None = None,
-             slo_ttft_s: float = 2.5, max_batch: int = 32) -> Callable[[Handler], Handler]:
+             slo_ttft_s: float = 2.5, max_batch: int | None = None) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python

@@ -7,8 +7,10 @@ steps). What the node decides is *when* to hand requests over:
 - Contention (another function busy on this node's device, or the device busy: CPU load
   from /proc/stat, GPU utilisation from NVML): a function's requests are collected for a
   window and handed over together, so their prompts share one prefill instead of each
-  interrupting the batch with one of its own. N_max (the most a window collects) is the
-  largest batch whose predicted prefill takes at most half the function's TTFT SLO; the
+  interrupting the batch with one of its own. Only where that pays: when an extra prompt
+  costs most of a prefill of one (compute-bound, as on a CPU), there is no window. N_max
+  (the most a window collects) is the largest batch whose predicted prefill takes at most
+  half the function's TTFT SLO; the
   window closes when N_max requests are in, or after at most one prefill of one (waiting
   longer buys nothing: later requests join the running batch anyway), and never so late
   that waiting + the predicted prefill would break the SLO of its oldest request.
@@ -33,6 +35,8 @@ from faas.logs import get_logger
 # Before a function's first prefill report: a small model on a CPU core.
 _PRIOR_T0_S = 0.05
 _PRIOR_PER_EXTRA_S = 0.01
+# An extra prompt in a prefill costing this share of a prefill of one: batching gains nothing.
+_NO_GAIN = 0.8
 # Busier than this, the device is contended whoever uses it.
 _BUSY_UTILISATION = 0.9
 
@@ -61,7 +65,11 @@ class PrefillProfile:
         return self.t0_s + self.per_extra_s * max(0, n - 1)
 
     def n_max(self, slo_s: float, max_batch: int) -> int:
-        """The largest batch (at most `max_batch`) whose prefill takes at most half the SLO."""
+        """The largest batch (at most `max_batch`) whose prefill takes at most half the SLO;
+        1 where batching prompts saves little (each extra one costs most of a prefill of
+        one, as on a compute-bound CPU): then waiting for company only adds to TTFT."""
+        if self.per_extra_s >= _NO_GAIN * self.t0_s:
+            return 1
         n = 1
         while n < max_batch and self.predict(n + 1) <= slo_s / 2:
             n += 1

@@ -4,6 +4,7 @@ the continuous batcher (runtime/generation.py)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import warnings
@@ -123,6 +124,9 @@ class LoraEngine:
             self.model = self.model.unload()  # the backbone's modules, LoRA layers removed
             self._staged = (config, weights)
         self.tokenizer = None
+        gc.collect()
+        if self.device != "cpu":  # hand the freed blocks back: what the node counts is reserved
+            torch.cuda.empty_cache()
 
     def warm_up(self) -> None:
         """One short generation so the first request does not pay first-call costs."""
@@ -134,7 +138,7 @@ class LoraEngine:
                  on_delta: DeltaSink | None = None) -> Generation:
         """Generate in the batch with every other request of this sandbox (any thread)."""
         assert self.batcher is not None, "the engine is not loaded"
-        input_ids = self.tokenizer(prompt)["input_ids"]
+        input_ids = self.batcher.encode(prompt)
         if not input_ids:
             raise FaasError("prompt encodes to no tokens")
         limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -97,7 +97,11 @@ class Batcher:
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
+        # The fast tokenizer is not thread-safe (concurrent calls fail "Already borrowed"):
+        # handler threads encode and this thread decodes under one lock.
+        self.tokenizer_lock = threading.Lock()
         self._queue: queue.SimpleQueue[GenRequest | None] = queue.SimpleQueue()
+        self._closing = False
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cached length]: 0 on left padding
@@ -108,7 +112,12 @@ class Batcher:
         self._queue.put(request)
         return request.future
 
+    def encode(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
     def close(self) -> None:
+        self._closing = True  # seen even when a full batch does not read the queue
         self._queue.put(None)
         self._thread.join()
 
@@ -120,7 +129,7 @@ class Batcher:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
+            while not self._closing:
                 new = self._take(block=not self._rows and self._held is None)
                 if new is None:
                     break
@@ -137,7 +146,19 @@ class Batcher:
                         if not request.future.done():
                             request.future.set_exception(exc)
                     self._rows, self._cache, self._mask = [], None, None
+        while True:  # whatever is still queued
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request is not None:
+                self._fail_later(request)
         for request in [*(row.request for row in self._rows), *([self._held] if self._held else [])]:
+            self._fail_later(request)
+
+    @staticmethod
+    def _fail_later(request: GenRequest) -> None:
+        if not request.future.done():
             request.future.set_exception(Cancelled("the sandbox is shutting down"))
 
     def _take(self, block: bool) -> list[GenRequest] | None:
@@ -151,10 +172,14 @@ class Batcher:
                 request, self._held = self._held, None
             else:
                 try:
-                    request = self._queue.get(block=block and not taken)
+                    # Woken from idle: requests handed over together (a window's) arrive a
+                    # moment apart, through their handler threads; 2 ms lets them share.
+                    request = self._queue.get(block=block, timeout=0.002 if block and taken else None)
                 except queue.Empty:
                     break
             if request is None:
+                for early in taken:
+                    self._fail_later(early)
                 return None
             if request.cancelled.is_set():
                 request.future.set_exception(Cancelled("cancelled before it started"))
@@ -257,7 +282,8 @@ class Batcher:
 
     def _update(self, row: _Row) -> None:
         request = row.request
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         if self.eos is not None and row.ids[-1] == self.eos and not request.ignore_eos:
             row.finish = "stop"
         elif len(row.ids) >= request.max_new_tokens:
@@ -274,8 +300,9 @@ class Batcher:
         end = len(row.text)
         if row.finish is None:
             end -= max((len(s) for s in row.request.stop), default=1) - 1
-            if row.text.endswith("\ufffd"):
-                end -= 1
+            # Bytes of a character still to come decode as one U+FFFD each; a trailing space
+            # may still be cleaned up by the next token.
+            end = min(end, len(row.text.rstrip("\ufffd").rstrip()))
         if end > row.streamed_chars or (row.finish is not None and len(row.ids) > row.streamed_ids):
             delta = row.text[row.streamed_chars:max(end, row.streamed_chars)]
             ids = row.ids[row.streamed_ids:]
@@ -286,8 +313,21 @@ class Batcher:
 
     def _retire(self, done: list[int]) -> None:
         assert self._cache is not None and self._mask is not None
-        for i in done:
-            row = self._rows[i]
+        leaving = [self._rows[i] for i in done]
+        keep = [i for i in range(len(self._rows)) if i not in set(done)]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+        else:
+            mask = self._mask[keep]
+            # Columns that are padding in every remaining row are dropped with them.
+            start = int((mask.sum(0) > 0).nonzero()[0])
+            index = torch.tensor(keep, device=self.device)
+            self._cache = DynamicCache([(layer.keys.index_select(0, index)[:, :, start:],
+                                         layer.values.index_select(0, index)[:, :, start:])
+                                        for layer in self._cache.layers])
+            self._mask = mask[:, start:]
+            self._rows = [self._rows[i] for i in keep]
+        for row in leaving:  # once out of the batch: whoever hears of it sees it gone
             request = row.request
             if row.finish is None:
                 request.future.set_exception(Cancelled("the generation was cancelled"))
@@ -295,16 +335,3 @@ class Batcher:
                 request.future.set_result(Generation(
                     text=row.text, token_ids=row.ids, prompt_tokens=len(request.input_ids),
                     finish_reason=row.finish))
-        keep = [i for i in range(len(self._rows)) if i not in set(done)]
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        mask = self._mask[keep]
-        # Columns that are padding in every remaining row are dropped with them.
-        start = int((mask.sum(0) > 0).nonzero()[0])
-        index = torch.tensor(keep, device=self.device)
-        self._cache = DynamicCache([(layer.keys.index_select(0, index)[:, :, start:],
-                                     layer.values.index_select(0, index)[:, :, start:])
-                                    for layer in self._cache.layers])
-        self._mask = mask[:, start:]
-        self._rows = [self._rows[i] for i in keep]

@@ -177,7 +177,11 @@ class Node:
         if not msg.reply:
             log.warning("invoke_without_reply_subject")
             return
+        stream = protocol.wants_stream(headers)
+        final = {protocol.HDR_FINAL: "true"} if stream else {}
         try:
+            if request_id in self._cancels:  # its replies and cancels would be ambiguous
+                raise BadRequest(f"a request with id {request_id!r} is already in flight")
             pool = self.pools.get(function)
             if pool is None:
                 raise FunctionNotFound(f"no function named {function!r}")
@@ -186,16 +190,16 @@ class Node:
             await self.history.record(function)  # demand, even when the queue is full
             pool.admit()
         except FaasError as err:
-            await self._reply_error(msg, err, encoding, request_id, log)
+            await self._reply_error(msg, err, encoding, request_id, log, final)
             return
         except Exception:  # a bug of ours must still produce a reply, not silence
             log.exception("admit_failed")
             await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
-                                    request_id, log)
+                                    request_id, log, final)
             return
-        cancel = self._cancels.setdefault(request_id, asyncio.Event())
+        cancel = self._cancels[request_id] = asyncio.Event()
         self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline,
-                              protocol.wants_stream(headers), cancel))
+                              stream, cancel))
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]

@@ -101,16 +101,20 @@ class MemoryGuard:
         over_host, over_device = self._over(self._need(pool, have, target))
         return over_host <= 0 and over_device <= 0
 
-    def admit(self, pool: FunctionPool) -> bool:
-        """Room for one more LOADED sandbox of `pool`, offloading idle artifacts of any
-        function when needed; False when no room can be made (nothing was moved then)."""
-        over_host, over_device = self._over(self._need(pool, Level.COLD, Level.LOADED))
+    def admit(self, pool: FunctionPool, slot: Slot | None) -> bool:
+        """Room for `slot` of `pool` to climb to LOADED (None: a new sandbox), offloading
+        idle artifacts of any function when needed; False when no room can be made
+        (nothing was moved then)."""
+        have = Level.COLD if slot is None else slot.level
+        if slot is not None and Level.LOADED in (slot.level, slot.target):
+            return True  # there, or already counted as getting there
+        over_host, over_device = self._over(self._need(pool, have, Level.LOADED))
         if over_host <= 0 and over_device <= 0:
             return True
         if not any(p.instances for p in self.pools.values()):
             return True  # nothing to wait for or offload (the cost may be a prior's guess)
         moves: list[_Move] = []
-        idle = [(p, s) for p in self.pools.values() for s in p.idle_slots()]
+        idle = [(p, s) for p in self.pools.values() for s in p.idle_slots() if s is not slot]
         idle.sort(key=lambda ps: (self.value(ps[0].name), ps[1].idle_since))
         for other, slot in idle:
             if over_host <= 0 and over_device <= 0:

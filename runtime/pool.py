@@ -61,6 +61,7 @@ class Slot:
     climb: asyncio.Task[None] | None = None
     waiter: asyncio.Future[None] | None = None  # a request's, resolved when it may use the slot
     active: int = 0  # requests it is serving (a batch)
+    retiring: bool = False  # a handler would not stop: no new requests, killed once drained
     joining: int = 0  # requests waiting for its climb to join its first one
     idle_since: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
@@ -114,7 +115,7 @@ class FunctionPool:
             raise Overloaded(f"function {self.name!r} is shutting down on this node")
         if self._waiting >= self.spec["max_queue"]:
             raise Overloaded(f"function {self.name!r} has {self._waiting} requests queued "
-                             f"(max_queue={self.spec['max_queue']})")
+                             f"(max_queue={self.spec['max_queue']})", retry_after_s=self.service_s)
         self._waiting += 1
 
     @property
@@ -171,12 +172,19 @@ class FunctionPool:
         leased_at = time.monotonic()
         sandbox = slot.sandbox
         assert sandbox is not None
-        call = asyncio.ensure_future(sandbox.invoke(request_id, event, stream, on_chunk))
+        answered = False  # once the caller has its final message, no chunk may follow it
+
+        async def forward(chunk: dict[str, Any]) -> None:
+            if on_chunk is not None and not answered:
+                await on_chunk(chunk)
+
+        call = asyncio.ensure_future(sandbox.invoke(request_id, event, stream, forward))
         settling = False
         try:
             stopped = await self._race(call, deadline, cancel, "in the handler")
             if stopped is not None:
                 # The caller hears at once; the slot is free once the handler has stopped.
+                answered = True
                 await sandbox.cancel(request_id)
                 settling = True
                 task = asyncio.create_task(self._settle(slot, call, request_id, stopped))
@@ -205,11 +213,19 @@ class FunctionPool:
         sandbox = slot.sandbox
         assert sandbox is not None
         try:
-            await asyncio.wait_for(call, self._config.stop_grace_s)
+            await asyncio.wait_for(asyncio.shield(call), self._config.stop_grace_s)
         except TimeoutError:
-            self.log.warning("sandbox_killed_handler_did_not_stop", req=request_id,
+            # A handler stuck outside generation: its sandbox takes no new request and is
+            # killed once the rest of its batch has been answered.
+            slot.retiring = True
+            self.log.warning("sandbox_retired_handler_did_not_stop", req=request_id,
                              pid=sandbox.proc.pid, why=stopped.message)
-            await sandbox.kill()
+            async with self._cond:
+                while slot.active > 1 and not call.done():
+                    await self._cond.wait()
+            if not call.done():
+                await sandbox.kill()
+                call.cancel()
         except FaasError:
             pass  # its generation raised Cancelled: what stopping it means
         finally:
@@ -266,7 +282,7 @@ class FunctionPool:
         else a free one still climbing (the furthest up); else the batch of a sandbox that a
         request is waiting for; None: a new sandbox, or wait."""
         room = [s for s in self._slots if s.level == Level.LOADED and s.climb is None
-                and s.waiter is None and s.active + s.joining < self.max_batch]
+                and s.waiter is None and not s.retiring and s.active + s.joining < self.max_batch]
         if room:
             return min(room, key=lambda s: s.active + s.joining), "ready"
         free = [s for s in self._slots if s.free]
@@ -291,13 +307,17 @@ class FunctionPool:
                         return slot, found
                     if how == "join":
                         return await self._join(slot, found, seen_failures)
+                    if self.guard is not None and not self.guard.admit(self, slot):
+                        raise Overloaded(f"no memory on this node to load {self.name!r} "
+                                         "(everything idle was offloaded; the rest is serving)",
+                                         retry_after_s=self.guard.retry_after_s())
                     break
                 if self._failures != seen_failures and self._last_failure is not None:
                     raise self._last_failure
                 if self._closed:
                     raise Overloaded(f"function {self.name!r} is shutting down on this node")
                 if self.instances < self.spec["max_instances"]:
-                    if self.guard is None or self.guard.admit(self):
+                    if self.guard is None or self.guard.admit(self, None):
                         slot = Slot()
                         self._slots.append(slot)
                         found = Level.COLD

@@ -139,8 +139,11 @@ class Sandbox:
                     self.on_prefill(frame)
                 elif (calls := self._calls.get(frame.get("request_id", ""))) is not None:
                     calls.put_nowait(frame)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except Exception as exc:  # a frame that breaks the protocol: the sandbox cannot be trusted
+            self.log.error("sandbox_protocol_error", error=f"{type(exc).__name__}: {exc}")
+            self.proc.kill()
         self._eof = True
         code = await self.proc.wait()
         died = {"type": "died", "code": code}

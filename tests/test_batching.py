@@ -4,12 +4,13 @@ plain NATS, cancellation and deadlines: each checked against plain transformers 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import msgpack
 import pytest
 
-from faas import Cancelled, DeadlineExceeded, protocol
+from faas import BadRequest, Cancelled, DeadlineExceeded, protocol
 from faas.bundled import adapter_path, model_path
 from runtime.loader import load_file
 from tests.conftest import EXAMPLES
@@ -37,7 +38,7 @@ def _generate_all(engine, prompts, max_new_tokens, stagger_s=0.0, **options):
     decoding) and wait for all."""
     from runtime.generation import GenRequest
 
-    requests = [GenRequest(engine.tokenizer(prompt)["input_ids"], n, **options)
+    requests = [GenRequest(engine.batcher.encode(prompt), n, **options)
                 for prompt, n in zip(prompts, max_new_tokens)]
     for request in requests:
         engine.batcher.submit(request)
@@ -65,7 +66,7 @@ def test_a_crowd_is_prefilled_in_turns_within_the_token_budget(engine):
 
     batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, max_prefill_tokens=40)
     try:
-        requests = [GenRequest(engine.tokenizer(p)["input_ids"], 10) for p in PROMPTS]
+        requests = [GenRequest(engine.batcher.encode(p), 10) for p in PROMPTS]
         for request in requests:
             batcher.submit(request)
         results = [r.future.result(timeout=60) for r in requests]
@@ -111,8 +112,8 @@ def test_streamed_deltas_join_to_the_text(engine):
 def test_a_cancelled_row_leaves_and_the_others_finish(engine):
     from runtime.generation import GenRequest
 
-    long = GenRequest(engine.tokenizer("hello")["input_ids"], 900, ignore_eos=True)
-    short = GenRequest(engine.tokenizer("hi")["input_ids"], 20)
+    long = GenRequest(engine.batcher.encode("hello"), 900, ignore_eos=True)
+    short = GenRequest(engine.batcher.encode("hi"), 20)
     engine.batcher.submit(long)
     engine.batcher.submit(short)
     time.sleep(0.05)
@@ -228,11 +229,31 @@ async def test_sdk_leaving_a_stream_early_cancels_it(client):
 
 
 async def test_a_request_past_its_deadline_gets_504_and_never_runs(client, nc):
+    before = (await client.invoke("counter", {})).output["calls"]
     past = str(int((time.time() - 5) * 1000))
-    msg = await nc.request("faas.invoke.writer", msgpack.packb({"prompt": "hi"}), timeout=10,
-                           headers={protocol.HDR_DEADLINE_MS: past})
+    msg = await nc.request("faas.invoke.counter", b"{}", timeout=10,
+                           headers={protocol.HDR_DEADLINE_MS: past, protocol.HDR_STREAM: "true"})
     assert msg.headers[protocol.HDR_ERROR_CODE] == "504"
-    assert "deadline passed" in msgpack.unpackb(msg.data)["error"]["message"]
+    assert msg.headers[protocol.HDR_FINAL] == "true"  # a streaming caller's last message too
+    assert "deadline passed" in json.loads(msg.data)["error"]["message"]
+    after = (await client.invoke("counter", {})).output["calls"]
+    assert after == before + 1  # the handler never ran for the late one
+    future = str(int((time.time() + 30) * 1000))
+    msg = await nc.request("faas.invoke.counter", b"{}", timeout=10,
+                           headers={protocol.HDR_DEADLINE_MS: future})
+    assert json.loads(msg.data)["output"]["calls"] == after + 1
+
+
+async def test_a_second_request_with_an_id_in_flight_is_refused(client):
+    first = asyncio.create_task(client.invoke(
+        "writer", {"prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True},
+        timeout_s=60, request_id="same-id-1"))
+    while not [f for f in (await client.nodes())[0]["functions"]
+               if f["name"] == "writer" and f["active"]]:
+        await asyncio.sleep(0.02)
+    with pytest.raises(BadRequest, match="already in flight"):
+        await client.invoke("writer", {"prompt": "hi"}, timeout_s=60, request_id="same-id-1")
+    assert len((await first).output["token_ids"]) == 1000
 
 
 async def test_budget_running_out_mid_generation_gets_504_and_the_batch_goes_on(client):
@@ -280,3 +301,35 @@ async def test_offloading_under_a_small_memory_budget_keeps_serving_correctly(mo
             await client.invoke("support", {"message": "hi", "max_new_tokens": 2}, timeout_s=60)
     finally:
         node.stop()
+
+
+async def test_a_sandbox_offloaded_to_staged_comes_back_and_matches(models):
+    """The step down offloading takes on a GPU (adapter off the device, kept in host memory),
+    here on the CPU: the sandbox is `staged` after it, and its next request reloads the
+    adapter and answers exactly like transformers + peft."""
+    from bench.levels import node_parts, prepared
+    from runtime.levels import Level, Profiles
+    from runtime.pool import FunctionPool
+    from runtime.sandboxes import SandboxConfig
+
+    async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
+        spec = next(s for s in catalog.specs if s["name"] == "summarize")
+        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones,
+                            catalog.isolation["summarize"], Profiles("cpu"), keep_alive_s=None)
+        try:
+            await prepared(pool, Level.LOADED)
+            [slot] = pool.idle_slots()
+            pool.offload(slot, Level.STAGED)
+            while slot.climb is not None:
+                await asyncio.sleep(0.02)
+            assert pool.state()["levels"] == ["staged"]
+            event = {"text": "The parcel arrived on Friday.", "max_words": 9, "max_new_tokens": 12}
+            pool.admit()
+            served = await pool.serve("offloaded", event, time.monotonic() + 120)
+            assert served.level == Level.STAGED
+            prompt = load_file(EXAMPLES / "summarize.py").prompt_for(event)
+            assert served.result.output["token_ids"] == greedy_token_ids(
+                model_path(), adapter_path("summarize"), prompt, 12)
+            assert pool.state()["levels"] == ["loaded"]
+        finally:
+            await pool.close()

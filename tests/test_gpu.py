@@ -120,3 +120,37 @@ async def test_cuda_batched_requests_and_a_stream_match_the_reference(models, tm
                 text = "".join([chunk.delta async for chunk in stream])
             assert text == stream.result.output["text"]
             assert stream.result.output["token_ids"] == cuda_reference("support", "hello", 30)
+
+
+async def test_cuda_offload_moves_the_adapter_to_host_and_back(models):
+    """Offloading on the GPU: an idle loaded sandbox steps down to `staged` (adapter in host
+    memory), and holds less device memory for it; its next request puts the adapter back on
+    the device and matches the reference."""
+    import time
+
+    from bench.levels import node_parts, prepared
+    from runtime.levels import Level, Profiles
+    from runtime.pool import FunctionPool
+    from runtime.sandboxes import SandboxConfig
+
+    async with node_parts(EXAMPLES, "cuda") as (catalog, zygote, backbones):
+        spec = next(s for s in catalog.specs if s["name"] == "support")
+        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones, catalog.isolation["support"],
+                            Profiles("cuda"), keep_alive_s=None)
+        try:
+            await prepared(pool, Level.LOADED)
+            [slot] = pool.idle_slots()
+            loaded_device = slot.device_bytes
+            pool.offload(slot, Level.STAGED)
+            while slot.climb is not None:
+                await asyncio.sleep(0.02)
+            assert slot.level == Level.STAGED
+            assert slot.device_bytes < loaded_device
+            event = {"message": "Where is my parcel?", "max_new_tokens": 16}
+            pool.admit()
+            served = await pool.serve("gpu-offloaded", event, time.monotonic() + 300)
+            assert served.level == Level.STAGED
+            prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
+            assert served.result.output["token_ids"] == cuda_reference("support", prompt, 16)
+        finally:
+            await pool.close()

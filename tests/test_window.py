@@ -20,6 +20,10 @@ def test_prefill_profile_fits_t0_and_the_cost_of_each_extra_prompt():
     assert profile.n_max(1.0, 8) == 8
     assert profile.n_max(0.4, 8) == 3
     assert profile.n_max(0.1, 8) == 1
+    compute_bound = PrefillProfile()  # each extra prompt costs 90% of a prefill of one
+    for rows in (1, 2, 4, 1, 2):
+        compute_bound.observe(rows, 0.1 + 0.09 * (rows - 1))
+    assert compute_bound.n_max(10.0, 8) == 1  # no window: waiting would buy nothing
 
 
 def _contention(busy: int, parallel: int = 4) -> Contention:
