@@ -126,6 +126,10 @@ class LoraEngine:
         self.tokenizer = None
         gc.collect()
         if self.device != "cpu":  # hand the freed blocks back: what the node counts is reserved
+            # cuBLAS keeps a workspace per handle (32 MiB on Hopper), more than a small adapter.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
             torch.cuda.empty_cache()
 
     def warm_up(self) -> None:
