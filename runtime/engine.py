@@ -139,7 +139,8 @@ class LoraEngine:
     def generate(self, prompt: str, meter: UsageMeter, *, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] = (), ignore_eos: bool = False,
-                 on_delta: DeltaSink | None = None) -> Generation:
+                 on_delta: DeltaSink | None = None,
+                 on_first: Callable[[], None] | None = None) -> Generation:
         """Generate in the batch with every other request of this sandbox (any thread)."""
         assert self.batcher is not None, "the engine is not loaded"
         input_ids = self.batcher.encode(prompt)
@@ -150,7 +151,8 @@ class LoraEngine:
             raise FaasError(f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                             f"exceeds the model's context of {limit}")
         request = GenRequest(input_ids, max_new_tokens, temperature, top_p, seed, stop, ignore_eos,
-                             on_delta, meter.cancelled)
+                             on_delta, meter.cancelled,
+                             on_first=on_first if meter.first_token_at is None else None)
         generation = self.batcher.submit(request).result()
         meter.tokens_in += generation.prompt_tokens
         meter.tokens_out += len(generation.token_ids)

@@ -41,6 +41,7 @@ class GenRequest:
     ignore_eos: bool = False
     on_delta: DeltaSink | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_first: Callable[[], None] | None = None  # its prefill is done (first token chosen)
     future: Future[Generation] = field(default_factory=Future)
     first_token_at: float | None = None  # time.monotonic()
     prefill_batch: int = 0  # how many prompts its prefill ran with
@@ -218,6 +219,8 @@ class Batcher:
         for request in requests:
             request.first_token_at = now
             request.prefill_batch = len(requests)
+            if request.on_first is not None:
+                request.on_first()
         if ids.numel() >= 32:  # shorter ones measure overheads, not speed
             speed = ids.numel() / max(now - started, 1e-6)
             self.tokens_per_s = speed if self.tokens_per_s is None else (

@@ -27,6 +27,25 @@ def die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
+def renice_tree(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of `pid` and of its descendants (on Linux, nice
+    is per thread). Processes that are gone by then are skipped."""
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                with open(f"/proc/{current}/task/{tid}/children") as children:
+                    todo += [int(child) for child in children.read().split()]
+            except (OSError, ValueError):
+                pass
+
+
 # What the node's children inherit of its environment: nothing else, so a credential or
 # secret the node was started with never reaches a loader or function code.
 _ENV_ALLOWED = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "FAAS_HOME", "FAAS_LOG_LEVEL",

@@ -61,6 +61,11 @@ class _Call:
         self.meter = UsageMeter()
         self._wire = wire
 
+    def first(self) -> None:
+        """Its first prefill is done: the node lowers the sandbox's CPU priority while it
+        only decodes."""
+        self._wire.send({"type": "first", "request_id": self.request_id})
+
     def delta(self, text: str, token_ids: list[int]) -> None:
         self._wire.send({"type": "chunk", "request_id": self.request_id, "delta": text,
                          "token_ids": token_ids})
@@ -139,7 +144,7 @@ class _Function:
 
         def generate(prompt: str, *, stream: bool, **options: Any) -> Generation:
             return engine.generate(prompt, call.meter, on_delta=call.delta if stream and call.stream
-                                   else None, **options)
+                                   else None, on_first=call.first, **options)
 
         return generate
 

@@ -16,7 +16,7 @@ from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
 from runtime.levels import Level
-from runtime.procs import start_node_child
+from runtime.procs import renice_tree, start_node_child
 
 
 class SandboxDied(HandlerError):
@@ -39,6 +39,10 @@ class SandboxConfig:
     stop_grace_s: float = 2.0
     keep_alive_s: float = 600.0
     max_batch: int = 64  # the node's cap on every function's `max_batch` (1: no batching)
+    # On a CPU node run as root: a sandbox that only decodes runs at the lowest CPU priority,
+    # one with a prompt to prefill at the normal one, so under contention the cores go to
+    # first tokens (the SLO) before more tokens of requests that have theirs.
+    prefill_priority: bool = False
 
 
 def max_batch(spec: dict[str, Any], config: SandboxConfig) -> int:
@@ -77,9 +81,13 @@ class Sandbox:
     and hands each to the step or the request it answers."""
 
     def __init__(self, function: str, proc: ForkedProcess, sock: socket.socket,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 prefill_priority: bool = False) -> None:
         self.function = function
         self.proc = proc
+        self._prefill_priority = prefill_priority
+        self._prefilling: set[str] = set()  # requests it holds that have no first token yet
+        self._nice = 0
         # A twin of the stream's socket for the one frame that carries descriptors (the
         # backbone's); asyncio's transport cannot attach them.
         self._fd_sock = socket.socket(fileno=os.dup(sock.fileno()))
@@ -137,6 +145,8 @@ class Sandbox:
                 elif kind == "prefill":
                     self.prefills += 1
                     self.on_prefill(frame)
+                elif kind == "first":
+                    self._prefilled(frame["request_id"])
                 elif (calls := self._calls.get(frame.get("request_id", ""))) is not None:
                     calls.put_nowait(frame)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -198,6 +208,8 @@ class Sandbox:
             raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}")
         replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._calls[request_id] = replies
+        self._prefilling.add(request_id)
+        self._prioritise()
         try:
             try:
                 await self._send({"type": "invoke", "request_id": request_id, "event": event,
@@ -213,6 +225,7 @@ class Sandbox:
                     await on_chunk({"delta": reply["delta"], "token_ids": reply["token_ids"]})
         finally:
             del self._calls[request_id]
+            self._prefilled(request_id)
         if reply["type"] == "died":
             if not started:  # it died before it could run the handler: another may serve
                 raise SandboxGone(f"sandbox of {self.function!r} exited with code {reply['code']}")
@@ -221,6 +234,20 @@ class Sandbox:
             err = reply["error"]
             raise HandlerError(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
+
+    def _prefilled(self, request_id: str) -> None:
+        self._prefilling.discard(request_id)
+        self._prioritise()
+
+    def _prioritise(self) -> None:
+        """Normal priority while it has a prompt to prefill (or nothing to do), the lowest
+        while it only decodes."""
+        if not self._prefill_priority or not self.alive:
+            return
+        nice = 19 if self._calls and not self._prefilling else 0
+        if nice != self._nice:
+            self._nice = nice
+            renice_tree(self.proc.pid, nice)
 
     async def cancel(self, request_id: str) -> None:
         """Stop a request's generations at their next token (its handler then answers)."""
@@ -431,7 +458,7 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
         os.close(output_r)
         ours.close()
         raise
-    sandbox = Sandbox(spec["name"], proc, ours, reader, writer)
+    sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config.prefill_priority)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
             "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5)}

@@ -107,11 +107,13 @@ async def up(options: UpOptions) -> int:
         log.info("protections", **catalog.protections,
                  nats=("embedded server: node credentials; clients without credentials may "
                        "only invoke and publish events") if server else "external server")
+        device = detect_device(options.device)
         config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads,
                                                   keep_alive_s=options.sandbox_keep_alive_s,
-                                                  max_batch=options.max_batch),
+                                                  max_batch=options.max_batch,
+                                                  prefill_priority=(device == "cpu" and os.geteuid() == 0)),
                             loader_isolation=catalog.loader_isolation,
-                            device=detect_device(options.device),
+                            device=device,
                             backbone_keep_alive_s=options.backbone_keep_alive_s,
                             batch_windows=options.batch_windows,
                             memory_budget_gib=options.memory_budget_gib,
