@@ -107,12 +107,12 @@ async def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0
-    rows = [("NODE", "FUNCTION", "BACKBONE", "ADAPTER", "IDLE", "BUSY", "STARTING", "QUEUED",
-             "LEVELS", "PLANNED", "CHANCE", "WHY")]
+    rows = [("NODE", "FUNCTION", "BACKBONE", "ADAPTER", "IDLE", "BUSY", "ACTIVE", "STARTING",
+             "QUEUED", "LEVELS", "PLANNED", "CHANCE", "WHY")]
     for node in nodes:
         for fn in node["functions"]:
             rows.append((node["node"], fn["name"], _short(fn["backbone"]), _short(fn["adapter"]),
-                         fn["idle"], fn["busy"], fn["starting"], fn["queued"],
+                         fn["idle"], fn["busy"], fn.get("active", "-"), fn["starting"], fn["queued"],
                          ",".join(fn.get("levels", [])) or "-", fn.get("planned", "-"),
                          fn.get("chance", "-"), fn.get("why", "-")))
     print(format_table(rows))

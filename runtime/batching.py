@@ -32,9 +32,8 @@ from typing import Callable
 
 from faas.logs import get_logger
 
-# Before a function's first prefill report: a small model on a CPU core.
+# Before a function's first prefill report: a small model's prefill of one prompt.
 _PRIOR_T0_S = 0.05
-_PRIOR_PER_EXTRA_S = 0.01
 # An extra prompt in a prefill costing this share of a prefill of one: batching gains nothing.
 _NO_GAIN = 0.8
 # Busier than this, the device is contended whoever uses it.
@@ -43,11 +42,14 @@ _BUSY_UTILISATION = 0.9
 
 class PrefillProfile:
     """T(n) = T0 + c (n - 1): the time of a prefill of n prompts, fitted by least squares to
-    the last reports of the function's sandboxes (priors until there are two sizes)."""
+    the last reports of the function's sandboxes. Until they include two batch sizes, c is
+    assumed to be `extra_share` x T0: 1 on a CPU (compute-bound: an extra prompt costs a
+    whole prefill), 0.1 on a GPU."""
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, extra_share: float = 1.0, window: int = 64) -> None:
+        self.extra_share = extra_share
         self.t0_s = _PRIOR_T0_S
-        self.per_extra_s = _PRIOR_PER_EXTRA_S
+        self.per_extra_s = extra_share * _PRIOR_T0_S
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
 
     def observe(self, rows: int, seconds: float) -> None:
@@ -59,7 +61,10 @@ class PrefillProfile:
         if spread > 0:
             slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
             self.per_extra_s = max(0.0, slope)
-        self.t0_s = max(1e-4, mean_y - self.per_extra_s * mean_x)
+            self.t0_s = max(1e-4, mean_y - self.per_extra_s * mean_x)
+        else:  # one size only: T(n) = T0 (1 + share (n - 1))
+            self.t0_s = max(1e-4, mean_y / (1 + self.extra_share * mean_x))
+            self.per_extra_s = self.extra_share * self.t0_s
 
     def predict(self, n: int) -> float:
         return self.t0_s + self.per_extra_s * max(0, n - 1)
@@ -194,7 +199,7 @@ class BatchWindow:
         self.slo_s = slo_s
         self.max_batch = max_batch
         self.contention = contention
-        self.profile = PrefillProfile()
+        self.profile = PrefillProfile(1.0 if contention.device == "cpu" else 0.1)
         self._open: _Window | None = None
         self.windows = 0  # how many windows it closed (introspection)
         self.log = get_logger(fn=function)

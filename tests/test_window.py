@@ -20,6 +20,13 @@ def test_prefill_profile_fits_t0_and_the_cost_of_each_extra_prompt():
     assert profile.n_max(1.0, 8) == 8
     assert profile.n_max(0.4, 8) == 3
     assert profile.n_max(0.1, 8) == 1
+    unknown = PrefillProfile(extra_share=1.0)  # one size seen on a CPU: assumed compute-bound
+    for _ in range(3):
+        unknown.observe(1, 0.3)
+    assert (unknown.t0_s, unknown.n_max(10.0, 8)) == (0.3, 1)
+    on_gpu = PrefillProfile(extra_share=0.1)
+    on_gpu.observe(1, 0.02)
+    assert on_gpu.n_max(1.0, 8) == 8
     compute_bound = PrefillProfile()  # each extra prompt costs 90% of a prefill of one
     for rows in (1, 2, 4, 1, 2):
         compute_bound.observe(rows, 0.1 + 0.09 * (rows - 1))
