@@ -149,7 +149,7 @@ class FunctionPool:
         the handler and give the sandbox back. Past
         `deadline` (time.monotonic()) or once `cancel` is set, the request stops: still
         queued, it leaves the queue; in a sandbox, its generations stop at the next token,
-        and a handler that does not return within the stop grace gets its sandbox killed.
+        and a handler that does not return within the stop grace retires its sandbox.
         A sandbox found dead before the request reached it (it died idle, and the node had
         not heard yet) is dropped and another one leased, once."""
         try:
@@ -209,7 +209,8 @@ class FunctionPool:
     async def _settle(self, slot: Slot, call: asyncio.Future[Any], request_id: str,
                       stopped: FaasError) -> None:
         """Give a stopped request's handler `stop_grace_s` to return (its generations stop at
-        the next token); kill its sandbox if it does not (a handler stuck elsewhere)."""
+        the next token); if it does not (a handler stuck elsewhere), its sandbox takes no new
+        request and is killed once the rest of its batch has been answered."""
         sandbox = slot.sandbox
         assert sandbox is not None
         try:
@@ -226,8 +227,8 @@ class FunctionPool:
             if not call.done():
                 await sandbox.kill()
                 call.cancel()
-        except FaasError:
-            pass  # its generation raised Cancelled: what stopping it means
+        except Exception:  # Cancelled from its generation (what stopping means), or its death
+            pass
         finally:
             await self._release(slot)
 
