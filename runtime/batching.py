@@ -167,8 +167,6 @@ class Contention:
     def _next(self) -> None:
         while self._ready and self._running < self.parallel:
             ready = heapq.heappop(self._ready)
-            if ready.release.done():  # its requests gave up
-                continue
             self._running += 1
             ready.release.set_result(None)
             asyncio.get_running_loop().call_later(ready.busy_s, self._done)
