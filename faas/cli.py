@@ -26,6 +26,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from runtime.events import EventsConfig
     from runtime.preload import PreloadConfig
     from runtime.serve import UpOptions, up
 
@@ -40,6 +41,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
         batch_windows=not args.no_batch_window, memory_budget_gib=args.memory_budget_gib,
         device_memory_budget_gib=args.device_memory_budget_gib, device=args.device,
+        events=EventsConfig(enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s),
         backbone_keep_alive_s=args.backbone_keep_alive_s,
         sandbox_keep_alive_s=args.sandbox_keep_alive_s, preload=preload,
         sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
@@ -169,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "it idle sandboxes are offloaded, then requests get 503")
     up.add_argument("--device-memory-budget-gib", type=_positive, default=None,
                     help="device memory the node may hold (default: 9/10 of the GPU's)")
+    up.add_argument("--event-ack-wait-s", type=_positive, default=30.0,
+                    help="how long an event may go unacknowledged before JetStream redelivers "
+                         "it (a running handler renews it every third)")
+    up.add_argument("--no-events", action="store_true",
+                    help="do not consume events for functions with triggers")
     up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
     up.add_argument("--backbone-keep-alive-s", type=_positive, default=300.0,

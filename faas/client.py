@@ -97,6 +97,24 @@ class Client:
         (or `await s.cancel()`) cancels the request: its generation stops."""
         return Stream(self.nc, function, event or {}, timeout_s, request_id)
 
+    async def publish(self, subject: str, event: dict[str, Any] | None = None, *,
+                      msg_id: str | None = None) -> int:
+        """Publish an event for the functions triggered by `subject` and return its stream
+        sequence once JetStream stored it. Its `Nats-Msg-Id` (`msg_id`, else a new id) lets
+        the stream drop a duplicate published again within two minutes (a producer retrying
+        after a lost ack), and reaches handlers as `ctx.event_info.msg_id`."""
+        headers = {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type,
+                   protocol.HDR_MSG_ID: msg_id or protocol.new_request_id()}
+        try:
+            ack = await self.nc.jetstream().publish(subject, protocol.encode(event or {}, Encoding.MSGPACK),
+                                                    headers=headers)
+        except nats.errors.NoRespondersError:
+            raise Overloaded(f"no JetStream stream stores {subject!r} (is a node with triggers "
+                             "up?)") from None
+        except nats.errors.TimeoutError:
+            raise Overloaded(f"JetStream did not acknowledge the event on {subject!r}") from None
+        return ack.seq
+
     async def cancel(self, request_id: str) -> None:
         """Cancel a request in flight (queued or generating) by its id."""
         await self.nc.publish(protocol.cancel_subject(request_id), b"")

@@ -32,6 +32,14 @@ ADMIN_LS_SUBJECT = "faas.admin.ls"
 # one, predicts from the same history.
 HISTORY_PREFIX = "faas.history."
 HISTORY_STREAM = "FAAS_HISTORY"
+# Events (JetStream, at least once): a stream over `events.>`; each function's failures end
+# as dead letters, and its outputs (when it asks) as results, in a stream of their own.
+EVENTS_STREAM = "FAAS_EVENTS"
+EVENTS_SUBJECTS = ("events.>",)
+OUTCOMES_STREAM = "FAAS_OUTCOMES"
+DLQ_PREFIX = "faas.dlq."
+RESULTS_PREFIX = "faas.results."
+HDR_MSG_ID = "Nats-Msg-Id"
 # A message here stops the request of that id wherever it is (queued or generating).
 CANCEL_PREFIX = "faas.cancel."
 CANCEL_WILDCARD = CANCEL_PREFIX + "*"
@@ -73,6 +81,20 @@ class Encoding(enum.Enum):
 def valid_function_name(name: str) -> bool:
     """Function names are one NATS subject token: lower-case letters, digits, `_` and `-`."""
     return bool(_NAME_RE.match(name))
+
+
+def valid_subject(subject: str) -> bool:
+    """A NATS subject a consumer may filter on: non-empty dot-separated tokens without
+    spaces, `*` a whole token, `>` only as the last token."""
+    if not isinstance(subject, str) or not subject:
+        return False
+    tokens = subject.split(".")
+    for i, token in enumerate(tokens):
+        if not token or any(c.isspace() for c in token):
+            return False
+        if (">" in token and (token != ">" or i != len(tokens) - 1)) or ("*" in token and token != "*"):
+            return False
+    return True
 
 
 def invoke_subject(function: str) -> str:

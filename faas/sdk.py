@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
-from faas.protocol import valid_function_name
+from faas.protocol import valid_function_name, valid_subject
 
 SPEC_ATTR = "__faas_spec__"
 
@@ -38,6 +38,18 @@ class Generator(Protocol):
                  stream: bool) -> Generation: ...
 
 
+@dataclass(frozen=True)
+class EventInfo:
+    """What `ctx.event_info` holds for an invocation triggered by a JetStream event: its
+    subject, its stream sequence and `Nats-Msg-Id` (ids to de-duplicate by: delivery is at
+    least once), and which delivery this is (1 the first time)."""
+
+    subject: str
+    sequence: int
+    msg_id: str | None
+    delivered: int
+
+
 class Context:
     """Passed to every handler (and to `setup`).
 
@@ -47,10 +59,11 @@ class Context:
     """
 
     def __init__(self, function: str, request_id: str | None, state: dict[str, Any],
-                 generator: Generator | None = None) -> None:
+                 generator: Generator | None = None, event_info: EventInfo | None = None) -> None:
         self.function = function
         self.request_id = request_id
         self.state = state
+        self.event_info = event_info  # set when a JetStream event triggered the invocation
         self.log = get_logger(fn=function, req=request_id)
         self._generator = generator
 
@@ -97,6 +110,10 @@ class FunctionSpec:
     node batches its requests only as long as that still holds. `max_batch` is how many
     requests one sandbox generates for at once (1: no batching); by default 32 for a
     function with a backbone and 1 for plain Python (threads would share one GIL).
+    `triggers` are JetStream subjects (wildcards allowed) whose events invoke the function,
+    at least once; a failing event is retried with a growing delay up to `max_deliver`
+    attempts, then goes to the dead letters (`faas.dlq.<name>`). With `results`, each
+    event's output is published on `faas.results.<name>`.
     """
 
     name: str
@@ -110,6 +127,9 @@ class FunctionSpec:
     setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
     slo_ttft_s: float = 2.5
     max_batch: int | None = None
+    triggers: tuple[str, ...] = ()
+    max_deliver: int = 5
+    results: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -125,7 +145,12 @@ class FunctionSpec:
                 raise SpecError(f"{self.name}: {attr} must be a positive number, got {value!r}")
         if self.max_batch is None:
             object.__setattr__(self, "max_batch", 32 if self.backbone is not None else 1)
-        for attr in ("max_queue", "max_instances", "max_batch"):
+        object.__setattr__(self, "triggers", tuple(self.triggers))
+        for subject in self.triggers:
+            if not valid_subject(subject):
+                raise SpecError(f"{self.name}: trigger {subject!r} is not a NATS subject "
+                                "(dot-separated tokens; '*' a token, '>' the last)")
+        for attr in ("max_queue", "max_instances", "max_batch", "max_deliver"):
             value = getattr(self, attr)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"{self.name}: {attr} must be an integer >= 1, got {value!r}")
@@ -162,6 +187,9 @@ class FunctionSpec:
             "has_setup": self.setup is not None,
             "slo_ttft_s": float(self.slo_ttft_s),
             "max_batch": self.max_batch,
+            "triggers": list(self.triggers),
+            "max_deliver": self.max_deliver,
+            "results": bool(self.results),
         }
 
 
@@ -225,7 +253,9 @@ def _resolve(path: str | None, base: Path) -> str | None:
 def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
              timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
              start_timeout_s: float = 120.0, setup: Callable[[Context], Any] | None = None,
-             slo_ttft_s: float = 2.5, max_batch: int | None = None) -> Callable[[Handler], Handler]:
+             slo_ttft_s: float = 2.5, max_batch: int | None = None,
+             triggers: list[str] | tuple[str, ...] = (), max_deliver: int = 5,
+             results: bool = False) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
@@ -244,7 +274,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
                             adapter=_resolve(adapter, base), timeout_s=timeout_s,
                             max_queue=max_queue, max_instances=max_instances,
                             start_timeout_s=start_timeout_s, setup=setup,
-                            slo_ttft_s=slo_ttft_s, max_batch=max_batch)
+                            slo_ttft_s=slo_ttft_s, max_batch=max_batch,
+                            triggers=tuple(triggers), max_deliver=max_deliver, results=results)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

@@ -26,7 +26,7 @@ from typing import Any
 from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.logs import get_logger
-from faas.protocol import valid_function_name
+from faas.protocol import valid_function_name, valid_subject
 from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
 from runtime.procs import die_with_parent
@@ -114,11 +114,15 @@ def _valid(spec: object, path: Path) -> bool:
             and path_or_none("backbone") and path_or_none("adapter")
             and (spec["adapter"] is None or spec["backbone"] is not None)
             and positive("timeout_s") and positive("start_timeout_s") and positive("slo_ttft_s")
-            and count("max_queue") and count("max_instances") and count("max_batch"))
+            and count("max_queue") and count("max_instances") and count("max_batch")
+            and count("max_deliver") and isinstance(spec["results"], bool)
+            and isinstance(spec["triggers"], list)
+            and all(valid_subject(t) for t in spec["triggers"]))
 
 
 _SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_instances",
-              "start_timeout_s", "source_file", "handler", "has_setup", "slo_ttft_s", "max_batch"}
+              "start_timeout_s", "source_file", "handler", "has_setup", "slo_ttft_s", "max_batch",
+              "triggers", "max_deliver", "results"}
 
 
 _UID_BLOCK = 100

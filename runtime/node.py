@@ -33,6 +33,7 @@ from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
 from runtime.batching import Contention
+from runtime.events import EventConsumers, EventsConfig
 from runtime.history import History
 from runtime.isolation import Isolation
 from runtime.levels import Profiles
@@ -65,6 +66,7 @@ class NodeConfig:
     # What the node may hold (runtime/offload.py); None: 3/4 of RAM, 9/10 of the GPU.
     memory_budget_gib: float | None = None
     device_memory_budget_gib: float | None = None
+    events: EventsConfig = field(default_factory=EventsConfig)
 
 
 def _header_ms(headers: dict[str, str], name: str) -> float | None:
@@ -134,6 +136,7 @@ class Node:
             planned = self.preloader.budget
             self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
                                            min(planned.device_bytes, budget.device_bytes))
+        self.events = EventConsumers(nc, self.pools, self.history, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancels: dict[str, asyncio.Event] = {}  # in-flight requests, by id
         self._subs: list[Subscription] = []
@@ -150,6 +153,7 @@ class Node:
         self.zygote.start()
         self.contention.start()
         await self.history.start()
+        await self.events.start()
         if self.preloader is not None:
             self.preloader.start()  # its first plan is the deploy's
         self.log.info("node_started", functions=sorted(self.pools),
@@ -294,10 +298,12 @@ class Node:
         preloader = self.preloader
         return {"node": self.node_id, "backbones": self.backbones.state(),
                 "preload": preloader.summary() if preloader else None,
-                "contention": self.contention.state(), "memory": self.guard.state(), "functions": [
+                "contention": self.contention.state(), "memory": self.guard.state(),
+                "events": self.events.state(), "functions": [
             {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
              "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
              "max_batch": pool.max_batch, "window": pool.window.state() if pool.window else None,
+             "triggers": pool.spec.get("triggers", []),
              **pool.state(), **(preloader.describe(name) if preloader else {})}
             for name, pool in sorted(self.pools.items())]}
 
@@ -318,6 +324,7 @@ class Node:
                 await sub.drain()
             except NatsError as exc:
                 self.log.warning("unsubscribe_failed", error=str(exc))
+        await self.events.close(self.config.drain_timeout_s)  # no new event; those in flight end
         if self.preloader is not None:  # nothing new starts ahead of requests from now on
             await self.preloader.close()
         await self.history.close()

@@ -143,7 +143,8 @@ class FunctionPool:
 
     async def serve(self, request_id: str, event: dict[str, Any], deadline: float, *,
                     received: float | None = None, stream: bool = False,
-                    on_chunk: ChunkSink | None = None, cancel: asyncio.Event | None = None) -> Served:
+                    on_chunk: ChunkSink | None = None, cancel: asyncio.Event | None = None,
+                    event_info: dict[str, Any] | None = None) -> Served:
         """Lease a sandbox for an admitted request (joining the batch of one that is
         serving, when it has room; under contention, when its batch window closes), run
         the handler and give the sandbox back. Past
@@ -160,15 +161,16 @@ class FunctionPool:
             slot, found = await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox")
         finally:
             self._waiting -= 1
+        run = (request_id, event, deadline, stream, on_chunk, cancel, event_info)
         try:
-            return await self._run(slot, found, request_id, event, deadline, stream, on_chunk, cancel)
+            return await self._run(slot, found, *run)
         except SandboxGone:
             slot, found = await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox")
-            return await self._run(slot, found, request_id, event, deadline, stream, on_chunk, cancel)
+            return await self._run(slot, found, *run)
 
     async def _run(self, slot: Slot, found: Level, request_id: str, event: dict[str, Any],
                    deadline: float, stream: bool, on_chunk: ChunkSink | None,
-                   cancel: asyncio.Event | None) -> Served:
+                   cancel: asyncio.Event | None, event_info: dict[str, Any] | None) -> Served:
         leased_at = time.monotonic()
         sandbox = slot.sandbox
         assert sandbox is not None
@@ -178,7 +180,7 @@ class FunctionPool:
             if on_chunk is not None and not answered:
                 await on_chunk(chunk)
 
-        call = asyncio.ensure_future(sandbox.invoke(request_id, event, stream, forward))
+        call = asyncio.ensure_future(sandbox.invoke(request_id, event, stream, forward, event_info))
         settling = False
         try:
             stopped = await self._race(call, deadline, cancel, "in the handler")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from faas.errors import SpecError
 from faas.logs import get_logger
-from faas.sdk import Context, FunctionSpec, Generation
+from faas.sdk import Context, EventInfo, FunctionSpec, Generation
 from runtime import frames
 from runtime.levels import Level
 from runtime.loader import find_spec
@@ -58,6 +58,8 @@ class _Call:
 
         self.request_id: str = frame["request_id"]
         self.stream = bool(frame.get("stream"))
+        meta = frame.get("event_info")
+        self.event_info = EventInfo(**meta) if meta else None
         self.meter = UsageMeter()
         self._wire = wire
 
@@ -191,7 +193,8 @@ class _Function:
         if self.spec is None:
             return {"type": "error", **tag, "error": {
                 "type": "RuntimeError", "message": "the sandbox is not loaded"}}
-        ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call))
+        ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call),
+                      call.event_info)
         try:
             output = self._call(self.spec.handler, event, ctx)
         except Exception as exc:

@@ -199,7 +199,8 @@ class Sandbox:
                         int(reply["device_bytes"]))
 
     async def invoke(self, request_id: str, event: dict[str, Any], stream: bool = False,
-                     on_chunk: ChunkSink | None = None) -> SandboxResult:
+                     on_chunk: ChunkSink | None = None,
+                     event_info: dict[str, Any] | None = None) -> SandboxResult:
         """Run the handler (beside the sandbox's other requests); with `stream`, each chunk
         of streamed text goes to `on_chunk` before this returns. HandlerError if the
         handler raised, SandboxDied if the process died."""
@@ -213,7 +214,7 @@ class Sandbox:
         try:
             try:
                 await self._send({"type": "invoke", "request_id": request_id, "event": event,
-                                  "stream": stream})
+                                  "stream": stream, "event_info": event_info})
             except (ConnectionError, BrokenPipeError):
                 code = await self.proc.wait()
                 raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}") from None

@@ -19,6 +19,7 @@ from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbones import detect_device
 from runtime.catalog import Catalog, load_catalog
+from runtime.events import EventsConfig
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig
 from runtime.preload import PreloadConfig
@@ -38,6 +39,7 @@ class UpOptions:
     batch_windows: bool = True
     memory_budget_gib: float | None = None
     device_memory_budget_gib: float | None = None
+    events: EventsConfig = field(default_factory=EventsConfig)
     bundled_models: bool = True
     device: str = "auto"
     backbone_keep_alive_s: float = 300.0
@@ -118,6 +120,7 @@ async def up(options: UpOptions) -> int:
                             batch_windows=options.batch_windows,
                             memory_budget_gib=options.memory_budget_gib,
                             device_memory_budget_gib=options.device_memory_budget_gib,
+                            events=options.events,
                             preload=options.preload)
         nc = await connect_node(url, config.node_id, on_closed, credentials)
         node = Node(nc, catalog.specs, config, catalog.isolation)

@@ -1,0 +1,272 @@
+"""Event triggers: JetStream events invoke functions, at least once.
+
+The node makes sure the events stream (`FAAS_EVENTS` over `events.>`, limits retention: an
+event published before any function listens is kept) and the outcomes stream
+(`FAAS_OUTCOMES` over `faas.dlq.>` and `faas.results.>`) exist, and one durable pull
+consumer per function with triggers (`faas-<function>`, filtered on its triggers, shared by
+every node serving it). It fetches in batches no larger than the function has room for and
+hands each event to the same dispatch as a request (admission, the batch window, a
+sandbox, the budget of the function's `timeout_s`), then:
+
+- success: ack (after publishing the output on `faas.results.<fn>` when the function asks);
+- failure: `nak` with a delay that doubles with each delivery (a plain nak would redeliver
+  at once: the consumer's backoff does not apply to naks), until the function's
+  `max_deliver`-th attempt failed: then the event goes to `faas.dlq.<fn>` with the error,
+  and is acked;
+- a slow handler keeps its event with an in-progress ack every third of the ack wait, so
+  it is not redelivered while it runs;
+- a node that dies mid-event does not ack: the event is redelivered after the ack wait, to
+  this node when it is back or to another. The consumer's own `max_deliver` is one more
+  than the function's, so an event whose last attempt died with its node comes back once
+  more, and is sent to the dead letters then instead of vanishing silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+from nats.js.errors import BadRequestError, NotFoundError
+
+from faas import protocol
+from faas.errors import BadRequest, FaasError
+from faas.logs import get_logger
+from runtime.history import History
+from runtime.pool import FunctionPool
+
+_WEEK_S = 7 * 86400
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """How the node consumes events; `ack_wait_s` is how long an event may go without an
+    ack (or an in-progress ack) before JetStream redelivers it."""
+
+    enabled: bool = True
+    subjects: tuple[str, ...] = protocol.EVENTS_SUBJECTS
+    ack_wait_s: float = 30.0
+    fetch_batch: int = 16
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+
+
+def consumer_name(function: str) -> str:
+    return f"faas-{function}"
+
+
+def retry_delay_s(delivered: int, config: EventsConfig) -> float:
+    """The nak delay after the `delivered`-th attempt failed: doubling, capped."""
+    return min(config.retry_max_s, config.retry_base_s * 2 ** (delivered - 1))
+
+
+def _decode(msg: Msg) -> dict[str, Any]:
+    encoding = protocol.request_encoding(msg.data, msg.headers)
+    return protocol.decode_event(msg.data, encoding)
+
+
+class EventConsumers:
+    """The node's event loops, one per function with triggers."""
+
+    def __init__(self, nc: NATS, pools: dict[str, FunctionPool], history: History,
+                 config: EventsConfig) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.pools = {name: pool for name, pool in pools.items() if pool.spec.get("triggers")}
+        self.history = history
+        self.config = config
+        self._loops: list[asyncio.Task[None]] = []
+        self._subs: list[Any] = []
+        self._events: set[asyncio.Task[None]] = set()
+        self._inflight: dict[str, int] = {name: 0 for name in self.pools}
+        self.processed = self.failed = self.dead = 0
+        self.log = get_logger(component="events")
+
+    async def start(self) -> None:
+        if not self.config.enabled or not self.pools:
+            return
+        await self._ensure_stream(protocol.EVENTS_STREAM, list(self.config.subjects))
+        await self._ensure_stream(protocol.OUTCOMES_STREAM,
+                                  [protocol.DLQ_PREFIX + ">", protocol.RESULTS_PREFIX + ">"])
+        for name, pool in self.pools.items():
+            try:
+                psub = await self._consumer(name, pool)
+            except NatsError as exc:
+                self.log.error("event_consumer_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._subs.append(psub)
+            self._loops.append(asyncio.create_task(self._fetch(name, pool, psub), name=f"events-{name}"))
+        self.log.info("events_consuming", functions=sorted(self.pools), ack_wait_s=self.config.ack_wait_s)
+
+    async def _ensure_stream(self, name: str, subjects: list[str]) -> None:
+        config = dict(name=name, subjects=subjects, max_age=_WEEK_S, storage=StorageType.FILE,
+                      duplicate_window=120.0)
+        try:
+            await self.js.add_stream(**config)
+        except BadRequestError:  # it exists with other settings: ours win
+            await self.js.update_stream(**config)
+
+    async def _consumer(self, name: str, pool: FunctionPool) -> Any:
+        triggers = list(pool.spec["triggers"])
+        durable = consumer_name(name)
+        config = ConsumerConfig(
+            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW,
+            ack_wait=self.config.ack_wait_s, max_deliver=int(pool.spec["max_deliver"]) + 1,
+            filter_subjects=triggers if len(triggers) > 1 else None,
+            filter_subject=triggers[0] if len(triggers) == 1 else None,
+            max_ack_pending=max(64, self.capacity(pool) * 4))
+        try:
+            info = await self.js.consumer_info(protocol.EVENTS_STREAM, durable)
+        except NotFoundError:
+            await self.js.add_consumer(protocol.EVENTS_STREAM, config)
+        else:  # it keeps its position; its settings follow the function's where they may
+            config.deliver_policy = info.config.deliver_policy
+            try:
+                await self.js.add_consumer(protocol.EVENTS_STREAM, config)
+            except BadRequestError as exc:
+                self.log.warning("event_consumer_kept", fn=name, error=str(exc))
+        return await self.js.pull_subscribe_bind(durable=durable, stream=protocol.EVENTS_STREAM)
+
+    @staticmethod
+    def capacity(pool: FunctionPool) -> int:
+        """How many events of a function may be in flight on this node at once."""
+        return pool.max_batch * int(pool.spec["max_instances"])
+
+    async def _fetch(self, name: str, pool: FunctionPool, psub: Any) -> None:
+        room_freed = asyncio.Event()
+        while True:
+            room = self.capacity(pool) - self._inflight[name]
+            if room <= 0:
+                room_freed.clear()
+                await room_freed.wait()
+                continue
+            try:
+                msgs = await psub.fetch(min(room, self.config.fetch_batch), timeout=1.0)
+            except NatsTimeout:
+                continue
+            except NatsError as exc:
+                self.log.warning("event_fetch_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                self._inflight[name] += 1
+                task = asyncio.create_task(self._handle(name, pool, msg))
+                self._events.add(task)
+                task.add_done_callback(self._events.discard)
+                task.add_done_callback(lambda _t: (self._done(name), room_freed.set()))
+
+    def _done(self, name: str) -> None:
+        self._inflight[name] -= 1
+
+    async def _handle(self, name: str, pool: FunctionPool, msg: Msg) -> None:
+        meta = msg.metadata
+        delivered = meta.num_delivered
+        info = {"subject": msg.subject, "sequence": meta.sequence.stream,
+                "msg_id": (msg.headers or {}).get(protocol.HDR_MSG_ID), "delivered": delivered}
+        log = self.log.bind(fn=name, seq=info["sequence"], delivered=delivered)
+        max_deliver = int(pool.spec["max_deliver"])
+        try:
+            if delivered > max_deliver:  # its last attempt ended with its node
+                raise FaasError(f"no outcome after {max_deliver} deliveries (the node serving "
+                                "the last one went away)")
+            event = _decode(msg)
+            pool.admit()
+        except BadRequest as err:  # it will never decode: retrying cannot help
+            await self._dead_letter(name, msg, info, err, log)
+            return
+        except FaasError as err:
+            if delivered > max_deliver:
+                await self._dead_letter(name, msg, info, err, log)
+            else:  # refused (queue full, shutting down): not an attempt of the handler
+                await self._nak(msg, retry_delay_s(1, self.config), log)
+            return
+        await self.history.record(name)
+        keep = asyncio.create_task(self._keep_alive(msg))
+        try:
+            served = await pool.serve(f"event-{info['sequence']}-{delivered}", event,
+                                      time.monotonic() + float(pool.spec["timeout_s"]),
+                                      event_info=info)
+        except FaasError as err:
+            self.failed += 1
+            if delivered >= max_deliver:
+                await self._dead_letter(name, msg, info, err, log)
+            else:
+                log.warning("event_failed", code=err.code, error=err.message,
+                            retry_in_s=retry_delay_s(delivered, self.config))
+                await self._nak(msg, retry_delay_s(delivered, self.config), log)
+            return
+        finally:
+            keep.cancel()
+        if pool.spec.get("results"):
+            await self._publish(protocol.RESULTS_PREFIX + name, {
+                "output": served.result.output, "event": info}, f"result-{name}-{info['sequence']}", log)
+        await self._ack(msg, log)
+        self.processed += 1
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """In-progress acks while the handler runs: a slow one is not redelivered."""
+        while True:
+            await asyncio.sleep(self.config.ack_wait_s / 3)
+            try:
+                await msg.in_progress()
+            except NatsError:
+                return
+
+    async def _dead_letter(self, name: str, msg: Msg, info: dict[str, Any], err: FaasError,
+                           log: Any) -> None:
+        """Publish the event and why it failed on `faas.dlq.<fn>` (kept, replayable), then ack."""
+        self.dead += 1
+        log.error("event_dead_lettered", code=err.code, error=err.message)
+        letter = {"function": name, "event": info, "error": {"code": err.code, "message": err.message},
+                  "data": msg.data, "headers": dict(msg.headers or {})}
+        if await self._publish(protocol.DLQ_PREFIX + name, letter, f"dlq-{name}-{info['sequence']}", log):
+            await self._ack(msg, log)
+
+    async def _publish(self, subject: str, body: dict[str, Any], msg_id: str, log: Any) -> bool:
+        try:
+            await self.js.publish(subject, msgpack.packb(body, use_bin_type=True),
+                                  headers={protocol.HDR_MSG_ID: msg_id})
+            return True
+        except (NatsError, TypeError, ValueError) as exc:  # unacked: it comes back and retries
+            log.error("event_outcome_publish_failed", subject=subject, error=f"{type(exc).__name__}: {exc}")
+            return False
+
+    async def _ack(self, msg: Msg, log: Any) -> None:
+        try:
+            await msg.ack()
+        except NatsError as exc:  # redelivered later: at least once
+            log.warning("event_ack_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _nak(self, msg: Msg, delay_s: float, log: Any) -> None:
+        try:
+            await msg.nak(delay=delay_s)
+        except NatsError as exc:
+            log.warning("event_nak_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def state(self) -> dict[str, Any]:
+        return {"functions": sorted(self.pools), "in_flight": dict(self._inflight),
+                "processed": self.processed, "failed": self.failed, "dead_lettered": self.dead}
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop fetching; events in flight get `timeout_s` to finish, the rest are left
+        unacked (JetStream redelivers them)."""
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for psub in self._subs:  # a fetch cut short would hold the connection's drain
+            try:
+                await psub.unsubscribe()
+            except NatsError as exc:
+                self.log.warning("event_unsubscribe_failed", error=str(exc))
+        if self._events:
+            _, pending = await asyncio.wait(set(self._events), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,148 @@
+"""Event triggers with a real nats-server: every event published is processed at least once,
+failures are retried with a growing delay and end as dead letters, slow handlers are not
+redelivered, and a node killed mid-stream loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import msgpack
+import nats
+import pytest
+
+from faas import Client
+from faas.protocol import HDR_MSG_ID
+
+
+async def _admin(node) -> nats.NATS:
+    """A connection with the node's credentials (reads the outcome streams)."""
+    return await nats.connect(node.url, **node.node_credentials())
+
+
+async def _collect(nc: nats.NATS, subject: str, run: str, want: int, timeout_s: float,
+                   until=None) -> list[dict]:
+    """The messages on an outcome subject that belong to this run, until `want` of them (or
+    `until(found)`), or the timeout."""
+    js = nc.jetstream()
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    found: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    done = until or (lambda found: len(found) >= want)
+    try:
+        while not done(found) and time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except nats.errors.TimeoutError:
+                break
+            body = msgpack.unpackb(msg.data, raw=False)
+            event = body.get("output") or msgpack.unpackb(body.get("data") or b"\x80", raw=False)
+            if (event or {}).get("run") == run or run in str(body.get("error", "")):
+                found.append(body)
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def test_events_published_by_raw_nats_are_all_processed(node):
+    run = uuid.uuid4().hex
+    producer = await nats.connect(node.url)  # no credentials: a producer's rights
+    js = producer.jetstream()
+    for n in range(30):
+        await js.publish(f"events.tally.{n % 3}", msgpack.packb({"n": n, "run": run}),
+                         headers={HDR_MSG_ID: f"{run}-{n}"})
+    await producer.drain()
+    admin = await _admin(node)
+    try:
+        results = await _collect(admin, "faas.results.tally", run, 30, 60)
+    finally:
+        await admin.drain()
+    outputs = [r["output"] for r in results]
+    assert sorted(o["n"] for o in outputs) == list(range(30))
+    assert {o["msg_id"] for o in outputs} == {f"{run}-{n}" for n in range(30)}
+    assert all(o["subject"].startswith("events.tally.") and o["sequence"] > 0 for o in outputs)
+
+
+async def test_client_publish_sets_a_msg_id_that_deduplicates(node):
+    run = uuid.uuid4().hex
+    async with Client(node.url) as client:
+        first = await client.publish("events.tally.sdk", {"n": 1, "run": run}, msg_id=f"{run}-once")
+        again = await client.publish("events.tally.sdk", {"n": 1, "run": run}, msg_id=f"{run}-once")
+        assert first == again  # the stream kept one copy
+    admin = await _admin(node)
+    try:
+        results = await _collect(admin, "faas.results.tally", run, 2, 5)
+    finally:
+        await admin.drain()
+    assert len(results) == 1 and results[0]["output"]["msg_id"] == f"{run}-once"
+
+
+async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(node):
+    run = uuid.uuid4().hex
+    started = time.monotonic()
+    async with Client(node.url) as client:
+        for n in range(6):
+            await client.publish("events.picky", {"n": n, "run": run, "poison": n == 2})
+    admin = await _admin(node)
+    try:
+        results = await _collect(admin, "faas.results.picky", run, 5, 30)
+        letters = await _collect(admin, "faas.dlq.picky", run, 1, 30)
+    finally:
+        await admin.drain()
+    assert sorted(r["output"]["n"] for r in results) == [0, 1, 3, 4, 5]
+    assert all(r["output"]["delivered"] == 1 for r in results)
+    [letter] = letters
+    assert letter["event"]["delivered"] == 3  # picky's max_deliver
+    assert letter["error"]["code"] == 500 and "cannot digest event 2" in letter["error"]["message"]
+    assert msgpack.unpackb(letter["data"])["poison"] is True  # the event itself, to replay
+    assert time.monotonic() - started >= 3.0  # naks waited 1 s, then 2 s: not a hot loop
+
+
+async def test_a_slow_handler_is_not_redelivered_and_a_killed_node_loses_nothing(models, tmp_path):
+    """ack wait 1 s, handlers of 0.3-3 s: in-progress acks keep each event with its handler.
+    Then SIGKILL mid-stream: the node that comes back on the same server processes every
+    event at least once (the one in flight again, after the ack wait)."""
+    from tests.conftest import second_node
+
+    node = second_node(tmp_path, "--event-ack-wait-s", "1")
+    run = uuid.uuid4().hex
+    try:
+        async with Client(node.url) as client:
+            await client.publish("events.slow", {"n": -1, "run": run, "s": 3})
+            for n in range(12):
+                await client.publish("events.slow", {"n": n, "run": run, "s": 0.3})
+        admin = await _admin(node)
+        try:
+            first = await _collect(admin, "faas.results.slowpoke", run, 4, 60)
+        finally:
+            await admin.drain()
+        assert [r["output"]["n"] for r in first[:1]] == [-1]
+        assert first[0]["output"]["delivered"] == 1  # 3 s handler, 1 s ack wait: kept
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+    finally:
+        node.stop()
+    node = second_node(tmp_path, "--event-ack-wait-s", "1")
+    try:
+        admin = await _admin(node)
+        try:
+            every = set(range(-1, 12))
+            results = await _collect(admin, "faas.results.slowpoke", run, 0, 60, until=lambda found: {
+                r["output"]["n"] for r in found} >= every)
+        finally:
+            await admin.drain()
+        seen = [r["output"]["n"] for r in results]
+        assert set(seen) == every  # every event, at least once
+        assert len(seen) - len(set(seen)) <= 2  # duplicates: at most what was in flight
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("subject", ["events.a b", "events..x", "events.>.x", "events.a*"])
+def test_a_trigger_that_is_not_a_subject_is_refused(subject):
+    from faas import SpecError, function
+
+    with pytest.raises(SpecError, match="not a NATS subject"):
+        function(name="bad", triggers=[subject])(lambda event, ctx: None)
