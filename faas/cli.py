@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+
 from faas.client import Client
 from faas.errors import FaasError
 
@@ -123,6 +125,49 @@ async def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _events(args: argparse.Namespace) -> int:
+    from faas import events
+
+    if args.action and not args.function or args.action == "replay" and args.seq is None:
+        print("usage: faas events [dlq FN | replay FN SEQ]", file=sys.stderr)
+        return 2
+    try:
+        nc = await events.connect(args.nats or DEFAULT_URL,
+                                  Path(args.state_dir) if args.state_dir else None)
+        try:
+            if args.action == "replay":
+                seq = await events.replay(nc, args.function, args.seq)
+                print(f"replayed dead letter {args.seq} of {args.function} as event {seq}")
+                return 0
+            if args.action == "dlq":
+                letters = await events.dead_letters(nc, args.function)
+                if args.json:
+                    print(json.dumps([{k: v for k, v in x.items() if k != "data"} for x in letters],
+                                     indent=2, default=str))
+                    return 0
+                rows = [("SEQ", "SUBJECT", "EVENT_SEQ", "DELIVERED", "CODE", "ERROR")]
+                rows += [(x["seq"], x["event"]["subject"], x["event"]["sequence"],
+                          x["event"]["delivered"], x["error"]["code"], x["error"]["message"][:80])
+                         for x in letters]
+                print(format_table(rows))
+                return 0
+            table = await events.pending(nc)
+        finally:
+            await nc.drain()
+    except (FaasError, nats.errors.Error) as err:
+        message = err.message if isinstance(err, FaasError) else f"{type(err).__name__}: {err}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    rows = [("FUNCTION", "TRIGGERS", "PENDING", "ACK_PENDING", "REDELIVERED", "DEAD_LETTERS")]
+    rows += [(r["function"], ",".join(r["triggers"]), r["pending"], r["ack_pending"],
+              r["redelivered"], r["dead_letters"]) for r in table]
+    print(format_table(rows))
+    return 0
+
+
 def _short(path: str | None) -> str:
     if path is None:
         return "-"
@@ -215,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--nats", default=env_url)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
+
+    events = sub.add_parser("events", help="pending events per function, dead letters, replay")
+    events.add_argument("--nats", default=env_url)
+    events.add_argument("--json", action="store_true")
+    events.add_argument("--state-dir", help="the embedded server's state folder, for the node's "
+                        "credentials (default $FAAS_HOME/nats)")
+    events.add_argument("action", nargs="?", choices=("dlq", "replay"),
+                        help="dlq FN: list FN's dead letters; replay FN SEQ: publish one again")
+    events.add_argument("function", nargs="?")
+    events.add_argument("seq", nargs="?", type=int)
+    events.set_defaults(run=lambda a: asyncio.run(_events(a)))
 
     bench = sub.add_parser("bench", help="replay a workload against serving modes (faas bench -h)",
                            add_help=False)

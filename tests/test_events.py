@@ -4,8 +4,11 @@ redelivered, and a node killed mid-stream loses nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -98,6 +101,26 @@ async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(nod
     assert letter["error"]["code"] == 500 and "cannot digest event 2" in letter["error"]["message"]
     assert msgpack.unpackb(letter["data"])["poison"] is True  # the event itself, to replay
     assert time.monotonic() - started >= 3.0  # naks waited 1 s, then 2 s: not a hot loop
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "faas.cli", "events", "--nats", node.url,
+                               "--state-dir", str(node.state_dir), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    [row] = [r for r in json.loads(cli("--json")) if r["function"] == "picky"]
+    assert row["triggers"] == ["events.picky"] and row["dead_letters"] >= 1
+    listed = [x for x in json.loads(cli("dlq", "picky", "--json")) if "cannot digest event 2" in
+              x["error"]["message"] and x["event"]["sequence"] == letter["event"]["sequence"]]
+    assert len(listed) == 1
+    assert "replayed" in cli("replay", "picky", str(listed[0]["seq"]))
+    admin = await _admin(node)
+    try:  # poison again: after its three deliveries, a second dead letter for this run
+        again = await _collect(admin, "faas.dlq.picky", run, 2, 30)
+    finally:
+        await admin.drain()
+    assert len(again) == 2 and again[1]["event"]["sequence"] != letter["event"]["sequence"]
 
 
 async def test_a_slow_handler_is_not_redelivered_and_a_killed_node_loses_nothing(models, tmp_path):

@@ -1,0 +1,101 @@
+"""`faas events`: what the event triggers hold in JetStream, for operators.
+
+    faas events                  pending events per function (and their dead letters)
+    faas events dlq FN           the dead letters of FN: event, subject, error
+    faas events replay FN SEQ    publish dead letter SEQ of FN again on its own subject
+
+It reads the streams the node keeps (`FAAS_EVENTS`, `FAAS_OUTCOMES`) through the JetStream
+API, which a producer's login on the embedded server may not use: by default it logs in
+with the node's credentials from `$FAAS_HOME/nats/node-credentials` when that file is
+readable (a local admin), else connects as given.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+
+from faas import protocol
+from faas.bundled import faas_home
+from faas.errors import FaasError
+
+
+def local_credentials(state_dir: Path | None = None) -> dict[str, str]:
+    """The embedded server's node login, when this user can read it ({} otherwise)."""
+    path = (state_dir or faas_home() / "nats") / "node-credentials"
+    if not os.access(path, os.R_OK):
+        return {}
+    user, password = path.read_text().strip().split(":", 1)
+    return {"user": user, "password": password}
+
+
+async def connect(url: str, state_dir: Path | None = None) -> NATS:
+    try:
+        return await nats.connect(url, max_reconnect_attempts=1, connect_timeout=2,
+                                  **local_credentials(state_dir))
+    except (nats.errors.Error, OSError) as exc:
+        raise FaasError(f"cannot connect to NATS at {url}: {exc}") from None
+
+
+async def pending(nc: NATS) -> list[dict[str, Any]]:
+    """Per function consumer: events waiting, delivered but not acked yet, redelivered, and
+    dead letters kept."""
+    js = nc.jetstream()
+    rows = []
+    try:
+        consumers = await js.consumers_info(protocol.EVENTS_STREAM)
+    except NotFoundError:
+        return []
+    for info in consumers:
+        name = info.name.removeprefix("faas-")
+        config = info.config
+        triggers = config.filter_subjects or ([config.filter_subject] if config.filter_subject else [])
+        rows.append({"function": name, "triggers": triggers, "pending": info.num_pending,
+                     "ack_pending": info.num_ack_pending, "redelivered": info.num_redelivered,
+                     "dead_letters": len(await dead_letters(nc, name))})
+    return sorted(rows, key=lambda row: row["function"])
+
+
+async def dead_letters(nc: NATS, function: str) -> list[dict[str, Any]]:
+    """The dead letters of `function` kept in the outcomes stream, oldest first (each with
+    its own stream sequence as `seq`)."""
+    js = nc.jetstream()
+    subject = protocol.DLQ_PREFIX + function
+    letters = []
+    try:
+        sub = await js.subscribe(subject, ordered_consumer=True)
+    except NotFoundError:
+        return []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.3)
+            except nats.errors.TimeoutError:
+                break
+            letter = msgpack.unpackb(msg.data, raw=False)
+            letter["seq"] = msg.metadata.sequence.stream
+            letters.append(letter)
+    finally:
+        await sub.unsubscribe()
+    return letters
+
+
+async def replay(nc: NATS, function: str, seq: int) -> int:
+    """Publish dead letter `seq` of `function` again on its original subject (a new
+    Nats-Msg-Id, so the stream does not drop it as a duplicate); returns the new event's
+    stream sequence."""
+    for letter in await dead_letters(nc, function):
+        if letter["seq"] == seq:
+            headers = {k: v for k, v in letter.get("headers", {}).items() if k != protocol.HDR_MSG_ID}
+            headers[protocol.HDR_MSG_ID] = f"replay-{uuid.uuid4().hex}"
+            ack = await nc.jetstream().publish(letter["event"]["subject"], letter["data"], headers=headers)
+            return ack.seq
+    raise FaasError(f"no dead letter {seq} of {function!r}")
