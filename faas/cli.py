@@ -43,7 +43,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
         batch_windows=not args.no_batch_window, memory_budget_gib=args.memory_budget_gib,
         device_memory_budget_gib=args.device_memory_budget_gib, device=args.device,
-        events=EventsConfig(enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s),
+        events=EventsConfig(enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s,
+                            subjects=tuple(args.events_subjects.split(","))),
         backbone_keep_alive_s=args.backbone_keep_alive_s,
         sandbox_keep_alive_s=args.sandbox_keep_alive_s, preload=preload,
         sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--event-ack-wait-s", type=_positive, default=30.0,
                     help="how long an event may go unacknowledged before JetStream redelivers "
                          "it (a running handler renews it every third)")
+    up.add_argument("--events-subjects", default="events.>",
+                    help="what the events stream FAAS_EVENTS stores (comma-separated subjects); "
+                         "every trigger must fall within them")
     up.add_argument("--no-events", action="store_true",
                     help="do not consume events for functions with triggers")
     up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -4,6 +4,7 @@ redelivered, and a node killed mid-stream loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -159,6 +160,40 @@ async def test_a_slow_handler_is_not_redelivered_and_a_killed_node_loses_nothing
         seen = [r["output"]["n"] for r in results]
         assert set(seen) == every  # every event, at least once
         assert len(seen) - len(set(seen)) <= 2  # duplicates: at most what was in flight
+    finally:
+        node.stop()
+
+
+async def test_an_event_whose_last_attempt_died_with_its_node_ends_in_the_dead_letters(models, tmp_path):
+    """lastchance has one attempt (max_deliver=1); its node is SIGKILLed during it. The node
+    that comes back gets the event once more (the consumer allows one delivery beyond the
+    function's) and sends it to the dead letters instead of running it again."""
+    from tests.conftest import second_node
+
+    run = uuid.uuid4().hex
+    node = second_node(tmp_path, "--event-ack-wait-s", "1")
+    try:
+        async with Client(node.url) as client:
+            await client.publish("events.lastchance", {"n": 1, "run": run, "s": 20})
+        for _ in range(200):  # its handler is running
+            async with Client(node.url) as client:
+                [listing] = await client.nodes()
+            if [f for f in listing["functions"] if f["name"] == "lastchance" and f["busy"]]:
+                break
+            await asyncio.sleep(0.05)
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+    finally:
+        node.stop()
+    node = second_node(tmp_path, "--event-ack-wait-s", "1")
+    try:
+        admin = await _admin(node)
+        try:
+            [letter] = await _collect(admin, "faas.dlq.lastchance", run, 1, 30)
+        finally:
+            await admin.drain()
+        assert letter["event"]["delivered"] == 2
+        assert "went away" in letter["error"]["message"]
     finally:
         node.stop()
 

@@ -25,3 +25,9 @@ def picky(event: dict, ctx) -> dict:
 def slowpoke(event: dict, ctx) -> dict:
     time.sleep(float(event.get("s", 0)))
     return {"n": event.get("n"), "run": event.get("run"), "delivered": ctx.event_info.delivered}
+
+
+@function(name="lastchance", triggers=["events.lastchance"], max_deliver=1, timeout_s=30)
+def lastchance(event: dict, ctx) -> dict:
+    time.sleep(float(event.get("s", 0)))
+    return {"n": event.get("n"), "run": event.get("run")}
