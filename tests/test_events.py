@@ -26,6 +26,21 @@ async def _admin(node) -> nats.NATS:
     return await nats.connect(node.url, **node.node_credentials())
 
 
+async def _outcomes(node, subject: str, run: str, want: int, timeout_s: float, until=None) -> list[dict]:
+    """`_collect` on a connection of its own."""
+    admin = await _admin(node)
+    try:
+        return await _collect(admin, subject, run, want, timeout_s, until)
+    finally:
+        await admin.drain()
+
+
+def _kill(node) -> None:
+    """SIGKILL the node (its server and sandboxes die with it) and wait for it."""
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait()
+
+
 async def _collect(nc: nats.NATS, subject: str, run: str, want: int, timeout_s: float,
                    until=None) -> list[dict]:
     """The messages on an outcome subject that belong to this run, until `want` of them (or
@@ -58,11 +73,7 @@ async def test_events_published_by_raw_nats_are_all_processed(node):
         await js.publish(f"events.tally.{n % 3}", msgpack.packb({"n": n, "run": run}),
                          headers={HDR_MSG_ID: f"{run}-{n}"})
     await producer.drain()
-    admin = await _admin(node)
-    try:
-        results = await _collect(admin, "faas.results.tally", run, 30, 60)
-    finally:
-        await admin.drain()
+    results = await _outcomes(node, "faas.results.tally", run, 30, 60)
     outputs = [r["output"] for r in results]
     assert sorted(o["n"] for o in outputs) == list(range(30))
     assert {o["msg_id"] for o in outputs} == {f"{run}-{n}" for n in range(30)}
@@ -75,11 +86,7 @@ async def test_client_publish_sets_a_msg_id_that_deduplicates(node):
         first = await client.publish("events.tally.sdk", {"n": 1, "run": run}, msg_id=f"{run}-once")
         again = await client.publish("events.tally.sdk", {"n": 1, "run": run}, msg_id=f"{run}-once")
         assert first == again  # the stream kept one copy
-    admin = await _admin(node)
-    try:
-        results = await _collect(admin, "faas.results.tally", run, 2, 5)
-    finally:
-        await admin.drain()
+    results = await _outcomes(node, "faas.results.tally", run, 2, 5)
     assert len(results) == 1 and results[0]["output"]["msg_id"] == f"{run}-once"
 
 
@@ -89,12 +96,8 @@ async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(nod
     async with Client(node.url) as client:
         for n in range(6):
             await client.publish("events.picky", {"n": n, "run": run, "poison": n == 2})
-    admin = await _admin(node)
-    try:
-        results = await _collect(admin, "faas.results.picky", run, 5, 30)
-        letters = await _collect(admin, "faas.dlq.picky", run, 1, 30)
-    finally:
-        await admin.drain()
+    results = await _outcomes(node, "faas.results.picky", run, 5, 30)
+    letters = await _outcomes(node, "faas.dlq.picky", run, 1, 30)
     assert sorted(r["output"]["n"] for r in results) == [0, 1, 3, 4, 5]
     assert all(r["output"]["delivered"] == 1 for r in results)
     [letter] = letters
@@ -116,11 +119,7 @@ async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(nod
               x["error"]["message"] and x["event"]["sequence"] == letter["event"]["sequence"]]
     assert len(listed) == 1
     assert "replayed" in cli("replay", "picky", str(listed[0]["seq"]))
-    admin = await _admin(node)
-    try:  # poison again: after its three deliveries, a second dead letter for this run
-        again = await _collect(admin, "faas.dlq.picky", run, 2, 30)
-    finally:
-        await admin.drain()
+    again = await _outcomes(node, "faas.dlq.picky", run, 2, 30)
     assert len(again) == 2 and again[1]["event"]["sequence"] != letter["event"]["sequence"]
 
 
@@ -137,26 +136,17 @@ async def test_a_slow_handler_is_not_redelivered_and_a_killed_node_loses_nothing
             await client.publish("events.slow", {"n": -1, "run": run, "s": 3})
             for n in range(12):
                 await client.publish("events.slow", {"n": n, "run": run, "s": 0.3})
-        admin = await _admin(node)
-        try:
-            first = await _collect(admin, "faas.results.slowpoke", run, 4, 60)
-        finally:
-            await admin.drain()
+        first = await _outcomes(node, "faas.results.slowpoke", run, 4, 60)
         assert [r["output"]["n"] for r in first[:1]] == [-1]
         assert first[0]["output"]["delivered"] == 1  # 3 s handler, 1 s ack wait: kept
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait()
+        _kill(node)
     finally:
         node.stop()
     node = second_node(tmp_path, "--event-ack-wait-s", "1")
     try:
-        admin = await _admin(node)
-        try:
-            every = set(range(-1, 12))
-            results = await _collect(admin, "faas.results.slowpoke", run, 0, 60, until=lambda found: {
-                r["output"]["n"] for r in found} >= every)
-        finally:
-            await admin.drain()
+        every = set(range(-1, 12))
+        results = await _outcomes(node, "faas.results.slowpoke", run, 0, 60, until=lambda found: {
+            r["output"]["n"] for r in found} >= every)
         seen = [r["output"]["n"] for r in results]
         assert set(seen) == every  # every event, at least once
         assert len(seen) - len(set(seen)) <= 2  # duplicates: at most what was in flight
@@ -181,17 +171,12 @@ async def test_an_event_whose_last_attempt_died_with_its_node_ends_in_the_dead_l
             if [f for f in listing["functions"] if f["name"] == "lastchance" and f["busy"]]:
                 break
             await asyncio.sleep(0.05)
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait()
+        _kill(node)
     finally:
         node.stop()
     node = second_node(tmp_path, "--event-ack-wait-s", "1")
     try:
-        admin = await _admin(node)
-        try:
-            [letter] = await _collect(admin, "faas.dlq.lastchance", run, 1, 30)
-        finally:
-            await admin.drain()
+        [letter] = await _outcomes(node, "faas.dlq.lastchance", run, 1, 30)
         assert letter["event"]["delivered"] == 2
         assert "went away" in letter["error"]["message"]
     finally:
