@@ -160,10 +160,11 @@ class EventConsumers:
                 task = asyncio.create_task(self._handle(name, pool, msg))
                 self._events.add(task)
                 task.add_done_callback(self._events.discard)
-                task.add_done_callback(lambda _t: (self._done(name), room_freed.set()))
+                task.add_done_callback(lambda _task: self._done(name, room_freed))
 
-    def _done(self, name: str) -> None:
+    def _done(self, name: str, room_freed: asyncio.Event) -> None:
         self._inflight[name] -= 1
+        room_freed.set()
 
     async def _handle(self, name: str, pool: FunctionPool, msg: Msg) -> None:
         meta = msg.metadata
@@ -172,20 +173,20 @@ class EventConsumers:
                 "msg_id": (msg.headers or {}).get(protocol.HDR_MSG_ID), "delivered": delivered}
         log = self.log.bind(fn=name, seq=info["sequence"], delivered=delivered)
         max_deliver = int(pool.spec["max_deliver"])
+        if delivered > max_deliver:  # its last attempt ended with its node (or was refused)
+            err = FaasError(f"no outcome after {max_deliver} deliveries (the node serving the "
+                            "last one went away, or refused it)")
+            await self._dead_letter(name, msg, info, err, log)
+            return
         try:
-            if delivered > max_deliver:  # its last attempt ended with its node
-                raise FaasError(f"no outcome after {max_deliver} deliveries (the node serving "
-                                "the last one went away)")
             event = _decode(msg)
-            pool.admit()
         except BadRequest as err:  # it will never decode: retrying cannot help
             await self._dead_letter(name, msg, info, err, log)
             return
-        except FaasError as err:
-            if delivered > max_deliver:
-                await self._dead_letter(name, msg, info, err, log)
-            else:  # refused (queue full, shutting down): not an attempt of the handler
-                await self._nak(msg, retry_delay_s(1, self.config), log)
+        try:
+            pool.admit()
+        except FaasError:  # refused (queue full, shutting down): the handler never ran
+            await self._nak(msg, retry_delay_s(1, self.config), log)
             return
         await self.history.record(name)
         keep = asyncio.create_task(self._keep_alive(msg))

@@ -32,6 +32,21 @@ def cuda_reference(adapter: str, prompt: str, max_new_tokens: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+async def serves_staged_like_the_reference(pool, request_id: str) -> None:
+    """A request to `pool` (support's) finds its sandbox `staged`, finishes loading it on
+    the device, and answers like the CUDA reference."""
+    import time
+
+    from runtime.levels import Level
+
+    event = {"message": "Where is my parcel?", "max_new_tokens": 16}
+    pool.admit()
+    served = await pool.serve(request_id, event, time.monotonic() + 300)
+    assert served.level == Level.STAGED
+    prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
+    assert served.result.output["token_ids"] == cuda_reference("support", prompt, 16)
+
+
 async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
     # Sandboxes under the node's uid: see the README on sandbox uids and CUDA IPC.
     with LocalNode(EXAMPLES, extra_args=("--device", "cuda", "--sandbox-uids", "off"),
@@ -75,7 +90,6 @@ async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
     """The levels on the GPU: a sandbox attached through CUDA IPC with its adapter staged in
     host memory puts the adapter on the device for its first request, which then matches
     the reference; the profile records the device memory a loaded sandbox holds."""
-    import time
 
     from bench.levels import node_parts, prepared
     from runtime.levels import Level, Profiles
@@ -89,12 +103,7 @@ async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
                             profiles, keep_alive_s=None)
         try:
             await prepared(pool, Level.STAGED)
-            event = {"message": "Where is my parcel?", "max_new_tokens": 16}
-            pool.admit()
-            served = await pool.serve("gpu-staged", event, time.monotonic() + 300)
-            assert served.level == Level.STAGED
-            prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
-            assert served.result.output["token_ids"] == cuda_reference("support", prompt, 16)
+            await serves_staged_like_the_reference(pool, "gpu-staged")
             assert profiles.of(spec["backbone"]).steps[Level.LOADED].device_bytes > 0
         finally:
             await pool.close()
@@ -126,7 +135,6 @@ async def test_cuda_offload_moves_the_adapter_to_host_and_back(models):
     """Offloading on the GPU: an idle loaded sandbox steps down to `staged` (adapter in host
     memory), and holds less device memory for it; its next request puts the adapter back on
     the device and matches the reference."""
-    import time
 
     from bench.levels import node_parts, prepared
     from runtime.levels import Level, Profiles
@@ -146,11 +154,6 @@ async def test_cuda_offload_moves_the_adapter_to_host_and_back(models):
                 await asyncio.sleep(0.02)
             assert slot.level == Level.STAGED
             assert slot.device_bytes < loaded_device
-            event = {"message": "Where is my parcel?", "max_new_tokens": 16}
-            pool.admit()
-            served = await pool.serve("gpu-offloaded", event, time.monotonic() + 300)
-            assert served.level == Level.STAGED
-            prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
-            assert served.result.output["token_ids"] == cuda_reference("support", prompt, 16)
+            await serves_staged_like_the_reference(pool, "gpu-offloaded")
         finally:
             await pool.close()
