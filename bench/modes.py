@@ -134,8 +134,7 @@ class Ours(_ThroughNats):
     async def seed_history(self, arrivals: list[tuple[float, str]]) -> None:
         """Publish earlier invocations (Unix time, function) to the node's history stream,
         as the node's own login (producers may not write history), and wait until stored."""
-        user, password = (self.state_dir / "node-credentials").read_text().strip().split(":", 1)
-        nc = await nats.connect(self.node.url, user=user, password=password)
+        nc = await nats.connect(self.node.url, **self.node.node_credentials())
         try:
             for at, function in arrivals:
                 await nc.publish(protocol.history_subject(function),

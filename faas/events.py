@@ -12,7 +12,6 @@ readable (a local admin), else connects as given.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,8 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from faas import protocol
-from faas.bundled import faas_home
 from faas.errors import FaasError
-
-
-def local_credentials(state_dir: Path | None = None) -> dict[str, str]:
-    """The embedded server's node login, when this user can read it ({} otherwise)."""
-    path = (state_dir or faas_home() / "nats") / "node-credentials"
-    if not os.access(path, os.R_OK):
-        return {}
-    user, password = path.read_text().strip().split(":", 1)
-    return {"user": user, "password": password}
+from faas.localnode import local_credentials
 
 
 async def connect(url: str, state_dir: Path | None = None) -> NATS:

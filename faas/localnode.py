@@ -22,6 +22,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def local_credentials(state_dir: Path | None = None) -> dict[str, str]:
+    """The node login an embedded server wrote to `state_dir/node-credentials` (default
+    `$FAAS_HOME/nats`), when this user can read it; {} otherwise."""
+    path = (state_dir or faas_home() / "nats") / "node-credentials"
+    if not os.access(path, os.R_OK):
+        return {}
+    user, password = path.read_text().strip().split(":", 1)
+    return {"user": user, "password": password}
+
+
 class LocalNode:
     """`faas up` on a free port with an embedded nats-server (or on `nats_url`)."""
 
@@ -61,9 +71,10 @@ class LocalNode:
     def node_credentials(self) -> dict[str, str]:
         """The embedded server's node login (`user`, `password`), for trusted local tools
         that must subscribe beyond a producer's rights (benchmarks)."""
-        state_dir = Path(self.state_dir) if self.state_dir else faas_home() / "nats"
-        user, password = (state_dir / "node-credentials").read_text().strip().split(":", 1)
-        return {"user": user, "password": password}
+        credentials = local_credentials(Path(self.state_dir) if self.state_dir else None)
+        if not credentials:
+            raise FaasError(f"no readable node credentials in {self.state_dir or faas_home() / 'nats'}")
+        return credentials
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM (drain) and wait; SIGKILL if it does not exit in time. Returns the code."""
