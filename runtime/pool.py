@@ -158,14 +158,14 @@ class FunctionPool:
                 hold = self.window.hold(time.monotonic() if received is None else received,
                                         self.serving > 0)
                 await self._bounded(hold, deadline, cancel, "in the batch window")
-            slot, found = await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox")
+            slot, found = await self._leased(deadline, cancel)
         finally:
             self._waiting -= 1
         run = (request_id, event, deadline, stream, on_chunk, cancel, event_info)
         try:
             return await self._run(slot, found, *run)
         except SandboxGone:
-            slot, found = await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox")
+            slot, found = await self._leased(deadline, cancel)
             return await self._run(slot, found, *run)
 
     async def _run(self, slot: Slot, found: Level, request_id: str, event: dict[str, Any],
@@ -254,8 +254,16 @@ class FunctionPool:
             return Cancelled(f"the caller cancelled the request {where}")
         return DeadlineExceeded(f"function {self.name!r} ran out of budget {where}")
 
-    async def _bounded(self, aw: Any, deadline: float, cancel: asyncio.Event | None, where: str) -> Any:
-        """`aw`'s result, or the error of the deadline or cancellation that came first."""
+    async def _leased(self, deadline: float, cancel: asyncio.Event | None) -> tuple[Slot, Level]:
+        """A sandbox within the request's budget; one leased just as the request stopped is
+        given back."""
+        return await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox",
+                                   undo=lambda leased: self._release(leased[0]))
+
+    async def _bounded(self, aw: Any, deadline: float, cancel: asyncio.Event | None, where: str,
+                       undo: Callable[[Any], Any] | None = None) -> Any:
+        """`aw`'s result, or the error of the deadline or cancellation that came first (a
+        result that came with it anyway is passed to `undo`)."""
         task = asyncio.ensure_future(aw)
         try:
             stopped = await self._race(task, deadline, cancel, where)
@@ -265,9 +273,8 @@ class FunctionPool:
         if stopped is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            if not task.cancelled() and task.exception() is None and isinstance(task.result(), tuple):
-                slot, _ = task.result()  # leased just as the request stopped: give it back
-                await self._release(slot)
+            if undo is not None and not task.cancelled() and task.exception() is None:
+                await undo(task.result())
             raise stopped
         return task.result()
 
