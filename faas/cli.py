@@ -1,4 +1,5 @@
-"""The `faas` command: up, invoke, ls, demo.
+"""The `faas` command: up, invoke, publish, ls, ping, top, events, deploy, rm, rollback,
+bench, demo.
 
 `up` and `demo` run the runtime; they import it inside the command so that the SDK and
 the client commands stay light (no torch).
@@ -16,6 +17,7 @@ from typing import Any
 
 import nats.errors
 
+from faas import auth
 from faas.client import Client
 from faas.errors import FaasError
 
@@ -24,7 +26,22 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 
 def _client(args: argparse.Namespace) -> Client:
     # One-shot commands: fail at once when the server is not there.
-    return Client(args.nats or DEFAULT_URL, max_reconnect_attempts=1)
+    return Client(args.nats or DEFAULT_URL, max_reconnect_attempts=1,
+                  **auth.from_args(args).options())
+
+
+async def _admin(args: argparse.Namespace) -> Any:
+    """A connection for operator commands: the given login, else the embedded server's
+    node login from the local state folder."""
+    return await auth.connect(args.nats or DEFAULT_URL, auth.from_args(args),
+                              Path(args.state_dir) if getattr(args, "state_dir", None) else None)
+
+
+def _fail(err: Exception) -> int:
+    message = err.message if isinstance(err, FaasError) else f"{type(err).__name__}: {err}"
+    code = f" {err.code}" if isinstance(err, FaasError) and err.code else ""
+    print(f"error{code}: {message}", file=sys.stderr)
+    return 1
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -37,8 +54,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
                             device_budget_gib=args.preload_device_budget_gib,
                             price_s_per_gib_s=args.preload_price,
                             keep_alive_s=args.sandbox_keep_alive_s)
+    # With a cluster's NATS and no folder the node serves what is deployed; alone it
+    # serves ./functions, as the demo does.
+    folders = args.functions or ([] if args.nats else ["functions"])
     return asyncio.run(up(UpOptions(
-        functions_dirs=tuple(Path(f) for f in args.functions or ["functions"]), nats_url=args.nats, port=args.port,
+        functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
+        credentials=auth.from_args(args), node_id=args.node_id,
+        models_dirs=tuple(Path(m) for m in args.models or ()),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
         batch_windows=not args.no_batch_window, memory_budget_gib=args.memory_budget_gib,
@@ -84,18 +106,23 @@ def _uid_range(text: str) -> tuple[int, int] | None:
     return first, last
 
 
-async def _invoke(args: argparse.Namespace) -> int:
+def _event(args: argparse.Namespace) -> Any:
+    """The EVENT argument parsed as JSON, or None after saying why it is not."""
     try:
-        event = json.loads(args.event)
+        return json.loads(args.event)
     except ValueError as exc:
         print(f"error: EVENT is not JSON: {exc}", file=sys.stderr)
+        return None
+
+
+async def _invoke(args: argparse.Namespace) -> int:
+    if (event := _event(args)) is None:
         return 2
     try:
         async with _client(args) as client:
             result = await client.invoke(args.function, event, timeout_s=args.timeout_s)
     except FaasError as err:
-        print(f"error {err.code}: {err.message}", file=sys.stderr)
-        return 1
+        return _fail(err)
     print(json.dumps(result.output, ensure_ascii=False, default=repr))
     if args.metrics:
         print(json.dumps(result.metrics), file=sys.stderr)
@@ -107,8 +134,7 @@ async def _ls(args: argparse.Namespace) -> int:
         async with _client(args) as client:
             nodes = await client.nodes()
     except FaasError as err:
-        print(f"error {err.code}: {err.message}", file=sys.stderr)
-        return 1
+        return _fail(err)
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0
@@ -133,8 +159,7 @@ async def _events(args: argparse.Namespace) -> int:
         print("usage: faas events [dlq FN | replay FN SEQ]", file=sys.stderr)
         return 2
     try:
-        nc = await events.connect(args.nats or DEFAULT_URL,
-                                  Path(args.state_dir) if args.state_dir else None)
+        nc = await _admin(args)
         try:
             if args.action == "replay":
                 seq = await events.replay(nc, args.function, args.seq)
@@ -156,9 +181,7 @@ async def _events(args: argparse.Namespace) -> int:
         finally:
             await nc.drain()
     except (FaasError, nats.errors.Error) as err:
-        message = err.message if isinstance(err, FaasError) else f"{type(err).__name__}: {err}"
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return _fail(err)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
@@ -167,6 +190,87 @@ async def _events(args: argparse.Namespace) -> int:
               r["redelivered"], r["dead_letters"]) for r in table]
     print(format_table(rows))
     return 0
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    if (event := _event(args)) is None:
+        return 2
+    try:
+        async with _client(args) as client:
+            seq = await client.publish(args.subject, event, msg_id=args.msg_id)
+    except FaasError as err:
+        return _fail(err)
+    print(f"stored as event {seq}")
+    return 0
+
+
+async def _deploy(args: argparse.Namespace) -> int:
+    from faas import deploy
+    from runtime.catalog import build_bundled_models, discover_file
+    from runtime.isolation import Isolation
+    from runtime.loader import function_files
+
+    try:
+        paths = [Path(p) for p in args.paths]
+        files = [p.resolve() for p in paths if p.is_file()] + function_files([p for p in paths if p.is_dir()])
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing or not files:
+            raise FaasError(f"nothing to deploy in {', '.join(missing or args.paths)}")
+        await build_bundled_models()  # example functions name the bundled model
+        specs = [spec for path in files for spec in await discover_file(path, Isolation())]
+        records = [deploy.package(spec) for spec in specs]
+        nc = await _admin(args)
+        try:
+            rows = await deploy.deploy(nc, records)
+        finally:
+            await nc.drain()
+    except (FaasError, nats.errors.Error, OSError) as err:
+        return _fail(err)
+    for row in rows:
+        print(f"{row['name']}: version {row['version']}" + ("" if row["changed"] else " (unchanged)"))
+    return 0
+
+
+async def _rm_or_rollback(args: argparse.Namespace) -> int:
+    from faas import deploy
+
+    try:
+        nc = await _admin(args)
+        try:
+            if args.command == "rm":
+                await deploy.remove(nc, args.function)
+                print(f"removed {args.function}")
+            else:
+                record = await deploy.rollback(nc, args.function)
+                print(f"{args.function}: version {record['version']} again")
+        finally:
+            await nc.drain()
+    except (FaasError, nats.errors.Error) as err:
+        return _fail(err)
+    return 0
+
+
+async def _ping(args: argparse.Namespace) -> int:
+    from faas.top import ping
+
+    try:
+        async with _client(args) as client:
+            nodes = [n for n in await ping(client.nc) if n.startswith(args.node or "")]
+    except (FaasError, nats.errors.Error) as err:
+        return _fail(err)
+    for node in nodes:
+        print(node)
+    return 0 if nodes else 1
+
+
+async def _top(args: argparse.Namespace) -> int:
+    from faas.top import run_top
+
+    try:
+        async with _client(args) as client:
+            return await run_top(client.nc, interval_s=args.interval_s, once=args.once)
+    except (FaasError, nats.errors.Error) as err:
+        return _fail(err)
 
 
 def _short(path: str | None) -> str:
@@ -195,16 +299,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(Path(args.functions)))
 
 
+def _node_id(text: str) -> str:
+    from faas.protocol import valid_node_id
+
+    if not valid_node_id(text):
+        raise argparse.ArgumentTypeError(f"a node id is letters, digits, '-' and '_', got {text!r}")
+    return text
+
+
+def _nats_options(parser: argparse.ArgumentParser, url_help: str = "NATS URL") -> None:
+    parser.add_argument("--nats", default=os.environ.get("FAAS_NATS_URL"),
+                        help=f"{url_help} (default $FAAS_NATS_URL, then {DEFAULT_URL})")
+    auth.add_arguments(parser)
+
+
+def _admin_options(parser: argparse.ArgumentParser, url: bool = True) -> None:
+    if url:
+        _nats_options(parser)
+    parser.add_argument("--state-dir", help="without a login: the embedded server's state folder, "
+                        "for the node's credentials (default $FAAS_HOME/nats)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
     sub = parser.add_subparsers(dest="command", required=True)
-    env_url = os.environ.get("FAAS_NATS_URL")
 
     up = sub.add_parser("up", help="run a node (and an embedded nats-server unless --nats)")
     up.add_argument("--port", type=int, default=4222, help="embedded nats-server port")
-    up.add_argument("--nats", default=env_url, help="NATS URL; no embedded server is started")
+    _nats_options(up, "NATS URL(s), comma-separated; no embedded server is started")
     up.add_argument("--functions", action="append", metavar="DIR",
-                    help="folder of function files (repeatable; default ./functions)")
+                    help="folder of function files (repeatable; default ./functions without "
+                         "--nats, none with it); deployed functions are served as well")
+    up.add_argument("--models", action="append", metavar="DIR",
+                    help="folder of model folders where deployed functions' backbones are looked "
+                         "up by fingerprint (repeatable; $FAAS_HOME/models always)")
+    up.add_argument("--node-id", type=_node_id, default=None,
+                    help="this node's name in the cluster (default: HOSTNAME-<6 hex>)")
     up.add_argument("--state-dir", help="embedded server data and log (default $FAAS_HOME/nats)")
     up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
     up.add_argument("--max-batch", type=_count, default=64,
@@ -255,26 +385,55 @@ def build_parser() -> argparse.ArgumentParser:
     invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")
     invoke.add_argument("function")
     invoke.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
-    invoke.add_argument("--nats", default=env_url)
+    _nats_options(invoke)
     invoke.add_argument("--timeout-s", type=_positive, default=60.0)
     invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
     invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
 
     ls = sub.add_parser("ls", help="list the functions every node serves, with their sandboxes")
-    ls.add_argument("--nats", default=env_url)
+    _nats_options(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
 
     events = sub.add_parser("events", help="pending events per function, dead letters, replay")
-    events.add_argument("--nats", default=env_url)
+    _nats_options(events)
     events.add_argument("--json", action="store_true")
-    events.add_argument("--state-dir", help="the embedded server's state folder, for the node's "
-                        "credentials (default $FAAS_HOME/nats)")
+    _admin_options(events, url=False)
     events.add_argument("action", nargs="?", choices=("dlq", "replay"),
                         help="dlq FN: list FN's dead letters; replay FN SEQ: publish one again")
     events.add_argument("function", nargs="?")
     events.add_argument("seq", nargs="?", type=int)
     events.set_defaults(run=lambda a: asyncio.run(_events(a)))
+
+    publish = sub.add_parser("publish", help="publish an event to JetStream for triggered functions")
+    publish.add_argument("subject", help="e.g. events.orders.created")
+    publish.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
+    publish.add_argument("--msg-id", help="de-duplication id (default: a new one)")
+    _nats_options(publish)
+    publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))
+
+    deploy = sub.add_parser("deploy", help="store functions (code, adapters) in NATS for every node")
+    deploy.add_argument("paths", nargs="+", metavar="DIR|FILE")
+    _admin_options(deploy)
+    deploy.set_defaults(run=lambda a: asyncio.run(_deploy(a)))
+
+    for name, what in (("rm", "stop serving a deployed function on every node"),
+                       ("rollback", "serve a deployed function's previous version again")):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("function")
+        _admin_options(cmd)
+        cmd.set_defaults(run=lambda a: asyncio.run(_rm_or_rollback(a)))
+
+    ping = sub.add_parser("ping", help="list the nodes answering $SRV.PING; exit 1 if none")
+    ping.add_argument("--node", help="only nodes whose id starts with this (a health check)")
+    _nats_options(ping)
+    ping.set_defaults(run=lambda a: asyncio.run(_ping(a)))
+
+    top = sub.add_parser("top", help="a live view of the cluster from the nodes' $SRV.STATS")
+    top.add_argument("--interval-s", type=_positive, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one view and exit")
+    _nats_options(top)
+    top.set_defaults(run=lambda a: asyncio.run(_top(a)))
 
     bench = sub.add_parser("bench", help="replay a workload against serving modes (faas bench -h)",
                            add_help=False)

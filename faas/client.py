@@ -21,9 +21,11 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from faas import protocol
+from faas.auth import servers
 from faas.errors import DeadlineExceeded, FaasError, Overloaded
 from faas.logs import get_logger
 from faas.protocol import Chunk, Encoding, Invocation
@@ -36,24 +38,26 @@ _CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 2, "reconnect_time_wait"
                                      "max_reconnect_attempts": 10}
 
 
-async def _log_nats_error(exc: Exception) -> None:
-    get_logger().warning("nats_error", error=f"{type(exc).__name__}: {exc}")
-
-
 class Client:
     """A NATS connection plus the faas protocol. Use as an async context manager."""
 
     def __init__(self, url: str = "nats://127.0.0.1:4222", **connect_options: Any) -> None:
         self.url = url
-        self._connect_options = {"error_cb": _log_nats_error, **_CONNECT_DEFAULTS,
-                                 **connect_options}
+        self._connect_options = {"error_cb": self._on_error, **_CONNECT_DEFAULTS, **connect_options}
         self._nc: NATS | None = None
+        self._first_error: Exception | None = None  # what a failed connect reports
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._first_error = self._first_error or exc
+        get_logger().warning("nats_error", error=f"{type(exc).__name__}: {exc}")
 
     async def connect(self) -> None:
         try:
-            self._nc = await nats.connect(self.url, **self._connect_options)
+            self._nc = await nats.connect(servers(self.url), **self._connect_options)
         except (nats.errors.Error, OSError) as exc:
-            raise Overloaded(f"cannot connect to NATS at {self.url}: {exc}") from None
+            # nats-py ends with "no servers available"; the cause (a refused login) came first.
+            cause = f" ({self._first_error})" if self._first_error and self._first_error is not exc else ""
+            raise Overloaded(f"cannot connect to NATS at {self.url}: {exc}{cause}") from None
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -74,20 +78,69 @@ class Client:
         return self._nc
 
     async def invoke(self, function: str, event: dict[str, Any] | None = None, *,
-                     timeout_s: float = 60.0, request_id: str | None = None) -> Invocation:
+                     timeout_s: float = 60.0, request_id: str | None = None,
+                     retries: int = 2) -> Invocation:
         """Call `function` with `event` and wait for its reply (at most `timeout_s`, which
-        is also the budget the node enforces)."""
-        headers = _request_headers(timeout_s, request_id)
+        is also the budget the node enforces).
+
+        The node that takes the request says so at once (`Faas-Ack`); while the reply is
+        pending the client checks that node is alive, and if it died (no responder, or
+        three pings of 1 s unanswered) sends the request again, with the same id and the
+        budget left, up to `retries` times: a handler may then run more than once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        request_id = request_id or protocol.new_request_id()
         body = protocol.encode(event or {}, Encoding.MSGPACK)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
         try:
-            msg = await self.nc.request(protocol.invoke_subject(function), body,
-                                        timeout=timeout_s + _REPLY_GRACE_S, headers=headers)
+            for attempt in range(retries + 1):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                headers = {**_request_headers(left, request_id), protocol.HDR_ACK: "true"}
+                await self.nc.publish(protocol.invoke_subject(function), body, reply=inbox, headers=headers)
+                reply = await self._await_reply(sub, deadline + _REPLY_GRACE_S, function)
+                if reply is not None:
+                    return protocol.parse_reply(reply.data, reply.headers)
+                get_logger().warning("node_lost_retrying", fn=function, req=request_id, attempt=attempt + 1)
+        finally:
+            await sub.unsubscribe()
+        raise DeadlineExceeded(f"no reply from {function!r} within {timeout_s}s")
+
+    async def _await_reply(self, sub: Any, deadline: float, function: str) -> Any:
+        """The reply on `sub`, or None when the node that acknowledged the request died."""
+        loop = asyncio.get_running_loop()
+        node, missed = None, 0
+        while (left := deadline - loop.time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=min(1.0, left))
+            except nats.errors.TimeoutError:
+                if node is not None:
+                    missed = 0 if await self._alive(node) else missed + 1
+                    if missed >= 3:
+                        return None
+                continue
+            headers = msg.headers or {}
+            if headers.get("Status") == "503" and not msg.data:
+                if node is None:
+                    raise Overloaded("no faas node is serving: nothing subscribes to "
+                                     f"{protocol.invoke_subject(function)}")
+                continue
+            if protocol.HDR_ACK in headers and protocol.HDR_ERROR_CODE not in headers and not msg.data:
+                node = headers[protocol.HDR_ACK]
+                continue
+            return msg
+        return None
+
+    async def _alive(self, node: str) -> bool:
+        try:
+            await self.nc.request(protocol.node_ping_subject(node), b"", timeout=1.0)
+            return True
         except nats.errors.NoRespondersError:
-            raise Overloaded("no faas node is serving: nothing subscribes to "
-                             f"{protocol.invoke_subject(function)}") from None
+            return False
         except nats.errors.TimeoutError:
-            raise DeadlineExceeded(f"no reply from {function!r} within {timeout_s}s") from None
-        return protocol.parse_reply(msg.data, msg.headers)
+            return False
 
     def stream(self, function: str, event: dict[str, Any] | None = None, *,
                timeout_s: float = 60.0, request_id: str | None = None) -> Stream:
@@ -108,7 +161,7 @@ class Client:
         try:
             ack = await self.nc.jetstream().publish(subject, protocol.encode(event or {}, Encoding.MSGPACK),
                                                     headers=headers)
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             raise Overloaded(f"no JetStream stream stores {subject!r} (is a node with triggers "
                              "up?)") from None
         except nats.errors.TimeoutError:
@@ -121,22 +174,29 @@ class Client:
 
     async def nodes(self, wait_s: float = 0.5) -> list[dict[str, Any]]:
         """What every reachable node serves (each node answers; replies gathered for wait_s)."""
-        inbox = self.nc.new_inbox()
-        replies: list[dict[str, Any]] = []
-        sub = await self.nc.subscribe(inbox)
-        try:
-            await self.nc.publish(protocol.ADMIN_LS_SUBJECT, b"", reply=inbox)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + wait_s
-            while (left := end - loop.time()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=left)
-                except nats.errors.TimeoutError:
-                    break
-                replies.append(protocol.decode(msg.data, msg.headers))
-        finally:
-            await sub.unsubscribe()
+        replies = [protocol.decode(msg.data, msg.headers)
+                   for msg in await gather(self.nc, protocol.ADMIN_LS_SUBJECT, wait_s)]
         return sorted(replies, key=lambda r: r.get("node", ""))
+
+
+async def gather(nc: NATS, subject: str, wait_s: float = 0.5) -> list[Any]:
+    """Every reply to one request on `subject` that arrives within `wait_s` (a request that
+    each node answers: listings, NATS micro PING/INFO/STATS)."""
+    inbox = nc.new_inbox()
+    replies: list[Any] = []
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        while (left := end - loop.time()) > 0:
+            try:
+                replies.append(await sub.next_msg(timeout=left))
+            except nats.errors.TimeoutError:
+                break
+    finally:
+        await sub.unsubscribe()
+    return replies
 
 
 def _request_headers(timeout_s: float, request_id: str | None) -> dict[str, str]:

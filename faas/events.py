@@ -13,7 +13,6 @@ readable (a local admin), else connects as given.
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -24,15 +23,6 @@ from nats.js.errors import NotFoundError
 
 from faas import protocol
 from faas.errors import FaasError
-from faas.localnode import local_credentials
-
-
-async def connect(url: str, state_dir: Path | None = None) -> NATS:
-    try:
-        return await nats.connect(url, max_reconnect_attempts=1, connect_timeout=2,
-                                  **local_credentials(state_dir))
-    except (nats.errors.Error, OSError) as exc:
-        raise FaasError(f"cannot connect to NATS at {url}: {exc}") from None
 
 
 async def pending(nc: NATS) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ class LocalNode:
         self.env = env
         self.stderr = stderr
         self.url = ""
+        self.node_id = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout_s: float = 120.0) -> str:
@@ -66,6 +67,7 @@ class LocalNode:
             raise FaasError(f"faas up did not become ready (exit code {self.proc.returncode}, "
                             f"printed {line!r})")
         self.url = line.split()[1]
+        self.node_id = next((w[5:] for w in line.split() if w.startswith("node=")), "")
         return self.url
 
     def node_credentials(self) -> dict[str, str]:

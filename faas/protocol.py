@@ -44,6 +44,17 @@ HDR_MSG_ID = "Nats-Msg-Id"
 CANCEL_PREFIX = "faas.cancel."
 CANCEL_WILDCARD = CANCEL_PREFIX + "*"
 
+# Cluster state, all in JetStream: deployed functions (one key per function, its history
+# the versions), their code and adapter files (content-addressed), and what each node
+# holds warm (short-lived keys its node refreshes).
+FUNCTIONS_BUCKET = "faas_functions"
+ARTIFACTS_BUCKET = "faas_artifacts"
+NODES_BUCKET = "faas_nodes"
+# Each node's own subjects: requests forwarded to it by another node, and a liveness ping.
+NODE_PREFIX = "faas.node."
+# The NATS micro service every node runs ($SRV.PING/INFO/STATS.faas-node).
+SERVICE_NAME = "faas-node"
+
 HDR_CONTENT_TYPE = "Content-Type"
 HDR_REQUEST_ID = "Faas-Request-Id"
 HDR_TIMEOUT_MS = "Faas-Timeout-Ms"
@@ -55,6 +66,11 @@ HDR_STREAM = "Faas-Stream"
 HDR_FINAL = "Faas-Final"
 # On a 503: when trying again has a chance (ms).
 HDR_RETRY_AFTER_MS = "Faas-Retry-After-Ms"
+# A caller asking `Faas-Ack: true` gets an empty message with `Faas-Ack: <node id>` as soon
+# as a node takes its request: it can then tell a slow reply from a dead node (and retry).
+HDR_ACK = "Faas-Ack"
+# Set by a node that forwards a request to another: the receiver serves it, never forwards.
+HDR_FORWARDED_BY = "Faas-Forwarded-By"
 HDR_ERROR = "Nats-Service-Error"
 HDR_ERROR_CODE = "Nats-Service-Error-Code"
 JSON_CONTENT_TYPE = "application/json"
@@ -97,14 +113,35 @@ def valid_subject(subject: str) -> bool:
     return True
 
 
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_node_id(node: str) -> bool:
+    """A node id is one subject token (it names the node's own subjects)."""
+    return bool(_NODE_ID_RE.match(node))
+
+
+def node_invoke_subject(node: str, function: str) -> str:
+    return f"{NODE_PREFIX}{node}.invoke.{function}"
+
+
+def node_status_subject(node: str) -> str:
+    return f"{NODE_PREFIX}{node}.status"
+
+
+def node_ping_subject(node: str) -> str:
+    return f"{NODE_PREFIX}{node}.ping"
+
+
 def invoke_subject(function: str) -> str:
     """The subject that invokes `function` by request-reply."""
     return INVOKE_PREFIX + function
 
 
 def function_from_subject(subject: str) -> str:
-    """The function name of an invocation subject (`faas.invoke.<fn>`)."""
-    return subject[len(INVOKE_PREFIX):]
+    """The function name of an invocation subject (`faas.invoke.<fn>`, or a node's own
+    `faas.node.<node>.invoke.<fn>`): its last token, as names hold no dots."""
+    return subject.rsplit(".", 1)[-1]
 
 
 def new_request_id() -> str:

@@ -5,14 +5,13 @@ by the runtime through the context."""
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from faas.artifacts import shared_backbone_problem
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.protocol import valid_function_name, valid_subject
@@ -193,39 +192,6 @@ class FunctionSpec:
         }
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    """Tensor names of a safetensors file, read from its JSON header (no torch needed)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return [k for k in json.loads(f.read(length)) if k != "__metadata__"]
-
-
-def shared_backbone_problem(adapter: Path) -> str | None:
-    """Why a LoRA adapter folder cannot run on a shared, read-only backbone, or None.
-
-    Refused: no adapter_config.json; `modules_to_save` or trainable tokens (they replace
-    backbone modules with private trained copies); saved embedding or output layers
-    (resized vocabularies change the backbone itself).
-    """
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        return "has no adapter_config.json"
-    config = json.loads(config_file.read_text())
-    if config.get("modules_to_save"):
-        return (f"sets modules_to_save={config['modules_to_save']}: full module copies cannot "
-                "run on a shared backbone")
-    if config.get("trainable_token_indices"):
-        return "trains token embeddings (trainable_token_indices): not shareable"
-    weights = adapter / "adapter_model.safetensors"
-    if weights.is_file():
-        replaced = [k for k in _safetensors_keys(weights)
-                    if "lora_" not in k and k.rsplit(".", 2)[-2] in ("embed_tokens", "lm_head", "wte")]
-        if replaced:
-            return (f"carries backbone layers {replaced[:2]} (resized embeddings?): "
-                    "not shareable")
-    return None
-
-
 def _defining_file(fn: Callable[..., Any]) -> str:
     """The file a function was compiled from (also when that file is no longer readable)."""
     code = getattr(inspect.unwrap(fn), "__code__", None)
@@ -270,8 +236,9 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
 
     def decorate(handler: Handler) -> Handler:
         base = Path(_defining_file(handler) or ".").resolve().parent
-        spec = FunctionSpec(name=name, handler=handler, backbone=_resolve(backbone, base),
-                            adapter=_resolve(adapter, base), timeout_s=timeout_s,
+        models = _NODE_MODELS.get(name) or (_resolve(backbone, base), _resolve(adapter, base))
+        spec = FunctionSpec(name=name, handler=handler, backbone=models[0],
+                            adapter=models[1], timeout_s=timeout_s,
                             max_queue=max_queue, max_instances=max_instances,
                             start_timeout_s=start_timeout_s, setup=setup,
                             slo_ttft_s=slo_ttft_s, max_batch=max_batch,
@@ -280,6 +247,17 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
         return handler
 
     return decorate
+
+
+# Deployed functions: the node resolved their models (the backbone by fingerprint, the
+# adapter from the deploy), so the paths written in their code are not used there.
+_NODE_MODELS: dict[str, tuple[str | None, str | None]] = {}
+
+
+def use_node_models(name: str, backbone: str | None, adapter: str | None) -> None:
+    """Make the declaration of `name` use these model folders (set by the runtime before it
+    imports a deployed function's file, whose own paths are the deployer's)."""
+    _NODE_MODELS[name] = (backbone, adapter)
 
 
 def spec_of(obj: Any) -> FunctionSpec | None:

@@ -16,7 +16,10 @@ def postprocess(text: str, max_words: int) -> str:
     return " ".join(first_line.split()[:max_words])
 
 
-@function(name="summarize", backbone=model_path(), adapter=adapter_path("summarize"), timeout_s=60)
+# Also triggered by events: each review posted on `events.reviews.>` is summarized once, and
+# the summary published on faas.results.summarize.
+@function(name="summarize", backbone=model_path(), adapter=adapter_path("summarize"), timeout_s=60,
+          triggers=["events.reviews.>"], results=True)
 def summarize(event: dict, ctx) -> dict:
     max_words = int(event.get("max_words", 20))
     r = ctx.generate(prompt_for(event), max_new_tokens=int(event.get("max_new_tokens", 32)))

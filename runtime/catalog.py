@@ -34,13 +34,37 @@ from runtime.procs import die_with_parent
 log = get_logger()
 
 
+def _isolation(uid: int | None, folder: Path | None, network: bool,
+               models: tuple[str | None, ...] = ()) -> Isolation:
+    if uid is None:
+        return Isolation()
+    # Declared models are re-exposed only where anyone could walk to them anyway
+    # (e.g. under the covered /tmp), never from inside a folder closed to others.
+    expose = (str(faas_home()), *((str(folder),) if folder else ()),
+              *(m for m in models if m and os.path.isabs(m) and reachable(m)))
+    return Isolation(uid=uid, network=network, expose=expose)
+
+
 @dataclass
 class Catalog:
     specs: list[dict[str, Any]]
     isolation: dict[str, Isolation]
     loader_isolation: Isolation  # for backbone loaders
     protections: dict[str, str]
+    uids: tuple[int, int] | None = None
+    network_isolation: bool = True
+    _next_uid: int = 0  # the next uid for a function deployed later
     _lock_fds: list[int] = field(default_factory=list, repr=False)
+
+    def isolation_for(self, folder: Path, models: tuple[str | None, ...]) -> Isolation:
+        """The isolation of a function deployed while the node runs: a uid of its own
+        from the range (never one handed out before), as for the functions folders."""
+        if self.uids is None:
+            return Isolation()
+        if self._next_uid > self.uids[1]:
+            raise FaasError(f"no sandbox uid left in {self.uids[0]}-{self.uids[1]}")
+        self._next_uid += 1
+        return _isolation(self._next_uid - 1, folder, self.network_isolation, models)
 
     def close(self) -> None:
         for fd in self._lock_fds:
@@ -78,7 +102,14 @@ async def _run(*args: str, timeout_s: float = 300.0) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-async def _discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any]]:
+async def build_bundled_models() -> None:
+    """Build the bundled offline models under $FAAS_HOME/models unless they are current."""
+    code, _ = await _run("runtime.modelzoo")
+    if code:
+        raise FaasError("building the bundled models failed (see the log)")
+
+
+async def discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any]]:
     code, out = await _run("runtime.discover", "--isolation", json.dumps(isolation.to_dict()),
                            str(path))
     try:
@@ -91,6 +122,13 @@ async def _discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any
     if not isinstance(specs, list) or not all(_valid(s, path) for s in specs):
         raise FaasError(f"discovery of {path} answered something its functions cannot be")
     return specs
+
+
+def spec_problem(spec: object, path: Path) -> str | None:
+    """Why an untrusted spec (from discovery or a deployed record) is not one, or None."""
+    if _valid(spec, path):
+        return None
+    return "its fields are missing, extra or out of range"
 
 
 def _valid(spec: object, path: Path) -> bool:
@@ -152,11 +190,10 @@ def _lock_uids(uids: tuple[int, int]) -> list[int]:
 
 
 async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | None,
-                       network_isolation: bool, bundled_models: bool) -> Catalog:
+                       network_isolation: bool, bundled_models: bool,
+                       models_dirs: tuple[Path, ...] = ()) -> Catalog:
     if bundled_models:
-        code, _ = await _run("runtime.modelzoo")
-        if code:
-            raise FaasError("building the bundled models failed (see the log)")
+        await build_bundled_models()
     files = function_files(list(dirs))
     uids, why_not = sandbox_uids, ""
     if uids is None:
@@ -168,23 +205,16 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         if probe.strip() != "ok":
             uids, why_not = None, f"refused: namespaces unavailable ({probe.strip()})"
     lock_fds = _lock_uids(uids) if uids else []
-    home = str(faas_home())
 
     def isolated(uid_offset: int, folder: Path | None, network: bool,
                  models: tuple[str | None, ...] = ()) -> Isolation:
-        if uids is None:
-            return Isolation()
-        # Declared models are re-exposed only where anyone could walk to them anyway
-        # (e.g. under the covered /tmp), never from inside a folder closed to others.
-        expose = (home, *((str(folder),) if folder else ()),
-                  *(m for m in models if m and os.path.isabs(m) and reachable(m)))
-        return Isolation(uid=uids[0] + uid_offset, network=network, expose=expose)
+        return _isolation(uids[0] + uid_offset if uids else None, folder, network, models)
 
     try:
         specs: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
         for path in files:
-            for spec in await _discover_file(path, isolated(0, path.parent, network_isolation)):
+            for spec in await discover_file(path, isolated(0, path.parent, network_isolation)):
                 if spec["name"] in seen:
                     raise FaasError(f"function {spec['name']!r} is declared twice: in "
                                     f"{seen[spec['name']]} and {path}")
@@ -202,10 +232,13 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
                                 (by_name[name]["backbone"], by_name[name]["adapter"]))
                  for i, name in enumerate(names)}
     protections = {
-        "sandbox_uids": f"{uids[0] + 1}-{uids[0] + len(names)}" if uids else why_not,
+        # Functions deployed later take the next ones.
+        "sandbox_uids": f"{uids[0] + 1}-{uids[1]}, {len(names)} taken" if uids else why_not,
         "namespaces": "pid, mount, private /tmp" if uids else why_not,
         "network": ("isolated" if network_isolation else "off") if uids else why_not,
         "cpu_backbone": "sealed read-only memfd",
     }
-    loader_models = tuple(spec["backbone"] for spec in specs)
-    return Catalog(specs, isolation, isolated(0, None, False, loader_models), protections, lock_fds)
+    # Deployed functions' backbones are found in the models folders: loaders may read them.
+    loader_models = (*(spec["backbone"] for spec in specs), *(str(d.resolve()) for d in models_dirs))
+    return Catalog(specs, isolation, isolated(0, None, False, loader_models), protections, uids,
+                   network_isolation, (uids[0] + 1 + len(names)) if uids else 0, lock_fds)

@@ -82,28 +82,64 @@ class EventConsumers:
         self.pools = {name: pool for name, pool in pools.items() if pool.spec.get("triggers")}
         self.history = history
         self.config = config
-        self._loops: list[asyncio.Task[None]] = []
-        self._subs: list[Any] = []
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._subs: dict[str, Any] = {}
         self._events: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, int] = {name: 0 for name in self.pools}
+        self._streams = False
         self.processed = self.failed = self.dead = 0
         self.log = get_logger(component="events")
 
     async def start(self) -> None:
-        if not self.config.enabled or not self.pools:
-            return
-        await self._ensure_stream(protocol.EVENTS_STREAM, list(self.config.subjects))
-        await self._ensure_stream(protocol.OUTCOMES_STREAM,
-                                  [protocol.DLQ_PREFIX + ">", protocol.RESULTS_PREFIX + ">"])
-        for name, pool in self.pools.items():
+        """Keep events from now on (also before any function with triggers is deployed) and
+        consume those of this node's functions."""
+        if self.config.enabled:
             try:
-                psub = await self._consumer(name, pool)
+                await self._ensure_streams()
             except NatsError as exc:
-                self.log.error("event_consumer_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
-                continue
-            self._subs.append(psub)
-            self._loops.append(asyncio.create_task(self._fetch(name, pool, psub), name=f"events-{name}"))
-        self.log.info("events_consuming", functions=sorted(self.pools), ack_wait_s=self.config.ack_wait_s)
+                self.log.warning("events_unavailable", error=f"{type(exc).__name__}: {exc}")
+        for name, pool in list(self.pools.items()):
+            await self.add(name, pool)
+        if self._loops:
+            self.log.info("events_consuming", functions=sorted(self._loops),
+                          ack_wait_s=self.config.ack_wait_s)
+
+    async def add(self, name: str, pool: FunctionPool) -> None:
+        """Consume the events of `name` (a function added or replaced while the node runs:
+        its durable consumer keeps its place, with the new version's triggers)."""
+        await self.remove(name)
+        if not self.config.enabled or not pool.spec.get("triggers"):
+            return
+        try:
+            await self._ensure_streams()
+            psub = await self._consumer(name, pool)
+        except NatsError as exc:
+            self.log.error("event_consumer_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
+            return
+        self.pools[name] = pool
+        self._inflight.setdefault(name, 0)
+        self._subs[name] = psub
+        self._loops[name] = asyncio.create_task(self._fetch(name, pool, psub), name=f"events-{name}")
+
+    async def remove(self, name: str) -> None:
+        """Stop fetching events for `name`; those in flight finish (their acks still go)."""
+        self.pools.pop(name, None)
+        loop, psub = self._loops.pop(name, None), self._subs.pop(name, None)
+        if loop is not None:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+        if psub is not None:  # a fetch cut short would hold the connection's drain
+            try:
+                await psub.unsubscribe()
+            except NatsError as exc:
+                self.log.warning("event_unsubscribe_failed", fn=name, error=str(exc))
+
+    async def _ensure_streams(self) -> None:
+        if not self._streams:
+            await self._ensure_stream(protocol.EVENTS_STREAM, list(self.config.subjects))
+            await self._ensure_stream(protocol.OUTCOMES_STREAM,
+                                      [protocol.DLQ_PREFIX + ">", protocol.RESULTS_PREFIX + ">"])
+            self._streams = True
 
     async def _ensure_stream(self, name: str, subjects: list[str]) -> None:
         config = dict(name=name, subjects=subjects, max_age=_WEEK_S, storage=StorageType.FILE,
@@ -258,14 +294,8 @@ class EventConsumers:
     async def close(self, timeout_s: float) -> None:
         """Stop fetching; events in flight get `timeout_s` to finish, the rest are left
         unacked (JetStream redelivers them)."""
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        for psub in self._subs:  # a fetch cut short would hold the connection's drain
-            try:
-                await psub.unsubscribe()
-            except NatsError as exc:
-                self.log.warning("event_unsubscribe_failed", error=str(exc))
+        for name in list(self._loops):
+            await self.remove(name)
         if self._events:
             _, pending = await asyncio.wait(set(self._events), timeout=timeout_s)
             for task in pending:

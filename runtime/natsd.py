@@ -48,7 +48,10 @@ class EmbeddedNats:
         self._proc: asyncio.subprocess.Process | None = None
 
     def _write_config(self) -> Path:
-        producer_publish = ["faas.invoke.>", "faas.admin.ls", "faas.cancel.>", "events.>"]
+        # Local tools too (faas ls, ping, top, a container's health check): the listing and
+        # the nodes' NATS micro discovery are read-only.
+        producer_publish = ["faas.invoke.>", "faas.admin.ls", "faas.cancel.>", "faas.node.*.ping", "events.>",
+                            "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
         config = {
             "authorization": {"users": [
                 {"user": self.node_user, "password": self.node_password},

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
+from faas.bundled import faas_home
 from faas.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -33,6 +37,9 @@ from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
 from runtime.batching import Contention
+from runtime.catalog import Catalog
+from runtime.cluster import Cluster
+from runtime.deployed import Deployments, ModelFinder
 from runtime.events import EventConsumers, EventsConfig
 from runtime.history import History
 from runtime.isolation import Isolation
@@ -42,10 +49,14 @@ from runtime.plan import Budget
 from runtime.pool import FunctionPool
 from runtime.preload import PreloadConfig, Preloader
 from runtime.sandboxes import SandboxConfig, Zygote
+from runtime.service import NodeService
+from runtime.stats import NodeStats
 
 
 def default_node_id() -> str:
-    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    """HOSTNAME-<6 hex>, as one subject token (a hostname's dots become dashes)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48]
+    return f"{host}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class NodeConfig:
     memory_budget_gib: float | None = None
     device_memory_budget_gib: float | None = None
     events: EventsConfig = field(default_factory=EventsConfig)
+    # Where deployed functions' backbones are looked up by fingerprint ($FAAS_HOME/models too).
+    models_dirs: tuple[Path, ...] = ()
+    # Requests that would start cold here go to a node where their function is warm.
+    forwarding: bool = True
 
 
 def _header_ms(headers: dict[str, str], name: str) -> float | None:
@@ -102,9 +117,9 @@ def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
 class Node:
     """Serves the given function specs on one NATS connection."""
 
-    def __init__(self, nc: NATS, specs: list[dict[str, Any]], config: NodeConfig,
-                 isolation: dict[str, Isolation]) -> None:
+    def __init__(self, nc: NATS, catalog: Catalog, config: NodeConfig) -> None:
         self.nc = nc
+        specs = catalog.specs
         self.config = config
         self.node_id = config.node_id
         preload = config.preload
@@ -119,19 +134,23 @@ class Node:
                                      lambda: sum(1 for pool in self.pools.values() if pool.serving))
         self.history = History(nc, self.node_id, {spec["name"] for spec in specs},
                                on_arrival=self._on_history)
+        self.cluster = Cluster(nc, self.node_id, self.warm_state)
         # Fails closed: a function without an isolation decision is a bug, not root access.
-        self.pools = {spec["name"]: FunctionPool(
-            spec, config.sandbox, self.zygote, self.backbones, isolation[spec["name"]],
-            self.profiles, keep_alive_s=None if preload.enabled else config.sandbox.keep_alive_s,
-            on_change=self._on_pool_change,
-            contention=self.contention if config.batch_windows else None) for spec in specs}
+        self.pools = {spec["name"]: self._pool(spec, catalog.isolation[spec["name"]]) for spec in specs}
         self.preloader = (Preloader(self.pools, self.backbones, self.profiles, self.history,
-                                    preload, config.device) if preload.enabled else None)
+                                    preload, config.device, share=self.cluster.share)
+                          if preload.enabled else None)
         budget = node_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device)
         self.guard = MemoryGuard(self.pools, self.backbones, self.profiles, budget,
                                  self.preloader.value if self.preloader else lambda name: 0.0)
         for pool in self.pools.values():
             pool.guard = self.guard
+        self.deployments = Deployments(
+            nc, catalog, ModelFinder((*config.models_dirs, faas_home() / "models")),
+            self.add_function, self.remove_function, local=set(self.pools),
+            root=faas_home() / "deployed" / self.node_id)
+        self.stats = NodeStats()
+        self.service = NodeService(nc, self)
         if self.preloader is not None:  # it plans within what the node may hold
             planned = self.preloader.budget
             self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
@@ -142,22 +161,61 @@ class Node:
         self._subs: list[Subscription] = []
         self.log = get_logger(node=self.node_id)
 
+    def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
+        pool = FunctionPool(
+            spec, self.config.sandbox, self.zygote, self.backbones, isolation, self.profiles,
+            keep_alive_s=None if self.config.preload.enabled else self.config.sandbox.keep_alive_s,
+            on_change=self._on_pool_change,
+            contention=self.contention if self.config.batch_windows else None)
+        pool.guard = getattr(self, "guard", None)
+        return pool
+
     async def start(self) -> None:
-        """Subscribe; when this returns the server knows every subscription."""
-        self._subs.append(await self.nc.subscribe(
-            protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
-        self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
-        # Every node hears every cancel; the one holding the request acts on it.
-        self._subs.append(await self.nc.subscribe(protocol.CANCEL_WILDCARD, cb=self._on_cancel))
-        await self.nc.flush()
+        """Subscribe; when this returns the server knows every subscription and the node
+        serves what is deployed."""
         self.zygote.start()
         self.contention.start()
+        await self.deployments.start()  # first: the history keeps the functions served
         await self.history.start()
+        await self.cluster.start()
+        # Every node hears every cancel; the one holding the request acts on it.
+        self._subs.append(await self.nc.subscribe(protocol.CANCEL_WILDCARD, cb=self._on_cancel))
+        self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
+        self._subs.append(await self.nc.subscribe(
+            protocol.node_invoke_subject(self.node_id, "*"), cb=self._on_forwarded))
+        self._subs.append(await self.nc.subscribe(protocol.node_ping_subject(self.node_id),
+                                                  cb=self._on_ping))
+        self._subs.append(await self.nc.subscribe(
+            protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
+        await self.nc.flush()
         await self.events.start()
+        await self.service.start()
         if self.preloader is not None:
             self.preloader.start()  # its first plan is the deploy's
         self.log.info("node_started", functions=sorted(self.pools),
                       preload=self.config.preload.predictor if self.preloader else "off")
+
+    async def add_function(self, spec: dict[str, Any], isolation: Isolation) -> None:
+        """Serve `spec` from now on (a deploy); a version served before stops taking
+        requests and ends once those it holds are answered."""
+        name = spec["name"]
+        old = self.pools.get(name)
+        self.pools[name] = self._pool(spec, isolation)
+        self.history.functions.add(name)
+        await self.events.add(name, self.pools[name])
+        if old is not None:
+            self._own(old.close())
+        self._on_pool_change()
+
+    async def remove_function(self, name: str) -> None:
+        """Stop serving `name` (removed from the cluster): new requests get a 404 (or go to
+        a node still serving it), those in flight are answered."""
+        pool = self.pools.pop(name, None)
+        self.history.functions.discard(name)
+        await self.events.remove(name)
+        if pool is not None:
+            self._own(pool.close())
+        self._on_pool_change()
 
     def _on_history(self, _function: str) -> None:
         if self.preloader is not None:
@@ -166,10 +224,32 @@ class Node:
     def _on_pool_change(self) -> None:
         if self.preloader is not None:
             self.preloader.poke()
+        self.cluster.poke()
+
+    def warm_state(self) -> dict[str, Any]:
+        """What other nodes read to forward here: per function the level of the best idle
+        sandbox, whether a loaded one has room, and how loaded it is."""
+        functions = {}
+        for name, pool in self.pools.items():
+            functions[name] = {"level": pool.held_level.label, "room": pool.warm_room,
+                               "load": round(pool.load, 3), "queued": pool.state()["queued"],
+                               "version": pool.spec.get("deployed")}
+        return {"node": self.node_id, "functions": functions, "overloaded": self.guard.full()}
 
     # --- request path ---------------------------------------------------------------
 
     async def _on_invoke(self, msg: Msg) -> None:
+        await self._admit(msg, may_forward=self.config.forwarding)
+
+    async def _on_forwarded(self, msg: Msg) -> None:
+        """A request another node sent here (its function is warm here): never forwarded on."""
+        await self._admit(msg, may_forward=False)
+
+    async def _on_ping(self, msg: Msg) -> None:
+        if msg.reply:
+            await self._publish(msg.reply, b"ok", {}, self.log)
+
+    async def _admit(self, msg: Msg, may_forward: bool) -> None:
         """Decode and admit only; the work runs in an owned task so no request of one
         function waits behind another."""
         received = time.monotonic()
@@ -187,8 +267,15 @@ class Node:
             if request_id in self._cancels:  # its replies and cancels would be ambiguous
                 raise BadRequest(f"a request with id {request_id!r} is already in flight")
             pool = self.pools.get(function)
+            if may_forward and (pool is None or not pool.warm_room):
+                peer = self.cluster.pick(function, served_here=pool is not None)
+                if peer is not None:
+                    await self._ack(msg, headers, log)
+                    self._own(self._forward(msg, peer, function, request_id, stream, log))
+                    return
             if pool is None:
-                raise FunctionNotFound(f"no function named {function!r}")
+                raise FunctionNotFound(f"no function named {function!r}"
+                                       + self._why_not_here(function))
             event = protocol.decode_event(msg.data, encoding)
             deadline = received + _budget_s(headers, pool.spec)
             await self.history.record(function)  # demand, even when the queue is full
@@ -201,9 +288,70 @@ class Node:
             await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
                                     request_id, log, final)
             return
+        await self._ack(msg, headers, log)
         cancel = self._cancels[request_id] = asyncio.Event()
         self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline,
                               stream, cancel))
+
+    async def _ack(self, msg: Msg, headers: dict[str, str], log: Any) -> None:
+        """Tell a caller that asked which node holds its request (so it can retry elsewhere
+        if this node dies): the node that forwards a request acknowledges it, not the peer."""
+        if headers.get(protocol.HDR_ACK, "").lower() == "true" and not headers.get(protocol.HDR_FORWARDED_BY):
+            await self._publish(msg.reply, b"", {protocol.HDR_ACK: self.node_id}, log)
+
+    def _why_not_here(self, function: str) -> str:
+        why = self.deployments.unavailable.get(function)
+        return f" on this node ({why})" if why else ""
+
+    async def _forward(self, msg: Msg, peer: str, function: str, request_id: str, stream: bool,
+                       log: Any) -> None:
+        """Send the request to `peer` and relay what it answers (chunks, then the reply) to
+        the caller. When the peer is gone before its reply (no responder, or its pings go
+        unanswered) the request is served here instead, unless chunks were relayed already:
+        a stream cannot be replayed, so it gets a 503."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        headers = {**(msg.headers or {}), protocol.HDR_FORWARDED_BY: self.node_id,
+                   protocol.HDR_REQUEST_ID: request_id}
+        relayed = 0
+        self.stats[function].forwarded += 1
+        log = log.bind(peer=peer)
+        try:
+            await self.nc.publish(protocol.node_invoke_subject(peer, function), msg.data,
+                                  reply=inbox, headers=headers)
+            silent = 0
+            while True:
+                try:
+                    reply = await sub.next_msg(timeout=1.0)
+                except NatsTimeout:
+                    silent = 0 if await self._alive(peer) else silent + 1
+                    if silent < 2:
+                        continue
+                    break
+                if (reply.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
+                    break
+                await self._publish(msg.reply, reply.data, reply.headers or {}, log)
+                relayed += 1
+                if not stream or protocol.is_final(reply.headers):
+                    log.debug("forwarded")
+                    return
+        finally:
+            await sub.unsubscribe()
+        self.cluster.forget(peer)
+        if relayed:
+            err = Overloaded(f"node {peer} stopped answering in the middle of the stream")
+            encoding = protocol.request_encoding(msg.data, msg.headers)
+            await self._reply_error(msg, err, encoding, request_id, log, {protocol.HDR_FINAL: "true"})
+            return
+        log.warning("forward_failed_serving_here")
+        await self._admit(msg, may_forward=False)
+
+    async def _alive(self, peer: str) -> bool:
+        try:
+            await self.nc.request(protocol.node_ping_subject(peer), b"", timeout=1.0)
+            return True
+        except (NatsTimeout, NatsError):
+            return False
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
@@ -274,12 +422,16 @@ class Node:
             await self._reply_error(msg, err, encoding, request_id, log, final)
             return
         await self._publish(msg.reply, body, headers, log)
+        self.stats[pool.name].record(metrics.ttft_ms, metrics.total_ms)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
                            log: Any, final: dict[str, str] | None = None) -> None:
         log.warning("invoke_failed", code=err.code, error=err.message)
+        function = protocol.function_from_subject(msg.subject)
+        if function in self.pools:  # not for names nobody serves: no unbounded table
+            self.stats[function].record_error(err.code)
         body, headers = protocol.error_reply(err, encoding, request_id)
         headers.update(final or {})
         await self._publish(msg.reply, body, headers, log)
@@ -299,11 +451,15 @@ class Node:
         return {"node": self.node_id, "backbones": self.backbones.state(),
                 "preload": preloader.summary() if preloader else None,
                 "contention": self.contention.state(), "memory": self.guard.state(),
-                "events": self.events.state(), "functions": [
+                "events": self.events.state(), "cluster": {"peers": sorted(self.cluster.live_peers())},
+                "deployed": {"serving": self.deployments.versions,
+                             "unavailable": self.deployments.unavailable},
+                "functions": [
             {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
              "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
              "max_batch": pool.max_batch, "window": pool.window.state() if pool.window else None,
-             "triggers": pool.spec.get("triggers", []),
+             "triggers": pool.spec.get("triggers", []), "version": pool.spec.get("deployed"),
+             "stats": self.stats[name].summary(),
              **pool.state(), **(preloader.describe(name) if preloader else {})}
             for name, pool in sorted(self.pools.items())]}
 
@@ -319,6 +475,9 @@ class Node:
         """Stop taking requests, answer what is in flight (cancelled past the drain timeout,
         still with a reply), then stop every sandbox."""
         self.log.info("node_draining", in_flight=len(self._tasks))
+        await self.cluster.close()  # peers stop forwarding here
+        await self.service.stop()
+        await self.deployments.close()
         for sub in self._subs:
             try:
                 await sub.drain()
@@ -334,6 +493,7 @@ class Node:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        self.deployments.remove_files()
         await self.contention.close()
         await self.zygote.close()
         await self.backbones.close()

@@ -63,6 +63,12 @@ class MemoryGuard:
         self.refused = 0
         self.log = get_logger(component="memory")
 
+    def full(self, margin: float = 0.95) -> bool:
+        """Whether the node holds nearly its whole budget (peers then stop forwarding here)."""
+        host, device = self.held()
+        return (host >= margin * self.budget.host_bytes
+                or bool(self.budget.device_bytes) and device >= margin * self.budget.device_bytes)
+
     def held(self) -> tuple[int, int]:
         """(host, device) bytes the node's sandboxes and backbones hold now."""
         host = device = 0

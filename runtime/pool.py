@@ -131,6 +131,18 @@ class FunctionPool:
         """How far the furthest idle sandbox of this function is loaded."""
         return max((s.level for s in self._slots if s.free and s.climb is None), default=Level.COLD)
 
+    @property
+    def warm_room(self) -> bool:
+        """Whether a request would find a loaded sandbox with room in its batch now."""
+        return any(s.level == Level.LOADED and s.climb is None and not s.retiring
+                   and s.active < self.max_batch for s in self._slots)
+
+    @property
+    def load(self) -> float:
+        """Requests held (in batches and queued) per place in this node's batches."""
+        places = self.max_batch * int(self.spec["max_instances"])
+        return (sum(s.active for s in self._slots) + self._waiting) / places
+
     def state(self) -> dict[str, Any]:
         return {"idle": sum(1 for s in self._slots if s.free and s.climb is None),
                 "busy": sum(1 for s in self._slots if s.active),

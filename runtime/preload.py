@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from faas.logs import get_logger
 from runtime.backbones import Backbone, BackboneRegistry
@@ -66,8 +66,12 @@ def budget_of(config: PreloadConfig, device: str) -> Budget:
 
 class Preloader:
     def __init__(self, pools: dict[str, FunctionPool], backbones: BackboneRegistry,
-                 profiles: Profiles, history: History, config: PreloadConfig, device: str) -> None:
+                 profiles: Profiles, history: History, config: PreloadConfig, device: str,
+                 share: Callable[[str], float] = lambda name: 1.0) -> None:
         self.pools = pools
+        # The part of each function's demand this node plans for (runtime/cluster.py:
+        # one node of a cluster pre-loads a function, the others forward to it).
+        self.share = share
         self.backbones = backbones
         self.profiles = profiles
         self.history = history
@@ -122,7 +126,7 @@ class Preloader:
         return plan
 
     def _demand(self, name: str, pool: FunctionPool) -> Demand:
-        chance = self.predictions[name].chance
+        chance = self.predictions[name].chance * self.share(name)
         bursts = followers(self.history.arrivals.get(name, []), self.config.horizon_s,
                            pool.spec["max_instances"] - 1)
         return Demand(name, pool.spec["backbone"], chance, pool.busy, pool.held_level,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from faas.errors import SpecError
 from faas.logs import get_logger
-from faas.sdk import Context, EventInfo, FunctionSpec, Generation
+from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime import frames
 from runtime.levels import Level
 from runtime.loader import find_spec
@@ -130,6 +130,8 @@ class _Function:
         if self.engine is not None:
             self.engine.load()
         if self.spec is None:  # back from an offload: the handler module and setup stay
+            if init.get("node_models"):  # deployed: its code names the deployer's paths
+                use_node_models(init["name"], init["backbone_path"], init["adapter"])
             self.spec = find_spec(init["source_file"], init["name"])
             if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
                 raise SpecError(f"{init['source_file']} changed since the node loaded it "

@@ -462,7 +462,8 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
     sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config.prefill_priority)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
-            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5)}
+            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5),
+            "node_models": spec.get("deployed") is not None}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)

@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 import nats
 import nats.errors
 
+from faas.auth import Credentials, servers
 from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
@@ -21,7 +22,7 @@ from runtime.backbones import detect_device
 from runtime.catalog import Catalog, load_catalog
 from runtime.events import EventsConfig
 from runtime.natsd import EmbeddedNats
-from runtime.node import Node, NodeConfig
+from runtime.node import Node, NodeConfig, default_node_id
 from runtime.preload import PreloadConfig
 from runtime.sandboxes import SandboxConfig
 
@@ -32,6 +33,9 @@ log = get_logger()
 class UpOptions:
     functions_dirs: tuple[Path, ...]
     nats_url: str | None = None
+    credentials: Credentials = field(default_factory=Credentials)
+    node_id: str | None = None
+    models_dirs: tuple[Path, ...] = ()
     port: int = 4222
     state_dir: Path | None = None
     sandbox_threads: int = 1
@@ -68,7 +72,7 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
 
     try:
         return await asyncio.wait_for(nats.connect(
-            url, name=f"faas-node-{node_id}", max_reconnect_attempts=-1, reconnect_time_wait=1,
+            servers(url), name=f"faas-node-{node_id}", max_reconnect_attempts=-1, reconnect_time_wait=1,
             error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
             closed_cb=on_closed, **(credentials or {})),
             first_connect_s)
@@ -98,19 +102,21 @@ async def up(options: UpOptions) -> int:
     catalog: Catalog | None = None
     try:
         url = options.nats_url
-        credentials = None
+        credentials = options.credentials.options()
         if url is None:
             server = EmbeddedNats(options.port, options.state_dir or faas_home() / "nats")
             await server.start()
             url = server.url
             credentials = {"user": server.node_user, "password": server.node_password}
         catalog = await load_catalog(options.functions_dirs, options.sandbox_uids,
-                                     options.network_isolation, options.bundled_models)
+                                     options.network_isolation, options.bundled_models,
+                                     options.models_dirs)
         log.info("protections", **catalog.protections,
                  nats=("embedded server: node credentials; clients without credentials may "
                        "only invoke and publish events") if server else "external server")
         device = detect_device(options.device)
-        config = NodeConfig(sandbox=SandboxConfig(threads=options.sandbox_threads,
+        config = NodeConfig(node_id=options.node_id or default_node_id(), models_dirs=options.models_dirs,
+                            sandbox=SandboxConfig(threads=options.sandbox_threads,
                                                   keep_alive_s=options.sandbox_keep_alive_s,
                                                   max_batch=options.max_batch,
                                                   prefill_priority=(device == "cpu" and os.geteuid() == 0)),
@@ -123,9 +129,9 @@ async def up(options: UpOptions) -> int:
                             events=options.events,
                             preload=options.preload)
         nc = await connect_node(url, config.node_id, on_closed, credentials)
-        node = Node(nc, catalog.specs, config, catalog.isolation)
+        node = Node(nc, catalog, config)
         await node.start()
-        print(f"ready {url} functions={len(catalog.specs)}", flush=True)
+        print(f"ready {url} functions={len(node.pools)} node={config.node_id}", flush=True)
         await stop.wait()
         await node.drain()
         if not nc.is_closed:

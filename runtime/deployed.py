@@ -1,0 +1,199 @@
+"""Serve what is deployed in NATS (faas/deploy.py), live.
+
+The node watches the `faas_functions` bucket: each record (a new deploy, a rollback) is
+made real on this node (its files downloaded from the object store and checked against
+their SHA-256, its backbone found by fingerprint among the local model folders) and then
+served in place of the version before; a removal stops it. A record this node cannot serve
+(no local model with the backbone's fingerprint, a record that fails validation) is logged
+and left to the nodes that can: requests for it that reach this node are forwarded there.
+
+Files land in `$FAAS_HOME/deployed/<node>/<function>/v<version>-<record digest>/` (the code)
+and its `adapter/` folder (per node: nodes on one host share $FAAS_HOME; removed when the
+node stops); with sandbox uids each such folder belongs to its function's uid,
+mode 0700, so no other function's sandbox can read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+
+from faas import protocol
+from faas.artifacts import model_fingerprint
+from faas.deploy import HISTORY, decode_record
+from faas.errors import FaasError
+from faas.logs import get_logger
+from runtime.catalog import Catalog, spec_problem
+from runtime.isolation import Isolation
+
+AddFunction = Callable[[dict[str, Any], Isolation], Awaitable[None]]
+RemoveFunction = Callable[[str], Awaitable[None]]
+
+
+class ModelFinder:
+    """Local model folders by the fingerprint of their config."""
+
+    def __init__(self, folders: tuple[Path, ...]) -> None:
+        self.folders = folders
+        self._known: dict[Path, str] = {}
+
+    def _fingerprint(self, model: Path) -> str | None:
+        if model not in self._known:
+            try:
+                self._known[model] = model_fingerprint(model)
+            except (OSError, ValueError):
+                return None
+        return self._known[model]
+
+    def find(self, fingerprint: str, hint: str | None) -> Path | None:
+        """The deployer's own path first (mounted at the same place), then every model
+        folder directly under the configured folders."""
+        candidates = [Path(hint)] if hint else []
+        for folder in self.folders:
+            if folder.is_dir():
+                candidates += sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
+        return next((c for c in candidates if (c / "config.json").is_file()
+                     and self._fingerprint(c) == fingerprint), None)
+
+
+class Deployments:
+    """Watches the deployed functions and adds, replaces and removes them on the node."""
+
+    def __init__(self, nc: NATS, catalog: Catalog, models: ModelFinder, add: AddFunction,
+                 remove: RemoveFunction, local: set[str], root: Path) -> None:
+        self.nc = nc
+        self.catalog = catalog
+        self.models = models
+        self._add = add
+        self._remove = remove
+        self.local = local  # served from the functions folders: a deploy does not override them
+        self.root = root
+        self.versions: dict[str, int] = {}  # what this node serves
+        self.unavailable: dict[str, str] = {}  # deployed, not servable here: why
+        self._watcher: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._isolation: dict[str, Isolation] = {}
+        self.log = get_logger(component="deployed")
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Serve what is deployed now (before the node says it is ready), then follow."""
+        try:
+            kv = await self.nc.jetstream().create_key_value(bucket=protocol.FUNCTIONS_BUCKET,
+                                                            history=HISTORY)
+            await self.nc.jetstream().create_object_store(protocol.ARTIFACTS_BUCKET)
+            self._watcher = await kv.watchall()
+        except (NatsError, TimeoutError) as exc:
+            self.log.warning("deployments_unavailable", error=f"{type(exc).__name__}: {exc}",
+                             hint="deployed functions need a NATS server with JetStream")
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root.parent, self.root):
+            folder.chmod(0o711)  # sandboxes may pass through, not list
+        while (entry := await asyncio.wait_for(self._watcher.updates(timeout=timeout_s), timeout_s)) is not None:
+            await self._apply(entry)
+        self._task = asyncio.create_task(self._follow(), name="deployments")
+        self.log.info("deployments_served", functions=self.versions, unavailable=sorted(self.unavailable))
+
+    async def _follow(self) -> None:
+        async for entry in self._watcher:
+            if entry is not None:
+                await self._apply(entry)
+
+    async def _apply(self, entry: Any) -> None:
+        name = entry.key
+        if name in self.local:
+            self.log.warning("deploy_shadowed", fn=name, why="a function of this node's folders has that name")
+            return
+        try:
+            if entry.operation is not None or not entry.value:  # a removal
+                self.unavailable.pop(name, None)
+                if self.versions.pop(name, None) is not None:
+                    await self._remove(name)
+                    self.log.info("deploy_removed", fn=name)
+                return
+            record = decode_record(entry.value)
+            if self.versions.get(name) == record["version"]:
+                return
+            spec, isolation = await self._materialize(name, record, entry.value)
+            await self._add(spec, isolation)
+            self.versions[name] = record["version"]
+            self.unavailable.pop(name, None)
+            self.log.info("deploy_served", fn=name, version=record["version"], backbone=spec["backbone"])
+        except (FaasError, NatsError, OSError, ValueError, KeyError, TypeError) as exc:
+            why = exc.message if isinstance(exc, FaasError) else f"{type(exc).__name__}: {exc}"
+            self.unavailable[name] = why
+            self.log.error("deploy_not_served", fn=name, error=why)
+
+    async def _materialize(self, name: str, record: dict[str, Any],
+                           raw: bytes) -> tuple[dict[str, Any], Isolation]:
+        if record.get("name") != name:
+            raise FaasError(f"record of {name!r} names {record.get('name')!r}")
+        backbone = None
+        if record["backbone"] is not None:
+            found = self.models.find(record["backbone"]["fingerprint"], record["backbone"].get("path"))
+            if found is None:
+                raise FaasError(f"no local model has the backbone's fingerprint "
+                                f"{record['backbone']['fingerprint'][:19]} ({record['backbone']['name']}): "
+                                "mount it or add --models DIR")
+            backbone = str(found)
+        folder = self.root / name / f"v{record['version']}-{hashlib.sha256(raw).hexdigest()[:12]}"
+        adapter = folder / "adapter" if record["adapter"] is not None else None
+        spec = {**record["spec"], "name": name, "source_file": str(folder / record["code"]["file"]),
+                "backbone": backbone, "adapter": str(adapter) if adapter else None}
+        problem = spec_problem(spec, Path(spec["source_file"]))
+        if problem:
+            raise FaasError(f"deployed record of {name!r} is not a valid function: {problem}")
+        if name not in self._isolation:  # one uid per function for the node's life
+            self._isolation[name] = self.catalog.isolation_for(self.root / name, (backbone,))
+        isolation = self._isolation[name]
+        if not (folder / ".complete").exists():
+            await self._download(folder, record, isolation.uid)
+        return {**spec, "deployed": record["version"]}, isolation
+
+    async def _download(self, folder: Path, record: dict[str, Any], uid: int | None) -> None:
+        store = await self.nc.jetstream().object_store(protocol.ARTIFACTS_BUCKET)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        files = {**record["code"]["files"],
+                 **{f"adapter/{path}": key for path, key in (record["adapter"] or {"files": {}})["files"].items()}}
+        for relative, key in files.items():
+            target = (partial / relative).resolve()
+            if not target.is_relative_to(partial.resolve()):
+                raise FaasError(f"deployed file {relative!r} points outside its folder")
+            data = (await store.get(key)).data or b""
+            if hashlib.sha256(data).hexdigest() != key:
+                raise FaasError(f"deployed file {relative!r} does not match its checksum")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (partial / ".complete").write_text(json.dumps({"version": record["version"]}))
+        (folder.parent).mkdir(parents=True, exist_ok=True)
+        folder.parent.chmod(0o711)
+        if uid is not None:
+            for path in [partial, *partial.rglob("*")]:
+                os.chown(path, uid, uid)
+            partial.chmod(0o700)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+
+    async def close(self) -> None:
+        """Stop following deploys (the functions served stay until the node stops them)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._watcher is not None:
+            try:
+                await self._watcher.stop()
+            except NatsError:
+                pass
+
+    def remove_files(self) -> None:
+        """Once no sandbox of this node runs deployed code any more."""
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,325 @@
+"""Clusters: functions deployed into NATS (KV + object store) and served by two `faas up`
+nodes on one external nats-server; forwarding to the warm node, live redeploys, rollbacks
+and removals, NATS micro discovery, refused adapters, and a node killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+
+from faas import Client, FunctionNotFound
+from faas.localnode import LocalNode, free_port
+from runtime.natsd import nats_server_binary
+from tests.conftest import EXAMPLES, ROOT
+
+pytestmark = pytest.mark.slow
+
+GREETER = '''
+import time
+
+from faas import function
+
+@function(name="greeter", timeout_s=30, max_batch=8)
+def greeter(event, ctx):
+    time.sleep(event.get("sleep_s", 0))
+    return {{"version": {version}, "hello": event.get("name", "world")}}
+'''
+
+
+def faas_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "faas.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def start_server(folder: Path, config: str = "", env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    conf = folder / "server.conf"
+    conf.write_text(f'host: 127.0.0.1\nport: {port}\njetstream {{store_dir: "{folder / "js"}"}}\n{config}')
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 10
+    while not list(folder.glob("nats-server*.ports")):
+        assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+        time.sleep(0.05)
+    return proc, f"nats://127.0.0.1:{port}"
+
+
+def node_on(url: str, node_id: str, uids: str, log: Path, env: dict[str, str] | None = None) -> LocalNode:
+    with open(log, "ab") as out:
+        node = LocalNode(nats_url=url, stderr=out.fileno(), env=env,
+                         extra_args=("--node-id", node_id, "--sandbox-uids", uids))
+        node.start()
+    return node
+
+
+async def until(check, timeout_s: float = 20.0, what: str = "condition"):
+    """Poll `check()` (async) until it returns something true; that value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = await check()
+        except Exception:
+            value = None
+            if time.monotonic() > deadline:
+                raise
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(models, tmp_path_factory):
+    """An external nats-server (JetStream, no auth) and two nodes with no functions folder."""
+    folder = tmp_path_factory.mktemp("cluster")
+    server, url = start_server(folder)
+    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log"),
+             node_on(url, "node-b", "63100-63199", folder / "b.log")]
+    yield url, nodes, folder
+    for node in nodes:
+        node.stop()
+    server.terminate()
+    server.wait(10)
+
+
+def write_greeter(folder: Path, version: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "greeter.py").write_text(GREETER.format(version=version))
+    return folder
+
+
+async def served_by(nc, node: str, function: str, event: dict) -> dict:
+    """Invoke through one node's own subject (what a forwarding peer uses)."""
+    from faas import protocol
+
+    msg = await nc.request(protocol.node_invoke_subject(node, function), json.dumps(event).encode(),
+                           timeout=60, headers={"Content-Type": "application/json"})
+    return json.loads(msg.data)
+
+
+async def test_deploy_once_every_node_serves(cluster, client):
+    url, (a, b), folder = cluster
+    out = faas_cli("deploy", str(write_greeter(folder / "v1", 1)), str(EXAMPLES / "support.py"), "--nats", url)
+    assert out.returncode == 0, out.stderr
+    assert "greeter: version 1" in out.stdout and "support: version 1" in out.stdout
+    async with Client(url) as c:
+        async def both_list() -> bool:
+            nodes = await c.nodes()
+            return len(nodes) == 2 and all({"greeter", "support"} <= {f["name"] for f in n["functions"]}
+                                           for n in nodes)
+        await until(both_list, what="both nodes to serve the deploy")
+        for node in (a, b):
+            reply = await served_by(c.nc, node.node_id, "greeter", {"name": "ada"})
+            assert reply["output"] == {"version": 1, "hello": "ada"}
+            assert reply["metrics"]["node"] == node.node_id
+        # The deployed support (its adapter from the object store, the backbone found by
+        # fingerprint) answers what the same function served from its folder does.
+        event = {"message": "Where is my order?", "max_new_tokens": 12}
+        deployed = await c.invoke("support", event, timeout_s=120)
+        local = await client.invoke("support", event, timeout_s=120)
+        assert deployed.output == local.output
+        assert deployed.metrics["node"] in (a.node_id, b.node_id)
+
+
+async def test_a_request_goes_to_the_node_where_its_function_is_warm(cluster):
+    url, (a, b), _ = cluster
+    async with Client(url) as c:
+        await c.invoke("support", {"message": "hi", "max_new_tokens": 4}, timeout_s=120)
+        # Whichever node the queue group hands a request to, it is served warm: there, or
+        # forwarded to the node that holds the function loaded (unless both pre-loaded it).
+        for _ in range(12):
+            result = await c.invoke("support", {"message": "hi", "max_new_tokens": 4}, timeout_s=60)
+            assert result.metrics["level"] == "loaded", result.metrics
+        support = [f for node in await c.nodes() for f in node["functions"] if f["name"] == "support"]
+        forwarded = sum(f["stats"]["forwarded"] for f in support)
+        both_warm = all("loaded" in f["levels"] for f in support)
+        assert forwarded > 0 or both_warm, support
+
+
+async def test_redeploy_rollback_and_rm_are_picked_up_live(cluster):
+    url, _, folder = cluster
+    async with Client(url) as c:
+        async def version() -> int | None:
+            try:
+                return (await c.invoke("greeter", {}, timeout_s=10)).output["version"]
+            except FunctionNotFound:
+                return None
+
+        out = faas_cli("deploy", str(write_greeter(folder / "v2", 2)), "--nats", url)
+        assert "greeter: version 2" in out.stdout, out.stderr
+        await until(lambda: _eq(version(), 2), what="version 2")
+        # Deploying the same thing again makes no new version.
+        assert "(unchanged)" in faas_cli("deploy", str(folder / "v2"), "--nats", url).stdout
+        out = faas_cli("rollback", "greeter", "--nats", url)
+        assert out.returncode == 0 and "version 1 again" in out.stdout, out.stderr
+        await until(lambda: _eq(version(), 1), what="the rollback to version 1")
+        assert faas_cli("rm", "greeter", "--nats", url).returncode == 0
+        await until(lambda: _eq(version(), None), what="greeter to be gone")
+        with pytest.raises(FunctionNotFound):
+            await c.invoke("greeter", {}, timeout_s=10)
+        assert faas_cli("rm", "greeter", "--nats", url).returncode == 1
+        # A removed function comes back with a rollback (its last version).
+        assert faas_cli("rollback", "greeter", "--nats", url).returncode == 0
+        await until(lambda: _eq(version(), 1), what="greeter back after the rollback")
+
+
+async def _eq(value_coro, expected) -> bool:
+    return await value_coro == expected
+
+
+async def test_each_node_is_a_nats_micro_service(cluster):
+    url, (a, b), _ = cluster
+    nc = await nats.connect(url)
+    try:
+        from faas.client import gather
+
+        pings = [json.loads(m.data) for m in await gather(nc, "$SRV.PING.faas-node")]
+        assert sorted(p["metadata"]["node"] for p in pings) == sorted([a.node_id, b.node_id])
+        infos = [json.loads(m.data) for m in await gather(nc, "$SRV.INFO.faas-node")]
+        assert all(i["name"] == "faas-node" and i["endpoints"][0]["name"] == "status" for i in infos)
+        stats = [json.loads(m.data) for m in await gather(nc, "$SRV.STATS.faas-node")]
+        assert len(stats) == 2
+        for s in stats:
+            data = s["endpoints"][0]["data"]
+            assert "support" in data["functions"]
+            assert {"level", "queued", "rps_1m", "ttft_p50_ms", "ttft_p99_ms"} <= set(data["functions"]["support"])
+    finally:
+        await nc.drain()
+    ping = faas_cli("ping", "--nats", url)
+    assert ping.returncode == 0 and sorted(ping.stdout.split()) == sorted([a.node_id, b.node_id])
+    assert faas_cli("ping", "--node", "no-such-node", "--nats", url).returncode == 1
+    top = faas_cli("top", "--once", "--nats", url)
+    assert top.returncode == 0, top.stderr
+    rows = [line.split() for line in top.stdout.splitlines()[1:]]
+    assert {(r[0], r[1]) for r in rows if len(r) > 1} >= {(a.node_id, "support"), (b.node_id, "support")}
+
+
+def test_a_bad_adapter_is_refused_at_deploy(cluster, models, tmp_path):
+    url, _, _ = cluster
+    support = models / "tiny-llama" / "adapters" / "support"
+    cases = {
+        "pickled": lambda d: (d / "adapter_model.bin").write_bytes(b"\x80\x04pickle"),
+        "elsewhere": lambda d: _edit_config(d, target_modules=["q_proj", "not_a_proj"]),
+    }
+    for name, spoil in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(support, folder / "adapter")
+        spoil(folder / "adapter")
+        (folder / "fn.py").write_text(
+            "from faas import function\nfrom faas.bundled import model_path\n"
+            f"@function(name='bad-{name}', backbone=model_path(), adapter='adapter')\n"
+            "def handler(event, ctx):\n    return {}\n")
+        out = faas_cli("deploy", str(folder), "--nats", url)
+        assert out.returncode == 1, out.stdout
+        assert {"pickled": "pickle file", "elsewhere": "['not_a_proj'] are not in the backbone"}[name] in out.stderr
+    listed = faas_cli("ls", "--json", "--nats", url)
+    assert "bad-" not in listed.stdout
+
+
+def _edit_config(adapter: Path, **changes) -> None:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+
+async def test_after_sigkill_of_a_node_the_other_serves_everything(cluster):
+    url, (a, b), _ = cluster
+    async with Client(url) as c:
+        await c.invoke("support", {"message": "warm", "max_new_tokens": 2}, timeout_s=120)
+        victim, survivor = a, b
+        # Requests in flight when their node dies: the client sees the node it acknowledged
+        # them from vanish and sends them again; every one is answered.
+        slow = [asyncio.create_task(c.invoke("greeter", {"name": f"slow {i}", "sleep_s": 2}, timeout_s=60))
+                for i in range(6)]
+        await asyncio.sleep(1.0)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        started = time.monotonic()
+        answered = await asyncio.gather(*slow)
+        assert [r.output["hello"] for r in answered] == [f"slow {i}" for i in range(6)]
+        assert time.monotonic() - started < 15
+        for i in range(10):
+            for function, event in (("support", {"message": f"after {i}", "max_new_tokens": 4}),
+                                    ("greeter", {"name": str(i)})):
+                result = await c.invoke(function, event, timeout_s=120)
+                assert result.metrics["node"] == survivor.node_id
+        assert time.monotonic() - started < 120
+        pings = await _pings(c)
+        assert pings == [survivor.node_id]
+
+
+async def _pings(c: Client) -> list[str]:
+    from faas.top import ping
+
+    return await ping(c.nc)
+
+
+async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
+    """The documented server config (docker/nats/auth.conf): nodes, operators and producers
+    log in with their own users; a client without credentials is refused."""
+    passwords = {"FAAS_NODE_PASSWORD": "node-secret", "FAAS_ADMIN_PASSWORD": "admin-secret",
+                 "FAAS_PRODUCER_PASSWORD": "producer-secret"}
+    auth_conf = os.path.relpath(ROOT / "docker" / "nats" / "auth.conf", tmp_path)
+    server, url = start_server(tmp_path, f'include "{auth_conf}"\n', env=passwords)
+    node = node_on(url, "node-auth", "63200-63299", tmp_path / "node.log",
+                   env={"FAAS_NATS_USER": "faas-node", "FAAS_NATS_PASSWORD": "node-secret"})
+    try:
+        folder = write_greeter(tmp_path / "fn", 7)
+        as_producer = ("--user", "producer", "--password", "producer-secret")
+        refused = faas_cli("deploy", str(folder), "--nats", url, *as_producer)
+        assert refused.returncode == 1
+        out = faas_cli("deploy", str(folder), "--nats", url, "--user", "faas-admin",
+                       "--password", "admin-secret")
+        assert out.returncode == 0, out.stderr
+        async with Client(url, user="producer", password="producer-secret") as c:
+            reply = await until(lambda: _invoke_or_none(c, "greeter"), what="greeter under auth")
+            assert reply.output["version"] == 7 and reply.metrics["node"] == "node-auth"
+        with pytest.raises(nats.errors.Error, match="(?i)authorization"):
+            await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
+        anonymous = faas_cli("invoke", "greeter", "--nats", url)
+        assert anonymous.returncode == 1 and "uthorization" in anonymous.stderr
+        ping = faas_cli("ping", "--nats", url, "--user", "faas-admin", "--password", "admin-secret")
+        assert ping.stdout.split() == ["node-auth"]
+    finally:
+        node.stop()
+        server.terminate()
+        server.wait(10)
+
+
+async def _invoke_or_none(c: Client, function: str):
+    try:
+        return await c.invoke(function, {}, timeout_s=10)
+    except FunctionNotFound:
+        return None
+
+
+def test_a_backbone_is_found_by_its_fingerprint_not_its_path(models, tmp_path):
+    """A node serves a deployed function with whichever local model has the backbone's
+    config fingerprint; the tools' bookkeeping keys in config.json do not change it."""
+    from faas.artifacts import model_fingerprint
+    from runtime.deployed import ModelFinder
+
+    original = models / "tiny-llama"
+    fingerprint = model_fingerprint(original)
+    copy = tmp_path / "models" / "renamed-llama"
+    copy.mkdir(parents=True)
+    config = json.loads((original / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere",
+                                                  "transformers_version": "0.0.1"}))
+    other = tmp_path / "models" / "qwen"
+    shutil.copytree(models / "tiny-qwen2", other, ignore=shutil.ignore_patterns("adapters"))
+    finder = ModelFinder((tmp_path / "models",))
+    assert finder.find(fingerprint, hint="/no/such/deployer/path") == copy
+    assert finder.find(model_fingerprint(other), hint=None) == other
+    assert finder.find("sha256:" + "0" * 64, hint=str(original)) is None
