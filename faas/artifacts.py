@@ -20,7 +20,7 @@ from typing import Any
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
                          "_commit_hash", "use_cache"}
 # Files a loader would unpickle: arbitrary code on every node that loads them.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
                        r"lora_embedding_B|lora_magnitude_vector)(?:\.[^.]+)?\.?(?:weight)?$")
 
@@ -85,7 +85,7 @@ def adapter_problems(adapter: Path, backbone: Path) -> list[str]:
     weights that are not safetensors, a missing config, modules_to_save or trainable tokens,
     target modules the backbone lacks, or LoRA matrices whose shapes do not fit it."""
     problems = [f"{p.relative_to(adapter)} is a pickle file: only safetensors weights are deployed"
-                for p in sorted(adapter.rglob("*")) if p.suffix in _PICKLE_SUFFIXES]
+                for p in sorted(adapter.rglob("*")) if p.suffix in PICKLE_SUFFIXES]
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         problems.append("has no adapter_model.safetensors")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from faas.errors import FaasError
 from faas.localnode import local_credentials
 
 _ENV = {"user": "FAAS_NATS_USER", "password": "FAAS_NATS_PASSWORD", "token": "FAAS_NATS_TOKEN",
-        "creds": "FAAS_NATS_CREDS", "nkey_seed": "FAAS_NATS_NKEY_SEED"}
+        "creds": "FAAS_NATS_CREDS", "nkey_seed": "FAAS_NATS_NKEY_SEED",
+        "inbox_prefix": "FAAS_NATS_INBOX_PREFIX"}
 # nats-py's names for them.
 _OPTION = {"user": "user", "password": "password", "token": "token", "creds": "user_credentials",
-           "nkey_seed": "nkeys_seed"}
+           "nkey_seed": "nkeys_seed", "inbox_prefix": "inbox_prefix"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class Credentials:
     token: str | None = None
     creds: str | None = None
     nkey_seed: str | None = None
+    # Where replies reach this client (`_INBOX` by default): a server config can then let
+    # each user subscribe to its own prefix only, so no client reads another's replies.
+    inbox_prefix: str | None = None
 
     def __post_init__(self) -> None:
         kinds = [bool(self.user or self.password), bool(self.token), bool(self.creds),
@@ -50,7 +55,8 @@ class Credentials:
             raise ValueError("a NATS user needs a password (and a password a user)")
 
     def __bool__(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self))
+        """Whether it carries a login (the inbox prefix is not one)."""
+        return any(getattr(self, f.name) for f in fields(self) if f.name != "inbox_prefix")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `nats.connect`."""
@@ -68,11 +74,12 @@ def servers(url: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--user`, `--password`, `--token`, `--creds`, `--nkey-seed` (defaults: the environment)."""
+    """`--user`, `--password`, `--token`, `--creds`, `--nkey-seed`, `--inbox-prefix` (defaults:
+    the environment)."""
     group = parser.add_argument_group("NATS login (defaults from FAAS_NATS_* variables)")
     for name, var in _ENV.items():
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"nats_{name}", default=os.environ.get(var),
-                           metavar="FILE" if name in ("creds", "nkey_seed") else name.upper(),
+                           metavar="FILE" if name in ("creds", "nkey_seed") else name.upper().replace("_", "-"),
                            help=f"(env {var})")
 
 
@@ -88,8 +95,20 @@ async def connect(url: str, credentials: Credentials, state_dir: Path | None = N
     """A one-shot command's connection for operator work (deploys, JetStream state): with
     the given login, else the embedded server's node login when this user can read it (a
     local admin), else none. Fails at once when the server cannot be reached."""
-    login = credentials.options() or local_credentials(state_dir)
+    login = credentials.options() if credentials else {**local_credentials(state_dir),
+                                                        **credentials.options()}
+    errors: list[Exception] = []
+
+    async def first_error(exc: Exception) -> None:
+        # One line each (nats-py's default logs a traceback), e.g. a permission the login
+        # lacks, which the server reports apart from the request it then lets time out.
+        if not errors or str(errors[-1]) != str(exc):
+            print(f"nats: {exc}", file=sys.stderr)
+        errors.append(exc)
+
     try:
-        return await nats.connect(servers(url), max_reconnect_attempts=1, connect_timeout=2, **login, **options)
+        return await nats.connect(servers(url), max_reconnect_attempts=1, connect_timeout=2,
+                                  error_cb=first_error, **login, **options)
     except (nats.errors.Error, OSError) as exc:
-        raise FaasError(f"cannot connect to NATS at {url}: {exc}") from None
+        cause = f" ({errors[0]})" if errors and errors[0] is not exc else ""
+        raise FaasError(f"cannot connect to NATS at {url}: {exc}{cause}") from None

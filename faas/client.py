@@ -32,6 +32,8 @@ from faas.protocol import Chunk, Encoding, Invocation
 
 # The node answers 504 when the budget runs out; wait a little longer for that reply.
 _REPLY_GRACE_S = 2.0
+# A node acknowledges a request as it takes it; none within this long: it died holding it.
+_ACK_WAIT_S = 3.0
 # nats-py retries a dead server 60 times, 2 s apart, before failing; a producer wants to know
 # within seconds. Any of these can be overridden through Client(url, **options).
 _CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 2, "reconnect_time_wait": 0.5,
@@ -85,8 +87,10 @@ class Client:
 
         The node that takes the request says so at once (`Faas-Ack`); while the reply is
         pending the client checks that node is alive, and if it died (no responder, or
-        three pings of 1 s unanswered) sends the request again, with the same id and the
-        budget left, up to `retries` times: a handler may then run more than once."""
+        three pings of 1 s unanswered), or no node acknowledged the request within
+        `_ACK_WAIT_S` (its node died holding it unread), sends it again, with the same id
+        and the budget left, up to `retries` times: a handler may then run more than once
+        (a node still holding the request ignores the copy)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         request_id = request_id or protocol.new_request_id()
@@ -98,7 +102,8 @@ class Client:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
-                headers = {**_request_headers(left, request_id), protocol.HDR_ACK: "true"}
+                headers = {**_request_headers(left, request_id), protocol.HDR_ACK: "true",
+                           **({protocol.HDR_RETRY: str(attempt)} if attempt else {})}
                 await self.nc.publish(protocol.invoke_subject(function), body, reply=inbox, headers=headers)
                 reply = await self._await_reply(sub, deadline + _REPLY_GRACE_S, function)
                 if reply is not None:
@@ -111,14 +116,17 @@ class Client:
     async def _await_reply(self, sub: Any, deadline: float, function: str) -> Any:
         """The reply on `sub`, or None when the node that acknowledged the request died."""
         loop = asyncio.get_running_loop()
-        node, missed = None, 0
+        node, missed, sent = None, 0, loop.time()
         while (left := deadline - loop.time()) > 0:
             try:
                 msg = await sub.next_msg(timeout=min(1.0, left))
             except nats.errors.TimeoutError:
+                if node is None and loop.time() - sent > _ACK_WAIT_S:
+                    return None
                 if node is not None:
-                    missed = 0 if await self._alive(node) else missed + 1
-                    if missed >= 3:
+                    alive = await self._alive(node)
+                    missed = 0 if alive else missed + 1
+                    if alive is False or missed >= 3:
                         return None
                 continue
             headers = msg.headers or {}
@@ -133,14 +141,16 @@ class Client:
             return msg
         return None
 
-    async def _alive(self, node: str) -> bool:
+    async def _alive(self, node: str) -> bool | None:
+        """Whether `node` answers a ping: False when it is gone (nothing subscribes to its
+        ping subject any more), None when the ping timed out (busy, or unreachable)."""
         try:
             await self.nc.request(protocol.node_ping_subject(node), b"", timeout=1.0)
             return True
         except nats.errors.NoRespondersError:
             return False
         except nats.errors.TimeoutError:
-            return False
+            return None
 
     def stream(self, function: str, event: dict[str, Any] | None = None, *,
                timeout_s: float = 60.0, request_id: str | None = None) -> Stream:

@@ -14,6 +14,7 @@ A record: `{"name", "version", "deployed_at", "spec": {timeouts, batching, trigg
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -21,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, ObjectNotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    ObjectNotFoundError,
+)
 
 from faas import protocol
 from faas.artifacts import adapter_problems, model_fingerprint
-from faas.errors import BadRequest, FunctionNotFound
+from faas.errors import BadRequest, FunctionNotFound, Overloaded
 
 # Versions kept per function (the most a JetStream KV bucket keeps).
 HISTORY = 64
@@ -83,22 +91,83 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 async def _buckets(nc: NATS) -> tuple[Any, Any]:
     js = nc.jetstream()
-    kv = await js.create_key_value(bucket=protocol.FUNCTIONS_BUCKET, history=HISTORY)
-    store = await js.create_object_store(protocol.ARTIFACTS_BUCKET)
+    kv = await js.create_key_value(bucket=protocol.FUNCTIONS_BUCKET, history=HISTORY,
+                                   replicas=protocol.js_replicas())
+    store = await js.create_object_store(protocol.ARTIFACTS_BUCKET, replicas=protocol.js_replicas())
     return kv, store
 
 
 def decode_record(value: bytes) -> dict[str, Any]:
-    return json.loads(value)
+    """A record from the bucket, checked for the shape nodes rely on (the bucket may hold
+    anything someone with write access to it put there). ValueError otherwise."""
+    record = json.loads(value)
+    if not (isinstance(record, dict) and isinstance(record.get("name"), str)
+            and type(record.get("version")) is int and record["version"] >= 1
+            and isinstance(record.get("spec"), dict) and isinstance(record.get("code"), dict)
+            and isinstance(record["code"].get("files"), dict)
+            and record["code"].get("file") in record["code"]["files"]
+            and all(_plain_path(p) and _digest_like(d) for p, d in record["code"]["files"].items())
+            and all("/" not in p for p in record["code"]["files"])
+            and (record.get("adapter") is None
+                 or isinstance(record["adapter"], dict) and isinstance(record["adapter"].get("files"), dict)
+                 and all(_plain_path(p) and _digest_like(d) for p, d in record["adapter"]["files"].items()))
+            and (record.get("backbone") is None
+                 or isinstance(record["backbone"], dict)
+                 and isinstance(record["backbone"].get("fingerprint"), str))):
+        raise ValueError("not a function record")
+    return record
 
 
-async def _versions(kv: Any, name: str) -> list[dict[str, Any]]:
-    """Every version of `name` kept (oldest first), with None for a removal."""
+def _plain_path(path: object) -> bool:
+    """A relative path inside its folder: no absolute path, no `..`, no empty part."""
+    return (isinstance(path, str) and 0 < len(path) < 512 and not path.startswith("/")
+            and all(part not in ("", ".", "..") for part in path.split("/")))
+
+
+def _digest_like(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+async def _versions(kv: Any, name: str) -> tuple[list[dict[str, Any] | None], int]:
+    """Every version of `name` kept (oldest first; None for a removal; entries that are not
+    records are skipped) and the key's last revision (0: never written)."""
+    for attempt in range(4):
+        try:
+            entries = await kv.history(name)
+            break
+        except NoKeysError:
+            # nats-py's history watch can end before its first message arrives; an empty
+            # history of a key that exists is that race, not an answer.
+            try:
+                await kv.get(name)
+            except KeyNotFoundError as exc:
+                if exc.entry is None:  # never written (a removed key has a marker entry)
+                    return [], 0
+            await asyncio.sleep(0.05 * (attempt + 1))
+    else:
+        raise Overloaded(f"JetStream did not return the versions of {name}: try again")
+    versions: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry.operation is not None or not entry.value:
+            versions.append(None)
+            continue
+        try:
+            versions.append(decode_record(entry.value))
+        except ValueError:
+            continue
+    return versions, entries[-1].revision
+
+
+async def _put(kv: Any, name: str, record: dict[str, Any], revision: int) -> None:
+    """Write `record` only if nobody wrote `name` since `revision` (two deployers at once:
+    one of them fails and says so, instead of both getting the same version number)."""
     try:
-        entries = await kv.history(name)
-    except NoKeysError:
-        return []
-    return [decode_record(e.value) if e.value and e.operation is None else None for e in entries]
+        if revision:
+            await kv.update(name, json.dumps(record).encode(), last=revision)
+        else:
+            await kv.create(name, json.dumps(record).encode())
+    except (KeyWrongLastSequenceError, BadRequestError):
+        raise Overloaded(f"{name} was deployed by someone else meanwhile: try again") from None
 
 
 async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]]) -> list[dict[str, Any]]:
@@ -113,14 +182,13 @@ async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]
                 await store.put(key, data)
     rows = []
     for record, _blobs in records:
-        versions = await _versions(kv, record["name"])
+        versions, revision = await _versions(kv, record["name"])
         current = versions[-1] if versions else None
         if current is not None and _same(current, record):
             rows.append({"name": record["name"], "version": current["version"], "changed": False})
             continue
         version = 1 + max((v["version"] for v in versions if v), default=0)
-        await kv.put(record["name"], json.dumps({**record, "version": version,
-                                                 "deployed_at": time.time()}).encode())
+        await _put(kv, record["name"], {**record, "version": version, "deployed_at": time.time()}, revision)
         rows.append({"name": record["name"], "version": version, "changed": True})
     return rows
 
@@ -139,7 +207,7 @@ async def rollback(nc: NATS, name: str) -> dict[str, Any]:
     """Serve the version before the current one again (after a removal: the last one
     served). Returns the record now current."""
     kv, _ = await _buckets(nc)
-    versions = await _versions(kv, name)
+    versions, revision = await _versions(kv, name)
     kept = [v for v in versions if v]
     if not kept:
         raise FunctionNotFound(f"no deployed function named {name!r}")
@@ -153,7 +221,7 @@ async def rollback(nc: NATS, name: str) -> dict[str, Any]:
         earlier = max(older, key=lambda v: v["version"])
     record = {**earlier, "deployed_at": time.time(),
               "rolled_back_from": current["version"] if current else None}
-    await kv.put(name, json.dumps(record).encode())
+    await _put(kv, name, record, revision)
     return record
 
 
@@ -171,6 +239,6 @@ async def deployed(nc: NATS) -> list[dict[str, Any]]:
     for name in sorted(names):
         try:
             records.append(decode_record((await kv.get(name)).value))
-        except KeyNotFoundError:
+        except (KeyNotFoundError, ValueError):
             continue
     return records

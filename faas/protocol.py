@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -55,6 +56,18 @@ NODE_PREFIX = "faas.node."
 # The NATS micro service every node runs ($SRV.PING/INFO/STATS.faas-node).
 SERVICE_NAME = "faas-node"
 
+
+
+def js_replicas() -> int:
+    """Copies JetStream keeps of each faas stream, bucket and object store:
+    `$FAAS_JS_REPLICAS` (default 1; 3 on a cluster of 3 or more servers, so state survives
+    the loss of one). Set when they are first created."""
+    try:
+        return max(1, min(5, int(os.environ.get("FAAS_JS_REPLICAS", "1"))))
+    except ValueError:
+        return 1
+
+
 HDR_CONTENT_TYPE = "Content-Type"
 HDR_REQUEST_ID = "Faas-Request-Id"
 HDR_TIMEOUT_MS = "Faas-Timeout-Ms"
@@ -69,6 +82,9 @@ HDR_RETRY_AFTER_MS = "Faas-Retry-After-Ms"
 # A caller asking `Faas-Ack: true` gets an empty message with `Faas-Ack: <node id>` as soon
 # as a node takes its request: it can then tell a slow reply from a dead node (and retry).
 HDR_ACK = "Faas-Ack"
+# On a caller's second and later attempts of one request (same id): a node still holding
+# the request answers it to the retry's reply subject; without it a reused id gets a 400.
+HDR_RETRY = "Faas-Retry"
 # Set by a node that forwards a request to another: the receiver serves it, never forwards.
 HDR_FORWARDED_BY = "Faas-Forwarded-By"
 HDR_ERROR = "Nats-Service-Error"
@@ -119,6 +135,16 @@ _NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def valid_node_id(node: str) -> bool:
     """A node id is one subject token (it names the node's own subjects)."""
     return bool(_NODE_ID_RE.match(node))
+
+
+_RESERVED_REPLY_PREFIXES = ("$", "faas.", "events.")
+
+
+def valid_reply_subject(subject: str) -> bool:
+    """Whether a node may publish a reply there: not into NATS's system subjects (JetStream,
+    KV, object store, micro), nor faas's own or the events' namespaces."""
+    return valid_subject(subject) and "*" not in subject and ">" not in subject \
+        and not subject.startswith(_RESERVED_REPLY_PREFIXES)
 
 
 def node_invoke_subject(node: str, function: str) -> str:

@@ -236,7 +236,11 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
 
     def decorate(handler: Handler) -> Handler:
         base = Path(_defining_file(handler) or ".").resolve().parent
-        models = _NODE_MODELS.get(name) or (_resolve(backbone, base), _resolve(adapter, base))
+        if _NODE_MODELS:  # a deployed file: the node resolved the models of the one it serves;
+            # the others declared beside it are not served by this process
+            models = _NODE_MODELS.get(name, (None, None))
+        else:
+            models = (_resolve(backbone, base), _resolve(adapter, base))
         spec = FunctionSpec(name=name, handler=handler, backbone=models[0],
                             adapter=models[1], timeout_s=timeout_s,
                             max_queue=max_queue, max_instances=max_instances,

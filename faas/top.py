@@ -40,7 +40,7 @@ def render(nodes: list[dict[str, Any]]) -> str:
 
     rows: list[tuple[Any, ...]] = [("NODE", "FUNCTION", "VER", "LEVEL", "IDLE", "BUSY", "ACTIVE",
                                     "QUEUED", "REQS", "ERRS", "RPS", "TTFT_P50", "TTFT_P99",
-                                    "LAT_P50", "LAT_P99", "MEM_MIB")]
+                                    "LAT_P50", "LAT_P99", "NODE_MIB")]
     for node in nodes:
         memory = f"{node.get('memory', {}).get('host_bytes', 0) / 2**20:.0f}"
         for name, fn in sorted(node.get("functions", {}).items()):

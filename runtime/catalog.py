@@ -56,15 +56,19 @@ class Catalog:
     _next_uid: int = 0  # the next uid for a function deployed later
     _lock_fds: list[int] = field(default_factory=list, repr=False)
 
-    def isolation_for(self, folder: Path, models: tuple[str | None, ...]) -> Isolation:
-        """The isolation of a function deployed while the node runs: a uid of its own
-        from the range (never one handed out before), as for the functions folders."""
+    def new_uid(self) -> int | None:
+        """A uid from the range never handed out before (for a function deployed while the
+        node runs), or None without sandbox uids."""
         if self.uids is None:
-            return Isolation()
+            return None
         if self._next_uid > self.uids[1]:
             raise FaasError(f"no sandbox uid left in {self.uids[0]}-{self.uids[1]}")
         self._next_uid += 1
-        return _isolation(self._next_uid - 1, folder, self.network_isolation, models)
+        return self._next_uid - 1
+
+    def isolation_for(self, uid: int | None, folder: Path, models: tuple[str | None, ...]) -> Isolation:
+        """The isolation of a deployed function: as for the functions folders' ones."""
+        return _isolation(uid, folder, self.network_isolation, models)
 
     def close(self) -> None:
         for fd in self._lock_fds:

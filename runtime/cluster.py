@@ -53,7 +53,8 @@ class Cluster:
     async def start(self) -> None:
         try:
             self._kv = await self.nc.jetstream().create_key_value(
-                bucket=protocol.NODES_BUCKET, history=1, ttl=self.stale_s * 5)
+                bucket=protocol.NODES_BUCKET, history=1, ttl=self.stale_s * 5,
+                replicas=protocol.js_replicas())
             self._watcher = await self._kv.watchall()
         except (NatsError, TimeoutError) as exc:
             self.log.warning("cluster_state_unavailable", error=f"{type(exc).__name__}: {exc}",
@@ -80,7 +81,7 @@ class Cluster:
     async def _put(self) -> None:
         try:
             await self._kv.put(self.node_id, json.dumps(self.warm_state()).encode())
-        except (NatsError, TimeoutError) as exc:
+        except Exception as exc:  # a failed publish must not end the loop: peers would drop us
             self.log.warning("cluster_publish_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _watch(self) -> None:

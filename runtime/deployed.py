@@ -25,9 +25,10 @@ from typing import Any, Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
-from faas.artifacts import model_fingerprint
+from faas.artifacts import PICKLE_SUFFIXES, model_fingerprint
 from faas.deploy import HISTORY, decode_record
 from faas.errors import FaasError
 from faas.logs import get_logger
@@ -80,15 +81,17 @@ class Deployments:
         self.unavailable: dict[str, str] = {}  # deployed, not servable here: why
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._isolation: dict[str, Isolation] = {}
+        self._uids: dict[str, int | None] = {}  # one per function for the node's life
+        self._unserved: dict[str, Any] = {}  # the entries of self.unavailable
         self.log = get_logger(component="deployed")
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Serve what is deployed now (before the node says it is ready), then follow."""
         try:
-            kv = await self.nc.jetstream().create_key_value(bucket=protocol.FUNCTIONS_BUCKET,
-                                                            history=HISTORY)
-            await self.nc.jetstream().create_object_store(protocol.ARTIFACTS_BUCKET)
+            js = self.nc.jetstream()
+            kv = await js.create_key_value(bucket=protocol.FUNCTIONS_BUCKET, history=HISTORY,
+                                           replicas=protocol.js_replicas())
+            await js.create_object_store(protocol.ARTIFACTS_BUCKET, replicas=protocol.js_replicas())
             self._watcher = await kv.watchall()
         except (NatsError, TimeoutError) as exc:
             self.log.warning("deployments_unavailable", error=f"{type(exc).__name__}: {exc}",
@@ -102,8 +105,18 @@ class Deployments:
         self._task = asyncio.create_task(self._follow(), name="deployments")
         self.log.info("deployments_served", functions=self.versions, unavailable=sorted(self.unavailable))
 
-    async def _follow(self) -> None:
-        async for entry in self._watcher:
+    async def _follow(self, retry_s: float = 30.0) -> None:
+        """Apply each change; every `retry_s` without one, try again what could not be
+        served (a model mounted since, a bundled model built since)."""
+        while True:
+            try:
+                entry = await self._watcher.updates(timeout=retry_s)
+            except NatsTimeout:
+                for entry in list(self._unserved.values()):
+                    await self._apply(entry)
+                continue
+            if entry is self._watcher.STOP_ITER:  # stopped: the node is closing
+                return
             if entry is not None:
                 await self._apply(entry)
 
@@ -112,9 +125,10 @@ class Deployments:
         if name in self.local:
             self.log.warning("deploy_shadowed", fn=name, why="a function of this node's folders has that name")
             return
+        self.unavailable.pop(name, None)
+        self._unserved.pop(name, None)
         try:
             if entry.operation is not None or not entry.value:  # a removal
-                self.unavailable.pop(name, None)
                 if self.versions.pop(name, None) is not None:
                     await self._remove(name)
                     self.log.info("deploy_removed", fn=name)
@@ -125,12 +139,13 @@ class Deployments:
             spec, isolation = await self._materialize(name, record, entry.value)
             await self._add(spec, isolation)
             self.versions[name] = record["version"]
-            self.unavailable.pop(name, None)
             self.log.info("deploy_served", fn=name, version=record["version"], backbone=spec["backbone"])
-        except (FaasError, NatsError, OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # whatever the record holds, the watch goes on
             why = exc.message if isinstance(exc, FaasError) else f"{type(exc).__name__}: {exc}"
             self.unavailable[name] = why
-            self.log.error("deploy_not_served", fn=name, error=why)
+            self._unserved[name] = entry
+            # A version served before stays: a bad record does not take a function down.
+            self.log.error("deploy_not_served", fn=name, error=why, still_serving=self.versions.get(name))
 
     async def _materialize(self, name: str, record: dict[str, Any],
                            raw: bytes) -> tuple[dict[str, Any], Isolation]:
@@ -151,9 +166,12 @@ class Deployments:
         problem = spec_problem(spec, Path(spec["source_file"]))
         if problem:
             raise FaasError(f"deployed record of {name!r} is not a valid function: {problem}")
-        if name not in self._isolation:  # one uid per function for the node's life
-            self._isolation[name] = self.catalog.isolation_for(self.root / name, (backbone,))
-        isolation = self._isolation[name]
+        pickled = [p for p in (record["adapter"] or {"files": {}})["files"] if p.endswith(PICKLE_SUFFIXES)]
+        if pickled:
+            raise FaasError(f"deployed adapter carries pickle files {pickled[:2]}: only safetensors")
+        if name not in self._uids:
+            self._uids[name] = self.catalog.new_uid()
+        isolation = self.catalog.isolation_for(self._uids[name], self.root / name, (backbone,))
         if not (folder / ".complete").exists():
             await self._download(folder, record, isolation.uid)
         return {**spec, "deployed": record["version"]}, isolation
@@ -166,7 +184,7 @@ class Deployments:
                  **{f"adapter/{path}": key for path, key in (record["adapter"] or {"files": {}})["files"].items()}}
         for relative, key in files.items():
             target = (partial / relative).resolve()
-            if not target.is_relative_to(partial.resolve()):
+            if not target.is_relative_to(partial.resolve()):  # decode_record refused these already
                 raise FaasError(f"deployed file {relative!r} points outside its folder")
             data = (await store.get(key)).data or b""
             if hashlib.sha256(data).hexdigest() != key:

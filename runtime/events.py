@@ -143,7 +143,7 @@ class EventConsumers:
 
     async def _ensure_stream(self, name: str, subjects: list[str]) -> None:
         config = dict(name=name, subjects=subjects, max_age=_WEEK_S, storage=StorageType.FILE,
-                      duplicate_window=120.0)
+                      duplicate_window=120.0, num_replicas=protocol.js_replicas())
         try:
             await self.js.add_stream(**config)
         except BadRequestError:  # it exists with other settings: ours win

@@ -50,7 +50,7 @@ class History:
         js = self.nc.jetstream()
         config = dict(name=protocol.HISTORY_STREAM, subjects=[protocol.HISTORY_PREFIX + ">"],
                       max_msgs_per_subject=self.keep, max_age=self.max_age_s,
-                      storage=StorageType.FILE)
+                      storage=StorageType.FILE, num_replicas=protocol.js_replicas())
         try:
             try:
                 await js.add_stream(**config)

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
@@ -97,6 +98,24 @@ def _header_ms(headers: dict[str, str], name: str) -> float | None:
     return value
 
 
+# How long past the request's deadline a forwarding node waits for its peer's 504.
+_FORWARD_GRACE_S = 5.0
+
+
+def _forward_headers(headers: dict[str, str], node_id: str, request_id: str) -> dict[str, str]:
+    """The request's headers for a peer: marked as forwarded (so it is served there, not
+    forwarded again) with its budget as an absolute deadline (a fallback here, or the peer,
+    must not start it afresh). BadRequest when the budget headers are not numbers."""
+    timeout_ms = _header_ms(headers, protocol.HDR_TIMEOUT_MS)
+    deadline_ms = _header_ms(headers, protocol.HDR_DEADLINE_MS)
+    # Without either the function's timeout_s applies; the peer caps it, the relay waits
+    # for a day at most.
+    limit = time.time() * 1000 + (timeout_ms if timeout_ms is not None else 86_400_000)
+    deadline = min(limit, deadline_ms) if deadline_ms is not None else limit
+    return {**headers, protocol.HDR_FORWARDED_BY: node_id, protocol.HDR_REQUEST_ID: request_id,
+            protocol.HDR_DEADLINE_MS: str(int(deadline))}
+
+
 def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
     """The request's budget: the caller's `Faas-Timeout-Ms` and `Faas-Deadline-Ms` (Unix
     time), capped by the function's `timeout_s` (the function's own limit wins, so a caller
@@ -158,7 +177,9 @@ class Node:
         self.events = EventConsumers(nc, self.pools, self.history, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancels: dict[str, asyncio.Event] = {}  # in-flight requests, by id
-        self._subs: list[Subscription] = []
+        self._replies: dict[str, str] = {}  # their reply subjects
+        self._subs: list[Subscription] = []  # what brings requests: closed first on drain
+        self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
 
     def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
@@ -179,11 +200,11 @@ class Node:
         await self.history.start()
         await self.cluster.start()
         # Every node hears every cancel; the one holding the request acts on it.
-        self._subs.append(await self.nc.subscribe(protocol.CANCEL_WILDCARD, cb=self._on_cancel))
+        self._control.append(await self.nc.subscribe(protocol.CANCEL_WILDCARD, cb=self._on_cancel))
         self._subs.append(await self.nc.subscribe(protocol.ADMIN_LS_SUBJECT, cb=self._on_ls))
         self._subs.append(await self.nc.subscribe(
             protocol.node_invoke_subject(self.node_id, "*"), cb=self._on_forwarded))
-        self._subs.append(await self.nc.subscribe(protocol.node_ping_subject(self.node_id),
+        self._control.append(await self.nc.subscribe(protocol.node_ping_subject(self.node_id),
                                                   cb=self._on_ping))
         self._subs.append(await self.nc.subscribe(
             protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
@@ -225,6 +246,7 @@ class Node:
         if self.preloader is not None:
             self.preloader.poke()
         self.cluster.poke()
+        self.service.refresh()
 
     def warm_state(self) -> dict[str, Any]:
         """What other nodes read to forward here: per function the level of the best idle
@@ -246,7 +268,7 @@ class Node:
         await self._admit(msg, may_forward=False)
 
     async def _on_ping(self, msg: Msg) -> None:
-        if msg.reply:
+        if msg.reply and protocol.valid_reply_subject(msg.reply):
             await self._publish(msg.reply, b"ok", {}, self.log)
 
     async def _admit(self, msg: Msg, may_forward: bool) -> None:
@@ -258,11 +280,20 @@ class Node:
         request_id = headers.get(protocol.HDR_REQUEST_ID) or protocol.new_request_id()
         function = protocol.function_from_subject(msg.subject)
         log = self.log.bind(fn=function, req=request_id)
-        if not msg.reply:
-            log.warning("invoke_without_reply_subject")
+        if not msg.reply or not protocol.valid_reply_subject(msg.reply):
+            # A reply subject in a system or faas namespace would make the node publish
+            # there with its own rights (e.g. into a KV bucket): no reply at all.
+            log.warning("invoke_reply_subject_refused", reply=msg.reply)
             return
         stream = protocol.wants_stream(headers)
         final = {protocol.HDR_FINAL: "true"} if stream else {}
+        if request_id in self._replies and (self._replies[request_id] == msg.reply
+                                            or protocol.HDR_RETRY in headers):
+            # A caller's retry of a request in flight here (the node it reached first, or
+            # the one that forwarded it here, died): it is answered where the caller listens now.
+            self._replies[request_id] = msg.reply
+            await self._ack(msg, headers, log)
+            return
         try:
             if request_id in self._cancels:  # its replies and cancels would be ambiguous
                 raise BadRequest(f"a request with id {request_id!r} is already in flight")
@@ -290,6 +321,7 @@ class Node:
             return
         await self._ack(msg, headers, log)
         cancel = self._cancels[request_id] = asyncio.Event()
+        self._replies[request_id] = msg.reply
         self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline,
                               stream, cancel))
 
@@ -309,25 +341,31 @@ class Node:
         the caller. When the peer is gone before its reply (no responder, or its pings go
         unanswered) the request is served here instead, unless chunks were relayed already:
         a stream cannot be replayed, so it gets a 503."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        headers = {**(msg.headers or {}), protocol.HDR_FORWARDED_BY: self.node_id,
-                   protocol.HDR_REQUEST_ID: request_id}
         relayed = 0
         self.stats[function].forwarded += 1
         log = log.bind(peer=peer)
         try:
+            headers = _forward_headers(msg.headers or {}, self.node_id, request_id)
+            deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
+            sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
+        except (BadRequest, NatsError) as exc:
+            err = exc if isinstance(exc, BadRequest) else Overloaded(f"cannot forward: {exc}")
+            await self._reply_error(msg, err, protocol.request_encoding(msg.data, msg.headers),
+                                    request_id, log, {protocol.HDR_FINAL: "true"} if stream else {})
+            return
+        try:
             await self.nc.publish(protocol.node_invoke_subject(peer, function), msg.data,
                                   reply=inbox, headers=headers)
             silent = 0
-            while True:
+            while time.time() < deadline:
                 try:
                     reply = await sub.next_msg(timeout=1.0)
                 except NatsTimeout:
-                    silent = 0 if await self._alive(peer) else silent + 1
-                    if silent < 2:
-                        continue
-                    break
+                    alive = await self._alive(peer)
+                    silent = 0 if alive else silent + 1
+                    if alive is False or silent >= 3:
+                        break
+                    continue
                 if (reply.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
                     break
                 await self._publish(msg.reply, reply.data, reply.headers or {}, log)
@@ -335,8 +373,18 @@ class Node:
                 if not stream or protocol.is_final(reply.headers):
                     log.debug("forwarded")
                     return
+        except NatsError as exc:
+            log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            await sub.unsubscribe()
+            try:
+                await sub.unsubscribe()
+            except NatsError:
+                pass
+        if time.time() >= deadline:  # the peer lives but never answered (it lost the request)
+            await self._reply_error(msg, DeadlineExceeded(f"node {peer} did not answer in time"),
+                                    protocol.request_encoding(msg.data, msg.headers), request_id, log,
+                                    {protocol.HDR_FINAL: "true"} if stream else {})
+            return
         self.cluster.forget(peer)
         if relayed:
             err = Overloaded(f"node {peer} stopped answering in the middle of the stream")
@@ -346,12 +394,15 @@ class Node:
         log.warning("forward_failed_serving_here")
         await self._admit(msg, may_forward=False)
 
-    async def _alive(self, peer: str) -> bool:
+    async def _alive(self, peer: str) -> bool | None:
+        """True: it answers; False: it is gone (no responder); None: the ping timed out."""
         try:
             await self.nc.request(protocol.node_ping_subject(peer), b"", timeout=1.0)
             return True
-        except (NatsTimeout, NatsError):
+        except NoRespondersError:
             return False
+        except (NatsTimeout, NatsError):
+            return None
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
@@ -364,6 +415,11 @@ class Node:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task_failed", error=repr(task.exception()))
 
     async def _serve(self, msg: Msg, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
                      request_id: str, received: float, deadline: float, stream: bool,
@@ -376,28 +432,31 @@ class Node:
         finally:
             if self._cancels.get(request_id) is cancel:
                 del self._cancels[request_id]
+                del self._replies[request_id]
 
     async def _serve_one(self, msg: Msg, pool: FunctionPool, event: dict[str, Any],
                          encoding: Encoding, request_id: str, received: float, deadline: float,
                          stream: bool, cancel: asyncio.Event, final: dict[str, str],
                          log: Any) -> None:
         async def send_chunk(chunk: dict[str, Any]) -> None:
-            await self._publish(msg.reply, *protocol.chunk_message(chunk, encoding, request_id), log)
+            await self._publish(self._reply_to(request_id, msg),
+                                *protocol.chunk_message(chunk, encoding, request_id), log)
 
         try:
             served = await pool.serve(request_id, event, deadline, received=received, stream=stream,
                                       on_chunk=send_chunk if stream else None, cancel=cancel)
         except FaasError as err:
-            await self._reply_error(msg, err, encoding, request_id, log, final)
+            await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
             return
         except asyncio.CancelledError:
             await self._reply_error(msg, Overloaded("the node shut down before the request "
-                                                    "completed"), encoding, request_id, log, final)
+                                                    "completed"), encoding, request_id, log, final,
+                                   self._reply_to(request_id, msg))
             raise
         except Exception:
             log.exception("serve_failed")
             await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
-                                    request_id, log, final)
+                                    request_id, log, final, self._reply_to(request_id, msg))
             return
         result = served.result
         ttft_ms = None
@@ -412,29 +471,34 @@ class Node:
             body, headers = protocol.ok_reply(result.output, metrics, encoding)
         except (TypeError, ValueError) as exc:
             err = HandlerError(f"output cannot be encoded as {encoding.value}: {exc}")
-            await self._reply_error(msg, err, encoding, request_id, log, final)
+            await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
             return
         headers.update(final)
         size = protocol.wire_size(body, headers)
         if size > self.nc.max_payload:
             err = HandlerError(f"reply of {size} bytes exceeds the server's max payload "
                                f"of {self.nc.max_payload} bytes")
-            await self._reply_error(msg, err, encoding, request_id, log, final)
+            await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
             return
-        await self._publish(msg.reply, body, headers, log)
+        await self._publish(self._reply_to(request_id, msg), body, headers, log)
         self.stats[pool.name].record(metrics.ttft_ms, metrics.total_ms)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
 
+    def _reply_to(self, request_id: str, msg: Msg) -> str:
+        """Where the reply of a request in flight goes: its caller's latest inbox (a caller
+        that retried, after the node that forwarded the request died, listens there)."""
+        return self._replies.get(request_id, msg.reply)
+
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
-                           log: Any, final: dict[str, str] | None = None) -> None:
+                           log: Any, final: dict[str, str] | None = None, to: str | None = None) -> None:
         log.warning("invoke_failed", code=err.code, error=err.message)
         function = protocol.function_from_subject(msg.subject)
         if function in self.pools:  # not for names nobody serves: no unbounded table
             self.stats[function].record_error(err.code)
         body, headers = protocol.error_reply(err, encoding, request_id)
         headers.update(final or {})
-        await self._publish(msg.reply, body, headers, log)
+        await self._publish(to or msg.reply, body, headers, log)
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str], log: Any) -> None:
         try:
@@ -464,12 +528,19 @@ class Node:
             for name, pool in sorted(self.pools.items())]}
 
     async def _on_ls(self, msg: Msg) -> None:
-        if msg.reply:
+        if msg.reply and protocol.valid_reply_subject(msg.reply):
             encoding = protocol.request_encoding(msg.data, msg.headers)
             await self._publish(msg.reply, protocol.encode(self.describe(), encoding),
                                 protocol.reply_headers(encoding, ""), self.log)
 
     # --- shutdown -------------------------------------------------------------------
+
+    async def _drain_subs(self, subs: list[Subscription]) -> None:
+        for sub in subs:
+            try:
+                await sub.drain()
+            except NatsError as exc:
+                self.log.warning("unsubscribe_failed", error=str(exc))
 
     async def drain(self) -> None:
         """Stop taking requests, answer what is in flight (cancelled past the drain timeout,
@@ -478,11 +549,7 @@ class Node:
         await self.cluster.close()  # peers stop forwarding here
         await self.service.stop()
         await self.deployments.close()
-        for sub in self._subs:
-            try:
-                await sub.drain()
-            except NatsError as exc:
-                self.log.warning("unsubscribe_failed", error=str(exc))
+        await self._drain_subs(self._subs)
         await self.events.close(self.config.drain_timeout_s)  # no new event; those in flight end
         if self.preloader is not None:  # nothing new starts ahead of requests from now on
             await self.preloader.close()
@@ -492,6 +559,8 @@ class Node:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        # Callers of what was in flight pinged this node to tell slow from dead: until now.
+        await self._drain_subs(self._control)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         self.deployments.remove_files()
         await self.contention.close()

@@ -40,14 +40,21 @@ class NodeService:
         self.nc = nc
         self.node = node
         self._service: Any = None
+        # nats.micro answers INFO and PING with this very dict: refresh() keeps it current.
+        self.metadata: dict[str, str] = {"node": node.node_id, "device": node.config.device}
+        self.refresh()
         self.log = get_logger(component="service")
+
+    def refresh(self) -> None:
+        """The functions this node serves, in its INFO/PING metadata (comma-separated)."""
+        self.metadata["functions"] = ",".join(sorted(self.node.pools))
 
     async def start(self) -> None:
         node = self.node
         self._service = await micro.add_service(
             self.nc, name=protocol.SERVICE_NAME, version=_version(),
             description="faas runtime node: serverless LoRA functions",
-            metadata={"node": node.node_id, "device": node.config.device},
+            metadata=self.metadata,
             stats_handler=lambda _endpoint: self.stats())
         await self._service.add_endpoint(name="status", subject=protocol.node_status_subject(node.node_id),
                                          handler=self._status)

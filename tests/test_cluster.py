@@ -56,10 +56,11 @@ def start_server(folder: Path, config: str = "", env: dict[str, str] | None = No
     return proc, f"nats://127.0.0.1:{port}"
 
 
-def node_on(url: str, node_id: str, uids: str, log: Path, env: dict[str, str] | None = None) -> LocalNode:
+def node_on(url: str, node_id: str, uids: str, log: Path, env: dict[str, str] | None = None,
+            *options: str) -> LocalNode:
     with open(log, "ab") as out:
         node = LocalNode(nats_url=url, stderr=out.fileno(), env=env,
-                         extra_args=("--node-id", node_id, "--sandbox-uids", uids))
+                         extra_args=("--node-id", node_id, "--sandbox-uids", uids, *options))
         node.start()
     return node
 
@@ -82,11 +83,13 @@ async def until(check, timeout_s: float = 20.0, what: str = "condition"):
 
 @pytest.fixture(scope="module")
 def cluster(models, tmp_path_factory):
-    """An external nats-server (JetStream, no auth) and two nodes with no functions folder."""
+    """An external nats-server (JetStream, no auth) and two nodes with no functions folder.
+    Without pre-loading (a sandbox lives on the node that started it, for its keep-alive),
+    so which node holds a function warm is up to the requests alone."""
     folder = tmp_path_factory.mktemp("cluster")
     server, url = start_server(folder)
-    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log"),
-             node_on(url, "node-b", "63100-63199", folder / "b.log")]
+    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log", None, "--no-preload"),
+             node_on(url, "node-b", "63100-63199", folder / "b.log", None, "--no-preload")]
     yield url, nodes, folder
     for node in nodes:
         node.stop()
@@ -136,16 +139,17 @@ async def test_deploy_once_every_node_serves(cluster, client):
 async def test_a_request_goes_to_the_node_where_its_function_is_warm(cluster):
     url, (a, b), _ = cluster
     async with Client(url) as c:
-        await c.invoke("support", {"message": "hi", "max_new_tokens": 4}, timeout_s=120)
-        # Whichever node the queue group hands a request to, it is served warm: there, or
-        # forwarded to the node that holds the function loaded (unless both pre-loaded it).
+        warm = (await c.invoke("support", {"message": "hi", "max_new_tokens": 4}, timeout_s=120)).metrics["node"]
+        # Whichever node the queue group hands a request to, it is served warm where the
+        # first one started the function: the other node forwards it there.
         for _ in range(12):
             result = await c.invoke("support", {"message": "hi", "max_new_tokens": 4}, timeout_s=60)
-            assert result.metrics["level"] == "loaded", result.metrics
-        support = [f for node in await c.nodes() for f in node["functions"] if f["name"] == "support"]
-        forwarded = sum(f["stats"]["forwarded"] for f in support)
-        both_warm = all("loaded" in f["levels"] for f in support)
-        assert forwarded > 0 or both_warm, support
+            assert (result.metrics["level"], result.metrics["node"]) == ("loaded", warm)
+        support = {node["node"]: f for node in await c.nodes() for f in node["functions"]
+                   if f["name"] == "support"}
+        cold = next(n for n in support if n != warm)
+        assert support[cold]["stats"]["forwarded"] >= 1 and support[cold]["levels"] == []
+        assert (a.node_id, b.node_id) == ("node-a", "node-b") and warm in support
 
 
 async def test_redeploy_rollback_and_rm_are_picked_up_live(cluster):
@@ -179,6 +183,37 @@ async def _eq(value_coro, expected) -> bool:
     return await value_coro == expected
 
 
+async def test_a_bad_record_in_the_bucket_is_refused_and_takes_nothing_down(cluster):
+    """Whatever lands in the functions bucket (someone with write access, a forged reply
+    subject), nodes build no path from it and keep serving what they served."""
+    url, (a, b), folder = cluster
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value("faas_functions")
+        digest = "0" * 64
+        evil = {"name": "evil", "version": 1, "spec": {}, "backbone": None, "adapter": None,
+                "code": {"file": "../../../../tmp/evil.py", "files": {"../../../../tmp/evil.py": digest}}}
+        await kv.put("evil", json.dumps(evil).encode())
+        await kv.put("greeter", b'{"stream": "FAAS_EVENTS", "seq": 1}')  # an ack, not a record
+        async with Client(url) as c:
+            async def refused() -> bool:
+                nodes = await c.nodes()
+                return all({"evil", "greeter"} <= set(n["deployed"]["unavailable"]) for n in nodes)
+            await until(refused, what="both nodes to refuse the records")
+            assert (await c.invoke("greeter", {"name": "still"}, timeout_s=30)).output["hello"] == "still"
+            # A deploy after the garbage is a new version as usual.
+            out = faas_cli("deploy", str(write_greeter(folder / "v3", 3)), "--nats", url)
+            assert "greeter: version 3" in out.stdout, out.stderr
+            await until(lambda: _eq(_greeter_version(c), 3), what="version 3")
+        assert not Path("/tmp/evil.py").exists()
+    finally:
+        await nc.drain()
+
+
+async def _greeter_version(c: Client) -> int:
+    return (await c.invoke("greeter", {}, timeout_s=10)).output["version"]
+
+
 async def test_each_node_is_a_nats_micro_service(cluster):
     url, (a, b), _ = cluster
     nc = await nats.connect(url)
@@ -189,6 +224,7 @@ async def test_each_node_is_a_nats_micro_service(cluster):
         assert sorted(p["metadata"]["node"] for p in pings) == sorted([a.node_id, b.node_id])
         infos = [json.loads(m.data) for m in await gather(nc, "$SRV.INFO.faas-node")]
         assert all(i["name"] == "faas-node" and i["endpoints"][0]["name"] == "status" for i in infos)
+        assert all("support" in i["metadata"]["functions"].split(",") for i in infos)
         stats = [json.loads(m.data) for m in await gather(nc, "$SRV.STATS.faas-node")]
         assert len(stats) == 2
         for s in stats:
@@ -278,15 +314,29 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
         folder = write_greeter(tmp_path / "fn", 7)
         as_producer = ("--user", "producer", "--password", "producer-secret")
         refused = faas_cli("deploy", str(folder), "--nats", url, *as_producer)
-        assert refused.returncode == 1
+        assert refused.returncode == 1 and "ermission" in refused.stderr, refused.stderr
         out = faas_cli("deploy", str(folder), "--nats", url, "--user", "faas-admin",
                        "--password", "admin-secret")
         assert out.returncode == 0, out.stderr
-        async with Client(url, user="producer", password="producer-secret") as c:
+        async with Client(url, user="producer", password="producer-secret",
+                          inbox_prefix="_INBOX_producer") as c:
             reply = await until(lambda: _invoke_or_none(c, "greeter"), what="greeter under auth")
             assert reply.output["version"] == 7 and reply.metrics["node"] == "node-auth"
         with pytest.raises(nats.errors.Error, match="(?i)authorization"):
             await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
+        # A producer cannot read other clients' replies (nor any faas subject).
+        denied: asyncio.Queue[Exception] = asyncio.Queue()
+
+        async def on_error(exc: Exception) -> None:
+            await denied.put(exc)
+        producer = await nats.connect(url, user="producer", password="producer-secret",
+                                      inbox_prefix="_INBOX_producer", error_cb=on_error)
+        try:
+            for subject in ("_INBOX.>", "faas.invoke.*"):
+                await producer.subscribe(subject)
+                assert "permissions violation" in str(await asyncio.wait_for(denied.get(), 5)).lower()
+        finally:
+            await producer.close()
         anonymous = faas_cli("invoke", "greeter", "--nats", url)
         assert anonymous.returncode == 1 and "uthorization" in anonymous.stderr
         ping = faas_cli("ping", "--nats", url, "--user", "faas-admin", "--password", "admin-secret")
@@ -323,3 +373,37 @@ def test_a_backbone_is_found_by_its_fingerprint_not_its_path(models, tmp_path):
     assert finder.find(fingerprint, hint="/no/such/deployer/path") == copy
     assert finder.find(model_fingerprint(other), hint=None) == other
     assert finder.find("sha256:" + "0" * 64, hint=str(original)) is None
+
+
+def test_one_node_owns_each_function_for_pre_loading():
+    """Rendezvous ownership: among the live nodes serving a function exactly one plans to
+    pre-load it; an overloaded or silent node is passed over; forwarding picks a peer with
+    the function loaded and room, the least loaded first."""
+    from runtime.cluster import Cluster
+
+    def view(me: str, peers: dict[str, dict], seen: float | None = None) -> Cluster:
+        cluster = Cluster(None, me, lambda: {})  # type: ignore[arg-type]
+        cluster.peers = {n: (seen if seen is not None else time.monotonic(), s) for n, s in peers.items()}
+        return cluster
+
+    names = [f"fn{i}" for i in range(40)]
+    state = {"functions": {n: {"level": "cold", "room": False, "load": 0.0} for n in names}}
+    nodes = ["n1", "n2", "n3"]
+    views = {me: view(me, {p: state for p in nodes if p != me}) for me in nodes}
+    owners = {name: [me for me in nodes if views[me].share(name) == 1.0] for name in names}
+    assert all(len(o) == 1 for o in owners.values())
+    assert {o[0] for o in owners.values()} == set(nodes)  # spread, not one node for all
+    name = next(n for n, o in owners.items() if o[0] == "n2")
+    over = {**state, "overloaded": True}
+    assert view("n1", {"n2": over, "n3": state}).share(name) + \
+        view("n3", {"n1": state, "n2": over}).share(name) == 1.0
+    assert view("n1", {"n2": state, "n3": state}, seen=time.monotonic() - 60).share(name) == 1.0
+
+    warm = {"functions": {"f": {"level": "loaded", "room": True, "load": 0.5}}}
+    light = {"functions": {"f": {"level": "loaded", "room": True, "load": 0.1}}}
+    full = {"functions": {"f": {"level": "loaded", "room": False, "load": 1.0}}}
+    assert view("n1", {"n2": warm, "n3": light}).pick("f", served_here=True) == "n3"
+    assert view("n1", {"n2": full}).pick("f", served_here=True) is None
+    assert view("n1", {"n2": full}).pick("f", served_here=False) == "n2"
+    assert view("n1", {"n2": {**warm, "overloaded": True}}).pick("f", served_here=True) is None
+    assert view("n1", {"n2": warm}).pick("g", served_here=False) is None
