@@ -59,7 +59,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     folders = args.functions or ([] if args.nats else ["functions"])
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
-        credentials=auth.from_args(args), node_id=args.node_id,
+        credentials=auth.from_args(args), node_id=args.node_id, http_port=args.http,
+        http_host=args.http_host, metrics_port=args.metrics_port,
         models_dirs=tuple(Path(m) for m in args.models or ()),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
@@ -273,6 +274,26 @@ async def _top(args: argparse.Namespace) -> int:
         return _fail(err)
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from faas.gateway import run_gateway
+
+    return asyncio.run(run_gateway(args.nats or DEFAULT_URL, auth.from_args(args).options(),
+                                   args.host, args.port, args.timeout_s))
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    from faas.logs_view import show_logs
+
+    try:
+        nc = await _admin(args)  # the logs' stream and subjects are the operators'
+        try:
+            return await show_logs(nc, args.function, args.lines, args.follow, args.json)
+        finally:
+            await nc.close()
+    except (FaasError, nats.errors.Error) as err:
+        return _fail(err)
+
+
 def _short(path: str | None) -> str:
     if path is None:
         return "-"
@@ -333,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--models", action="append", metavar="DIR",
                     help="folder of model folders where deployed functions' backbones are looked "
                          "up by fingerprint (repeatable; $FAAS_HOME/models always)")
+    up.add_argument("--http", type=int, metavar="PORT", default=None,
+                    help="also run the OpenAI-compatible HTTP gateway (faas gateway) on PORT")
+    up.add_argument("--http-host", default="127.0.0.1", help="address the gateway listens on")
+    up.add_argument("--metrics-port", type=int, metavar="PORT", default=None,
+                    help="serve this node's Prometheus metrics on http://HOST:PORT/metrics")
     up.add_argument("--node-id", type=_node_id, default=None,
                     help="this node's name in the cluster (default: HOSTNAME-<6 hex>)")
     up.add_argument("--state-dir", help="embedded server data and log (default $FAAS_HOME/nats)")
@@ -434,6 +460,22 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one view and exit")
     _nats_options(top)
     top.set_defaults(run=lambda a: asyncio.run(_top(a)))
+
+    gateway = sub.add_parser("gateway", help="an OpenAI-compatible HTTP gateway over NATS")
+    gateway.add_argument("--port", type=int, default=8080)
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    gateway.add_argument("--timeout-s", type=_positive, default=120.0,
+                         help="the budget of each request (the function's timeout_s caps it)")
+    _nats_options(gateway)
+    gateway.set_defaults(run=_cmd_gateway)
+
+    logs = sub.add_parser("logs", help="what a function's handlers print and log, with request ids")
+    logs.add_argument("function")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    logs.add_argument("--lines", "-n", type=_count, default=100, help="how many stored lines first")
+    logs.add_argument("--json", action="store_true", help="one JSON object a line")
+    _admin_options(logs)
+    logs.set_defaults(run=lambda a: asyncio.run(_logs(a)))
 
     bench = sub.add_parser("bench", help="replay a workload against serving modes (faas bench -h)",
                            add_help=False)

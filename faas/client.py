@@ -260,6 +260,10 @@ class Stream:
         except nats.errors.TimeoutError:
             self._done = True
             raise DeadlineExceeded(f"no reply from {self.function!r} within {self._timeout_s}s") from None
+        if (msg.headers or {}).get("Status") == "503" and not msg.data:
+            self._done = True
+            raise Overloaded("no faas node is serving: nothing subscribes to "
+                             f"{protocol.invoke_subject(self.function)}")
         if protocol.is_final(msg.headers):
             self._done = True
             self.result = protocol.parse_reply(msg.data, msg.headers)

@@ -12,7 +12,7 @@ from faas.bundled import faas_home
 from faas.cli import format_table
 from faas.client import Client
 from faas.errors import FaasError
-from faas.localnode import LocalNode
+from faas.localnode import LocalNode, free_port
 
 # One realistic event per bundled example function.
 EXAMPLE_EVENTS: dict[str, dict[str, Any]] = {
@@ -36,19 +36,43 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+async def _through_the_gateway(http_url: str, served: list[str]) -> str:
+    """One OpenAI chat completion through the gateway, as any OpenAI client would send it."""
+    import httpx
+
+    models = [m["id"] for m in (await _get_json(http_url + "/v1/models"))["data"] if m["id"] in served]
+    if not models:
+        return ""
+    body = {"model": models[0], "messages": [{"role": "user", "content": "Where is my order?"}],
+            "max_tokens": 12, "temperature": 0}
+    async with httpx.AsyncClient(timeout=120) as http:
+        reply = (await http.post(http_url + "/v1/chat/completions", json=body)).json()
+    if "error" in reply:
+        return f"POST {http_url}/v1/chat/completions -> error: {reply['error']['message']}"
+    return (f"POST {http_url}/v1/chat/completions (model {models[0]!r}) -> "
+            f"{_clip(reply['choices'][0]['message']['content'])!r}, usage {reply['usage']}")
+
+
+async def _get_json(url: str) -> Any:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        return (await http.get(url)).json()
+
+
 async def run_demo(functions_dir: Path) -> int:
     print("starting a node with an embedded nats-server (first run builds the tiny models)...")
     log_path = faas_home() / "demo-node.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # 0600: the node's log holds every function's output; functions must not read it.
     with os.fdopen(os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as log:
-        node = LocalNode(functions_dir, stderr=log.fileno())
+        node = LocalNode(functions_dir, stderr=log.fileno(), extra_args=("--http", str(free_port())))
         try:
             url = node.start()
         except FaasError as err:
             print(f"error: {err.message} (node log: {log_path})")
             return 1
-    print(f"node ready on {url} (its log: {log_path})\n")
+    print(f"node ready on {url}, OpenAI gateway on {node.http_url}/v1 (its log: {log_path})\n")
     rows: list[tuple[Any, ...]] = [("FUNCTION", "CALL", "OUTPUT", "TTFT_MS", "TOTAL_MS")]
     failed = 0
     try:
@@ -68,8 +92,11 @@ async def run_demo(functions_dir: Path) -> int:
                         output = {k: v for k, v in output.items() if k != "token_ids"}
                     rows.append((name, call, _clip(output), _ms(result.metrics["ttft_ms"]),
                                  _ms(result.metrics["total_ms"])))
+            openai_line = await _through_the_gateway(node.http_url, served)
     finally:
         node.stop()
     print(format_table(rows))
+    if openai_line:
+        print(f"\n{openai_line}")
     print("\nThe adapters' weights are random: outputs are gibberish, the serving path is real.")
     return 1 if failed else 0

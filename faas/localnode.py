@@ -46,6 +46,7 @@ class LocalNode:
         self.stderr = stderr
         self.url = ""
         self.node_id = ""
+        self.http_url = ""  # the gateway's, when started with --http
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout_s: float = 120.0) -> str:
@@ -68,6 +69,7 @@ class LocalNode:
                             f"printed {line!r})")
         self.url = line.split()[1]
         self.node_id = next((w[5:] for w in line.split() if w.startswith("node=")), "")
+        self.http_url = next((w[5:] for w in line.split() if w.startswith("http=")), "")
         return self.url
 
     def node_credentials(self) -> dict[str, str]:

@@ -53,6 +53,9 @@ ARTIFACTS_BUCKET = "faas_artifacts"
 NODES_BUCKET = "faas_nodes"
 # Each node's own subjects: requests forwarded to it by another node, and a liveness ping.
 NODE_PREFIX = "faas.node."
+# What functions print and log (faas logs), kept a day in a stream.
+LOGS_PREFIX = "faas.logs."
+LOGS_STREAM = "FAAS_LOGS"
 # The NATS micro service every node runs ($SRV.PING/INFO/STATS.faas-node).
 SERVICE_NAME = "faas-node"
 

@@ -112,7 +112,9 @@ class FunctionSpec:
     `triggers` are JetStream subjects (wildcards allowed) whose events invoke the function,
     at least once; a failing event is retried with a growing delay up to `max_deliver`
     attempts, then goes to the dead letters (`faas.dlq.<name>`). With `results`, each
-    event's output is published on `faas.results.<name>`.
+    event's output is published on `faas.results.<name>`. With `openai` (True, or a
+    `postprocess(text, request, ctx) -> str`), the function also answers OpenAI
+    completions and chat completions (faas/openai_api.py), through `faas gateway`.
     """
 
     name: str
@@ -129,6 +131,7 @@ class FunctionSpec:
     triggers: tuple[str, ...] = ()
     max_deliver: int = 5
     results: bool = False
+    openai: bool | Callable[[str, dict, Context], str] = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -155,6 +158,10 @@ class FunctionSpec:
                 raise SpecError(f"{self.name}: {attr} must be an integer >= 1, got {value!r}")
         if self.adapter is not None and self.backbone is None:
             raise SpecError(f"{self.name}: an adapter needs a backbone")
+        if self.openai is not False and not (self.openai is True or callable(self.openai)):
+            raise SpecError(f"{self.name}: openai must be True or a postprocess(text, request, ctx)")
+        if self.openai is not False and self.backbone is None and not _NODE_MODELS:
+            raise SpecError(f"{self.name}: openai=... needs a backbone to generate with")
         if self.backbone is not None and _looks_local(self.backbone):
             if not (Path(self.backbone) / "config.json").is_file():
                 raise SpecError(f"{self.name}: backbone folder {self.backbone!r} has no config.json")
@@ -189,6 +196,7 @@ class FunctionSpec:
             "triggers": list(self.triggers),
             "max_deliver": self.max_deliver,
             "results": bool(self.results),
+            "openai": self.openai is not False,
         }
 
 
@@ -221,7 +229,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
              start_timeout_s: float = 120.0, setup: Callable[[Context], Any] | None = None,
              slo_ttft_s: float = 2.5, max_batch: int | None = None,
              triggers: list[str] | tuple[str, ...] = (), max_deliver: int = 5,
-             results: bool = False) -> Callable[[Handler], Handler]:
+             results: bool = False,
+             openai: bool | Callable[[str, dict, Context], str] = False) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
@@ -246,7 +255,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
                             max_queue=max_queue, max_instances=max_instances,
                             start_timeout_s=start_timeout_s, setup=setup,
                             slo_ttft_s=slo_ttft_s, max_batch=max_batch,
-                            triggers=tuple(triggers), max_deliver=max_deliver, results=results)
+                            triggers=tuple(triggers), max_deliver=max_deliver, results=results,
+                            openai=openai)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

@@ -27,8 +27,10 @@ def load_faq(ctx) -> None:
     ctx.state["faq"] = {topic: answer for topic, answer in FAQ.items()}
 
 
+# openai=True: `faas gateway` also serves it as the OpenAI model "support" (completions and
+# chat completions through the tokenizer's chat template); this handler serves the rest.
 @function(name="support", backbone=model_path(), adapter=adapter_path("support"),
-          timeout_s=60, max_queue=64, setup=load_faq)
+          timeout_s=60, max_queue=64, setup=load_faq, openai=True)
 def support(event: dict, ctx) -> dict:
     message = str(event.get("message", "")).lower()
     related = [answer for topic, answer in ctx.state["faq"].items() if topic in message]

@@ -158,13 +158,14 @@ def _valid(spec: object, path: Path) -> bool:
             and positive("timeout_s") and positive("start_timeout_s") and positive("slo_ttft_s")
             and count("max_queue") and count("max_instances") and count("max_batch")
             and count("max_deliver") and isinstance(spec["results"], bool)
+            and isinstance(spec["openai"], bool)
             and isinstance(spec["triggers"], list)
             and all(valid_subject(t) for t in spec["triggers"]))
 
 
 _SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_instances",
               "start_timeout_s", "source_file", "handler", "has_setup", "slo_ttft_s", "max_batch",
-              "triggers", "max_deliver", "results"}
+              "triggers", "max_deliver", "results", "openai"}
 
 
 _UID_BLOCK = 100

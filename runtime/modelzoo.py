@@ -67,8 +67,17 @@ def build_tokenizer(vocab_size: int = 4096):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_corpus(20000, seed=0), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", padding_side="left")
+    # A chat template like real instruction models ship, in the examples' "### Role:" style,
+    # so OpenAI chat requests work on the bundled model.
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:{% endif %}")
 
 
 def _config(model: str, tokenizer):

@@ -13,7 +13,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ from runtime.events import EventConsumers, EventsConfig
 from runtime.history import History
 from runtime.isolation import Isolation
 from runtime.levels import Profiles
+from runtime.metrics import NodeMetrics
 from runtime.offload import MemoryGuard, node_budget
+from runtime.outputs import FunctionOutputs
 from runtime.plan import Budget
 from runtime.pool import FunctionPool
 from runtime.preload import PreloadConfig, Preloader
@@ -83,6 +85,8 @@ class NodeConfig:
     models_dirs: tuple[Path, ...] = ()
     # Requests that would start cold here go to a node where their function is warm.
     forwarding: bool = True
+    metrics_port: int | None = None  # Prometheus /metrics
+    metrics_host: str = "127.0.0.1"
 
 
 def _header_ms(headers: dict[str, str], name: str) -> float | None:
@@ -146,6 +150,8 @@ class Node:
             config.device, preload.linger_s if preload.enabled else config.backbone_keep_alive_s,
             config.sandbox.threads, config.loader_isolation)
         self.zygote = Zygote(config.sandbox.threads)
+        self.outputs = FunctionOutputs(nc, self.node_id)
+        self.sandbox_config = replace(config.sandbox, on_output=self.outputs.add)
         self.profiles = Profiles(config.device)
         parallel = config.prefill_parallel or (
             max(1, (os.cpu_count() or 1) // config.sandbox.threads) if config.device == "cpu" else 2)
@@ -168,7 +174,8 @@ class Node:
             nc, catalog, ModelFinder((*config.models_dirs, faas_home() / "models")),
             self.add_function, self.remove_function, local=set(self.pools),
             root=faas_home() / "deployed" / self.node_id)
-        self.stats = NodeStats()
+        self.metrics = NodeMetrics(self.node_id, self.guard.held) if config.metrics_port else None
+        self.stats = NodeStats(self.metrics)
         self.service = NodeService(nc, self)
         if self.preloader is not None:  # it plans within what the node may hold
             planned = self.preloader.budget
@@ -184,7 +191,7 @@ class Node:
 
     def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
         pool = FunctionPool(
-            spec, self.config.sandbox, self.zygote, self.backbones, isolation, self.profiles,
+            spec, self.sandbox_config, self.zygote, self.backbones, isolation, self.profiles,
             keep_alive_s=None if self.config.preload.enabled else self.config.sandbox.keep_alive_s,
             on_change=self._on_pool_change,
             contention=self.contention if self.config.batch_windows else None)
@@ -196,6 +203,7 @@ class Node:
         serves what is deployed."""
         self.zygote.start()
         self.contention.start()
+        await self.outputs.start()
         await self.deployments.start()  # first: the history keeps the functions served
         await self.history.start()
         await self.cluster.start()
@@ -211,6 +219,8 @@ class Node:
         await self.nc.flush()
         await self.events.start()
         await self.service.start()
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         if self.preloader is not None:
             self.preloader.start()  # its first plan is the deploy's
         self.log.info("node_started", functions=sorted(self.pools),
@@ -481,7 +491,7 @@ class Node:
             await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
             return
         await self._publish(self._reply_to(request_id, msg), body, headers, log)
-        self.stats[pool.name].record(metrics.ttft_ms, metrics.total_ms)
+        self.stats.answered(pool.name, metrics.ttft_ms, metrics.total_ms, served.level.label)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
 
@@ -495,7 +505,7 @@ class Node:
         log.warning("invoke_failed", code=err.code, error=err.message)
         function = protocol.function_from_subject(msg.subject)
         if function in self.pools:  # not for names nobody serves: no unbounded table
-            self.stats[function].record_error(err.code)
+            self.stats.failed(function, err.code)
         body, headers = protocol.error_reply(err, encoding, request_id)
         headers.update(final or {})
         await self._publish(to or msg.reply, body, headers, log)
@@ -523,6 +533,7 @@ class Node:
              "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
              "max_batch": pool.max_batch, "window": pool.window.state() if pool.window else None,
              "triggers": pool.spec.get("triggers", []), "version": pool.spec.get("deployed"),
+             "openai": pool.spec.get("openai", False),
              "stats": self.stats[name].summary(),
              **pool.state(), **(preloader.describe(name) if preloader else {})}
             for name, pool in sorted(self.pools.items())]}
@@ -563,7 +574,10 @@ class Node:
         await self._drain_subs(self._control)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         self.deployments.remove_files()
+        await self.outputs.close()
         await self.contention.close()
         await self.zygote.close()
         await self.backbones.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.log.info("node_drained")

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from faas import openai_api
 from faas.errors import SpecError
 from faas.logs import get_logger
 from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
@@ -162,6 +165,12 @@ class _Function:
             result = loop.run_until_complete(result)
         return result
 
+    def _chat_template(self, messages: list[dict[str, str]]) -> str:
+        tokenizer = self.engine.tokenizer if self.engine is not None else None
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template: use completions")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def invoke(self, frame: dict[str, Any]) -> None:
         """Run one request's handler on a worker thread; its frames go to the node."""
         call = _Call(frame, self.wire)
@@ -197,11 +206,20 @@ class _Function:
                 "type": "RuntimeError", "message": "the sandbox is not loaded"}}
         ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call),
                       call.event_info)
+        handler = self.spec.handler
+        if self.spec.openai is not False and openai_api.is_request(event):
+            postprocess = self.spec.openai if callable(self.spec.openai) else None
+
+            def handler(event: dict[str, Any], ctx: Context) -> Any:
+                return openai_api.respond(event, ctx, self._chat_template, postprocess)
+        _current.request_id = call.request_id
         try:
-            output = self._call(self.spec.handler, event, ctx)
+            output = self._call(handler, event, ctx)
         except Exception as exc:
             ctx.log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
             return {"type": "error", **tag, "error": _error(exc)}
+        finally:
+            _current.request_id = None
         meter = call.meter
         usage = {"tokens_in": meter.tokens_in, "tokens_out": meter.tokens_out,
                  "first_token_at": meter.first_token_at, "batch": meter.prefill_batch}
@@ -220,8 +238,42 @@ def _level_frame(level: Level, seconds: float) -> dict[str, Any]:
             "host_bytes": private_dirty_bytes(), "device_bytes": device_bytes()}
 
 
+class _TaggedLines(io.TextIOBase):
+    """sys.stdout / sys.stderr of a sandbox: each line a handler writes goes out prefixed
+    with its request id (`\x1e<id>\x1f`), so the node can tell `faas logs` which request
+    printed it. Lines of no request (setup, imports) go out as they are."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._partial = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        pending = getattr(self._partial, "text", "") + text
+        *lines, self._partial.text = pending.split("\n")
+        if lines:
+            request_id = getattr(_current, "request_id", None)
+            tag = f"\x1e{request_id}\x1f" if request_id else ""
+            with self._lock:
+                self._stream.write("".join(f"{tag}{line}\n" for line in lines))
+                self._stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._stream.flush()
+
+
+_current = threading.local()  # the request a handler thread serves
+
+
 def serve(sock: socket.socket) -> int:
     """Serve one function on `sock` (the zygote calls this in a forked child)."""
+    sys.stdout = _TaggedLines(sys.stdout)
+    sys.stderr = _TaggedLines(sys.stderr)
     reader = frames.FrameReader(sock)
     init, _ = reader.next()
     if init is None:

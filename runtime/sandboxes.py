@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from faas.errors import HandlerError
@@ -43,6 +44,25 @@ class SandboxConfig:
     # one with a prompt to prefill at the normal one, so under contention the cores go to
     # first tokens (the SLO) before more tokens of requests that have theirs.
     prefill_priority: bool = False
+    # Each line a sandbox prints: (function, request id or None, line); the node publishes
+    # them for `faas logs`.
+    on_output: Callable[[str, str | None, str], None] | None = field(default=None, compare=False)
+
+
+def _request_of(line: str) -> tuple[str | None, str]:
+    """The request id a sandbox line carries (a handler's print: `\x1e<id>\x1f` first; its
+    structured log: a JSON `req` field), and the line without the tag. The id is only a
+    label: the line is the sandbox's to write."""
+    if line.startswith("\x1e") and "\x1f" in line:
+        tag, _, rest = line[1:].partition("\x1f")
+        return tag[:64] or None, rest
+    if line.startswith("{") and '"req"' in line:
+        try:
+            request_id = json.loads(line).get("req")
+        except ValueError:
+            return None, line
+        return (request_id[:64] if isinstance(request_id, str) else None), line
+    return None, line
 
 
 def max_batch(spec: dict[str, Any], config: SandboxConfig) -> int:
@@ -82,8 +102,10 @@ class Sandbox:
 
     def __init__(self, function: str, proc: ForkedProcess, sock: socket.socket,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 prefill_priority: bool = False) -> None:
+                 prefill_priority: bool = False,
+                 on_output: Callable[[str, str | None, str], None] | None = None) -> None:
         self.function = function
+        self._on_output = on_output
         self.proc = proc
         self._prefill_priority = prefill_priority
         self._prefilling: set[str] = set()  # requests it holds that have no first token yet
@@ -126,9 +148,15 @@ class Sandbox:
                 lines.append(pending)
                 pending = b""
             for line in lines:
-                self.log.info("sandbox_output", line=line[:max_line].decode(errors="replace"))
+                self._output(line[:max_line].decode(errors="replace"))
         if pending:
-            self.log.info("sandbox_output", line=pending[:max_line].decode(errors="replace"))
+            self._output(pending[:max_line].decode(errors="replace"))
+
+    def _output(self, line: str) -> None:
+        request_id, line = _request_of(line)
+        self.log.info("sandbox_output", line=line, req=request_id)
+        if self._on_output is not None:
+            self._on_output(self.function, request_id, line)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         self._writer.write(frames.pack(frame))
@@ -459,7 +487,8 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
         os.close(output_r)
         ours.close()
         raise
-    sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config.prefill_priority)
+    sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config.prefill_priority,
+                      config.on_output)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
             "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5),

@@ -36,6 +36,9 @@ class UpOptions:
     credentials: Credentials = field(default_factory=Credentials)
     node_id: str | None = None
     models_dirs: tuple[Path, ...] = ()
+    http_port: int | None = None  # the OpenAI gateway beside the node
+    http_host: str = "127.0.0.1"
+    metrics_port: int | None = None
     port: int = 4222
     state_dir: Path | None = None
     sandbox_threads: int = 1
@@ -80,6 +83,31 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
 
 
+async def _start_gateway(url: str, credentials: dict[str, str], options: UpOptions,
+                         stop: asyncio.Event) -> asyncio.Task[None]:
+    """The gateway on its own NATS connection (it is a client like any other), until `stop`."""
+    from faas.client import Client
+    from faas.gateway import serve_gateway
+
+    client = Client(url, max_reconnect_attempts=-1, **credentials)
+    await client.connect()
+    ready = asyncio.Event()
+
+    async def run() -> None:
+        try:
+            await serve_gateway(client, options.http_host, options.http_port or 0, 120.0, stop, ready)
+        finally:
+            await client.close()
+
+    task = asyncio.create_task(run(), name="gateway")
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():
+        await task  # raises why it did not start
+    return task
+
+
 async def up(options: UpOptions) -> int:
     configure_logging()
     # Pin the state folder for every child: its default depends on the uid, and discovery
@@ -116,6 +144,7 @@ async def up(options: UpOptions) -> int:
                        "only invoke and publish events") if server else "external server")
         device = detect_device(options.device)
         config = NodeConfig(node_id=options.node_id or default_node_id(), models_dirs=options.models_dirs,
+                            metrics_port=options.metrics_port, metrics_host=options.http_host,
                             sandbox=SandboxConfig(threads=options.sandbox_threads,
                                                   keep_alive_s=options.sandbox_keep_alive_s,
                                                   max_batch=options.max_batch,
@@ -131,8 +160,14 @@ async def up(options: UpOptions) -> int:
         nc = await connect_node(url, config.node_id, on_closed, credentials)
         node = Node(nc, catalog, config)
         await node.start()
-        print(f"ready {url} functions={len(node.pools)} node={config.node_id}", flush=True)
+        gateway = None
+        if options.http_port is not None:
+            gateway = await _start_gateway(url, credentials, options, stop)
+        print(f"ready {url} functions={len(node.pools)} node={config.node_id}"
+              + (f" http=http://{options.http_host}:{options.http_port}" if gateway else ""), flush=True)
         await stop.wait()
+        if gateway is not None:
+            await gateway
         await node.drain()
         if not nc.is_closed:
             await nc.drain()

@@ -48,6 +48,8 @@ class NodeService:
     def refresh(self) -> None:
         """The functions this node serves, in its INFO/PING metadata (comma-separated)."""
         self.metadata["functions"] = ",".join(sorted(self.node.pools))
+        # What `faas gateway` offers as OpenAI models.
+        self.metadata["openai"] = ",".join(sorted(n for n, p in self.node.pools.items() if p.spec.get("openai")))
 
     async def start(self) -> None:
         node = self.node

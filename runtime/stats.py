@@ -7,7 +7,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.metrics import NodeMetrics
 
 _WINDOW_S = 60.0
 
@@ -53,10 +56,22 @@ class FunctionStats:
 
 
 class NodeStats:
-    """FunctionStats by function name (kept across redeploys of a function)."""
+    """FunctionStats by function name (kept across redeploys of a function), and the
+    node's Prometheus metrics when it serves them."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: NodeMetrics | None = None) -> None:
         self.functions: dict[str, FunctionStats] = {}
+        self.metrics = metrics
 
     def __getitem__(self, name: str) -> FunctionStats:
         return self.functions.setdefault(name, FunctionStats())
+
+    def answered(self, function: str, ttft_ms: float | None, total_ms: float, level: str) -> None:
+        self[function].record(ttft_ms, total_ms)
+        if self.metrics is not None:
+            self.metrics.answered(function, ttft_ms, total_ms, level)
+
+    def failed(self, function: str, code: int) -> None:
+        self[function].record_error(code)
+        if self.metrics is not None:
+            self.metrics.failed(function, code)

@@ -44,15 +44,19 @@ def models(faas_home):
 
 @pytest.fixture(scope="session")
 def node(models, faas_home):
-    from faas.localnode import LocalNode
+    from faas.localnode import LocalNode, free_port
 
     log_path = faas_home / "node.log"
     # 0600: the node's log holds every function's output; functions must not read it.
     with os.fdopen(os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600), "ab") as log:
+        # With the OpenAI gateway beside it and its Prometheus metrics (tests/test_gateway.py).
+        metrics_port = free_port()
         local = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(),
                           state_dir=faas_home / "nats-session",
-                          env={"FAAS_TEST_NODE_SECRET": "not-for-functions"})
+                          env={"FAAS_TEST_NODE_SECRET": "not-for-functions"},
+                          extra_args=("--http", str(free_port()), "--metrics-port", str(metrics_port)))
         local.start()
+        local.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield local
     local.stop()
 

@@ -1,0 +1,63 @@
+"""`faas logs FN [--follow]`: what a function's sandboxes printed and logged, on every node
+(the lines runtime/outputs.py publishes on `faas.logs.<fn>`, kept in JetStream)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.api import DeliverPolicy
+
+from faas import protocol
+
+
+def _format(record: dict[str, Any]) -> str:
+    ts = datetime.fromtimestamp(float(record.get("ts", 0)), timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    return f"{ts} {record.get('node', '?')} {record.get('req') or '-'} {record.get('line', '')}"
+
+
+async def show_logs(nc: NATS, function: str, lines: int = 100, follow: bool = False,
+                    as_json: bool = False) -> int:
+    """Print the last `lines` kept lines of `function`, then (with `follow`) new ones until
+    interrupted. Without JetStream, only new lines (with `follow`)."""
+    if not protocol.valid_function_name(function):
+        print(f"error: {function!r} is not a function name", file=sys.stderr)
+        return 2
+    subject = protocol.LOGS_PREFIX + function
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    caught_up = asyncio.Event()
+
+    async def on_line(msg: Any) -> None:
+        try:
+            await queue.put(json.loads(msg.data))
+        except ValueError:
+            pass
+        if msg.metadata is None or msg.metadata.num_pending == 0:
+            caught_up.set()
+
+    try:
+        stored = (await nc.jetstream().stream_info(protocol.LOGS_STREAM, subjects_filter=subject)).state
+        kept = (stored.subjects or {}).get(subject, 0)
+        sub = await nc.jetstream().subscribe(subject, cb=on_line, ordered_consumer=True,
+                                            deliver_policy=DeliverPolicy.ALL)
+        if not kept:
+            caught_up.set()
+    except (NatsError, TimeoutError):
+        sub, kept = await nc.subscribe(subject, cb=on_line), 0
+        caught_up.set()
+    try:
+        await asyncio.wait_for(caught_up.wait(), 10)
+        backlog = [queue.get_nowait() for _ in range(queue.qsize())]
+        for record in backlog[-lines:]:
+            print(json.dumps(record) if as_json else _format(record), flush=True)
+        while follow:
+            record = await queue.get()
+            print(json.dumps(record) if as_json else _format(record), flush=True)
+    finally:
+        await sub.unsubscribe()
+    return 0

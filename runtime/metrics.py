@@ -1,0 +1,50 @@
+"""A node's Prometheus metrics (`faas up --metrics-port PORT`, standard client library):
+requests and errors by code per function, TTFT and latency histograms per function, the
+level each request found (cold starts by level), and the memory the node holds."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class NodeMetrics:
+    def __init__(self, node: str, held: Callable[[], tuple[int, int]]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["node", "function"]
+        self.node = node
+        self.requests = Counter("faas_requests", "requests answered, by reply code",
+                                [*labels, "code"], registry=self.registry)
+        self.found = Counter("faas_requests_found", "answered requests by the level their sandbox "
+                             "was at (anything but loaded is a cold start of that depth)",
+                             [*labels, "level"], registry=self.registry)
+        self.ttft = Histogram("faas_ttft_seconds", "time to first token, from receipt",
+                              labels, buckets=_BUCKETS, registry=self.registry)
+        self.latency = Histogram("faas_latency_seconds", "time to the reply, from receipt",
+                                 labels, buckets=_BUCKETS, registry=self.registry)
+        memory = Gauge("faas_memory_held_bytes", "what the node's sandboxes and backbones hold",
+                       ["node", "kind"], registry=self.registry)
+        memory.labels(node, "host").set_function(lambda: held()[0])
+        memory.labels(node, "device").set_function(lambda: held()[1])
+        self._server: object | None = None
+
+    def answered(self, function: str, ttft_ms: float | None, total_ms: float, level: str) -> None:
+        self.requests.labels(self.node, function, "200").inc()
+        self.found.labels(self.node, function, level).inc()
+        self.latency.labels(self.node, function).observe(total_ms / 1000)
+        if ttft_ms is not None:
+            self.ttft.labels(self.node, function).observe(ttft_ms / 1000)
+
+    def failed(self, function: str, code: int) -> None:
+        self.requests.labels(self.node, function, str(code)).inc()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """/metrics on a thread of the client library's own HTTP server."""
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()  # type: ignore[attr-defined]

@@ -1,0 +1,11 @@
+"""A function that prints and logs, for `faas logs`."""
+
+from faas import function
+
+
+@function(name="talker", timeout_s=10)
+def talker(event: dict, ctx) -> dict:
+    word = str(event.get("word", ""))
+    print(f"talker says {word}")
+    ctx.log.info("talker_logged", word=word)
+    return {"said": word}
