@@ -29,6 +29,7 @@ from typing import Any
 
 import nats
 
+from bench import write_result
 from faas import Client, protocol
 from faas.bundled import faas_home
 from faas.localnode import LocalNode, free_port
@@ -190,10 +191,7 @@ def main() -> int:
     parser.add_argument("--rate-rps", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=Path("results/cluster.json"))
     args = parser.parse_args()
-    result = {"cpus": os.cpu_count(), **asyncio.run(run(args))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.out, {"cpus": os.cpu_count(), **asyncio.run(run(args))})
     return 0
 
 
