@@ -277,8 +277,11 @@ async def _top(args: argparse.Namespace) -> int:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from faas.gateway import run_gateway
 
-    return asyncio.run(run_gateway(args.nats or DEFAULT_URL, auth.from_args(args).options(),
-                                   args.host, args.port, args.timeout_s))
+    try:
+        return asyncio.run(run_gateway(args.nats or DEFAULT_URL, auth.from_args(args).options(),
+                                       args.host, args.port, args.timeout_s))
+    except FaasError as err:
+        return _fail(err)
 
 
 async def _logs(args: argparse.Namespace) -> int:

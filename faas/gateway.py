@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
 import time
 from typing import Any, AsyncIterator
 
@@ -33,7 +34,7 @@ from starlette.routing import Route
 
 from faas import openai_api, protocol
 from faas.client import Client, gather
-from faas.errors import BadRequest, FaasError, FunctionNotFound
+from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded
 from faas.logs import get_logger
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 499: "cancelled",
@@ -69,6 +70,23 @@ def error_response(err: FaasError, model: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=code, headers=headers)
 
 
+_END = object()
+
+
+async def _next(stream: Any) -> Any:
+    """The stream's next chunk, or _END once its reply came."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return _END
+
+
+async def _prepend(first: Any, rest: Any) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the HTTP client goes away (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -82,6 +100,8 @@ class Gateway:
         self.models_every_s = models_every_s
         self.models: set[str] = set()  # functions with openai=True on some node
         self.functions: set[str] = set()  # every function some node serves
+        self._nodes: dict[str, tuple[float, set[str], set[str]]] = {}  # service id -> (seen, openai, all)
+        self._refreshing = asyncio.Lock()
         self._models_at = 0.0
         self._models_task: asyncio.Task[None] | None = None
         self.metrics = Metrics()
@@ -90,30 +110,44 @@ class Gateway:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model}", self.get_model, methods=["GET"]),
             Route("/v1/functions/{function}", self.function, methods=["POST"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
             Route("/healthz", self.health, methods=["GET"]),
-        ])
+        ], exception_handlers={Exception: self._internal_error})
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        """A bug of ours still answers with an OpenAI error object (and is logged)."""
+        self.log.error("gateway_error", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+        return error_response(HandlerError("internal error in the gateway"))
 
     # --- the functions that speak OpenAI --------------------------------------------
 
     async def refresh_models(self) -> None:
-        """From every node's NATS micro INFO metadata (`openai`: its functions that
-        accept OpenAI requests)."""
-        found: set[str] = set()
-        served: set[str] = set()
-        for msg in await gather(self.client.nc, f"$SRV.INFO.{protocol.SERVICE_NAME}", 0.25):
-            metadata = json.loads(msg.data).get("metadata") or {}
-            found.update(n for n in metadata.get("openai", "").split(",") if n)
-            served.update(n for n in metadata.get("functions", "").split(",") if n)
-        self.models, self.functions = found, served
-        self._models_at = time.monotonic()
+        """From every node's NATS micro INFO metadata (`openai`: its functions that accept
+        OpenAI requests; `functions`: all it serves). A node's entry lasts three rounds, so
+        one late answer does not make its models vanish. One refresh at a time."""
+        async with self._refreshing:
+            now = time.monotonic()
+            for msg in await gather(self.client.nc, f"$SRV.INFO.{protocol.SERVICE_NAME}", 0.25):
+                info = json.loads(msg.data)
+                metadata = info.get("metadata") or {}
+                self._nodes[str(info.get("id"))] = (
+                    now, {n for n in metadata.get("openai", "").split(",") if n},
+                    {n for n in metadata.get("functions", "").split(",") if n})
+            live = [entry for entry in self._nodes.values() if now - entry[0] < 3 * self.models_every_s + 1]
+            self._nodes = {k: v for k, v in self._nodes.items() if v in live}
+            self.models = set().union(*(e[1] for e in live))
+            self.functions = set().union(*(e[2] for e in live))
+            self._models_at = time.monotonic()
 
     async def _follow_models(self) -> None:
-        while True:
+        while not self.client.nc.is_closed:
             try:
                 await self.refresh_models()
             except Exception as exc:  # the next round tries again
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise asyncio.CancelledError from None  # nats-py may have turned the cancel into this
                 self.log.warning("models_refresh_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(self.models_every_s)
 
@@ -127,8 +161,12 @@ class Gateway:
             await asyncio.gather(self._models_task, return_exceptions=True)
 
     async def _known(self, model: str) -> bool:
+        """Whether some node serves `model` with openai=True; Overloaded when no node
+        answered at all (a 503 to retry, not a 404 that clients take as final)."""
         if model not in self.models and time.monotonic() - self._models_at > 0.5:
             await self.refresh_models()  # deployed a moment ago?
+        if not self._nodes:
+            raise Overloaded("no faas node answered: try again", retry_after_s=1.0)
         return model in self.models
 
     # --- routes ---------------------------------------------------------------------
@@ -141,9 +179,13 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def list_models(self, request: Request) -> Response:
-        await self.refresh_models()
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "faas"} for name in sorted(self.models)]})
+        return JSONResponse({"object": "list", "data": [_model(name) for name in sorted(self.models)]})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in self.models:
+            return error_response(FunctionNotFound(f"The model '{name}' does not exist"), name)
+        return JSONResponse(_model(name))
 
     async def completions(self, request: Request) -> Response:
         return await self._openai(request, openai_api.COMPLETIONS)
@@ -172,10 +214,7 @@ class Gateway:
         request_id = protocol.new_request_id()
         event = {openai_api.KEY: parsed}
         if parsed["stream"]:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._sse(request, parsed, event, request_id, include_usage, started),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+            return await self._stream(request, parsed, event, request_id, started)
         try:
             result = await self._unless_gone(request, self.client.invoke(
                 parsed["model"], event, timeout_s=self.timeout_s, request_id=request_id), request_id)
@@ -187,28 +226,53 @@ class Gateway:
                                 headers={"X-Request-Id": request_id})
         return self._done(response, model, endpoint, started)
 
-    async def _sse(self, request: Request, parsed: dict[str, Any], event: dict[str, Any],
+    async def _stream(self, request: Request, parsed: dict[str, Any], event: dict[str, Any],
+                      request_id: str, started: float) -> Response:
+        """Wait for the first message before answering, so an error before the first token
+        (overloaded, deadline, no node) gets its own HTTP status and Retry-After; then
+        server-sent events."""
+        model, endpoint = parsed["model"], parsed["endpoint"]
+        stream = self.client.stream(model, event, timeout_s=self.timeout_s, request_id=request_id)
+        await stream.__aenter__()
+        try:
+            first: Any = await self._unless_gone(request, _next(stream), request_id)
+        except BaseException as err:
+            await stream.__aexit__(None, None, None)
+            if isinstance(err, FaasError):
+                return self._done(error_response(err, model), model, endpoint, started)
+            raise
+        if first is None:  # the client left while waiting
+            await stream.__aexit__(None, None, None)
+            return self._done(Response(status_code=499), model, endpoint, started)
+        if first is _END:
+            first = None  # the reply came without a chunk (an empty answer)
+        return StreamingResponse(self._sse(request, parsed, stream, first, request_id,
+                                           parsed["include_usage"], started),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+
+    async def _sse(self, request: Request, parsed: dict[str, Any], stream: Any, first: Any,
                    request_id: str, include_usage: bool, started: float) -> AsyncIterator[bytes]:
-        """Server-sent events: a chunk per delta, a closing chunk with the finish reason
-        (and usage when asked), then `[DONE]`. Errors after the stream began come as an
-        error object in the stream, as OpenAI's API sends them."""
+        """A chunk per delta, a closing chunk with the finish reason (and usage when
+        asked), then `[DONE]`. An error after the first token comes as an error object in
+        the stream, as OpenAI's API sends them."""
         model, endpoint = parsed["model"], parsed["endpoint"]
         watcher = asyncio.create_task(_disconnected(request))
-        code, first = 200, True
+        code, opening = 200, True
         try:
-            async with self.client.stream(model, event, timeout_s=self.timeout_s,
-                                          request_id=request_id) as stream:
-                async for chunk in stream:
-                    if watcher.done():
-                        code = 499
-                        return  # leaving the block cancels the request
-                    if chunk.delta:
-                        if first:
-                            self.metrics.ttft.labels(model, endpoint).observe(time.monotonic() - started)
-                        yield _event(openai_api.chunk(parsed, request_id, chunk.delta, first=first))
-                        first = False
-                output = stream.result.output if stream.result else {}
-            yield _event(openai_api.chunk(parsed, request_id, None, first=first,
+            chunks = stream if first is None else _prepend(first, stream)
+            async for chunk in chunks:
+                if watcher.done():
+                    code = 499
+                    return  # leaving cancels the request
+                if chunk.delta:
+                    if opening:
+                        self.metrics.ttft.labels(self._label(model, endpoint), endpoint).observe(
+                            time.monotonic() - started)
+                    yield _event(openai_api.chunk(parsed, request_id, chunk.delta, first=opening))
+                    opening = False
+            output = stream.result.output if stream.result else {}
+            yield _event(openai_api.chunk(parsed, request_id, None, first=opening,
                                           finish_reason=output.get("finish_reason", "stop")))
             if include_usage:
                 yield _event(openai_api.chunk(parsed, request_id, None, usage=output))
@@ -217,8 +281,12 @@ class Gateway:
             code = err.code
             yield _event(json.loads(error_response(err, model).body))
             yield b"data: [DONE]\n\n"
+        except asyncio.CancelledError:  # the client went away mid-stream
+            code = 499
+            raise
         finally:
             watcher.cancel()
+            await stream.__aexit__(None, None, None)  # cancels the request unless it ended
             self._count(model, endpoint, code, started)
 
     async def function(self, request: Request) -> Response:
@@ -227,6 +295,8 @@ class Gateway:
         name = request.path_params["function"]
         request_id = protocol.new_request_id()
         try:
+            if not protocol.valid_function_name(name):
+                raise FunctionNotFound(f"no function named {name!r}")
             event = await self._body(request)
             if not isinstance(event, dict):
                 raise BadRequest("the event must be a JSON object")
@@ -262,9 +332,12 @@ class Gateway:
         finally:
             watcher.cancel()
 
-    def _count(self, model: str | None, endpoint: str, code: int, started: float) -> None:
+    def _label(self, model: str | None, endpoint: str) -> str:
         # Only names some node serves: a label per made-up name would grow without bound.
-        label = model if model in self.models or endpoint == "functions" and self._served(model) else "-"
+        return model if model in self.models or endpoint == "functions" and self._served(model) else "-"
+
+    def _count(self, model: str | None, endpoint: str, code: int, started: float) -> None:
+        label = self._label(model, endpoint)
         self.metrics.requests.labels(label, endpoint, str(code)).inc()
         self.metrics.latency.labels(label, endpoint).observe(time.monotonic() - started)
 
@@ -276,13 +349,32 @@ class Gateway:
         return response
 
 
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "faas"}
+
+
 def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def serve_gateway(client: Client, host: str, port: int, timeout_s: float,
-                        stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Serve HTTP on host:port until `stop` is set (the caller owns signals and NATS)."""
+def bind(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, bound before anything else starts (a port in use is
+    a clear error at once; port 0 picks a free one: `sock.getsockname()`)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise FaasError(f"the gateway cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)  # connections wait in the backlog until the server accepts them
+    return sock
+
+
+async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, stop: asyncio.Event,
+                        grace_s: float = 10.0) -> None:
+    """Serve HTTP on the bound `sock` until `stop` is set (the caller owns signals and the
+    NATS connection); streams still open get `grace_s` to end."""
     import contextlib
 
     import uvicorn
@@ -295,31 +387,24 @@ async def serve_gateway(client: Client, host: str, port: int, timeout_s: float,
             yield
 
     gateway = Gateway(client, timeout_s)
-    await gateway.start()
-    config = uvicorn.Config(gateway.app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off")
-    server = EmbeddedServer(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-    if task.done():
-        try:
-            await task
-        except SystemExit:  # uvicorn's answer to a port it cannot bind
-            pass
-        raise FaasError(f"the gateway cannot listen on {host}:{port} (see the log)")
-    if ready is not None:
-        ready.set()
-    get_logger(component="gateway").info("gateway_started", url=f"http://{host}:{port}")
+    host, port = sock.getsockname()[:2]
     try:
-        await stop.wait()
-    finally:
+        await gateway.start()
+        config = uvicorn.Config(gateway.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=grace_s)
+        server = EmbeddedServer(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        get_logger(component="gateway").info("gateway_started", url=f"http://{host}:{port}")
+        await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         await task
+    finally:
         await gateway.close()
+        sock.close()
 
 
-async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: int, timeout_s: float) -> int:
+async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: int, timeout_s: float,
+                      connect_s: float = 15.0) -> int:
     """`faas gateway`: until SIGINT/SIGTERM."""
     import signal
 
@@ -330,11 +415,16 @@ async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    ready = asyncio.Event()
-    async with Client(url, max_reconnect_attempts=-1, **credentials) as client:
-        serving = asyncio.create_task(serve_gateway(client, host, port, timeout_s, stop, ready))
-        await asyncio.wait({serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.is_set():
-            print(f"gateway http://{host}:{port} nats={url}", flush=True)
-        await serving
+    sock = bind(host, port)
+    client = Client(url, max_reconnect_attempts=-1, **credentials)
+    try:
+        await asyncio.wait_for(client.connect(), connect_s)
+    except TimeoutError:
+        sock.close()
+        raise FaasError(f"cannot reach NATS at {url} within {connect_s:.0f}s") from None
+    try:
+        print(f"gateway http://{host}:{sock.getsockname()[1]} nats={url}", flush=True)
+        await serve_gateway(client, sock, timeout_s, stop)
+    finally:
+        await client.close()
     return 0

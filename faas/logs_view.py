@@ -51,7 +51,10 @@ async def show_logs(nc: NATS, function: str, lines: int = 100, follow: bool = Fa
         sub, kept = await nc.subscribe(subject, cb=on_line), 0
         caught_up.set()
     try:
-        await asyncio.wait_for(caught_up.wait(), 10)
+        try:
+            await asyncio.wait_for(caught_up.wait(), 10)
+        except TimeoutError:  # print what came; the rest follows with --follow
+            pass
         backlog = [queue.get_nowait() for _ in range(queue.qsize())]
         for record in backlog[-lines:]:
             print(json.dumps(record) if as_json else _format(record), flush=True)

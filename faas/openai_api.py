@@ -42,7 +42,10 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
 
 
 def _text(content: Any) -> str:
-    """A message's content: a string, or a list of text parts."""
+    """A message's content: a string, a list of text parts, or null (an assistant turn
+    that only called tools)."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
@@ -56,12 +59,19 @@ def parse_request(endpoint: str, body: Any) -> dict[str, Any]:
     `invalid_request_error`) for anything it cannot do as asked."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # clients send null for "unset"
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise BadRequest("'model' (the function's name) is required")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
     if body.get("echo") or body.get("logprobs") or body.get("best_of", 1) != 1:
         raise BadRequest("echo, logprobs and best_of are not supported")
+    # Accepted but not done would leave a client sure of JSON or tool calls it never gets.
+    unsupported = [k for k in ("tools", "functions", "tool_choice", "function_call") if body.get(k)]
+    if unsupported or (body.get("response_format") or {"type": "text"}).get("type", "text") != "text":
+        raise BadRequest(f"not supported: {', '.join(unsupported) or 'response_format other than text'}")
+    if not isinstance(body.get("stream_options", {}), dict):
+        raise BadRequest("'stream_options' must be an object")
     request: dict[str, Any] = {"endpoint": endpoint, "model": body["model"]}
     if endpoint == CHAT:
         messages = body.get("messages")
@@ -94,6 +104,9 @@ def parse_request(endpoint: str, body: Any) -> dict[str, Any]:
         raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings")
     request["stop"] = stops
     request["stream"] = bool(body.get("stream", False))
+    # vLLM's extension (benchmarks want exact lengths): go on past the end-of-sequence token.
+    request["ignore_eos"] = bool(body.get("ignore_eos", False))
+    request["include_usage"] = bool(body.get("stream_options", {}).get("include_usage"))
     return request
 
 
@@ -104,7 +117,8 @@ def respond(event: dict[str, Any], ctx: Any, chat_template: Callable[[list[dict[
     prompt = chat_template(request["messages"]) if request["endpoint"] == CHAT else request["prompt"]
     generation = ctx.generate(prompt, max_new_tokens=request["max_tokens"],
                               temperature=request["temperature"], top_p=request["top_p"],
-                              seed=request["seed"], stop=request["stop"] or None, stream=True)
+                              seed=request["seed"], stop=request["stop"] or None,
+                              ignore_eos=request["ignore_eos"], stream=True)
     text = generation.text if postprocess is None else postprocess(generation.text, request, ctx)
     return {"text": text, "finish_reason": generation.finish_reason,
             "prompt_tokens": generation.prompt_tokens, "completion_tokens": len(generation.token_ids)}

@@ -4,7 +4,8 @@ level each request found (cold starts by level), and the memory the node holds."
 
 from __future__ import annotations
 
-from typing import Callable
+import asyncio
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -25,11 +26,11 @@ class NodeMetrics:
                               labels, buckets=_BUCKETS, registry=self.registry)
         self.latency = Histogram("faas_latency_seconds", "time to the reply, from receipt",
                                  labels, buckets=_BUCKETS, registry=self.registry)
-        memory = Gauge("faas_memory_held_bytes", "what the node's sandboxes and backbones hold",
-                       ["node", "kind"], registry=self.registry)
-        memory.labels(node, "host").set_function(lambda: held()[0])
-        memory.labels(node, "device").set_function(lambda: held()[1])
-        self._server: object | None = None
+        self._memory = Gauge("faas_memory_held_bytes", "what the node's sandboxes and backbones hold",
+                             ["node", "kind"], registry=self.registry)
+        self._held = held
+        self._server: Any = None
+        self._sampler: asyncio.Task[None] | None = None
 
     def answered(self, function: str, ttft_ms: float | None, total_ms: float, level: str) -> None:
         self.requests.labels(self.node, function, "200").inc()
@@ -41,10 +42,23 @@ class NodeMetrics:
     def failed(self, function: str, code: int) -> None:
         self.requests.labels(self.node, function, str(code)).inc()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """/metrics on a thread of the client library's own HTTP server."""
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    async def _sample(self, every_s: float) -> None:
+        # On the event loop: the pools it reads change there (scrapes come on another thread).
+        while True:
+            host, device = self._held()
+            self._memory.labels(self.node, "host").set(host)
+            self._memory.labels(self.node, "device").set(device)
+            await asyncio.sleep(every_s)
 
-    def close(self) -> None:
+    def serve(self, port: int, host: str = "127.0.0.1", every_s: float = 1.0) -> None:
+        """/metrics on a thread of the client library's own HTTP server (OSError when the
+        port is taken: before the node joins anything)."""
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._sampler = asyncio.create_task(self._sample(every_s), name="metrics")
+
+    async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
+            await asyncio.to_thread(self._server.shutdown)
+            self._server.server_close()

@@ -201,6 +201,8 @@ class Node:
     async def start(self) -> None:
         """Subscribe; when this returns the server knows every subscription and the node
         serves what is deployed."""
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         self.zygote.start()
         self.contention.start()
         await self.outputs.start()
@@ -219,8 +221,6 @@ class Node:
         await self.nc.flush()
         await self.events.start()
         await self.service.start()
-        if self.metrics is not None and self.config.metrics_port is not None:
-            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         if self.preloader is not None:
             self.preloader.start()  # its first plan is the deploy's
         self.log.info("node_started", functions=sorted(self.pools),
@@ -579,5 +579,5 @@ class Node:
         await self.zygote.close()
         await self.backbones.close()
         if self.metrics is not None:
-            self.metrics.close()
+            await self.metrics.close()
         self.log.info("node_drained")

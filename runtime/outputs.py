@@ -36,6 +36,7 @@ class FunctionOutputs:
     async def start(self) -> None:
         config = dict(name=protocol.LOGS_STREAM, subjects=[protocol.LOGS_PREFIX + ">"],
                       max_msgs_per_subject=self.keep, max_age=86400.0, storage=StorageType.FILE,
+                      max_bytes=512 << 20,
                       discard=DiscardPolicy.OLD, num_replicas=protocol.js_replicas())
         js = self.nc.jetstream()
         try:
@@ -52,6 +53,8 @@ class FunctionOutputs:
         try:
             self._queue.put_nowait((protocol.LOGS_PREFIX + function, json.dumps(record).encode()))
         except asyncio.QueueFull:
+            if self.dropped % 1000 == 0:
+                self.log.warning("log_lines_dropped", fn=function, dropped=self.dropped + 1)
             self.dropped += 1
 
     async def _publish(self) -> None:

@@ -169,7 +169,13 @@ class _Function:
         tokenizer = self.engine.tokenizer if self.engine is not None else None
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("the model's tokenizer has no chat template: use completions")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Templates that write the BOS token (Llama 3, Mistral) and tokenizers that add it
+        # again when the prompt is encoded would give the model two.
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and self.engine.batcher.encode("").count(tokenizer.bos_token_id):
+            text = text[len(bos):]
+        return text
 
     def invoke(self, frame: dict[str, Any]) -> None:
         """Run one request's handler on a worker thread; its frames go to the node."""
@@ -219,6 +225,9 @@ class _Function:
             ctx.log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
             return {"type": "error", **tag, "error": _error(exc)}
         finally:
+            for stream in (_STDOUT, _STDERR):  # a last line without "\n" is this request's too
+                if stream is not None:
+                    stream.flush()
             _current.request_id = None
         meter = call.meter
         usage = {"tokens_in": meter.tokens_in, "tokens_out": meter.tokens_out,
@@ -255,25 +264,55 @@ class _TaggedLines(io.TextIOBase):
         pending = getattr(self._partial, "text", "") + text
         *lines, self._partial.text = pending.split("\n")
         if lines:
-            request_id = getattr(_current, "request_id", None)
-            tag = f"\x1e{request_id}\x1f" if request_id else ""
-            with self._lock:
-                self._stream.write("".join(f"{tag}{line}\n" for line in lines))
-                self._stream.flush()
+            self._emit(lines)
         return len(text)
 
-    def flush(self) -> None:
+    def _emit(self, lines: list[str]) -> None:
+        request_id = getattr(_current, "request_id", None)
+        tag = f"\x1e{request_id}\x1f" if request_id else ""
         with self._lock:
+            self._stream.write("".join(f"{tag}{line}\n" for line in lines))
             self._stream.flush()
+
+    def flush(self) -> None:
+        """Also ends this thread's unfinished line (a print with end=""), under its request."""
+        partial, self._partial.text = getattr(self._partial, "text", ""), ""
+        if partial:
+            self._emit([partial])
+        else:
+            with self._lock:
+                self._stream.flush()
+
+    # What code expects of a text stream: passed through to the real one.
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._stream.errors
+
+    @property
+    def buffer(self) -> Any:
+        return self._stream.buffer
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
 
 
 _current = threading.local()  # the request a handler thread serves
+_STDOUT: _TaggedLines | None = None
+_STDERR: _TaggedLines | None = None
 
 
 def serve(sock: socket.socket) -> int:
     """Serve one function on `sock` (the zygote calls this in a forked child)."""
-    sys.stdout = _TaggedLines(sys.stdout)
-    sys.stderr = _TaggedLines(sys.stderr)
+    global _STDOUT, _STDERR
+    sys.stdout = _STDOUT = _TaggedLines(sys.stdout)
+    sys.stderr = _STDERR = _TaggedLines(sys.stderr)
     reader = frames.FrameReader(sock)
     init, _ = reader.next()
     if init is None:

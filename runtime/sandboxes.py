@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -120,6 +121,7 @@ class Sandbox:
         self._step: asyncio.Future[dict[str, Any]] | None = None
         self._eof = False  # its end of the socket closed: it is gone or going
         self._calls: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._recent: collections.deque[str] = collections.deque(maxlen=256)  # answered requests
         self.on_prefill: PrefillSink = lambda frame: None
         self.prefills = 0  # how many it reported
         self.log = get_logger(fn=function, pid=proc.pid)
@@ -154,6 +156,10 @@ class Sandbox:
 
     def _output(self, line: str) -> None:
         request_id, line = _request_of(line)
+        # Only ids of requests this sandbox holds or just answered (its last lines may
+        # arrive after its reply): a function cannot file lines under another's requests.
+        if request_id is not None and request_id not in self._calls and request_id not in self._recent:
+            request_id = None
         self.log.info("sandbox_output", line=line, req=request_id)
         if self._on_output is not None:
             self._on_output(self.function, request_id, line)
@@ -254,6 +260,7 @@ class Sandbox:
                     await on_chunk({"delta": reply["delta"], "token_ids": reply["token_ids"]})
         finally:
             del self._calls[request_id]
+            self._recent.append(request_id)
             self._prefilled(request_id)
         if reply["type"] == "died":
             if not started:  # it died before it could run the handler: another may serve

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -83,7 +84,7 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
 
 
-async def _start_gateway(url: str, credentials: dict[str, str], options: UpOptions,
+async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.socket,
                          stop: asyncio.Event) -> asyncio.Task[None]:
     """The gateway on its own NATS connection (it is a client like any other), until `stop`."""
     from faas.client import Client
@@ -91,21 +92,14 @@ async def _start_gateway(url: str, credentials: dict[str, str], options: UpOptio
 
     client = Client(url, max_reconnect_attempts=-1, **credentials)
     await client.connect()
-    ready = asyncio.Event()
 
     async def run() -> None:
         try:
-            await serve_gateway(client, options.http_host, options.http_port or 0, 120.0, stop, ready)
+            await serve_gateway(client, sock, 120.0, stop)
         finally:
             await client.close()
 
-    task = asyncio.create_task(run(), name="gateway")
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if task.done():
-        await task  # raises why it did not start
-    return task
+    return asyncio.create_task(run(), name="gateway")
 
 
 async def up(options: UpOptions) -> int:
@@ -128,7 +122,12 @@ async def up(options: UpOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     server: EmbeddedNats | None = None
     catalog: Catalog | None = None
+    http_sock: socket.socket | None = None
     try:
+        if options.http_port is not None:  # first: a port in use fails before anything starts
+            from faas.gateway import bind
+
+            http_sock = bind(options.http_host, options.http_port)
         url = options.nats_url
         credentials = options.credentials.options()
         if url is None:
@@ -161,13 +160,14 @@ async def up(options: UpOptions) -> int:
         node = Node(nc, catalog, config)
         await node.start()
         gateway = None
-        if options.http_port is not None:
-            gateway = await _start_gateway(url, credentials, options, stop)
+        if http_sock is not None:
+            http = f" http=http://{options.http_host}:{http_sock.getsockname()[1]}"
+            gateway, http_sock = await _start_gateway(url, credentials, http_sock, stop), None
         print(f"ready {url} functions={len(node.pools)} node={config.node_id}"
-              + (f" http=http://{options.http_host}:{options.http_port}" if gateway else ""), flush=True)
+              + (http if gateway else ""), flush=True)
         await stop.wait()
-        if gateway is not None:
-            await gateway
+        if gateway is not None:  # its streams end (or get a grace) before the node drains
+            await asyncio.gather(gateway, return_exceptions=True)
         await node.drain()
         if not nc.is_closed:
             await nc.drain()
@@ -177,6 +177,8 @@ async def up(options: UpOptions) -> int:
         log.error("node_failed", error=err.message if isinstance(err, FaasError) else str(err))
         return 1
     finally:
+        if http_sock is not None:
+            http_sock.close()
         if catalog is not None:
             catalog.close()
         if server is not None:

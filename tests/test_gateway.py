@@ -105,21 +105,54 @@ async def test_any_function_over_http_gets_its_reply_envelope(node):
         assert bad.status_code == 400
 
 
+async def _cancelled(node, client, function: str, before: float) -> None:
+    """The dropped request left its batch at once (~900 tokens take far longer here) and
+    the node answered it 499."""
+    deadline = time.monotonic() + 3
+    while True:
+        [fn] = [f for n in await client.nodes() for f in n["functions"] if f["name"] == function]
+        if fn["active"] == 0:
+            break
+        assert time.monotonic() < deadline, fn
+        await asyncio.sleep(0.05)
+    assert await _cancelled_so_far(node, function) == before + 1
+
+
+async def _cancelled_so_far(node, function: str) -> float:
+    async with httpx.AsyncClient() as http:
+        return _sample((await http.get(node.metrics_url)).text, "faas_requests_total",
+                       function=function, code="499")
+
+
 async def test_a_client_that_disconnects_cancels_its_generation(node, client):
+    before = await _cancelled_so_far(node, "writer")
     async with httpx.AsyncClient(base_url=node.http_url) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post("/v1/functions/writer", timeout=1.0, json={
-                "prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True})
-    deadline = time.monotonic() + 10
-    while True:  # its place in the batch is freed long before 1000 tokens
-        [writer] = [f for n in await client.nodes() for f in n["functions"] if f["name"] == "writer"]
-        if writer["active"] == 0:
-            break
-        assert time.monotonic() < deadline, writer
-        await asyncio.sleep(0.1)
-    async with httpx.AsyncClient() as http:
-        metrics = (await http.get(node.metrics_url)).text
-    assert _sample(metrics, "faas_requests_total", function="writer", code="499") >= 1
+                "prompt": "hello", "max_new_tokens": 900, "ignore_eos": True})
+    await _cancelled(node, client, "writer", before)
+
+
+async def test_a_dropped_stream_cancels_its_generation(node, client):
+    """A streamed chat completion whose HTTP client goes away after its first tokens."""
+    before = await _cancelled_so_far(node, "support")
+    body = {"model": "support", "messages": MESSAGES, "max_tokens": 900, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")  # tokens are flowing
+    await _cancelled(node, client, "support", before)
+
+
+async def test_stream_errors_before_the_first_token_keep_their_status(api):
+    """An error before the first token is an HTTP error (with its OpenAI object), not a 200
+    stream: clients retry and report by status."""
+    with pytest.raises(openai.APIStatusError) as failed:
+        await api.chat.completions.create(model="support", messages=MESSAGES, max_tokens=5000,
+                                          temperature=0, stream=True)
+    assert failed.value.status_code == 500 and "context" in failed.value.body["message"]
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
