@@ -362,6 +362,9 @@ def bind(host: str, port: int) -> socket.socket:
     a clear error at once; port 0 picks a free one: `sock.getsockname()`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: without, a small response waits ~40 ms for the
+    # client's delayed ACK (Nagle).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
