@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from faas.errors import FaasError
+from faas.errors import BadRequest, FaasError
 from faas.sdk import Generation
 from runtime.generation import Batcher, DeltaSink, GenRequest, Prefill
 
@@ -145,10 +145,10 @@ class LoraEngine:
         assert self.batcher is not None, "the engine is not loaded"
         input_ids = self.batcher.encode(prompt)
         if not input_ids:
-            raise FaasError("prompt encodes to no tokens")
+            raise BadRequest("prompt encodes to no tokens")
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and len(input_ids) + max_new_tokens > limit:
-            raise FaasError(f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+            raise BadRequest(f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                             f"exceeds the model's context of {limit}")
         request = GenRequest(input_ids, max_new_tokens, temperature, top_p, seed, stop, ignore_eos,
                              on_delta, meter.cancelled,

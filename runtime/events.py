@@ -232,7 +232,8 @@ class EventConsumers:
                                       event_info=info)
         except FaasError as err:
             self.failed += 1
-            if delivered >= max_deliver:
+            # The handler judged the event itself bad (BadRequest): retrying cannot help.
+            if delivered >= max_deliver or isinstance(err, BadRequest):
                 await self._dead_letter(name, msg, info, err, log)
             else:
                 log.warning("event_failed", code=err.code, error=err.message,

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from faas import openai_api
-from faas.errors import SpecError
+from faas.errors import BadRequest, SpecError
 from faas.logs import get_logger
 from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime import frames
@@ -36,8 +36,13 @@ from runtime.loader import find_spec
 from runtime.memory import device_bytes, give_back_heap, private_dirty_bytes
 
 
-def _error(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
+def _error(exc: BaseException) -> dict[str, Any]:
+    """A handler's exception for the node; `faas.BadRequest` marks the caller's mistake
+    (the reply is then a 400, not a 500)."""
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, BadRequest):
+        error.update(message=exc.message, bad_request=True)
+    return error
 
 
 class _Wire:
@@ -168,7 +173,7 @@ class _Function:
     def _chat_template(self, messages: list[dict[str, str]]) -> str:
         tokenizer = self.engine.tokenizer if self.engine is not None else None
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template: use completions")
+            raise BadRequest("the model's tokenizer has no chat template: use completions")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # Templates that write the BOS token (Llama 3, Mistral) and tokenizers that add it
         # again when the prompt is encoded would give the model two.

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from faas.errors import HandlerError
+from faas.errors import BadRequest, HandlerError
 from faas.logs import get_logger
 from runtime import frames
 from runtime.backbones import Backbone
@@ -268,6 +268,8 @@ class Sandbox:
             raise self._died(reply)
         if reply["type"] == "error":
             err = reply["error"]
+            if err.get("bad_request"):
+                raise BadRequest(str(err["message"]))
             raise HandlerError(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
 

@@ -123,6 +123,15 @@ async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(nod
     assert len(again) == 2 and again[1]["event"]["sequence"] != letter["event"]["sequence"]
 
 
+async def test_an_event_the_handler_refuses_as_bad_is_a_dead_letter_at_once(node):
+    run = uuid.uuid4().hex
+    async with Client(node.url) as client:
+        await client.publish("events.picky", {"n": 7, "run": run, "invalid": True})
+    [letter] = await _outcomes(node, "faas.dlq.picky", run, 1, 30)
+    assert letter["event"]["delivered"] == 1  # not picky's 3
+    assert letter["error"]["code"] == 400 and "refusing event 7" in letter["error"]["message"]
+
+
 async def test_a_slow_handler_is_not_redelivered_and_a_killed_node_loses_nothing(models, tmp_path):
     """ack wait 1 s, handlers of 0.3-3 s: in-progress acks keep each event with its handler.
     Then SIGKILL mid-stream: the node that comes back on the same server processes every

@@ -152,7 +152,7 @@ async def test_stream_errors_before_the_first_token_keep_their_status(api):
     with pytest.raises(openai.APIStatusError) as failed:
         await api.chat.completions.create(model="support", messages=MESSAGES, max_tokens=5000,
                                           temperature=0, stream=True)
-    assert failed.value.status_code == 500 and "context" in failed.value.body["message"]
+    assert failed.value.status_code == 400 and "context" in failed.value.body["message"]
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -220,6 +220,17 @@ def _line_with(stream, text: str) -> str:
         if text in line:
             return line
     return ""
+
+
+async def test_a_handler_raising_bad_request_answers_400(node, client):
+    """The caller's mistake, as the handler judges it: a 400 with its message, not a 500."""
+    from faas import BadRequest
+
+    with pytest.raises(BadRequest, match="needs a non-empty 'word'"):
+        await client.invoke("talker", {}, timeout_s=30)
+    async with httpx.AsyncClient(base_url=node.http_url) as http:
+        reply = await http.post("/v1/functions/talker", json={})
+    assert reply.status_code == 400 and "non-empty 'word'" in reply.json()["error"]["message"]
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (a terminal emulator)")

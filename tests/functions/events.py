@@ -3,7 +3,7 @@ poison event, `slowpoke` takes longer than the ack wait the event tests give the
 
 import time
 
-from faas import function
+from faas import BadRequest, function
 
 
 @function(name="tally", triggers=["events.tally.>"], results=True, timeout_s=10)
@@ -18,6 +18,8 @@ def tally(event: dict, ctx) -> dict:
 def picky(event: dict, ctx) -> dict:
     if event.get("poison"):
         raise ValueError(f"cannot digest event {event.get('n')}")
+    if event.get("invalid"):  # the event itself is wrong: no retry can help
+        raise BadRequest(f"refusing event {event.get('n')}")
     return {"n": event.get("n"), "run": event.get("run"), "delivered": ctx.event_info.delivered}
 
 
