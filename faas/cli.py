@@ -60,7 +60,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
         credentials=auth.from_args(args), node_id=args.node_id, http_port=args.http,
-        http_host=args.http_host, metrics_port=args.metrics_port,
+        http_host=args.http_host, http_timeout_s=args.http_timeout_s, metrics_port=args.metrics_port,
         models_dirs=tuple(Path(m) for m in args.models or ()),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
@@ -359,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "up by fingerprint (repeatable; $FAAS_HOME/models always)")
     up.add_argument("--http", type=int, metavar="PORT", default=None,
                     help="also run the OpenAI-compatible HTTP gateway (faas gateway) on PORT")
-    up.add_argument("--http-host", default="127.0.0.1", help="address the gateway listens on")
+    up.add_argument("--http-host", default="127.0.0.1",
+                    help="address the gateway and --metrics-port listen on (0.0.0.0: all)")
+    up.add_argument("--http-timeout-s", type=_positive, default=120.0,
+                    help="the gateway's budget per request (the function's timeout_s caps it)")
     up.add_argument("--metrics-port", type=int, metavar="PORT", default=None,
                     help="serve this node's Prometheus metrics on http://HOST:PORT/metrics")
     up.add_argument("--node-id", type=_node_id, default=None,

@@ -39,6 +39,7 @@ class UpOptions:
     models_dirs: tuple[Path, ...] = ()
     http_port: int | None = None  # the OpenAI gateway beside the node
     http_host: str = "127.0.0.1"
+    http_timeout_s: float = 120.0
     metrics_port: int | None = None
     port: int = 4222
     state_dir: Path | None = None
@@ -84,7 +85,7 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
 
 
-async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.socket,
+async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.socket, timeout_s: float,
                          stop: asyncio.Event) -> asyncio.Task[None]:
     """The gateway on its own NATS connection (it is a client like any other), until `stop`."""
     from faas.client import Client
@@ -95,7 +96,7 @@ async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.soc
 
     async def run() -> None:
         try:
-            await serve_gateway(client, sock, 120.0, stop)
+            await serve_gateway(client, sock, timeout_s, stop)
         finally:
             await client.close()
 
@@ -162,7 +163,8 @@ async def up(options: UpOptions) -> int:
         gateway = None
         if http_sock is not None:
             http = f" http=http://{options.http_host}:{http_sock.getsockname()[1]}"
-            gateway, http_sock = await _start_gateway(url, credentials, http_sock, stop), None
+            gateway = await _start_gateway(url, credentials, http_sock, options.http_timeout_s, stop)
+            http_sock = None
         print(f"ready {url} functions={len(node.pools)} node={config.node_id}"
               + (http if gateway else ""), flush=True)
         await stop.wait()
