@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import msgpack
 import nats
 
+from bench import write_result
 from faas.bundled import faas_home
 from faas.localnode import LocalNode
 
@@ -80,10 +80,7 @@ def main() -> int:
         result = asyncio.run(measure(url, node.node_credentials(), args.events))
     finally:
         node.stop()
-    result = {"max_batch": args.max_batch, "cpus": os.cpu_count(), **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_result(args.out, {"max_batch": args.max_batch, "cpus": os.cpu_count(), **result})
     return 0
 
 

@@ -124,7 +124,7 @@ class Client:
                 if node is None and loop.time() - sent > _ACK_WAIT_S:
                     return None
                 if node is not None:
-                    alive = await self._alive(node)
+                    alive = await node_alive(self.nc, node)
                     missed = 0 if alive else missed + 1
                     if alive is False or missed >= 3:
                         return None
@@ -140,17 +140,6 @@ class Client:
                 continue
             return msg
         return None
-
-    async def _alive(self, node: str) -> bool | None:
-        """Whether `node` answers a ping: False when it is gone (nothing subscribes to its
-        ping subject any more), None when the ping timed out (busy, or unreachable)."""
-        try:
-            await self.nc.request(protocol.node_ping_subject(node), b"", timeout=1.0)
-            return True
-        except nats.errors.NoRespondersError:
-            return False
-        except nats.errors.TimeoutError:
-            return None
 
     def stream(self, function: str, event: dict[str, Any] | None = None, *,
                timeout_s: float = 60.0, request_id: str | None = None) -> Stream:
@@ -187,6 +176,18 @@ class Client:
         replies = [protocol.decode(msg.data, msg.headers)
                    for msg in await gather(self.nc, protocol.ADMIN_LS_SUBJECT, wait_s)]
         return sorted(replies, key=lambda r: r.get("node", ""))
+
+
+async def node_alive(nc: NATS, node: str) -> bool | None:
+    """Whether a faas node answers a ping: False when it is gone (nothing subscribes to its
+    ping subject any more), None when the ping timed out (busy, or unreachable)."""
+    try:
+        await nc.request(protocol.node_ping_subject(node), b"", timeout=1.0)
+        return True
+    except nats.errors.NoRespondersError:
+        return False
+    except nats.errors.TimeoutError:
+        return None
 
 
 async def gather(nc: NATS, subject: str, wait_s: float = 0.5) -> list[Any]:

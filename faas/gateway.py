@@ -62,12 +62,14 @@ def error_response(err: FaasError, model: str | None = None) -> JSONResponse:
     body = {"error": {"message": err.message, "type": _TYPES.get(code, "server_error"),
                       "param": "model" if code == 404 else None,
                       "code": "model_not_found" if code == 404 and model else None}}
-    headers = {}
+    return JSONResponse(body, status_code=code, headers=_retry_after(err))
+
+
+def _retry_after(err: FaasError) -> dict[str, str]:
+    """`Retry-After` (whole seconds) for an error that says when trying again has a chance."""
     if err.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
-    elif code == 503:
-        headers["Retry-After"] = "1"
-    return JSONResponse(body, status_code=code, headers=headers)
+        return {"Retry-After": str(max(1, math.ceil(err.retry_after_s)))}
+    return {"Retry-After": "1"} if err.code == 503 else {}
 
 
 _END = object()
@@ -302,14 +304,10 @@ class Gateway:
                 raise BadRequest("the event must be a JSON object")
             result = await self._unless_gone(request, self.client.invoke(
                 name, event, timeout_s=self.timeout_s, request_id=request_id), request_id)
-        except FaasError as err:
-            body: dict[str, Any] = {"error": {"code": err.code, "message": err.message}}
-            headers = {}
-            if err.retry_after_s is not None:
-                body["error"]["retry_after_ms"] = round(err.retry_after_s * 1000)
-                headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
-            return self._done(JSONResponse(body, status_code=err.code, headers=headers),
-                              name, "functions", started)
+        except FaasError as err:  # the envelope a NATS caller gets, with the code as status
+            body, _ = protocol.error_reply(err, protocol.Encoding.JSON, request_id)
+            return self._done(Response(body, status_code=err.code, media_type="application/json",
+                                       headers=_retry_after(err)), name, "functions", started)
         if result is None:
             return self._done(Response(status_code=499), name, "functions", started)
         return self._done(JSONResponse({"output": result.output, "metrics": result.metrics}),

@@ -78,12 +78,16 @@ class Deployments:
         self.local = local  # served from the functions folders: a deploy does not override them
         self.root = root
         self.versions: dict[str, int] = {}  # what this node serves
-        self.unavailable: dict[str, str] = {}  # deployed, not servable here: why
+        self._unserved: dict[str, tuple[str, Any]] = {}  # deployed, not servable here: why, entry
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
         self._uids: dict[str, int | None] = {}  # one per function for the node's life
-        self._unserved: dict[str, Any] = {}  # the entries of self.unavailable
         self.log = get_logger(component="deployed")
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """The deployed functions this node does not serve, and why."""
+        return {name: why for name, (why, _entry) in self._unserved.items()}
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Serve what is deployed now (before the node says it is ready), then follow."""
@@ -100,7 +104,7 @@ class Deployments:
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in (self.root.parent, self.root):
             folder.chmod(0o711)  # sandboxes may pass through, not list
-        while (entry := await asyncio.wait_for(self._watcher.updates(timeout=timeout_s), timeout_s)) is not None:
+        while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
             await self._apply(entry)
         self._task = asyncio.create_task(self._follow(), name="deployments")
         self.log.info("deployments_served", functions=self.versions, unavailable=sorted(self.unavailable))
@@ -112,7 +116,7 @@ class Deployments:
             try:
                 entry = await self._watcher.updates(timeout=retry_s)
             except NatsTimeout:
-                for entry in list(self._unserved.values()):
+                for _why, entry in list(self._unserved.values()):
                     await self._apply(entry)
                 continue
             if entry is self._watcher.STOP_ITER:  # stopped: the node is closing
@@ -125,7 +129,6 @@ class Deployments:
         if name in self.local:
             self.log.warning("deploy_shadowed", fn=name, why="a function of this node's folders has that name")
             return
-        self.unavailable.pop(name, None)
         self._unserved.pop(name, None)
         try:
             if entry.operation is not None or not entry.value:  # a removal
@@ -142,8 +145,7 @@ class Deployments:
             self.log.info("deploy_served", fn=name, version=record["version"], backbone=spec["backbone"])
         except Exception as exc:  # whatever the record holds, the watch goes on
             why = exc.message if isinstance(exc, FaasError) else f"{type(exc).__name__}: {exc}"
-            self.unavailable[name] = why
-            self._unserved[name] = entry
+            self._unserved[name] = (why, entry)
             # A version served before stays: a bad record does not take a function down.
             self.log.error("deploy_not_served", fn=name, error=why, still_serving=self.versions.get(name))
 

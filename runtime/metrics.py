@@ -13,7 +13,8 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class NodeMetrics:
-    def __init__(self, node: str, held: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, node: str, held: Callable[[], tuple[int, int]], port: int,
+                 host: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry()
         labels = ["node", "function"]
         self.node = node
@@ -29,6 +30,7 @@ class NodeMetrics:
         self._memory = Gauge("faas_memory_held_bytes", "what the node's sandboxes and backbones hold",
                              ["node", "kind"], registry=self.registry)
         self._held = held
+        self._address = (host, port)
         self._server: Any = None
         self._sampler: asyncio.Task[None] | None = None
 
@@ -50,9 +52,10 @@ class NodeMetrics:
             self._memory.labels(self.node, "device").set(device)
             await asyncio.sleep(every_s)
 
-    def serve(self, port: int, host: str = "127.0.0.1", every_s: float = 1.0) -> None:
+    def serve(self, every_s: float = 1.0) -> None:
         """/metrics on a thread of the client library's own HTTP server (OSError when the
         port is taken: before the node joins anything)."""
+        host, port = self._address
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._sampler = asyncio.create_task(self._sample(every_s), name="metrics")
 

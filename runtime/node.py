@@ -21,11 +21,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
 from faas.bundled import faas_home
+from faas.client import node_alive
 from faas.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -137,6 +137,15 @@ def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
     return budget
 
 
+@dataclass
+class _InFlight:
+    """A request this node holds: its cancel signal and where its reply goes (a caller's
+    retry, after the node that forwarded the request here died, moves it to its inbox)."""
+
+    reply: str
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class Node:
     """Serves the given function specs on one NATS connection."""
 
@@ -160,21 +169,23 @@ class Node:
         self.history = History(nc, self.node_id, {spec["name"] for spec in specs},
                                on_arrival=self._on_history)
         self.cluster = Cluster(nc, self.node_id, self.warm_state)
-        # Fails closed: a function without an isolation decision is a bug, not root access.
-        self.pools = {spec["name"]: self._pool(spec, catalog.isolation[spec["name"]]) for spec in specs}
+        # The pre-loader and the memory guard see the pools as they come and go.
+        self.pools: dict[str, FunctionPool] = {}
         self.preloader = (Preloader(self.pools, self.backbones, self.profiles, self.history,
                                     preload, config.device, share=self.cluster.share)
                           if preload.enabled else None)
         budget = node_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device)
         self.guard = MemoryGuard(self.pools, self.backbones, self.profiles, budget,
                                  self.preloader.value if self.preloader else lambda name: 0.0)
-        for pool in self.pools.values():
-            pool.guard = self.guard
+        for spec in specs:
+            # Fails closed: a function without an isolation decision is a bug, not root access.
+            self.pools[spec["name"]] = self._pool(spec, catalog.isolation[spec["name"]])
         self.deployments = Deployments(
             nc, catalog, ModelFinder((*config.models_dirs, faas_home() / "models")),
             self.add_function, self.remove_function, local=set(self.pools),
             root=faas_home() / "deployed" / self.node_id)
-        self.metrics = NodeMetrics(self.node_id, self.guard.held) if config.metrics_port else None
+        self.metrics = (NodeMetrics(self.node_id, self.guard.held, config.metrics_port, config.metrics_host)
+                        if config.metrics_port else None)
         self.stats = NodeStats(self.metrics)
         self.service = NodeService(nc, self)
         if self.preloader is not None:  # it plans within what the node may hold
@@ -183,8 +194,7 @@ class Node:
                                            min(planned.device_bytes, budget.device_bytes))
         self.events = EventConsumers(nc, self.pools, self.history, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cancels: dict[str, asyncio.Event] = {}  # in-flight requests, by id
-        self._replies: dict[str, str] = {}  # their reply subjects
+        self._inflight: dict[str, _InFlight] = {}  # by request id
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
         self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
@@ -195,14 +205,14 @@ class Node:
             keep_alive_s=None if self.config.preload.enabled else self.config.sandbox.keep_alive_s,
             on_change=self._on_pool_change,
             contention=self.contention if self.config.batch_windows else None)
-        pool.guard = getattr(self, "guard", None)
+        pool.guard = self.guard
         return pool
 
     async def start(self) -> None:
         """Subscribe; when this returns the server knows every subscription and the node
         serves what is deployed."""
-        if self.metrics is not None and self.config.metrics_port is not None:
-            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+        if self.metrics is not None:
+            self.metrics.serve()
         self.zygote.start()
         self.contention.start()
         await self.outputs.start()
@@ -236,6 +246,7 @@ class Node:
         await self.events.add(name, self.pools[name])
         if old is not None:
             self._own(old.close())
+        self.service.refresh()
         self._on_pool_change()
 
     async def remove_function(self, name: str) -> None:
@@ -246,6 +257,7 @@ class Node:
         await self.events.remove(name)
         if pool is not None:
             self._own(pool.close())
+        self.service.refresh()
         self._on_pool_change()
 
     def _on_history(self, _function: str) -> None:
@@ -256,16 +268,13 @@ class Node:
         if self.preloader is not None:
             self.preloader.poke()
         self.cluster.poke()
-        self.service.refresh()
 
     def warm_state(self) -> dict[str, Any]:
-        """What other nodes read to forward here: per function the level of the best idle
-        sandbox, whether a loaded one has room, and how loaded it is."""
-        functions = {}
-        for name, pool in self.pools.items():
-            functions[name] = {"level": pool.held_level.label, "room": pool.warm_room,
-                               "load": round(pool.load, 3), "queued": pool.state()["queued"],
-                               "version": pool.spec.get("deployed")}
+        """What other nodes read to forward here and to share pre-loading: the functions it
+        serves, whether a loaded sandbox of each has room and how loaded it is, and whether
+        its memory is nearly full."""
+        functions = {name: {"room": pool.warm_room, "load": round(pool.load, 3)}
+                     for name, pool in self.pools.items()}
         return {"node": self.node_id, "functions": functions, "overloaded": self.guard.full()}
 
     # --- request path ---------------------------------------------------------------
@@ -297,15 +306,15 @@ class Node:
             return
         stream = protocol.wants_stream(headers)
         final = {protocol.HDR_FINAL: "true"} if stream else {}
-        if request_id in self._replies and (self._replies[request_id] == msg.reply
-                                            or protocol.HDR_RETRY in headers):
+        held = self._inflight.get(request_id)
+        if held is not None and (held.reply == msg.reply or protocol.HDR_RETRY in headers):
             # A caller's retry of a request in flight here (the node it reached first, or
             # the one that forwarded it here, died): it is answered where the caller listens now.
-            self._replies[request_id] = msg.reply
+            held.reply = msg.reply
             await self._ack(msg, headers, log)
             return
         try:
-            if request_id in self._cancels:  # its replies and cancels would be ambiguous
+            if held is not None:  # its replies and cancels would be ambiguous
                 raise BadRequest(f"a request with id {request_id!r} is already in flight")
             pool = self.pools.get(function)
             if may_forward and (pool is None or not pool.warm_room):
@@ -330,10 +339,9 @@ class Node:
                                     request_id, log, final)
             return
         await self._ack(msg, headers, log)
-        cancel = self._cancels[request_id] = asyncio.Event()
-        self._replies[request_id] = msg.reply
+        flight = self._inflight[request_id] = _InFlight(msg.reply)
         self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline,
-                              stream, cancel))
+                              stream, flight))
 
     async def _ack(self, msg: Msg, headers: dict[str, str], log: Any) -> None:
         """Tell a caller that asked which node holds its request (so it can retry elsewhere
@@ -351,27 +359,33 @@ class Node:
         the caller. When the peer is gone before its reply (no responder, or its pings go
         unanswered) the request is served here instead, unless chunks were relayed already:
         a stream cannot be replayed, so it gets a 503."""
-        relayed = 0
         self.stats[function].forwarded += 1
         log = log.bind(peer=peer)
+        encoding = protocol.request_encoding(msg.data, msg.headers)
+        final = {protocol.HDR_FINAL: "true"} if stream else {}
+
+        async def fail(err: FaasError) -> None:
+            await self._reply_error(msg, err, encoding, request_id, log, final)
+
         try:
             headers = _forward_headers(msg.headers or {}, self.node_id, request_id)
-            deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
             sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
-        except (BadRequest, NatsError) as exc:
-            err = exc if isinstance(exc, BadRequest) else Overloaded(f"cannot forward: {exc}")
-            await self._reply_error(msg, err, protocol.request_encoding(msg.data, msg.headers),
-                                    request_id, log, {protocol.HDR_FINAL: "true"} if stream else {})
+        except BadRequest as err:
+            await fail(err)
             return
+        except NatsError as exc:
+            await fail(Overloaded(f"cannot forward: {exc}"))
+            return
+        deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
+        relayed = silent = 0
         try:
             await self.nc.publish(protocol.node_invoke_subject(peer, function), msg.data,
                                   reply=inbox, headers=headers)
-            silent = 0
             while time.time() < deadline:
                 try:
                     reply = await sub.next_msg(timeout=1.0)
                 except NatsTimeout:
-                    alive = await self._alive(peer)
+                    alive = await node_alive(self.nc, peer)
                     silent = 0 if alive else silent + 1
                     if alive is False or silent >= 3:
                         break
@@ -381,7 +395,6 @@ class Node:
                 await self._publish(msg.reply, reply.data, reply.headers or {}, log)
                 relayed += 1
                 if not stream or protocol.is_final(reply.headers):
-                    log.debug("forwarded")
                     return
         except NatsError as exc:
             log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
@@ -391,35 +404,21 @@ class Node:
             except NatsError:
                 pass
         if time.time() >= deadline:  # the peer lives but never answered (it lost the request)
-            await self._reply_error(msg, DeadlineExceeded(f"node {peer} did not answer in time"),
-                                    protocol.request_encoding(msg.data, msg.headers), request_id, log,
-                                    {protocol.HDR_FINAL: "true"} if stream else {})
+            await fail(DeadlineExceeded(f"node {peer} did not answer in time"))
             return
         self.cluster.forget(peer)
         if relayed:
-            err = Overloaded(f"node {peer} stopped answering in the middle of the stream")
-            encoding = protocol.request_encoding(msg.data, msg.headers)
-            await self._reply_error(msg, err, encoding, request_id, log, {protocol.HDR_FINAL: "true"})
+            await fail(Overloaded(f"node {peer} stopped answering in the middle of the stream"))
             return
         log.warning("forward_failed_serving_here")
         await self._admit(msg, may_forward=False)
 
-    async def _alive(self, peer: str) -> bool | None:
-        """True: it answers; False: it is gone (no responder); None: the ping timed out."""
-        try:
-            await self.nc.request(protocol.node_ping_subject(peer), b"", timeout=1.0)
-            return True
-        except NoRespondersError:
-            return False
-        except (NatsTimeout, NatsError):
-            return None
-
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
-        cancel = self._cancels.get(request_id)
-        if cancel is not None:
+        flight = self._inflight.get(request_id)
+        if flight is not None:
             self.log.info("cancel_requested", req=request_id)
-            cancel.set()
+            flight.cancel.set()
 
     def _own(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -433,40 +432,38 @@ class Node:
 
     async def _serve(self, msg: Msg, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
                      request_id: str, received: float, deadline: float, stream: bool,
-                     cancel: asyncio.Event) -> None:
+                     flight: _InFlight) -> None:
         log = self.log.bind(fn=pool.name, req=request_id)
         final = {protocol.HDR_FINAL: "true"} if stream else {}
         try:
             await self._serve_one(msg, pool, event, encoding, request_id, received, deadline,
-                                  stream, cancel, final, log)
+                                  stream, flight, final, log)
         finally:
-            if self._cancels.get(request_id) is cancel:
-                del self._cancels[request_id]
-                del self._replies[request_id]
+            if self._inflight.get(request_id) is flight:
+                del self._inflight[request_id]
 
     async def _serve_one(self, msg: Msg, pool: FunctionPool, event: dict[str, Any],
                          encoding: Encoding, request_id: str, received: float, deadline: float,
-                         stream: bool, cancel: asyncio.Event, final: dict[str, str],
+                         stream: bool, flight: _InFlight, final: dict[str, str],
                          log: Any) -> None:
         async def send_chunk(chunk: dict[str, Any]) -> None:
-            await self._publish(self._reply_to(request_id, msg),
-                                *protocol.chunk_message(chunk, encoding, request_id), log)
+            await self._publish(flight.reply, *protocol.chunk_message(chunk, encoding, request_id), log)
+
+        async def fail(err: FaasError) -> None:
+            await self._reply_error(msg, err, encoding, request_id, log, final, flight.reply)
 
         try:
             served = await pool.serve(request_id, event, deadline, received=received, stream=stream,
-                                      on_chunk=send_chunk if stream else None, cancel=cancel)
+                                      on_chunk=send_chunk if stream else None, cancel=flight.cancel)
         except FaasError as err:
-            await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
+            await fail(err)
             return
         except asyncio.CancelledError:
-            await self._reply_error(msg, Overloaded("the node shut down before the request "
-                                                    "completed"), encoding, request_id, log, final,
-                                   self._reply_to(request_id, msg))
+            await fail(Overloaded("the node shut down before the request completed"))
             raise
         except Exception:
             log.exception("serve_failed")
-            await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
-                                    request_id, log, final, self._reply_to(request_id, msg))
+            await fail(HandlerError("internal error in the node"))
             return
         result = served.result
         ttft_ms = None
@@ -480,25 +477,18 @@ class Node:
         try:
             body, headers = protocol.ok_reply(result.output, metrics, encoding)
         except (TypeError, ValueError) as exc:
-            err = HandlerError(f"output cannot be encoded as {encoding.value}: {exc}")
-            await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
+            await fail(HandlerError(f"output cannot be encoded as {encoding.value}: {exc}"))
             return
         headers.update(final)
         size = protocol.wire_size(body, headers)
         if size > self.nc.max_payload:
-            err = HandlerError(f"reply of {size} bytes exceeds the server's max payload "
-                               f"of {self.nc.max_payload} bytes")
-            await self._reply_error(msg, err, encoding, request_id, log, final, self._reply_to(request_id, msg))
+            await fail(HandlerError(f"reply of {size} bytes exceeds the server's max payload "
+                                    f"of {self.nc.max_payload} bytes"))
             return
-        await self._publish(self._reply_to(request_id, msg), body, headers, log)
+        await self._publish(flight.reply, body, headers, log)
         self.stats.answered(pool.name, metrics.ttft_ms, metrics.total_ms, served.level.label)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
-
-    def _reply_to(self, request_id: str, msg: Msg) -> str:
-        """Where the reply of a request in flight goes: its caller's latest inbox (a caller
-        that retried, after the node that forwarded the request died, listens there)."""
-        return self._replies.get(request_id, msg.reply)
 
     async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
                            log: Any, final: dict[str, str] | None = None, to: str | None = None) -> None:
