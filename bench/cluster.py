@@ -170,7 +170,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         deploy_s = [await deploy_latency(server.url, login, work, ids, v) for v in (1, 2, 3)]
         # A fresh version, started on one node only (the first request's).
         _deploy(server.url, login, _write(work, 4))
-        async with Client(server.url) as client:
+        # The listing is an operator's view: with the nodes' login.
+        async with Client(server.url, user=server.node_user, password=server.node_password) as client:
             while [f.get("version") for n in await client.nodes() for f in n["functions"]] != [4, 4]:
                 await asyncio.sleep(0.05)
             warm = (await client.invoke("pong", {}, timeout_s=30)).metrics["node"]

@@ -13,6 +13,7 @@ from faas.errors import (
     FunctionNotFound,
     HandlerError,
     Overloaded,
+    PayloadTooLarge,
     SpecError,
 )
 from faas.protocol import Chunk, Invocation
@@ -20,6 +21,6 @@ from faas.sdk import Context, FunctionSpec, Generation, function
 
 __all__ = [
     "BadRequest", "Cancelled", "Chunk", "Client", "Context", "DeadlineExceeded", "FaasError", "FunctionNotFound",
-    "FunctionSpec", "Generation", "HandlerError", "Invocation", "Overloaded", "SpecError",
+    "FunctionSpec", "Generation", "HandlerError", "Invocation", "Overloaded", "PayloadTooLarge", "SpecError",
     "function",
 ]

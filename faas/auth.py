@@ -18,12 +18,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from faas.connection import connect as connect_sized
 from faas.errors import FaasError
 from faas.localnode import local_credentials
+from faas.protocol import NODE_INBOX_PREFIX
 
 _ENV = {"user": "FAAS_NATS_USER", "password": "FAAS_NATS_PASSWORD", "token": "FAAS_NATS_TOKEN",
         "creds": "FAAS_NATS_CREDS", "nkey_seed": "FAAS_NATS_NKEY_SEED",
@@ -95,8 +96,10 @@ async def connect(url: str, credentials: Credentials, state_dir: Path | None = N
     """A one-shot command's connection for operator work (deploys, JetStream state): with
     the given login, else the embedded server's node login when this user can read it (a
     local admin), else none. Fails at once when the server cannot be reached."""
-    login = credentials.options() if credentials else {**local_credentials(state_dir),
-                                                        **credentials.options()}
+    local = {} if credentials else local_credentials(state_dir)
+    login = {**local, **credentials.options()}
+    if local and "inbox_prefix" not in login:  # the node's login: replies only it may read
+        login["inbox_prefix"] = NODE_INBOX_PREFIX
     errors: list[Exception] = []
 
     async def first_error(exc: Exception) -> None:
@@ -107,8 +110,8 @@ async def connect(url: str, credentials: Credentials, state_dir: Path | None = N
         errors.append(exc)
 
     try:
-        return await nats.connect(servers(url), max_reconnect_attempts=1, connect_timeout=2,
-                                  error_cb=first_error, **login, **options)
+        return await connect_sized(servers(url), max_reconnect_attempts=1, connect_timeout=2,
+                                   error_cb=first_error, **login, **options)
     except (nats.errors.Error, OSError) as exc:
         cause = f" ({errors[0]})" if errors and errors[0] is not exc else ""
         raise FaasError(f"cannot connect to NATS at {url}: {exc}{cause}") from None

@@ -131,10 +131,15 @@ async def _invoke(args: argparse.Namespace) -> int:
 
 
 async def _ls(args: argparse.Namespace) -> int:
+    from faas.client import listing
+
     try:
-        async with _client(args) as client:
-            nodes = await client.nodes()
-    except FaasError as err:
+        nc = await _admin(args)  # the listing names paths: an operator's view
+        try:
+            nodes = await listing(nc)
+        finally:
+            await nc.drain()
+    except (FaasError, nats.errors.Error) as err:
         return _fail(err)
     if args.json:
         print(json.dumps(nodes, indent=2))
@@ -173,8 +178,8 @@ async def _events(args: argparse.Namespace) -> int:
                                      indent=2, default=str))
                     return 0
                 rows = [("SEQ", "SUBJECT", "EVENT_SEQ", "DELIVERED", "CODE", "ERROR")]
-                rows += [(x["seq"], x["event"]["subject"], x["event"]["sequence"],
-                          x["event"]["delivered"], x["error"]["code"], x["error"]["message"][:80])
+                rows += [(x["seq"], x["event"]["subject"], x["event"].get("sequence"),
+                          x["event"].get("delivered"), x["error"].get("code"), x["error"]["message"][:80])
                          for x in letters]
                 print(format_table(rows))
                 return 0
@@ -206,19 +211,35 @@ async def _publish(args: argparse.Namespace) -> int:
 
 
 async def _deploy(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from faas import deploy
-    from runtime.catalog import build_bundled_models, discover_file
-    from runtime.isolation import Isolation
+    from faas.bundled import faas_home
+    from runtime.catalog import build_bundled_models, deploy_isolation, discover_file
     from runtime.loader import function_files
 
     try:
         paths = [Path(p) for p in args.paths]
-        files = [p.resolve() for p in paths if p.is_file()] + function_files([p for p in paths if p.is_dir()])
+        folders = [p for p in paths if p.is_dir()]
+        for link in (f for folder in folders for f in folder.glob("*.py")):
+            deploy.inside_folder(link)
+        files = [deploy.inside_folder(p) for p in paths if p.is_file()] + function_files(folders)
         missing = [str(p) for p in paths if not p.exists()]
         if missing or not files:
             raise FaasError(f"nothing to deploy in {', '.join(missing or args.paths)}")
         await build_bundled_models()  # example functions name the bundled model
-        specs = [spec for path in files for spec in await discover_file(path, Isolation())]
+        # The files are imported to learn what they declare: isolated, never with this
+        # process's environment, network or the node's credentials.
+        secrets = (str(Path(args.state_dir) if args.state_dir else faas_home() / "nats"),)
+        isolation, locks, why_not = await deploy_isolation(secrets)
+        if why_not:
+            print(f"warning: {why_not}: the files are imported with your rights", file=sys.stderr)
+        try:
+            specs = [spec for path in files for spec in await discover_file(
+                path, replace(isolation, expose=(*isolation.expose, str(path.parent))))]
+        finally:
+            for fd in locks:
+                os.close(fd)
         records = [deploy.package(spec) for spec in specs]
         nc = await _admin(args)
         try:
@@ -423,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
 
     ls = sub.add_parser("ls", help="list the functions every node serves, with their sandboxes")
-    _nats_options(ls)
+    _admin_options(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
 

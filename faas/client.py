@@ -17,6 +17,7 @@ HandlerError, Overloaded, DeadlineExceeded).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import nats
@@ -26,7 +27,8 @@ from nats.aio.client import Client as NATS
 
 from faas import protocol
 from faas.auth import servers
-from faas.errors import DeadlineExceeded, FaasError, Overloaded
+from faas.connection import connect
+from faas.errors import BadRequest, DeadlineExceeded, FaasError, Overloaded, PayloadTooLarge
 from faas.logs import get_logger
 from faas.protocol import Chunk, Encoding, Invocation
 
@@ -48,6 +50,8 @@ class Client:
         self._connect_options = {"error_cb": self._on_error, **_CONNECT_DEFAULTS, **connect_options}
         self._nc: NATS | None = None
         self._first_error: Exception | None = None  # what a failed connect reports
+        # The secret of each request in flight from here: only it cancels or retries one.
+        self._keys: dict[str, str] = {}
 
     async def _on_error(self, exc: Exception) -> None:
         self._first_error = self._first_error or exc
@@ -55,7 +59,7 @@ class Client:
 
     async def connect(self) -> None:
         try:
-            self._nc = await nats.connect(servers(self.url), **self._connect_options)
+            self._nc = await connect(servers(self.url), **self._connect_options)
         except (nats.errors.Error, OSError) as exc:
             # nats-py ends with "no servers available"; the cause (a refused login) came first.
             cause = f" ({self._first_error})" if self._first_error and self._first_error is not exc else ""
@@ -94,24 +98,44 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         request_id = request_id or protocol.new_request_id()
-        body = protocol.encode(event or {}, Encoding.MSGPACK)
+        body = _encode(event)
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
+        key = self._hold(request_id)
         try:
             for attempt in range(retries + 1):
                 left = deadline - loop.time()
                 if left <= 0:
                     break
-                headers = {**_request_headers(left, request_id), protocol.HDR_ACK: "true",
+                headers = {**_request_headers(left, request_id, key), protocol.HDR_ACK: "true",
                            **({protocol.HDR_RETRY: str(attempt)} if attempt else {})}
-                await self.nc.publish(protocol.invoke_subject(function), body, reply=inbox, headers=headers)
+                await self._send(protocol.invoke_subject(function), body, inbox, headers)
                 reply = await self._await_reply(sub, deadline + _REPLY_GRACE_S, function)
                 if reply is not None:
                     return protocol.parse_reply(reply.data, reply.headers)
                 get_logger().warning("node_lost_retrying", fn=function, req=request_id, attempt=attempt + 1)
+        except asyncio.CancelledError:  # the caller gave up: so does the node
+            with contextlib.suppress(nats.errors.Error):
+                await self.cancel(request_id)
+            raise
         finally:
+            self._keys.pop(request_id, None)
             await sub.unsubscribe()
         raise DeadlineExceeded(f"no reply from {function!r} within {timeout_s}s")
+
+    def _hold(self, request_id: str) -> str:
+        """A new key for a request id this client sends (one request per id at a time)."""
+        if request_id in self._keys:
+            raise ValueError(f"a request with id {request_id!r} is in flight from this client")
+        key = self._keys[request_id] = protocol.new_request_key()
+        return key
+
+    async def _send(self, subject: str, body: bytes, reply: str, headers: dict[str, str]) -> None:
+        try:
+            await self.nc.publish(subject, body, reply=reply, headers=headers)
+        except nats.errors.MaxPayloadError:
+            raise PayloadTooLarge(f"the request takes {protocol.wire_size(body, headers)} bytes, over the "
+                                  f"server's max payload of {self.nc.max_payload}") from None
 
     async def _await_reply(self, sub: Any, deadline: float, function: str) -> Any:
         """The reply on `sub`, or None when the node that acknowledged the request died."""
@@ -147,7 +171,7 @@ class Client:
         it generates with `stream=True`). Use as `async with client.stream(...) as s:` and
         iterate `s` for `Chunk`s; `s.result` then holds the reply. Leaving the block early
         (or `await s.cancel()`) cancels the request: its generation stops."""
-        return Stream(self.nc, function, event or {}, timeout_s, request_id)
+        return Stream(self, function, event or {}, timeout_s, request_id)
 
     async def publish(self, subject: str, event: dict[str, Any] | None = None, *,
                       msg_id: str | None = None) -> int:
@@ -157,25 +181,42 @@ class Client:
         after a lost ack), and reaches handlers as `ctx.event_info.msg_id`."""
         headers = {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type,
                    protocol.HDR_MSG_ID: msg_id or protocol.new_request_id()}
+        body = _encode(event)
         try:
-            ack = await self.nc.jetstream().publish(subject, protocol.encode(event or {}, Encoding.MSGPACK),
-                                                    headers=headers)
+            ack = await self.nc.jetstream().publish(subject, body, headers=headers)
+        except nats.errors.MaxPayloadError:
+            raise PayloadTooLarge(f"the event takes {protocol.wire_size(body, headers)} bytes, over the "
+                                  f"server's max payload of {self.nc.max_payload}") from None
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             raise Overloaded(f"no JetStream stream stores {subject!r} (is a node with triggers "
                              "up?)") from None
         except nats.errors.TimeoutError:
             raise Overloaded(f"JetStream did not acknowledge the event on {subject!r}") from None
+        except nats.js.errors.APIError as exc:  # e.g. the events stream is full
+            raise Overloaded(f"JetStream refused the event on {subject!r}: {exc.description}") from None
         return ack.seq
 
     async def cancel(self, request_id: str) -> None:
-        """Cancel a request in flight (queued or generating) by its id."""
-        await self.nc.publish(protocol.cancel_subject(request_id), b"")
+        """Cancel a request of this client in flight (queued or generating) by its id: the
+        cancel carries the request's key, without which nodes ignore it. A request that is
+        not in flight from this client any more (it ended) is left alone."""
+        key = self._keys.get(request_id)
+        if key is not None:
+            await self.nc.publish(protocol.cancel_subject(request_id), b"",
+                                  headers={protocol.HDR_REQUEST_KEY: key})
 
     async def nodes(self, wait_s: float = 0.5) -> list[dict[str, Any]]:
-        """What every reachable node serves (each node answers; replies gathered for wait_s)."""
-        replies = [protocol.decode(msg.data, msg.headers)
-                   for msg in await gather(self.nc, protocol.ADMIN_LS_SUBJECT, wait_s)]
-        return sorted(replies, key=lambda r: r.get("node", ""))
+        """What every reachable node serves: its functions, sandboxes, plan and paths (each
+        node answers `faas.admin.ls`; replies gathered for wait_s). An operator's view: it
+        needs a login that may publish there (not a producer's, on the embedded server)."""
+        return await listing(self.nc, wait_s)
+
+
+async def listing(nc: NATS, wait_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every node's answer to `faas.admin.ls`, by node id."""
+    replies = [protocol.decode(msg.data, msg.headers)
+               for msg in await gather(nc, protocol.ADMIN_LS_SUBJECT, wait_s)]
+    return sorted(replies, key=lambda r: r.get("node", ""))
 
 
 async def node_alive(nc: NATS, node: str) -> bool | None:
@@ -210,69 +251,94 @@ async def gather(nc: NATS, subject: str, wait_s: float = 0.5) -> list[Any]:
     return replies
 
 
-def _request_headers(timeout_s: float, request_id: str | None) -> dict[str, str]:
+def _encode(event: dict[str, Any] | None) -> bytes:
+    """An event as msgpack; BadRequest when msgpack cannot carry it (an int beyond 64 bits,
+    nesting beyond its limit, an object)."""
+    try:
+        return protocol.encode(event or {}, Encoding.MSGPACK)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"the event cannot be sent as msgpack: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _request_headers(timeout_s: float, request_id: str, key: str) -> dict[str, str]:
     if timeout_s <= 0:
         raise ValueError("timeout_s must be positive")
-    return {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type,
-            protocol.HDR_REQUEST_ID: request_id or protocol.new_request_id(),
-            protocol.HDR_TIMEOUT_MS: str(int(timeout_s * 1000))}
+    if not protocol.valid_request_id(request_id):
+        raise ValueError("a request id is 1-64 letters, digits, '-' or '_'")
+    return {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type, protocol.HDR_REQUEST_ID: request_id,
+            protocol.HDR_REQUEST_KEY: key, protocol.HDR_TIMEOUT_MS: str(int(timeout_s * 1000))}
 
 
 class Stream:
     """A streamed invocation (see `Client.stream`): its chunks, then its reply."""
 
-    def __init__(self, nc: NATS, function: str, event: dict[str, Any], timeout_s: float,
+    def __init__(self, client: Client, function: str, event: dict[str, Any], timeout_s: float,
                  request_id: str | None) -> None:
-        self._nc = nc
+        self._client = client
         self.function = function
-        self._headers = _request_headers(timeout_s, request_id)
-        self._headers[protocol.HDR_STREAM] = "true"
-        self.request_id = self._headers[protocol.HDR_REQUEST_ID]
-        self._event = event
+        self.request_id = request_id or protocol.new_request_id()
         self._timeout_s = timeout_s
+        self._event = event
         self._sub: Any = None
         self._end = 0.0
         self.result: Invocation | None = None
         self._done = False
 
     async def __aenter__(self) -> Stream:
-        inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(inbox)
-        self._end = asyncio.get_running_loop().time() + self._timeout_s + _REPLY_GRACE_S
-        await self._nc.publish(protocol.invoke_subject(self.function),
-                               protocol.encode(self._event, Encoding.MSGPACK), reply=inbox,
-                               headers=self._headers)
+        nc = self._client.nc
+        key = self._client._hold(self.request_id)
+        try:
+            # Acknowledged (and again while it runs): that keeps its reply route alive.
+            headers = {**_request_headers(self._timeout_s, self.request_id, key),
+                       protocol.HDR_STREAM: "true", protocol.HDR_ACK: "true"}
+            inbox = nc.new_inbox()
+            self._sub = await nc.subscribe(inbox)
+            self._end = asyncio.get_running_loop().time() + self._timeout_s + _REPLY_GRACE_S
+            await self._client._send(protocol.invoke_subject(self.function), _encode(self._event),
+                                     inbox, headers)
+        except BaseException:
+            await self._close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if not self._done:
             await self.cancel()
-        await self._sub.unsubscribe()
+        await self._close()
+
+    async def _close(self) -> None:
+        self._client._keys.pop(self.request_id, None)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
 
     def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> Chunk:
-        if self._done:
-            raise StopAsyncIteration
-        left = self._end - asyncio.get_running_loop().time()
-        try:
-            msg = await self._sub.next_msg(timeout=max(0.001, left))
-        except nats.errors.TimeoutError:
-            self._done = True
-            raise DeadlineExceeded(f"no reply from {self.function!r} within {self._timeout_s}s") from None
-        if (msg.headers or {}).get("Status") == "503" and not msg.data:
-            self._done = True
-            raise Overloaded("no faas node is serving: nothing subscribes to "
-                             f"{protocol.invoke_subject(self.function)}")
-        if protocol.is_final(msg.headers):
-            self._done = True
-            self.result = protocol.parse_reply(msg.data, msg.headers)
-            raise StopAsyncIteration
-        chunk = protocol.decode(msg.data, msg.headers)
-        return Chunk(delta=chunk["delta"], token_ids=list(chunk["token_ids"]))
+        while not self._done:
+            left = self._end - asyncio.get_running_loop().time()
+            try:
+                msg = await self._sub.next_msg(timeout=max(0.001, left))
+            except nats.errors.TimeoutError:
+                self._done = True
+                raise DeadlineExceeded(f"no reply from {self.function!r} within {self._timeout_s}s") from None
+            headers = msg.headers or {}
+            if headers.get("Status") == "503" and not msg.data:
+                self._done = True
+                raise Overloaded("no faas node is serving: nothing subscribes to "
+                                 f"{protocol.invoke_subject(self.function)}")
+            if protocol.is_final(headers):
+                self._done = True
+                self.result = protocol.parse_reply(msg.data, headers)
+                break
+            if protocol.HDR_ACK in headers and not msg.data:
+                continue
+            chunk = protocol.decode(msg.data, headers)
+            return Chunk(delta=chunk["delta"], token_ids=list(chunk["token_ids"]))
+        raise StopAsyncIteration
 
     async def cancel(self) -> None:
         """Stop the request; the node answers it with a 499."""
         self._done = True
-        await self._nc.publish(protocol.cancel_subject(self.request_id), b"")
+        await self._client.cancel(self.request_id)

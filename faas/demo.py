@@ -13,6 +13,7 @@ from faas.cli import format_table
 from faas.client import Client
 from faas.errors import FaasError
 from faas.localnode import LocalNode, free_port
+from faas.top import served as served_by
 
 # One realistic event per bundled example function.
 EXAMPLE_EVENTS: dict[str, dict[str, Any]] = {
@@ -77,7 +78,7 @@ async def run_demo(functions_dir: Path) -> int:
     failed = 0
     try:
         async with Client(url) as client:
-            served = [fn["name"] for n in await client.nodes() for fn in n["functions"]]
+            served = sorted(set().union(*(names for _, _, names in await served_by(client.nc))))
             for name in sorted(served):
                 event = EXAMPLE_EVENTS.get(name, {})
                 for call in ("cold", "warm"):

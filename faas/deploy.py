@@ -28,10 +28,11 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NotFoundError,
     ObjectNotFoundError,
 )
 
-from faas import protocol
+from faas import protocol, streams
 from faas.artifacts import adapter_problems, model_fingerprint
 from faas.errors import BadRequest, FunctionNotFound, Overloaded
 
@@ -46,19 +47,30 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def inside_folder(path: Path, folder: Path | None = None) -> Path:
+    """`path` resolved, refused (BadRequest) when it is a link that leaves `folder` (by
+    default its own folder): a deploy ships what the folder holds, not what it points at."""
+    folder = (folder or path.absolute().parent).resolve()
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder):
+        raise BadRequest(f"{path} links outside {folder}: a deploy takes only files inside it")
+    return resolved
+
+
 def package(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The record of one discovered function spec and the files it needs (by digest).
-    Raises BadRequest when its adapter cannot be deployed for its backbone."""
+    Raises BadRequest when its adapter cannot be deployed for its backbone, or when a file
+    it would ship is a link to something outside its folder."""
     source = Path(spec["source_file"])
     blobs: dict[str, bytes] = {}
 
-    def add(path: Path) -> str:
-        data = path.read_bytes()
+    def add(path: Path, folder: Path) -> str:
+        data = inside_folder(path, folder).read_bytes()
         blobs[key := digest(data)] = data
         return key
 
     # The whole folder's Python files: a function file may import its siblings.
-    code = {p.name: add(p) for p in sorted(source.parent.glob("*.py"))}
+    code = {p.name: add(p, source.parent) for p in sorted(source.parent.glob("*.py"))}
     record: dict[str, Any] = {
         "name": spec["name"],
         "spec": {k: v for k, v in spec.items() if k not in _LOCAL_FIELDS},
@@ -78,7 +90,7 @@ def package(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
         if problems:
             raise BadRequest(f"{spec['name']}: adapter {str(adapter)!r} cannot be deployed: "
                              + "; ".join(problems))
-        record["adapter"] = {"files": {str(p.relative_to(adapter)): add(p)
+        record["adapter"] = {"files": {str(p.relative_to(adapter)): add(p, adapter)
                                        for p in sorted(adapter.rglob("*")) if p.is_file()}}
     return record, blobs
 
@@ -89,12 +101,11 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return content(a) == content(b)
 
 
-async def _buckets(nc: NATS) -> tuple[Any, Any]:
+async def buckets(nc: NATS) -> tuple[Any, Any]:
+    """The functions bucket and the artifacts object store (created if missing)."""
     js = nc.jetstream()
-    kv = await js.create_key_value(bucket=protocol.FUNCTIONS_BUCKET, history=HISTORY,
-                                   replicas=protocol.js_replicas())
-    store = await js.create_object_store(protocol.ARTIFACTS_BUCKET, replicas=protocol.js_replicas())
-    return kv, store
+    kv = await streams.key_value(js, "functions", protocol.FUNCTIONS_BUCKET, history=HISTORY)
+    return kv, await streams.object_store(js)
 
 
 def decode_record(value: bytes) -> dict[str, Any]:
@@ -173,7 +184,7 @@ async def _put(kv: Any, name: str, record: dict[str, Any], revision: int) -> Non
 async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]]) -> list[dict[str, Any]]:
     """Store the files, then put each record as a new version (skipped when it equals the
     current one). Returns one row per function: name, version, changed."""
-    kv, store = await _buckets(nc)
+    kv, store = await buckets(nc)
     for _record, blobs in records:
         for key, data in blobs.items():
             try:
@@ -194,19 +205,25 @@ async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]
 
 
 async def remove(nc: NATS, name: str) -> None:
-    """Stop serving `name` everywhere (its versions stay for a rollback)."""
-    kv, _ = await _buckets(nc)
+    """Stop serving `name` everywhere (its versions stay for a rollback), and drop its place
+    in the events stream: events published from now on wait for no one (a rollback starts
+    it again from the events published after it)."""
+    kv, _ = await buckets(nc)
     try:
         await kv.get(name)
     except KeyNotFoundError:
         raise FunctionNotFound(f"no deployed function named {name!r}") from None
     await kv.delete(name)
+    try:
+        await nc.jetstream().delete_consumer(protocol.EVENTS_STREAM, protocol.consumer_name(name))
+    except NotFoundError:  # it had no triggers, or no node ever consumed them
+        pass
 
 
 async def rollback(nc: NATS, name: str) -> dict[str, Any]:
     """Serve the version before the current one again (after a removal: the last one
     served). Returns the record now current."""
-    kv, _ = await _buckets(nc)
+    kv, _ = await buckets(nc)
     versions, revision = await _versions(kv, name)
     kept = [v for v in versions if v]
     if not kept:

@@ -34,6 +34,13 @@ class BadRequest(FaasError):
     code = 400
 
 
+class PayloadTooLarge(BadRequest):
+    """The request is larger than what it may carry (the NATS server's max payload, headers
+    counted; the gateway's body limit)."""
+
+    code = 413
+
+
 class FunctionNotFound(FaasError):
     """No node serves a function of that name."""
 
@@ -70,8 +77,8 @@ class DeadlineExceeded(FaasError):
 
 
 _BY_CODE: dict[int, type[FaasError]] = {
-    cls.code: cls for cls in (BadRequest, FunctionNotFound, HandlerError, Overloaded, DeadlineExceeded,
-                               Cancelled)
+    cls.code: cls for cls in (BadRequest, PayloadTooLarge, FunctionNotFound, HandlerError, Overloaded,
+                               DeadlineExceeded, Cancelled)
 }
 
 

@@ -60,12 +60,27 @@ async def dead_letters(nc: NATS, function: str) -> list[dict[str, Any]]:
                 msg = await sub.next_msg(timeout=0.3)
             except nats.errors.TimeoutError:
                 break
-            letter = msgpack.unpackb(msg.data, raw=False)
-            letter["seq"] = msg.metadata.sequence.stream
-            letters.append(letter)
+            letter = _letter(msg.data)
+            if letter is not None:  # anything else in the stream is skipped
+                letter["seq"] = msg.metadata.sequence.stream
+                letters.append(letter)
     finally:
         await sub.unsubscribe()
     return letters
+
+
+def _letter(data: bytes) -> dict[str, Any] | None:
+    """A dead letter as nodes write it (runtime/events.py), or None for anything else."""
+    try:
+        letter = msgpack.unpackb(data, raw=False)
+    except Exception:  # whatever the bytes are: not a letter
+        return None
+    if not (isinstance(letter, dict) and isinstance(letter.get("event"), dict)
+            and isinstance(letter["event"].get("subject"), str)
+            and isinstance(letter.get("error"), dict) and isinstance(letter["error"].get("message"), str)
+            and isinstance(letter.get("data"), bytes) and isinstance(letter.get("headers", {}), dict)):
+        return None
+    return letter
 
 
 async def replay(nc: NATS, function: str, seq: int) -> int:
@@ -74,7 +89,10 @@ async def replay(nc: NATS, function: str, seq: int) -> int:
     stream sequence."""
     for letter in await dead_letters(nc, function):
         if letter["seq"] == seq:
-            headers = {k: v for k, v in letter.get("headers", {}).items() if k != protocol.HDR_MSG_ID}
+            if letter.get("truncated"):
+                raise FaasError(f"dead letter {seq} of {function!r} kept only the first "
+                                f"{len(letter['data'])} of {letter.get('data_bytes')} bytes: it cannot be replayed")
+            headers = {str(k): str(v) for k, v in letter.get("headers", {}).items() if k != protocol.HDR_MSG_ID}
             headers[protocol.HDR_MSG_ID] = f"replay-{uuid.uuid4().hex}"
             ack = await nc.jetstream().publish(letter["event"]["subject"], letter["data"], headers=headers)
             return ack.seq

@@ -33,11 +33,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from faas import openai_api, protocol
-from faas.client import Client, gather
-from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded
+from faas.client import Client
+from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded, PayloadTooLarge
 from faas.logs import get_logger
+from faas.top import served
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 499: "cancelled",
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error", 499: "cancelled",
           503: "server_error", 504: "timeout", 500: "server_error"}
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -131,12 +132,8 @@ class Gateway:
         one late answer does not make its models vanish. One refresh at a time."""
         async with self._refreshing:
             now = time.monotonic()
-            for msg in await gather(self.client.nc, f"$SRV.INFO.{protocol.SERVICE_NAME}", 0.25):
-                info = json.loads(msg.data)
-                metadata = info.get("metadata") or {}
-                self._nodes[str(info.get("id"))] = (
-                    now, {n for n in metadata.get("openai", "").split(",") if n},
-                    {n for n in metadata.get("functions", "").split(",") if n})
+            for service, openai, functions in await served(self.client.nc, 0.25):
+                self._nodes[service] = (now, openai, functions)
             live = [entry for entry in self._nodes.values() if now - entry[0] < 3 * self.models_every_s + 1]
             self._nodes = {k: v for k, v in self._nodes.items() if v in live}
             self.models = set().union(*(e[1] for e in live))
@@ -162,11 +159,13 @@ class Gateway:
             self._models_task.cancel()
             await asyncio.gather(self._models_task, return_exceptions=True)
 
-    async def _known(self, model: str) -> bool:
+    async def _known(self, model: str | None = None) -> bool:
         """Whether some node serves `model` with openai=True; Overloaded when no node
-        answered at all (a 503 to retry, not a 404 that clients take as final)."""
-        if model not in self.models and time.monotonic() - self._models_at > 0.5:
-            await self.refresh_models()  # deployed a moment ago?
+        answered at all (a 503 to retry, not a 404 or an empty list that clients take as
+        final)."""
+        if (not self._nodes or model is not None and model not in self.models) \
+                and time.monotonic() - self._models_at > 0.5:
+            await self.refresh_models()  # deployed, or started, a moment ago?
         if not self._nodes:
             raise Overloaded("no faas node answered: try again", retry_after_s=1.0)
         return model in self.models
@@ -181,12 +180,19 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def list_models(self, request: Request) -> Response:
+        try:
+            await self._known()
+        except FaasError as err:
+            return error_response(err)
         return JSONResponse({"object": "list", "data": [_model(name) for name in sorted(self.models)]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if name not in self.models:
-            return error_response(FunctionNotFound(f"The model '{name}' does not exist"), name)
+        try:
+            if not await self._known(name):
+                return error_response(FunctionNotFound(f"The model '{name}' does not exist"), name)
+        except FaasError as err:
+            return error_response(err, name)
         return JSONResponse(_model(name))
 
     async def completions(self, request: Request) -> Response:
@@ -196,10 +202,22 @@ class Gateway:
         return await self._openai(request, openai_api.CHAT)
 
     async def _body(self, request: Request) -> Any:
+        """The JSON body, read up to the largest a NATS message may carry (a larger one
+        could never become an invocation): PayloadTooLarge beyond, BadRequest when it is
+        not JSON (nesting too deep included)."""
+        limit = self.client.nc.max_payload
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the body takes {declared} bytes, over the {limit} a request may carry")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"the body takes more than the {limit} bytes a request may carry")
         try:
-            return json.loads(await request.body() or b"{}")
-        except ValueError as exc:
-            raise BadRequest(f"the request body is not JSON: {exc}") from None
+            return json.loads(bytes(body) or b"{}")
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"the request body is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
 
     async def _openai(self, request: Request, endpoint: str) -> Response:
         started = time.monotonic()
@@ -323,8 +341,8 @@ class Gateway:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 return task.result()
-            task.cancel()
-            await self.client.cancel(request_id)
+            task.cancel()  # an invocation cancelled cancels its request
+            await asyncio.gather(task, return_exceptions=True)
             self.log.info("client_disconnected", req=request_id)
             return None
         finally:

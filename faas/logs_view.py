@@ -17,8 +17,23 @@ from faas import protocol
 
 
 def _format(record: dict[str, Any]) -> str:
-    ts = datetime.fromtimestamp(float(record.get("ts", 0)), timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    ts = datetime.fromtimestamp(record["ts"], timezone.utc).strftime("%H:%M:%S.%f")[:-3]
     return f"{ts} {record.get('node', '?')} {record.get('req') or '-'} {record.get('line', '')}"
+
+
+def _record(data: bytes) -> dict[str, Any] | None:
+    """A log line as nodes publish it, or None for anything else in the stream (whoever
+    could publish there: the line is skipped, the reader goes on)."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("line"), str):
+        return None
+    ts = record.get("ts")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < 1e11:
+        return None
+    return record
 
 
 async def show_logs(nc: NATS, function: str, lines: int = 100, follow: bool = False,
@@ -33,10 +48,8 @@ async def show_logs(nc: NATS, function: str, lines: int = 100, follow: bool = Fa
     caught_up = asyncio.Event()
 
     async def on_line(msg: Any) -> None:
-        try:
-            await queue.put(json.loads(msg.data))
-        except ValueError:
-            pass
+        if (record := _record(msg.data)) is not None:
+            await queue.put(record)
         if msg.metadata is None or msg.metadata.num_pending == 0:
             caught_up.set()
 

@@ -12,8 +12,8 @@ JSON, anything else in msgpack.
 from __future__ import annotations
 
 import enum
+import hmac
 import json
-import os
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -41,6 +41,13 @@ OUTCOMES_STREAM = "FAAS_OUTCOMES"
 DLQ_PREFIX = "faas.dlq."
 RESULTS_PREFIX = "faas.results."
 HDR_MSG_ID = "Nats-Msg-Id"
+
+
+def consumer_name(function: str) -> str:
+    """The durable consumer of the events stream that feeds `function` (shared by its nodes)."""
+    return f"faas-{function}"
+
+
 # A message here stops the request of that id wherever it is (queued or generating).
 CANCEL_PREFIX = "faas.cancel."
 CANCEL_WILDCARD = CANCEL_PREFIX + "*"
@@ -58,17 +65,9 @@ LOGS_PREFIX = "faas.logs."
 LOGS_STREAM = "FAAS_LOGS"
 # The NATS micro service every node runs ($SRV.PING/INFO/STATS.faas-node).
 SERVICE_NAME = "faas-node"
-
-
-
-def js_replicas() -> int:
-    """Copies JetStream keeps of each faas stream, bucket and object store:
-    `$FAAS_JS_REPLICAS` (default 1; 3 on a cluster of 3 or more servers, so state survives
-    the loss of one). Set when they are first created."""
-    try:
-        return max(1, min(5, int(os.environ.get("FAAS_JS_REPLICAS", "1"))))
-    except ValueError:
-        return 1
+# Where replies to a node's own requests (JetStream, KV, object store, peers) arrive: a
+# prefix no producer may subscribe to (producers' replies use `_INBOX`, or their own).
+NODE_INBOX_PREFIX = "_INBOX_faas_node"
 
 
 HDR_CONTENT_TYPE = "Content-Type"
@@ -90,16 +89,26 @@ HDR_ACK = "Faas-Ack"
 HDR_RETRY = "Faas-Retry"
 # Set by a node that forwards a request to another: the receiver serves it, never forwards.
 HDR_FORWARDED_BY = "Faas-Forwarded-By"
+# A secret of the caller's (never echoed): a cancel or a retry of the request acts only when
+# it carries the same key, so knowing a request id is not enough to stop or take a request.
+HDR_REQUEST_KEY = "Faas-Request-Key"
 HDR_ERROR = "Nats-Service-Error"
 HDR_ERROR_CODE = "Nats-Service-Error-Code"
 JSON_CONTENT_TYPE = "application/json"
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# Request ids, node ids: one subject token (`faas.cancel.<id>`), short, printable.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_KEY_RE = re.compile(r"^[\x21-\x7e]{16,128}$")
+# Every header a node takes from a caller is bounded: all of them together at most this
+# many bytes (a reply echoes the id, and a message over the server's max payload, headers
+# counted, would make the server close the node's connection).
+MAX_REQUEST_HEADER_BYTES = 4096
 # NATS header values are single lines; keep error messages readable but bounded, so an
 # error reply always fits in a message.
 _MAX_HEADER_MESSAGE = 1000
-_MAX_ERROR_MESSAGE = 4096
+MAX_ERROR_MESSAGE = 4096
 
 
 class Encoding(enum.Enum):
@@ -132,12 +141,14 @@ def valid_subject(subject: str) -> bool:
     return True
 
 
-_NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
 def valid_node_id(node: str) -> bool:
     """A node id is one subject token (it names the node's own subjects)."""
-    return bool(_NODE_ID_RE.match(node))
+    return isinstance(node, str) and bool(_TOKEN_RE.match(node))
+
+
+def valid_request_id(request_id: str) -> bool:
+    """A request id is one subject token of at most 64 letters, digits, `-` and `_`."""
+    return isinstance(request_id, str) and bool(_TOKEN_RE.match(request_id))
 
 
 _RESERVED_REPLY_PREFIXES = ("$", "faas.", "events.")
@@ -189,6 +200,87 @@ def wants_stream(headers: dict[str, str] | None) -> bool:
 def is_final(headers: dict[str, str] | None) -> bool:
     """Whether a message on a streamed request's reply subject is its last one."""
     return (headers or {}).get(HDR_FINAL, "").strip().lower() == "true" or HDR_ERROR_CODE in (headers or {})
+
+
+def new_request_key() -> str:
+    """A caller's secret for one request (`Faas-Request-Key`)."""
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def same_key(expected: str | None, given: str | None) -> bool:
+    """Whether a cancel or retry carries the request's key (none was given: nobody may act)."""
+    return expected is not None and given is not None and hmac.compare_digest(expected, given)
+
+
+@dataclass(frozen=True)
+class RequestHeaders:
+    """What a node takes from an invocation's headers, checked once where they come in (every
+    header is a caller's, and hostile until checked). Times in ms."""
+
+    request_id: str
+    timeout_ms: float | None = None  # the caller's budget, relative
+    deadline_ms: float | None = None  # an absolute deadline (Unix time)
+    stream: bool = False
+    ack: bool = False
+    retry: bool = False
+    key: str | None = None
+
+    def forwarded(self, node_id: str, now_ms: float) -> dict[str, str]:
+        """The headers a peer gets: only what was checked here, marked as forwarded (served
+        there, never forwarded again), the budget as an absolute deadline (neither the peer
+        nor a fallback here may start it afresh)."""
+        # Without either, the function's timeout_s applies; the relay waits a day at most.
+        deadline = now_ms + (self.timeout_ms if self.timeout_ms is not None else 86_400_000)
+        if self.deadline_ms is not None:
+            deadline = min(deadline, self.deadline_ms)
+        headers = {HDR_REQUEST_ID: self.request_id, HDR_DEADLINE_MS: str(int(deadline)),
+                   HDR_FORWARDED_BY: node_id}
+        if self.stream:
+            headers[HDR_STREAM] = "true"
+        if self.retry:
+            headers[HDR_RETRY] = "1"
+        if self.key is not None:
+            headers[HDR_REQUEST_KEY] = self.key
+        return headers
+
+
+def _header_ms(headers: dict[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number of ms, got {raw[:40]!r}") from None
+    if not 0 < value < 1e15:  # also refuses nan and inf
+        raise BadRequest(f"{name} must be a positive number of ms, got {raw[:40]!r}")
+    return value
+
+
+def parse_request_headers(headers: dict[str, str] | None) -> RequestHeaders:
+    """The checked headers of an invocation. BadRequest when they are too large or a value
+    is malformed; the id is then not to be echoed."""
+    headers = headers or {}
+    size = header_bytes(headers)
+    if size > MAX_REQUEST_HEADER_BYTES:
+        raise BadRequest(f"the request's headers take {size} bytes: at most "
+                         f"{MAX_REQUEST_HEADER_BYTES} are accepted")
+    request_id = headers.get(HDR_REQUEST_ID)
+    if request_id is None:
+        request_id = new_request_id()
+    elif not valid_request_id(request_id):
+        raise BadRequest(f"{HDR_REQUEST_ID} must be 1-64 letters, digits, '-' or '_'")
+    key = headers.get(HDR_REQUEST_KEY)
+    if key is not None and not _KEY_RE.match(key):
+        raise BadRequest(f"{HDR_REQUEST_KEY} must be 16-128 printable ASCII characters")
+    retry = headers.get(HDR_RETRY)
+    if retry is not None and not (retry.isascii() and retry.isdigit() and len(retry) <= 3):
+        raise BadRequest(f"{HDR_RETRY} must be the attempt's number")
+    return RequestHeaders(
+        request_id=request_id, timeout_ms=_header_ms(headers, HDR_TIMEOUT_MS),
+        deadline_ms=_header_ms(headers, HDR_DEADLINE_MS), stream=wants_stream(headers),
+        ack=headers.get(HDR_ACK, "").strip().lower() == "true", retry=retry is not None,
+        key=key)
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -312,8 +404,8 @@ def error_reply(err: FaasError, encoding: Encoding, request_id: str) -> tuple[by
     headers[HDR_ERROR] = _header_safe(err.message) or "error"
     headers[HDR_ERROR_CODE] = str(err.code)
     message = err.message
-    if len(message) > _MAX_ERROR_MESSAGE:
-        message = message[:_MAX_ERROR_MESSAGE] + f"... ({len(err.message)} characters)"
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + f"... ({len(err.message)} characters)"
     error: dict[str, Any] = {"code": err.code, "message": message}
     retry_after_s = getattr(err, "retry_after_s", None)
     if retry_after_s is not None:
@@ -327,10 +419,16 @@ def chunk_message(chunk: dict[str, Any], encoding: Encoding, request_id: str) ->
     return encode(chunk, encoding), reply_headers(encoding, request_id)
 
 
-def wire_size(body: bytes, headers: dict[str, str]) -> int:
+def header_bytes(headers: dict[str, str] | None) -> int:
+    """Bytes of a message's header block on the wire (0 without headers)."""
+    if not headers:
+        return 0
+    return len("NATS/1.0\r\n\r\n") + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def wire_size(body: bytes, headers: dict[str, str] | None) -> int:
     """Bytes the server counts against its max payload: the body plus the header block."""
-    header_block = len("NATS/1.0\r\n") + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()) + len("\r\n")
-    return len(body) + header_block
+    return len(body) + header_bytes(headers)
 
 
 def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:
@@ -364,6 +462,9 @@ def parse_history(subject: str, data: bytes) -> tuple[str, float]:
         raise ValueError(f"not a history subject: {subject!r}")
     try:
         record = msgpack.unpackb(data)
-        return subject[len(HISTORY_PREFIX):], float(record["t"])
-    except (msgpack.UnpackException, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"malformed history record: {exc}") from None
+        at = float(record["t"])
+    except Exception as exc:  # whatever the bytes are, it is not a record
+        raise ValueError(f"malformed history record: {type(exc).__name__}") from None
+    if not 0 < at < 1e11:  # also refuses nan and inf, which would break the sorted arrivals
+        raise ValueError(f"history record with a time out of range: {at}")
+    return subject[len(HISTORY_PREFIX):], at

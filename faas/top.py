@@ -14,20 +14,49 @@ from faas import protocol
 from faas.client import gather
 
 
+async def answers(nc: NATS, verb: str, wait_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every node's answer to `$SRV.<verb>.faas-node` (PING, INFO, STATS) that is a JSON
+    object; anything else on the inbox is skipped."""
+    found = []
+    for msg in await gather(nc, f"$SRV.{verb}.{protocol.SERVICE_NAME}", wait_s):
+        try:
+            answer = json.loads(msg.data)
+        except ValueError:
+            continue
+        if isinstance(answer, dict):
+            found.append(answer)
+    return found
+
+
+def _metadata(answer: dict[str, Any]) -> dict[str, str]:
+    metadata = answer.get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 async def ping(nc: NATS, wait_s: float = 0.5) -> list[str]:
     """The id of every node that answers `$SRV.PING.faas-node`, once per node."""
-    replies = await gather(nc, f"$SRV.PING.{protocol.SERVICE_NAME}", wait_s)
-    return sorted(json.loads(msg.data).get("metadata", {}).get("node", "?") for msg in replies)
+    return sorted(str(_metadata(a).get("node", "?")) for a in await answers(nc, "PING", wait_s))
+
+
+async def served(nc: NATS, wait_s: float = 0.5) -> list[tuple[str, set[str], set[str]]]:
+    """(service id, its functions with openai=True, all its functions) of every node, from
+    its INFO metadata: what a producer may see of the cluster."""
+    def names(text: object) -> set[str]:
+        return {n for n in text.split(",") if n} if isinstance(text, str) else set()
+
+    return [(str(a.get("id")), names(_metadata(a).get("openai")), names(_metadata(a).get("functions")))
+            for a in await answers(nc, "INFO", wait_s)]
 
 
 async def cluster_stats(nc: NATS, wait_s: float = 0.5) -> list[dict[str, Any]]:
     """Each node's stats data (its functions, their levels, queues, rates and latencies)."""
     nodes = []
-    for msg in await gather(nc, f"$SRV.STATS.{protocol.SERVICE_NAME}", wait_s):
-        for endpoint in json.loads(msg.data).get("endpoints") or []:
-            if endpoint.get("name") == "status" and endpoint.get("data"):
+    for answer in await answers(nc, "STATS", wait_s):
+        for endpoint in answer.get("endpoints") or []:
+            if isinstance(endpoint, dict) and endpoint.get("name") == "status" \
+                    and isinstance(endpoint.get("data"), dict):
                 nodes.append(endpoint["data"])
-    return sorted(nodes, key=lambda n: n.get("node", ""))
+    return sorted(nodes, key=lambda n: str(n.get("node", "")))
 
 
 def _ms(value: float | None) -> str:

@@ -57,10 +57,10 @@ def serve(sock: socket.socket) -> int:
     if backend.keeps_process():
         # `model` must stay referenced: the sandboxes map its CUDA blocks. Those mappings are
         # writable (CUDA IPC), so the node asks now and then whether the weights changed.
-        from runtime.weights import corrupted, fingerprint, unique_tensors
+        from runtime.weights import corrupted, digest, unique_tensors
 
         tensors, _ = unique_tensors(dict(model.state_dict()))
-        baseline = {name: fingerprint(t) for name, t in tensors.items()}
+        baseline = {name: digest(t) for name, t in tensors.items()}
         while (frame := frames.recv_frame(sock)) is not None:
             if frame.get("type") == "verify":
                 sock.sendall(frames.pack({"type": "verified",

@@ -38,6 +38,10 @@ _PRIOR_T0_S = 0.05
 _NO_GAIN = 0.8
 # Busier than this, the device is contended whoever uses it.
 _BUSY_UTILISATION = 0.9
+# Prefill times come from the function's own sandboxes: one reported longer than this is
+# taken as this long, and a closed window holds a place on the device for this long at
+# most, so no function can claim the device for itself with made-up timings.
+_MAX_PREFILL_S = 5.0
 
 
 class PrefillProfile:
@@ -53,6 +57,9 @@ class PrefillProfile:
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
 
     def observe(self, rows: int, seconds: float) -> None:
+        """A prefill of `rows` prompts took `seconds`, as a sandbox reports it (clamped)."""
+        rows = max(1, min(int(rows), 4096))
+        seconds = min(max(float(seconds), 0.0), _MAX_PREFILL_S) if seconds == seconds else _MAX_PREFILL_S
         self._samples.append((rows, seconds))
         xs = [n - 1 for n, _ in self._samples]
         ys = [t for _, t in self._samples]
@@ -235,7 +242,8 @@ class BatchWindow:
         margin = window.slo_deadline - time.monotonic() - predicted
         # It holds the device for its predicted prefill, never past half the SLO (what N_max
         # allows): a bad prediction must not keep every other window waiting.
-        task = asyncio.ensure_future(self.contention.dispatch(margin, min(predicted, self.slo_s / 2)))
+        task = asyncio.ensure_future(self.contention.dispatch(
+            margin, min(predicted, self.slo_s / 2, _MAX_PREFILL_S)))
         task.add_done_callback(lambda _: window.closed.done() or window.closed.set_result(None))
 
     def state(self) -> dict[str, object]:

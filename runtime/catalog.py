@@ -6,9 +6,11 @@ functions folders, without running any user code in the node.
 - Each function file is imported by its own discovery subprocess, isolated like a sandbox
   (runtime/isolation.py), one after another. Its answer is untrusted: only functions that
   name that very file as their source are taken, and a name may be declared only once.
-- As root, functions get uids from `--sandbox-uids` (discovery and the backbone loader the
-  first, function i by sorted name first + 1 + i); the range is locked, so two nodes on a
-  host never share one.
+- As root, functions get uids from `--sandbox-uids` (backbone loaders the first, discovery
+  the last, function i by sorted name first + 1 + i); the range is locked, so two nodes on a
+  host never share one. Discovery runs user code, loaders do not: they never share a uid.
+- Helpers (discovery, the model builder, the isolation probe) get the same allow-listed
+  environment as sandboxes: the node's own (its NATS password, say) never reaches them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from faas.logs import get_logger
 from faas.protocol import valid_function_name, valid_subject
 from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
-from runtime.procs import die_with_parent
+from runtime.procs import child_environment, die_with_parent
 
 log = get_logger()
 
@@ -43,6 +45,12 @@ def _isolation(uid: int | None, folder: Path | None, network: bool,
     expose = (str(faas_home()), *((str(folder),) if folder else ()),
               *(m for m in models if m and os.path.isabs(m) and reachable(m)))
     return Isolation(uid=uid, network=network, expose=expose)
+
+
+def discovery_isolation(uid: int | None, folder: Path, network: bool) -> Isolation:
+    """How a function file is imported to learn what it declares: as a sandbox would run it
+    (its own uid, namespaces, no network), seeing its folder and the state folder only."""
+    return _isolation(uid, folder, network)
 
 
 @dataclass
@@ -61,7 +69,7 @@ class Catalog:
         node runs), or None without sandbox uids."""
         if self.uids is None:
             return None
-        if self._next_uid > self.uids[1]:
+        if self._next_uid >= self.uids[1]:  # the last is discovery's
             raise FaasError(f"no sandbox uid left in {self.uids[0]}-{self.uids[1]}")
         self._next_uid += 1
         return self._next_uid - 1
@@ -85,7 +93,7 @@ async def _run(*args: str, timeout_s: float = 300.0) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", *args, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, cwd="/",
-        preexec_fn=die_with_parent, start_new_session=True)
+        env=child_environment(threads=1), preexec_fn=die_with_parent, start_new_session=True)
     assert proc.stdout is not None and proc.stderr is not None
 
     async def tag_stderr() -> None:
@@ -169,13 +177,20 @@ _SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_inst
 
 
 _UID_BLOCK = 100
+# Where one-shot tools (a deploy's discovery) take a uid: blocks no node's default range has.
+_TOOL_UIDS = (60000, 60999)
+
+
+def _uid_locks() -> Path:
+    folder = Path("/run/faas" if os.path.isdir("/run") else tempfile.gettempdir() + "/faas-run")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 def _lock_uids(uids: tuple[int, int]) -> list[int]:
     """Lock every block of 100 uids the range touches, in one root-owned folder, so two
     nodes on a host never hand out the same uid, whatever ranges they were given."""
-    folder = Path("/run/faas" if os.path.isdir("/run") else tempfile.gettempdir() + "/faas-run")
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder = _uid_locks()
     fds: list[int] = []
     try:
         for block in range(uids[0] // _UID_BLOCK, uids[1] // _UID_BLOCK + 1):
@@ -192,6 +207,34 @@ def _lock_uids(uids: tuple[int, int]) -> list[int]:
             os.close(fd)
         raise
     return fds
+
+
+async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int], str | None]:
+    """How `faas deploy` imports the files it deploys, which may be anyone's code: as root,
+    as the node's discovery does, under a uid of a block no node holds (locked meanwhile:
+    close the descriptors after); as a user, in a user namespace of its own (no network,
+    the home folder covered but for the paths it needs, private /tmp). `hide`: folders that
+    stay covered whatever is needed (the state folder's credentials). The third value says
+    why neither was possible (the files then run with the deployer's rights, though never
+    with its environment)."""
+    if os.geteuid() == 0:
+        _, probe = await _run("runtime.isolation")
+        if probe.strip() == "ok":
+            folder = _uid_locks()
+            for first in range(_TOOL_UIDS[0], _TOOL_UIDS[1], _UID_BLOCK):
+                fd = os.open(folder / f"uids-{first}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                return Isolation(uid=first, network=True, expose=(str(faas_home()),), hide=hide), [fd], None
+            return Isolation(), [], f"no free uid in {_TOOL_UIDS[0]}-{_TOOL_UIDS[1]}"
+        return Isolation(), [], f"namespaces unavailable ({probe.strip()})"
+    _, probe = await _run("runtime.isolation", "--rootless")
+    if probe.strip() == "ok":
+        return Isolation(rootless=True, network=True, expose=(str(faas_home()),), hide=hide), [], None
+    return Isolation(), [], f"user namespaces unavailable ({probe.strip()})"
 
 
 async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | None,
@@ -219,14 +262,15 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         specs: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
         for path in files:
-            for spec in await discover_file(path, isolated(0, path.parent, network_isolation)):
+            for spec in await discover_file(path, discovery_isolation(uids[1] if uids else None, path.parent,
+                                                                      network_isolation)):
                 if spec["name"] in seen:
                     raise FaasError(f"function {spec['name']!r} is declared twice: in "
                                     f"{seen[spec['name']]} and {path}")
                 seen[spec["name"]] = str(path)
                 specs.append(spec)
         names = sorted(seen)
-        if uids is not None and len(names) > uids[1] - uids[0]:
+        if uids is not None and len(names) > uids[1] - uids[0] - 1:
             raise FaasError(f"{len(names)} functions need more uids than {uids[0]}-{uids[1]}")
     except BaseException:
         for fd in lock_fds:
@@ -238,7 +282,7 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
                  for i, name in enumerate(names)}
     protections = {
         # Functions deployed later take the next ones.
-        "sandbox_uids": f"{uids[0] + 1}-{uids[1]}, {len(names)} taken" if uids else why_not,
+        "sandbox_uids": f"{uids[0] + 1}-{uids[1] - 1}, {len(names)} taken" if uids else why_not,
         "namespaces": "pid, mount, private /tmp" if uids else why_not,
         "network": ("isolated" if network_isolation else "off") if uids else why_not,
         "cpu_backbone": "sealed read-only memfd",

@@ -27,6 +27,7 @@ from nats.errors import Error as NatsError
 
 from faas import protocol
 from faas.logs import get_logger
+from faas.streams import key_value
 
 WarmState = Callable[[], dict[str, Any]]
 
@@ -52,9 +53,8 @@ class Cluster:
 
     async def start(self) -> None:
         try:
-            self._kv = await self.nc.jetstream().create_key_value(
-                bucket=protocol.NODES_BUCKET, history=1, ttl=self.stale_s * 5,
-                replicas=protocol.js_replicas())
+            self._kv = await key_value(self.nc.jetstream(), "nodes", protocol.NODES_BUCKET, history=1,
+                                       ttl=self.stale_s * 5)
             self._watcher = await self._kv.watchall()
         except (NatsError, TimeoutError) as exc:
             self.log.warning("cluster_state_unavailable", error=f"{type(exc).__name__}: {exc}",
@@ -92,9 +92,14 @@ class Cluster:
                 self.peers.pop(entry.key, None)
                 continue
             try:
-                self.peers[entry.key] = (time.monotonic(), json.loads(entry.value))
+                state = json.loads(entry.value)
             except ValueError:
-                self.log.warning("peer_state_ignored", peer=entry.key)
+                state = None
+            if isinstance(state, dict) and isinstance(state.get("functions"), dict) \
+                    and all(isinstance(fn, dict) for fn in state["functions"].values()):
+                self.peers[entry.key] = (time.monotonic(), state)
+            else:  # whoever wrote it, it is not a node's state
+                self.log.warning("peer_state_ignored", peer=entry.key[:64])
 
     def live_peers(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()

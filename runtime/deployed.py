@@ -8,14 +8,18 @@ served in place of the version before; a removal stops it. A record this node ca
 and left to the nodes that can: requests for it that reach this node are forwarded there.
 
 Files land in `$FAAS_HOME/deployed/<node>/<function>/v<version>-<record digest>/` (the code)
-and its `adapter/` folder (per node: nodes on one host share $FAAS_HOME; removed when the
-node stops); with sandbox uids each such folder belongs to its function's uid,
-mode 0700, so no other function's sandbox can read it.
+and its `adapter/` folder (per node: nodes on one host share $FAAS_HOME). With sandbox uids
+each such folder belongs to root with its function's group (mode 0750, files 0640): that
+function's sandboxes may read it, no other function's may, and none may change it (its
+mount namespace also has the whole state folder read-only). A version's folder goes once
+its sandboxes have stopped, the node's when it stops; at start a node removes the folders
+of nodes on the host that are gone (killed before they could).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +33,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
 from faas.artifacts import PICKLE_SUFFIXES, model_fingerprint
-from faas.deploy import HISTORY, decode_record
+from faas.deploy import buckets, decode_record
 from faas.errors import FaasError
 from faas.logs import get_logger
 from runtime.catalog import Catalog, spec_problem
@@ -82,6 +86,7 @@ class Deployments:
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
         self._uids: dict[str, int | None] = {}  # one per function for the node's life
+        self._lock: int | None = None  # held while the node lives: its folder is in use
         self.log = get_logger(component="deployed")
 
     @property
@@ -92,10 +97,7 @@ class Deployments:
     async def start(self, timeout_s: float = 30.0) -> None:
         """Serve what is deployed now (before the node says it is ready), then follow."""
         try:
-            js = self.nc.jetstream()
-            kv = await js.create_key_value(bucket=protocol.FUNCTIONS_BUCKET, history=HISTORY,
-                                           replicas=protocol.js_replicas())
-            await js.create_object_store(protocol.ARTIFACTS_BUCKET, replicas=protocol.js_replicas())
+            kv, _ = await buckets(self.nc)
             self._watcher = await kv.watchall()
         except (NatsError, TimeoutError) as exc:
             self.log.warning("deployments_unavailable", error=f"{type(exc).__name__}: {exc}",
@@ -104,6 +106,8 @@ class Deployments:
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in (self.root.parent, self.root):
             folder.chmod(0o711)  # sandboxes may pass through, not list
+        self._lock = _hold(self.root.parent / f"{self.root.name}.lock")
+        self._remove_orphans()
         while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
             await self._apply(entry)
         self._task = asyncio.create_task(self._follow(), name="deployments")
@@ -196,10 +200,10 @@ class Deployments:
         (partial / ".complete").write_text(json.dumps({"version": record["version"]}))
         (folder.parent).mkdir(parents=True, exist_ok=True)
         folder.parent.chmod(0o711)
-        if uid is not None:
+        if uid is not None:  # the function's group may read it; nobody else, and only root writes
             for path in [partial, *partial.rglob("*")]:
-                os.chown(path, uid, uid)
-            partial.chmod(0o700)
+                os.chown(path, 0, uid)
+                path.chmod(0o750 if path.is_dir() else 0o640)
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
 
@@ -214,6 +218,44 @@ class Deployments:
             except NatsError:
                 pass
 
+    def _remove_orphans(self) -> None:
+        """Remove the folders of nodes on this host that are gone: nobody holds their lock."""
+        for lock in self.root.parent.glob("*.lock"):
+            folder = lock.with_suffix("")
+            if folder == self.root:
+                continue
+            try:
+                fd = _hold(lock)
+            except BlockingIOError:  # that node lives
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+            self.log.info("orphan_files_removed", folder=str(folder))
+
+    def remove_version(self, spec: dict[str, Any]) -> None:
+        """The files of a deployed version no sandbox runs any more (the node serves another
+        version, or none): a rollback to it downloads them again."""
+        folder = Path(spec["source_file"]).parent
+        if spec.get("deployed") is not None and folder.is_relative_to(self.root):
+            shutil.rmtree(folder, ignore_errors=True)
+
     def remove_files(self) -> None:
         """Once no sandbox of this node runs deployed code any more."""
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock is not None:
+            (self.root.parent / f"{self.root.name}.lock").unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
+
+
+def _hold(path: Path) -> int:
+    """An exclusive lock on `path` (created), kept while the descriptor is open;
+    BlockingIOError when another process holds it."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd

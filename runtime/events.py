@@ -33,14 +33,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
 from faas import protocol
-from faas.errors import BadRequest, FaasError
+from faas.errors import BadRequest, FaasError, HandlerError
 from faas.logs import get_logger
+from faas.streams import ensure_stream
 from runtime.history import History
+from runtime.inflight import InFlight
 from runtime.pool import FunctionPool
+from runtime.sandboxes import OutputTooLarge
 
 _WEEK_S = 7 * 86400
 
@@ -58,10 +61,6 @@ class EventsConfig:
     retry_max_s: float = 60.0
 
 
-def consumer_name(function: str) -> str:
-    return f"faas-{function}"
-
-
 def retry_delay_s(delivered: int, config: EventsConfig) -> float:
     """The nak delay after the `delivered`-th attempt failed: doubling, capped."""
     return min(config.retry_max_s, config.retry_base_s * 2 ** (delivered - 1))
@@ -72,15 +71,36 @@ def _decode(msg: Msg) -> dict[str, Any]:
     return protocol.decode_event(msg.data, encoding)
 
 
+def dead_letter(function: str, data: bytes, headers: dict[str, str], info: dict[str, Any],
+                err: FaasError, room: int) -> bytes:
+    """A dead letter (msgpack) of at most `room` bytes: the function, the event's place,
+    the error, the event's headers and bytes. One that would not fit keeps all but the
+    event's bytes whole and the first of those (`truncated`, `data_bytes`: how many there
+    were): an event near the max payload is never lost for want of room beside it."""
+    letter: dict[str, Any] = {"function": function, "event": info,
+                              "error": {"code": err.code, "message": err.message[:protocol.MAX_ERROR_MESSAGE]},
+                              "data": data, "headers": headers}
+    packed = msgpack.packb(letter, use_bin_type=True)
+    if len(packed) <= room:
+        return packed
+    letter.update(data=b"", truncated=True, data_bytes=len(data))
+    if len(msgpack.packb(letter, use_bin_type=True)) > room // 2:  # headers too large to keep
+        letter["headers"] = {}
+    left = room - len(msgpack.packb(letter, use_bin_type=True)) - 8  # the bytes' own length prefix
+    letter["data"] = data[:max(0, left)]
+    return msgpack.packb(letter, use_bin_type=True)
+
+
 class EventConsumers:
     """The node's event loops, one per function with triggers."""
 
     def __init__(self, nc: NATS, pools: dict[str, FunctionPool], history: History,
-                 config: EventsConfig) -> None:
+                 inflight: InFlight, config: EventsConfig) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.pools = {name: pool for name, pool in pools.items() if pool.spec.get("triggers")}
         self.history = history
+        self.inflight = inflight  # the node's: an event's id is never a request's
         self.config = config
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._subs: dict[str, Any] = {}
@@ -136,22 +156,16 @@ class EventConsumers:
 
     async def _ensure_streams(self) -> None:
         if not self._streams:
-            await self._ensure_stream(protocol.EVENTS_STREAM, list(self.config.subjects))
-            await self._ensure_stream(protocol.OUTCOMES_STREAM,
-                                      [protocol.DLQ_PREFIX + ">", protocol.RESULTS_PREFIX + ">"])
+            await ensure_stream(self.js, "events", protocol.EVENTS_STREAM, list(self.config.subjects),
+                                max_age=_WEEK_S, duplicate_window=120.0)
+            await ensure_stream(self.js, "outcomes", protocol.OUTCOMES_STREAM,
+                                [protocol.DLQ_PREFIX + ">", protocol.RESULTS_PREFIX + ">"],
+                                max_age=_WEEK_S, duplicate_window=120.0)
             self._streams = True
-
-    async def _ensure_stream(self, name: str, subjects: list[str]) -> None:
-        config = dict(name=name, subjects=subjects, max_age=_WEEK_S, storage=StorageType.FILE,
-                      duplicate_window=120.0, num_replicas=protocol.js_replicas())
-        try:
-            await self.js.add_stream(**config)
-        except BadRequestError:  # it exists with other settings: ours win
-            await self.js.update_stream(**config)
 
     async def _consumer(self, name: str, pool: FunctionPool) -> Any:
         triggers = list(pool.spec["triggers"])
-        durable = consumer_name(name)
+        durable = protocol.consumer_name(name)
         config = ConsumerConfig(
             durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW,
             ack_wait=self.config.ack_wait_s, max_deliver=int(pool.spec["max_deliver"]) + 1,
@@ -225,15 +239,19 @@ class EventConsumers:
             await self._nak(msg, retry_delay_s(1, self.config), log)
             return
         await self.history.record(name)
+        # Unguessable, and held with the node's requests: nobody can cancel it, or take its
+        # place (and its output) by sending a request under its id.
+        request_id = protocol.new_request_id()
+        flight = self.inflight.take(request_id, None, None)
         keep = asyncio.create_task(self._keep_alive(msg))
         try:
-            served = await pool.serve(f"event-{info['sequence']}-{delivered}", event,
-                                      time.monotonic() + float(pool.spec["timeout_s"]),
+            served = await pool.serve(request_id, event, time.monotonic() + float(pool.spec["timeout_s"]),
                                       event_info=info)
         except FaasError as err:
             self.failed += 1
-            # The handler judged the event itself bad (BadRequest): retrying cannot help.
-            if delivered >= max_deliver or isinstance(err, BadRequest):
+            # The handler judged the event itself bad (BadRequest), or returned more than an
+            # outcome may carry: retrying cannot help.
+            if delivered >= max_deliver or isinstance(err, (BadRequest, OutputTooLarge)):
                 await self._dead_letter(name, msg, info, err, log)
             else:
                 log.warning("event_failed", code=err.code, error=err.message,
@@ -242,9 +260,18 @@ class EventConsumers:
             return
         finally:
             keep.cancel()
+            self.inflight.release(request_id, flight)
         if pool.spec.get("results"):
-            await self._publish(protocol.RESULTS_PREFIX + name, {
-                "output": served.result.output, "event": info}, f"result-{name}-{info['sequence']}", log)
+            result = msgpack.packb({"output": served.result.output, "event": info}, use_bin_type=True)
+            if len(result) > self._room():  # it will never fit: running it again cannot help
+                err = HandlerError(f"the output takes {len(result)} bytes, over the {self._room()} a "
+                                   "result may carry: it is kept here instead of in the results")
+                await self._dead_letter(name, msg, info, err, log)
+                return
+            if not await self._publish(protocol.RESULTS_PREFIX + name, result,
+                                       f"result-{name}-{info['sequence']}", log):
+                await self._nak(msg, retry_delay_s(delivered, self.config), log)
+                return
         await self._ack(msg, log)
         self.processed += 1
 
@@ -257,22 +284,24 @@ class EventConsumers:
             except NatsError:
                 return
 
+    def _room(self) -> int:
+        """The most bytes an outcome message may take (its Nats-Msg-Id header aside)."""
+        return self.nc.max_payload - 1024
+
     async def _dead_letter(self, name: str, msg: Msg, info: dict[str, Any], err: FaasError,
                            log: Any) -> None:
         """Publish the event and why it failed on `faas.dlq.<fn>` (kept, replayable), then ack."""
         self.dead += 1
         log.error("event_dead_lettered", code=err.code, error=err.message)
-        letter = {"function": name, "event": info, "error": {"code": err.code, "message": err.message},
-                  "data": msg.data, "headers": dict(msg.headers or {})}
+        letter = dead_letter(name, msg.data, dict(msg.headers or {}), info, err, self._room())
         if await self._publish(protocol.DLQ_PREFIX + name, letter, f"dlq-{name}-{info['sequence']}", log):
             await self._ack(msg, log)
 
-    async def _publish(self, subject: str, body: dict[str, Any], msg_id: str, log: Any) -> bool:
+    async def _publish(self, subject: str, body: bytes, msg_id: str, log: Any) -> bool:
         try:
-            await self.js.publish(subject, msgpack.packb(body, use_bin_type=True),
-                                  headers={protocol.HDR_MSG_ID: msg_id})
+            await self.js.publish(subject, body, headers={protocol.HDR_MSG_ID: msg_id})
             return True
-        except (NatsError, TypeError, ValueError) as exc:  # unacked: it comes back and retries
+        except NatsError as exc:  # unacked: it comes back and retries
             log.error("event_outcome_publish_failed", subject=subject, error=f"{type(exc).__name__}: {exc}")
             return False
 

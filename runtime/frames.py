@@ -26,12 +26,21 @@ def _unpack(body: bytes) -> dict[str, Any]:
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     """Next frame; asyncio.IncompleteReadError when the peer closed the socket."""
+    return (await read_sized_frame(reader, max_bytes))[0]
+
+
+async def read_sized_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """Next frame and its size in bytes; ValueError (before reading it) when it is larger
+    than `max_bytes`, or not a map with a "type"."""
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    if size > MAX_FRAME_BYTES:
-        raise ValueError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
-    return _unpack(await reader.readexactly(size))
+    if size > max_bytes:
+        raise ValueError(f"frame of {size} bytes exceeds {max_bytes}")
+    frame = _unpack(await reader.readexactly(size))
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        raise ValueError("a frame must be a map with a type")
+    return frame, size
 
 
 def recv_frame(sock: socket.socket) -> dict[str, Any] | None:

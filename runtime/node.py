@@ -43,6 +43,7 @@ from runtime.cluster import Cluster
 from runtime.deployed import Deployments, ModelFinder
 from runtime.events import EventConsumers, EventsConfig
 from runtime.history import History
+from runtime.inflight import Flight, InFlight
 from runtime.isolation import Isolation
 from runtime.levels import Profiles
 from runtime.metrics import NodeMetrics
@@ -50,6 +51,7 @@ from runtime.offload import MemoryGuard, node_budget
 from runtime.outputs import FunctionOutputs
 from runtime.plan import Budget
 from runtime.pool import FunctionPool
+from runtime.replies import answer
 from runtime.preload import PreloadConfig, Preloader
 from runtime.sandboxes import SandboxConfig, Zygote
 from runtime.service import NodeService
@@ -89,61 +91,27 @@ class NodeConfig:
     metrics_host: str = "127.0.0.1"
 
 
-def _header_ms(headers: dict[str, str], name: str) -> float | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be a number of ms, got {raw!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise BadRequest(f"{name} must be positive, got {raw!r}")
-    return value
-
-
 # How long past the request's deadline a forwarding node waits for its peer's 504.
 _FORWARD_GRACE_S = 5.0
+# A caller that asked for acknowledgements gets one again this often while its request runs:
+# it keeps a reply route alive across NATS accounts (a service import forgets a stream of
+# responses that stays silent for its response threshold; runtime/natsd.py).
+_ACK_EVERY_S = 60.0
 
 
-def _forward_headers(headers: dict[str, str], node_id: str, request_id: str) -> dict[str, str]:
-    """The request's headers for a peer: marked as forwarded (so it is served there, not
-    forwarded again) with its budget as an absolute deadline (a fallback here, or the peer,
-    must not start it afresh). BadRequest when the budget headers are not numbers."""
-    timeout_ms = _header_ms(headers, protocol.HDR_TIMEOUT_MS)
-    deadline_ms = _header_ms(headers, protocol.HDR_DEADLINE_MS)
-    # Without either the function's timeout_s applies; the peer caps it, the relay waits
-    # for a day at most.
-    limit = time.time() * 1000 + (timeout_ms if timeout_ms is not None else 86_400_000)
-    deadline = min(limit, deadline_ms) if deadline_ms is not None else limit
-    return {**headers, protocol.HDR_FORWARDED_BY: node_id, protocol.HDR_REQUEST_ID: request_id,
-            protocol.HDR_DEADLINE_MS: str(int(deadline))}
-
-
-def _budget_s(headers: dict[str, str], spec: dict[str, Any]) -> float:
+def _budget_s(request: protocol.RequestHeaders, spec: dict[str, Any]) -> float:
     """The request's budget: the caller's `Faas-Timeout-Ms` and `Faas-Deadline-Ms` (Unix
     time), capped by the function's `timeout_s` (the function's own limit wins, so a caller
     cannot pin a sandbox longer). DeadlineExceeded when the deadline has passed already."""
     budget = float(spec["timeout_s"])
-    timeout_ms = _header_ms(headers, protocol.HDR_TIMEOUT_MS)
-    if timeout_ms is not None:
-        budget = min(budget, timeout_ms / 1000)
-    deadline_ms = _header_ms(headers, protocol.HDR_DEADLINE_MS)
-    if deadline_ms is not None:
-        left = deadline_ms / 1000 - time.time()
+    if request.timeout_ms is not None:
+        budget = min(budget, request.timeout_ms / 1000)
+    if request.deadline_ms is not None:
+        left = request.deadline_ms / 1000 - time.time()
         if left <= 0:
             raise DeadlineExceeded(f"the request's deadline passed {-left:.3f}s before it arrived")
         budget = min(budget, left)
     return budget
-
-
-@dataclass
-class _InFlight:
-    """A request this node holds: its cancel signal and where its reply goes (a caller's
-    retry, after the node that forwarded the request here died, moves it to its inbox)."""
-
-    reply: str
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Node:
@@ -160,7 +128,8 @@ class Node:
             config.sandbox.threads, config.loader_isolation)
         self.zygote = Zygote(config.sandbox.threads)
         self.outputs = FunctionOutputs(nc, self.node_id)
-        self.sandbox_config = replace(config.sandbox, on_output=self.outputs.add)
+        self.sandbox_config = replace(config.sandbox, on_output=self.outputs.add,
+                                      max_frame_bytes=nc.max_payload + (64 << 10))
         self.profiles = Profiles(config.device)
         parallel = config.prefill_parallel or (
             max(1, (os.cpu_count() or 1) // config.sandbox.threads) if config.device == "cpu" else 2)
@@ -192,9 +161,9 @@ class Node:
             planned = self.preloader.budget
             self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
                                            min(planned.device_bytes, budget.device_bytes))
-        self.events = EventConsumers(nc, self.pools, self.history, config.events)
+        self.inflight = InFlight()  # every request held, whatever brought it
+        self.events = EventConsumers(nc, self.pools, self.history, self.inflight, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight: dict[str, _InFlight] = {}  # by request id
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
         self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
@@ -245,7 +214,7 @@ class Node:
         self.history.functions.add(name)
         await self.events.add(name, self.pools[name])
         if old is not None:
-            self._own(old.close())
+            self._own(self._retire(old))
         self.service.refresh()
         self._on_pool_change()
 
@@ -256,9 +225,16 @@ class Node:
         self.history.functions.discard(name)
         await self.events.remove(name)
         if pool is not None:
-            self._own(pool.close())
+            self._own(self._retire(pool))
         self.service.refresh()
         self._on_pool_change()
+
+    async def _retire(self, pool: FunctionPool) -> None:
+        """A version no longer served: its requests are answered, its sandboxes stop, then
+        its deployed files go."""
+        await pool.close()
+        await pool.stopped()
+        self.deployments.remove_version(pool.spec)
 
     def _on_history(self, _function: str) -> None:
         if self.preloader is not None:
@@ -280,80 +256,93 @@ class Node:
     # --- request path ---------------------------------------------------------------
 
     async def _on_invoke(self, msg: Msg) -> None:
-        await self._admit(msg, may_forward=self.config.forwarding)
+        await self._admit(msg, forwarded=False)
 
     async def _on_forwarded(self, msg: Msg) -> None:
         """A request another node sent here (its function is warm here): never forwarded on."""
-        await self._admit(msg, may_forward=False)
+        await self._admit(msg, forwarded=True)
 
     async def _on_ping(self, msg: Msg) -> None:
-        if msg.reply and protocol.valid_reply_subject(msg.reply):
-            await self._publish(msg.reply, b"ok", {}, self.log)
+        await answer(self.nc, msg.reply, b"ok", None, self.log)
 
-    async def _admit(self, msg: Msg, may_forward: bool) -> None:
-        """Decode and admit only; the work runs in an owned task so no request of one
-        function waits behind another."""
+    async def _admit(self, msg: Msg, forwarded: bool, fallback: bool = False) -> None:
+        """Check and admit only; the work runs in an owned task so no request of one
+        function waits behind another. `forwarded`: a peer sent it (it acknowledged it, and
+        it is not forwarded again); `fallback`: this node forwarded it already, and the peer
+        went away (it was acknowledged, it is served here)."""
+        acks = not forwarded and not fallback
         received = time.monotonic()
-        headers = msg.headers or {}
-        encoding = protocol.request_encoding(msg.data, headers)
-        request_id = headers.get(protocol.HDR_REQUEST_ID) or protocol.new_request_id()
         function = protocol.function_from_subject(msg.subject)
-        log = self.log.bind(fn=function, req=request_id)
+        log = self.log.bind(fn=function[:64])
         if not msg.reply or not protocol.valid_reply_subject(msg.reply):
             # A reply subject in a system or faas namespace would make the node publish
             # there with its own rights (e.g. into a KV bucket): no reply at all.
-            log.warning("invoke_reply_subject_refused", reply=msg.reply)
+            log.warning("invoke_reply_subject_refused", reply=(msg.reply or "")[:200])
             return
-        stream = protocol.wants_stream(headers)
-        final = {protocol.HDR_FINAL: "true"} if stream else {}
-        held = self._inflight.get(request_id)
-        if held is not None and (held.reply == msg.reply or protocol.HDR_RETRY in headers):
+        encoding = protocol.request_encoding(msg.data, msg.headers)
+        try:
+            request = protocol.parse_request_headers(msg.headers)
+        except BadRequest as err:  # its id is not echoed: it may be what is wrong
+            await self._reply_error(msg.reply, function, err, encoding, protocol.new_request_id(), log,
+                                    protocol.wants_stream(msg.headers))
+            return
+        log = log.bind(req=request.request_id)
+        held = self.inflight.get(request.request_id)
+        if held is not None and (held.reply == msg.reply or request.retry and held.allows(request.key)):
             # A caller's retry of a request in flight here (the node it reached first, or
             # the one that forwarded it here, died): it is answered where the caller listens now.
             held.reply = msg.reply
-            await self._ack(msg, headers, log)
+            await self._ack(msg.reply, request, acks, log)
             return
         try:
             if held is not None:  # its replies and cancels would be ambiguous
-                raise BadRequest(f"a request with id {request_id!r} is already in flight")
+                raise BadRequest(f"a request with id {request.request_id!r} is already in flight")
             pool = self.pools.get(function)
-            if may_forward and (pool is None or not pool.warm_room):
+            if acks and self.config.forwarding and (pool is None or not pool.warm_room):
                 peer = self.cluster.pick(function, served_here=pool is not None)
                 if peer is not None:
-                    await self._ack(msg, headers, log)
-                    self._own(self._forward(msg, peer, function, request_id, stream, log))
+                    await self._ack(msg.reply, request, acks, log)
+                    self._own(self._forward(msg, request, peer, function, log))
                     return
             if pool is None:
                 raise FunctionNotFound(f"no function named {function!r}"
                                        + self._why_not_here(function))
             event = protocol.decode_event(msg.data, encoding)
-            deadline = received + _budget_s(headers, pool.spec)
+            deadline = received + _budget_s(request, pool.spec)
             await self.history.record(function)  # demand, even when the queue is full
             pool.admit()
         except FaasError as err:
-            await self._reply_error(msg, err, encoding, request_id, log, final)
+            await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
+                                    request.stream)
             return
         except Exception:  # a bug of ours must still produce a reply, not silence
             log.exception("admit_failed")
-            await self._reply_error(msg, HandlerError("internal error in the node"), encoding,
-                                    request_id, log, final)
+            await self._reply_error(msg.reply, function, HandlerError("internal error in the node"),
+                                    encoding, request.request_id, log, request.stream)
             return
-        await self._ack(msg, headers, log)
-        flight = self._inflight[request_id] = _InFlight(msg.reply)
-        self._own(self._serve(msg, pool, event, encoding, request_id, received, deadline,
-                              stream, flight))
+        flight = self.inflight.take(request.request_id, msg.reply, request.key)
+        await self._ack(msg.reply, request, acks, log)
+        self._own(self._serve(pool, event, encoding, request, received, deadline, flight))
 
-    async def _ack(self, msg: Msg, headers: dict[str, str], log: Any) -> None:
+    async def _ack(self, reply: str, request: protocol.RequestHeaders, acks: bool, log: Any) -> None:
         """Tell a caller that asked which node holds its request (so it can retry elsewhere
         if this node dies): the node that forwards a request acknowledges it, not the peer."""
-        if headers.get(protocol.HDR_ACK, "").lower() == "true" and not headers.get(protocol.HDR_FORWARDED_BY):
-            await self._publish(msg.reply, b"", {protocol.HDR_ACK: self.node_id}, log)
+        if request.ack and acks:
+            await self._send_ack(reply, log)
+
+    async def _send_ack(self, reply: str | None, log: Any) -> None:
+        await answer(self.nc, reply, b"", {protocol.HDR_ACK: self.node_id}, log)
+
+    async def _keep_acking(self, flight: Flight, log: Any) -> None:
+        while True:
+            await asyncio.sleep(_ACK_EVERY_S)
+            await self._send_ack(flight.reply, log)
 
     def _why_not_here(self, function: str) -> str:
         why = self.deployments.unavailable.get(function)
         return f" on this node ({why})" if why else ""
 
-    async def _forward(self, msg: Msg, peer: str, function: str, request_id: str, stream: bool,
+    async def _forward(self, msg: Msg, request: protocol.RequestHeaders, peer: str, function: str,
                        log: Any) -> None:
         """Send the request to `peer` and relay what it answers (chunks, then the reply) to
         the caller. When the peer is gone before its reply (no responder, or its pings go
@@ -362,22 +351,20 @@ class Node:
         self.stats[function].forwarded += 1
         log = log.bind(peer=peer)
         encoding = protocol.request_encoding(msg.data, msg.headers)
-        final = {protocol.HDR_FINAL: "true"} if stream else {}
 
         async def fail(err: FaasError) -> None:
-            await self._reply_error(msg, err, encoding, request_id, log, final)
+            await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
+                                    request.stream)
 
+        headers = request.forwarded(self.node_id, time.time() * 1000)
         try:
-            headers = _forward_headers(msg.headers or {}, self.node_id, request_id)
             sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
-        except BadRequest as err:
-            await fail(err)
-            return
         except NatsError as exc:
             await fail(Overloaded(f"cannot forward: {exc}"))
             return
         deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
         relayed = silent = 0
+        acked = time.monotonic()
         try:
             await self.nc.publish(protocol.node_invoke_subject(peer, function), msg.data,
                                   reply=inbox, headers=headers)
@@ -385,6 +372,9 @@ class Node:
                 try:
                     reply = await sub.next_msg(timeout=1.0)
                 except NatsTimeout:
+                    if request.ack and time.monotonic() - acked > _ACK_EVERY_S:
+                        acked = time.monotonic()
+                        await self._send_ack(msg.reply, log)
                     alive = await node_alive(self.nc, peer)
                     silent = 0 if alive else silent + 1
                     if alive is False or silent >= 3:
@@ -392,9 +382,9 @@ class Node:
                     continue
                 if (reply.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
                     break
-                await self._publish(msg.reply, reply.data, reply.headers or {}, log)
+                await answer(self.nc, msg.reply, reply.data, reply.headers, log)
                 relayed += 1
-                if not stream or protocol.is_final(reply.headers):
+                if not request.stream or protocol.is_final(reply.headers):
                     return
         except NatsError as exc:
             log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
@@ -411,14 +401,18 @@ class Node:
             await fail(Overloaded(f"node {peer} stopped answering in the middle of the stream"))
             return
         log.warning("forward_failed_serving_here")
-        await self._admit(msg, may_forward=False)
+        await self._admit(msg, forwarded=False, fallback=True)
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
-        flight = self._inflight.get(request_id)
-        if flight is not None:
+        flight = self.inflight.get(request_id)
+        if flight is None:
+            return
+        if flight.allows((msg.headers or {}).get(protocol.HDR_REQUEST_KEY)):
             self.log.info("cancel_requested", req=request_id)
             flight.cancel.set()
+        else:
+            self.log.warning("cancel_refused", req=request_id, why="no key, or not the request's")
 
     def _own(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -430,31 +424,32 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("task_failed", error=repr(task.exception()))
 
-    async def _serve(self, msg: Msg, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
-                     request_id: str, received: float, deadline: float, stream: bool,
-                     flight: _InFlight) -> None:
-        log = self.log.bind(fn=pool.name, req=request_id)
-        final = {protocol.HDR_FINAL: "true"} if stream else {}
+    async def _serve(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
+                     request: protocol.RequestHeaders, received: float, deadline: float,
+                     flight: Flight) -> None:
+        log = self.log.bind(fn=pool.name, req=request.request_id)
+        keeper = asyncio.create_task(self._keep_acking(flight, log)) if request.ack else None
         try:
-            await self._serve_one(msg, pool, event, encoding, request_id, received, deadline,
-                                  stream, flight, final, log)
+            await self._serve_one(pool, event, encoding, request, received, deadline, flight, log)
         finally:
-            if self._inflight.get(request_id) is flight:
-                del self._inflight[request_id]
+            if keeper is not None:
+                keeper.cancel()
+            self.inflight.release(request.request_id, flight)
 
-    async def _serve_one(self, msg: Msg, pool: FunctionPool, event: dict[str, Any],
-                         encoding: Encoding, request_id: str, received: float, deadline: float,
-                         stream: bool, flight: _InFlight, final: dict[str, str],
-                         log: Any) -> None:
+    async def _serve_one(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
+                         request: protocol.RequestHeaders, received: float, deadline: float,
+                         flight: Flight, log: Any) -> None:
+        request_id = request.request_id
+
         async def send_chunk(chunk: dict[str, Any]) -> None:
-            await self._publish(flight.reply, *protocol.chunk_message(chunk, encoding, request_id), log)
+            await answer(self.nc, flight.reply, *protocol.chunk_message(chunk, encoding, request_id), log)
 
         async def fail(err: FaasError) -> None:
-            await self._reply_error(msg, err, encoding, request_id, log, final, flight.reply)
+            await self._reply_error(flight.reply, pool.name, err, encoding, request_id, log, request.stream)
 
         try:
-            served = await pool.serve(request_id, event, deadline, received=received, stream=stream,
-                                      on_chunk=send_chunk if stream else None, cancel=flight.cancel)
+            served = await pool.serve(request_id, event, deadline, received=received, stream=request.stream,
+                                      on_chunk=send_chunk if request.stream else None, cancel=flight.cancel)
         except FaasError as err:
             await fail(err)
             return
@@ -479,32 +474,27 @@ class Node:
         except (TypeError, ValueError) as exc:
             await fail(HandlerError(f"output cannot be encoded as {encoding.value}: {exc}"))
             return
-        headers.update(final)
+        if request.stream:
+            headers[protocol.HDR_FINAL] = "true"
         size = protocol.wire_size(body, headers)
         if size > self.nc.max_payload:
             await fail(HandlerError(f"reply of {size} bytes exceeds the server's max payload "
                                     f"of {self.nc.max_payload} bytes"))
             return
-        await self._publish(flight.reply, body, headers, log)
+        await answer(self.nc, flight.reply, body, headers, log)
         self.stats.answered(pool.name, metrics.ttft_ms, metrics.total_ms, served.level.label)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
 
-    async def _reply_error(self, msg: Msg, err: FaasError, encoding: Encoding, request_id: str,
-                           log: Any, final: dict[str, str] | None = None, to: str | None = None) -> None:
+    async def _reply_error(self, to: str | None, function: str, err: FaasError, encoding: Encoding,
+                           request_id: str, log: Any, stream: bool) -> None:
         log.warning("invoke_failed", code=err.code, error=err.message)
-        function = protocol.function_from_subject(msg.subject)
         if function in self.pools:  # not for names nobody serves: no unbounded table
             self.stats.failed(function, err.code)
         body, headers = protocol.error_reply(err, encoding, request_id)
-        headers.update(final or {})
-        await self._publish(to or msg.reply, body, headers, log)
-
-    async def _publish(self, subject: str, body: bytes, headers: dict[str, str], log: Any) -> None:
-        try:
-            await self.nc.publish(subject, body, headers=headers)
-        except NatsError as exc:
-            log.error("reply_failed", error=f"{type(exc).__name__}: {exc}")
+        if stream:
+            headers[protocol.HDR_FINAL] = "true"
+        await answer(self.nc, to, body, headers, log)
 
     # --- introspection --------------------------------------------------------------
 
@@ -529,10 +519,9 @@ class Node:
             for name, pool in sorted(self.pools.items())]}
 
     async def _on_ls(self, msg: Msg) -> None:
-        if msg.reply and protocol.valid_reply_subject(msg.reply):
-            encoding = protocol.request_encoding(msg.data, msg.headers)
-            await self._publish(msg.reply, protocol.encode(self.describe(), encoding),
-                                protocol.reply_headers(encoding, ""), self.log)
+        encoding = protocol.request_encoding(msg.data, msg.headers)
+        await answer(self.nc, msg.reply, protocol.encode(self.describe(), encoding),
+                     {protocol.HDR_CONTENT_TYPE: encoding.content_type}, self.log)
 
     # --- shutdown -------------------------------------------------------------------
 
@@ -543,20 +532,21 @@ class Node:
             except NatsError as exc:
                 self.log.warning("unsubscribe_failed", error=str(exc))
 
-    async def drain(self) -> None:
-        """Stop taking requests, answer what is in flight (cancelled past the drain timeout,
-        still with a reply), then stop every sandbox."""
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking requests, answer what is in flight (cancelled past `grace_s`, by
+        default the drain timeout, still with a reply), then stop every sandbox."""
+        grace_s = self.config.drain_timeout_s if grace_s is None else grace_s
         self.log.info("node_draining", in_flight=len(self._tasks))
         await self.cluster.close()  # peers stop forwarding here
         await self.service.stop()
         await self.deployments.close()
         await self._drain_subs(self._subs)
-        await self.events.close(self.config.drain_timeout_s)  # no new event; those in flight end
+        await self.events.close(grace_s)  # no new event; those in flight end
         if self.preloader is not None:  # nothing new starts ahead of requests from now on
             await self.preloader.close()
         await self.history.close()
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout_s)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -670,3 +670,10 @@ class FunctionPool:
             climb.cancel()
         await asyncio.gather(*climbs, return_exceptions=True)
         await asyncio.gather(*self._stopping)
+
+    async def stopped(self) -> None:
+        """After `close`: once the last sandbox has stopped (busy ones end with their batch)."""
+        async with self._cond:
+            while self._slots:
+                await self._cond.wait()
+        await asyncio.gather(*self._stopping)

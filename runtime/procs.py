@@ -27,21 +27,37 @@ def die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def renice_tree(pid: int, nice: int) -> None:
-    """Set the nice value of every thread of `pid` and of its descendants (on Linux, nice
-    is per thread). Processes that are gone by then are skipped."""
-    todo = [pid]
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (threads' children included), as far as /proc shows them;
+    processes that are gone by then are left out."""
+    tree, todo = [], [pid]
     while todo:
         current = todo.pop()
         try:
             tids = os.listdir(f"/proc/{current}/task")
         except OSError:
             continue
+        tree.append(current)
+        for tid in tids:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as children:
+                    todo += [int(child) for child in children.read().split()]
+            except (OSError, ValueError):
+                pass
+    return tree
+
+
+def renice_tree(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of `pid` and of its descendants (on Linux, nice
+    is per thread). Processes that are gone by then are skipped."""
+    for process in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{process}/task")
+        except OSError:
+            continue
         for tid in tids:
             try:
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-                with open(f"/proc/{current}/task/{tid}/children") as children:
-                    todo += [int(child) for child in children.read().split()]
             except (OSError, ValueError):
                 pass
 

@@ -27,21 +27,26 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from faas import openai_api
+from faas.protocol import MAX_ERROR_MESSAGE
 from faas.errors import BadRequest, SpecError
 from faas.logs import get_logger
 from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime import frames
 from runtime.levels import Level
 from runtime.loader import find_spec
-from runtime.memory import device_bytes, give_back_heap, private_dirty_bytes
+from runtime.memory import device_bytes, give_back_heap
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
-    """A handler's exception for the node; `faas.BadRequest` marks the caller's mistake
-    (the reply is then a 400, not a 500)."""
-    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    """A handler's exception for the node, its message cut to what a reply keeps (the node
+    reads no frame larger than a reply); `faas.BadRequest` marks the caller's mistake (the
+    reply is then a 400, not a 500)."""
+    message = exc.message if isinstance(exc, BadRequest) else str(exc)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + f"... ({len(message)} characters)"
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": message}
     if isinstance(exc, BadRequest):
-        error.update(message=exc.message, bad_request=True)
+        error["bad_request"] = True
     return error
 
 
@@ -239,17 +244,22 @@ class _Function:
                  "first_token_at": meter.first_token_at, "batch": meter.prefill_batch}
         result = {"type": "result", **tag, "output": output, "usage": usage}
         try:
-            frames.pack(result)
+            size = len(frames.pack(result))
         except Exception as exc:  # e.g. a set, an object, an int beyond 64 bits
             return {"type": "error", **tag, "error": {
                 "type": type(exc).__name__,
                 "message": f"handler returned a value that cannot be encoded: {exc}"}}
+        limit = int(self.init.get("max_frame_bytes", frames.MAX_FRAME_BYTES))
+        if size > limit:  # the node would not read it (nor could it send such a reply)
+            return {"type": "error", **tag, "error": {
+                "type": "ValueError", "too_large": True,
+                "message": f"handler returned {size} bytes, over the {limit} a reply may carry"}}
         return result
 
 
 def _level_frame(level: Level, seconds: float) -> dict[str, Any]:
-    return {"type": "level", "level": int(level), "ms": seconds * 1000,
-            "host_bytes": private_dirty_bytes(), "device_bytes": device_bytes()}
+    # The node measures host memory itself; device memory only where NVML cannot tell it.
+    return {"type": "level", "level": int(level), "ms": seconds * 1000, "device_bytes": device_bytes()}
 
 
 class _TaggedLines(io.TextIOBase):

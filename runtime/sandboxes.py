@@ -18,6 +18,7 @@ from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
 from runtime.levels import Level
+from runtime.memory import sandbox_bytes
 from runtime.procs import renice_tree, start_node_child
 
 
@@ -27,6 +28,10 @@ class SandboxDied(HandlerError):
 
 class SandboxGone(SandboxDied):
     """The sandbox had exited before the request reached it: the handler never ran."""
+
+
+class OutputTooLarge(HandlerError):
+    """The handler returned more than a reply may carry: running it again cannot help."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class SandboxConfig:
     # one with a prompt to prefill at the normal one, so under contention the cores go to
     # first tokens (the SLO) before more tokens of requests that have theirs.
     prefill_priority: bool = False
+    # The largest frame the node reads from a sandbox (a reply beyond the max payload could
+    # not be sent anyway; the node sets it from its server's), and how many bytes of a
+    # sandbox's frames may wait for their requests before the node stops reading from it.
+    max_frame_bytes: int = (1 << 20) + (64 << 10)
+    queued_bytes: int = 16 << 20
     # Each line a sandbox prints: (function, request id or None, line); the node publishes
     # them for `faas logs`.
     on_output: Callable[[str, str | None, str], None] | None = field(default=None, compare=False)
@@ -103,12 +113,15 @@ class Sandbox:
 
     def __init__(self, function: str, proc: ForkedProcess, sock: socket.socket,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 prefill_priority: bool = False,
-                 on_output: Callable[[str, str | None, str], None] | None = None) -> None:
+                 config: SandboxConfig) -> None:
         self.function = function
-        self._on_output = on_output
+        self._on_output = config.on_output
         self.proc = proc
-        self._prefill_priority = prefill_priority
+        self._prefill_priority = config.prefill_priority
+        self._max_frame_bytes = config.max_frame_bytes
+        self._queue_budget = config.queued_bytes
+        self._queued = 0  # bytes of frames waiting in the requests' queues
+        self._drained = asyncio.Event()
         self._prefilling: set[str] = set()  # requests it holds that have no first token yet
         self._nice = 0
         # A twin of the stream's socket for the one frame that carries descriptors (the
@@ -120,7 +133,7 @@ class Sandbox:
         self._output_task: asyncio.Task[None] | None = None  # ends at EOF, when the process does
         self._step: asyncio.Future[dict[str, Any]] | None = None
         self._eof = False  # its end of the socket closed: it is gone or going
-        self._calls: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._calls: dict[str, asyncio.Queue[tuple[dict[str, Any], int]]] = {}
         self._recent: collections.deque[str] = collections.deque(maxlen=256)  # answered requests
         self.on_prefill: PrefillSink = lambda frame: None
         self.prefills = 0  # how many it reported
@@ -171,7 +184,7 @@ class Sandbox:
     async def _read(self) -> None:
         try:
             while True:
-                frame = await frames.read_frame(self._reader)
+                frame, size = await frames.read_sized_frame(self._reader, self._max_frame_bytes)
                 kind = frame["type"]
                 if kind in ("level", "init_error"):
                     if self._step is not None and not self._step.done():
@@ -182,7 +195,11 @@ class Sandbox:
                 elif kind == "first":
                     self._prefilled(frame["request_id"])
                 elif (calls := self._calls.get(frame.get("request_id", ""))) is not None:
-                    calls.put_nowait(frame)
+                    calls.put_nowait((frame, size))
+                    self._queued += size
+                    while self._queued > self._queue_budget:  # the sandbox waits for its callers
+                        self._drained.clear()
+                        await self._drained.wait()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception as exc:  # a frame that breaks the protocol: the sandbox cannot be trusted
@@ -194,7 +211,7 @@ class Sandbox:
         if self._step is not None and not self._step.done():
             self._step.set_result(died)
         for calls in self._calls.values():
-            calls.put_nowait(died)
+            calls.put_nowait((died, 0))
 
     def _died(self, reply: dict[str, Any]) -> SandboxDied:
         return SandboxDied(f"sandbox of {self.function!r} exited with code {reply['code']} "
@@ -228,9 +245,15 @@ class Sandbox:
         if reply["type"] == "init_error":
             err = reply["error"]
             raise HandlerError(f"function {self.function!r} failed to load: "
-                               f"{err['type']}: {err['message']}")
-        return StepCost(Level(reply["level"]), time.monotonic() - started, int(reply["host_bytes"]),
-                        int(reply["device_bytes"]))
+                               f"{str(err['type'])[:200]}: {str(err['message'])[:4096]}")
+        seconds = time.monotonic() - started
+        asked = Level(frame.get("level", Level.SPAWNED))
+        if reply.get("level") != asked:  # a sandbox says which level it reached, not another
+            self.proc.kill()
+            raise HandlerError(f"sandbox of {self.function!r} answered a {asked.label} step "
+                               "with another level")
+        host, device = await asyncio.to_thread(sandbox_bytes, self.proc.pid, int(reply.get("device_bytes", 0)))
+        return StepCost(asked, seconds, host, device)
 
     async def invoke(self, request_id: str, event: dict[str, Any], stream: bool = False,
                      on_chunk: ChunkSink | None = None,
@@ -241,7 +264,7 @@ class Sandbox:
         if self._eof:
             code = await self.proc.wait()
             raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}")
-        replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        replies: asyncio.Queue[tuple[dict[str, Any], int]] = asyncio.Queue()
         self._calls[request_id] = replies
         self._prefilling.add(request_id)
         self._prioritise()
@@ -253,13 +276,15 @@ class Sandbox:
                 code = await self.proc.wait()
                 raise SandboxGone(f"sandbox of {self.function!r} exited with code {code}") from None
             started = False
-            while (reply := await replies.get())["type"] in ("started", "chunk"):
+            while (reply := await self._next(replies))["type"] in ("started", "chunk"):
                 if reply["type"] == "started":
                     started = True
                 elif on_chunk is not None:
                     await on_chunk({"delta": reply["delta"], "token_ids": reply["token_ids"]})
         finally:
             del self._calls[request_id]
+            while not replies.empty():  # frames it sent past the request's end
+                self._unqueue(replies.get_nowait()[1])
             self._recent.append(request_id)
             self._prefilled(request_id)
         if reply["type"] == "died":
@@ -270,8 +295,19 @@ class Sandbox:
             err = reply["error"]
             if err.get("bad_request"):
                 raise BadRequest(str(err["message"]))
-            raise HandlerError(f"{err['type']}: {err['message']}")
+            cls = OutputTooLarge if err.get("too_large") else HandlerError
+            raise cls(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
+
+    async def _next(self, replies: asyncio.Queue[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+        frame, size = await replies.get()
+        self._unqueue(size)
+        return frame
+
+    def _unqueue(self, size: int) -> None:
+        self._queued -= size
+        if self._queued <= self._queue_budget:
+            self._drained.set()
 
     def _prefilled(self, request_id: str) -> None:
         self._prefilling.discard(request_id)
@@ -496,11 +532,11 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
         os.close(output_r)
         ours.close()
         raise
-    sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config.prefill_priority,
-                      config.on_output)
+    sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
             "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5),
+            "max_frame_bytes": config.max_frame_bytes,
             "node_models": spec.get("deployed") is not None}
     try:
         await sandbox.forward_output(output_r)

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import nats
 import nats.errors
+from nats.aio.client import Client as NATS
 
 from faas.auth import Credentials, servers
 from faas.bundled import faas_home
+from faas.connection import connect
+from faas.protocol import NODE_INBOX_PREFIX
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbones import detect_device
@@ -62,10 +64,12 @@ class UpOptions:
 
 async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable[None]],
                        credentials: dict[str, str] | None = None,
-                       first_connect_s: float = 15.0) -> nats.NATS:
+                       first_connect_s: float = 15.0) -> NATS:
     """Connect the node: reconnect forever once connected, but fail start-up with a clear
     error when the server cannot be reached at all. `on_closed` runs when the connection is
-    closed for good (nats-py closes it after some server errors instead of reconnecting)."""
+    closed for good (nats-py closes it after some server errors instead of reconnecting, e.g.
+    a revoked login). Its own replies come on an inbox prefix no producer may read."""
+    options = {"inbox_prefix": NODE_INBOX_PREFIX, **(credentials or {})}
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -76,10 +80,10 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
         log.info("nats_reconnected")
 
     try:
-        return await asyncio.wait_for(nats.connect(
+        return await asyncio.wait_for(connect(
             servers(url), name=f"faas-node-{node_id}", max_reconnect_attempts=-1, reconnect_time_wait=1,
             error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-            closed_cb=on_closed, **(credentials or {})),
+            closed_cb=on_closed, **options),
             first_connect_s)
     except TimeoutError:
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
@@ -91,7 +95,7 @@ async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.soc
     from faas.client import Client
     from faas.gateway import serve_gateway
 
-    client = Client(url, max_reconnect_attempts=-1, **credentials)
+    client = Client(url, max_reconnect_attempts=-1, **{"inbox_prefix": NODE_INBOX_PREFIX, **credentials})
     await client.connect()
 
     async def run() -> None:
@@ -170,7 +174,9 @@ async def up(options: UpOptions) -> int:
         await stop.wait()
         if gateway is not None:  # its streams end (or get a grace) before the node drains
             await asyncio.gather(gateway, return_exceptions=True)
-        await node.drain()
+        # Without a connection no reply can reach anyone: stop at once, exit non-zero, and
+        # let the supervisor start a node that is connected.
+        await node.drain(grace_s=0.0 if lost_connection else None)
         if not nc.is_closed:
             await nc.drain()
         log.info("node_stopped")

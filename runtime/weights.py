@@ -18,6 +18,7 @@ Tied weights (one storage under several names) are exported once, with aliases.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -64,23 +65,21 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return unique, aliases
 
 
-def fingerprint(tensor: torch.Tensor, chunk_words: int = 1 << 24) -> tuple[int, int]:
-    """A checksum of a tensor's bytes (sum and sum of squares of its 32-bit words, in
-    chunks so a large tensor needs little extra memory), computed where the tensor lives."""
-    flat = tensor.detach().reshape(-1)
-    words = flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 \
-        else flat.view(torch.uint8)
-    total = squares = 0
-    for start in range(0, words.numel(), chunk_words):
-        chunk = words[start:start + chunk_words].to(torch.int64)
-        total += int(chunk.sum())
-        squares += int((chunk * chunk).sum())  # wraps in int64: still a checksum
-    return total, squares
+def digest(tensor: torch.Tensor, chunk_bytes: int = 64 << 20) -> bytes:
+    """SHA-256 of a tensor's bytes in memory order, read in chunks where the tensor lives: a
+    CPU tensor is hashed in place, a GPU tensor a chunk at a time through host memory (at
+    most `chunk_bytes` extra). Any change of the bytes changes it, swapped rows included
+    (a sum of words would not see those)."""
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    hasher = hashlib.sha256()
+    for start in range(0, flat.numel(), chunk_bytes):
+        hasher.update(flat[start:start + chunk_bytes].cpu().numpy())
+    return hasher.digest()
 
 
-def corrupted(tensors: dict[str, torch.Tensor], baseline: dict[str, tuple[int, int]]) -> list[str]:
+def corrupted(tensors: dict[str, torch.Tensor], baseline: dict[str, bytes]) -> list[str]:
     """Names of the tensors whose bytes changed since `baseline` was taken."""
-    return [name for name, tensor in tensors.items() if fingerprint(tensor) != baseline[name]]
+    return [name for name, tensor in tensors.items() if digest(tensor) != baseline[name]]
 
 
 class WeightsBackend(ABC):

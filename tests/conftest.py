@@ -3,16 +3,19 @@ the example functions and the test functions, and clients to talk to it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import msgpack
 import nats
 import pytest
 
 from bench.accounting import processes
+from faas.protocol import HDR_ERROR, HDR_ERROR_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "functions"
@@ -75,6 +78,30 @@ async def nc(node):
     conn = await nats.connect(node.url)
     yield conn
     await conn.drain()
+
+
+async def assert_still_serving(client) -> None:
+    """The node answers an ordinary request after whatever the test did to it."""
+    result = await client.invoke("echo", {"still": "here"}, timeout_s=30)
+    assert result.output["echo"] == {"still": "here"}
+
+
+def error_of(msg) -> tuple[int, str]:
+    """(code, message) of an error reply, checking that headers and body agree."""
+    code = int(msg.headers[HDR_ERROR_CODE])
+    body = json.loads(msg.data) if msg.data[:1] == b"{" else msgpack.unpackb(msg.data)
+    assert body["error"]["code"] == code
+    assert msg.headers[HDR_ERROR]
+    return code, body["error"]["message"]
+
+
+async def nodes_of(node) -> list[dict]:
+    """What `faas ls` shows of `node`'s NATS (every node's listing): an operator's view, so
+    with the node's own login (producers may not ask)."""
+    from faas import Client
+
+    async with Client(node.url, **node.node_credentials()) as operator:
+        return await operator.nodes()
 
 
 def zygote_family() -> list[tuple[int, int, int]]:

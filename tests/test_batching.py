@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 
-from faas import BadRequest, Cancelled, DeadlineExceeded, protocol
+from faas import BadRequest, Cancelled, Client, DeadlineExceeded, protocol
 from faas.bundled import adapter_path, model_path
 from runtime.loader import load_file
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, nodes_of
 from tests.reference import decode, greedy_token_ids
 
 PROMPTS = ["Where is my refund for order 1042?", "hi", "x y z " * 12,
@@ -126,7 +126,7 @@ def test_a_cancelled_row_leaves_and_the_others_finish(engine):
 
 # --- through the node ---------------------------------------------------------------------
 
-async def test_concurrent_requests_share_a_batch_and_match_the_reference(client):
+async def test_concurrent_requests_share_a_batch_and_match_the_reference(client, node):
     await client.invoke("writer", {"prompt": "warm", "max_new_tokens": 2}, timeout_s=120)
     lengths = [20, 8, 16, 24, 12, 4]
     replies = await asyncio.gather(*(
@@ -138,7 +138,7 @@ async def test_concurrent_requests_share_a_batch_and_match_the_reference(client)
         assert reply.output["text"] == decode(model_path(), adapter_path("support"), expected)
         assert reply.metrics["tokens_out"] == n
     assert max(r.metrics["batch"] for r in replies) > 1
-    (listing,) = await client.nodes()
+    (listing,) = await nodes_of(node)
     (writer,) = [f for f in listing["functions"] if f["name"] == "writer"]
     assert len(writer["levels"]) == 1  # one sandbox served all six
 
@@ -185,17 +185,19 @@ async def test_sdk_stream_iterates_chunks_then_holds_the_reply(client):
     assert s.result.output["token_ids"]
 
 
-async def test_a_cancelled_stream_stops_generating_and_frees_its_place(client, nc):
+async def test_a_cancelled_stream_stops_generating_and_frees_its_place(client, nc, node):
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     started = time.monotonic()
     await nc.publish("faas.invoke.writer", msgpack.packb({"prompt": "hello", "max_new_tokens": 1000,
                                                           "ignore_eos": True}),
                      reply=inbox, headers={protocol.HDR_STREAM: "true",
-                                           protocol.HDR_REQUEST_ID: "cancel-me-1"})
+                                           protocol.HDR_REQUEST_ID: "cancel-me-1",
+                                           protocol.HDR_REQUEST_KEY: "the-callers-own-secret"})
     first = await sub.next_msg(timeout=60)
     assert protocol.HDR_FINAL not in first.headers
-    await client.cancel("cancel-me-1")
+    await nc.publish(protocol.cancel_subject("cancel-me-1"), b"",
+                     headers={protocol.HDR_REQUEST_KEY: "the-callers-own-secret"})
     while True:
         msg = await sub.next_msg(timeout=30)
         if protocol.is_final(msg.headers):
@@ -206,20 +208,20 @@ async def test_a_cancelled_stream_stops_generating_and_frees_its_place(client, n
     # 1000 tokens take several seconds here: the generation stopped, it did not run out.
     alone = await client.invoke("writer", {"prompt": "hi", "max_new_tokens": 4}, timeout_s=60)
     assert alone.metrics["batch"] == 1  # nothing left of the cancelled row in the batch
-    (listing,) = await client.nodes()
+    (listing,) = await nodes_of(node)
     (writer,) = [f for f in listing["functions"] if f["name"] == "writer"]
     assert writer["active"] == 0
     assert stopped_after < 10
 
 
-async def test_sdk_leaving_a_stream_early_cancels_it(client):
+async def test_sdk_leaving_a_stream_early_cancels_it(client, node):
     async with client.stream("writer", {"prompt": "hello", "max_new_tokens": 1000,
                                         "ignore_eos": True}) as stream:
         async for _ in stream:
             break
     assert stream.result is None
     for _ in range(100):  # the node hears the cancel, the sandbox stops the row
-        (listing,) = await client.nodes()
+        (listing,) = await nodes_of(node)
         if [f for f in listing["functions"] if f["name"] == "writer"][0]["active"] == 0:
             break
         await asyncio.sleep(0.1)
@@ -243,15 +245,16 @@ async def test_a_request_past_its_deadline_gets_504_and_never_runs(client, nc):
     assert json.loads(msg.data)["output"]["calls"] == after + 1
 
 
-async def test_a_second_request_with_an_id_in_flight_is_refused(client):
+async def test_a_second_request_with_an_id_in_flight_is_refused(client, node):
     first = asyncio.create_task(client.invoke(
         "writer", {"prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True},
         timeout_s=60, request_id="same-id-1"))
-    while not [f for f in (await client.nodes())[0]["functions"]
+    while not [f for f in (await nodes_of(node))[0]["functions"]
                if f["name"] == "writer" and f["active"]]:
         await asyncio.sleep(0.02)
-    with pytest.raises(BadRequest, match="already in flight"):
-        await client.invoke("writer", {"prompt": "hi"}, timeout_s=60, request_id="same-id-1")
+    async with Client(node.url) as other:  # another caller: the SDK refuses its own duplicates
+        with pytest.raises(BadRequest, match="already in flight"):
+            await other.invoke("writer", {"prompt": "hi"}, timeout_s=60, request_id="same-id-1")
     assert len((await first).output["token_ids"]) == 1000
 
 
@@ -284,13 +287,13 @@ async def test_offloading_under_a_small_memory_budget_keeps_serving_correctly(mo
                     module = load_file(EXAMPLES / f"{name}.py")
                     assert reply.output["token_ids"] == greedy_token_ids(
                         model_path(), adapter_path(name), module.prompt_for(event), 8)
-                    [listing] = await client.nodes()
+                    [listing] = await nodes_of(node)
                     held = [f["name"] for f in listing["functions"] if f["levels"]]
                     assert held == [name]  # the others were offloaded for it
             assert listing["memory"]["offloaded"] >= 5
             long = asyncio.create_task(client.invoke(
                 "writer", {"prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True}, timeout_s=60))
-            while not [f for f in (await client.nodes())[0]["functions"]
+            while not [f for f in (await nodes_of(node))[0]["functions"]
                        if f["name"] == "writer" and f["active"]]:
                 await asyncio.sleep(0.05)
             with pytest.raises(Overloaded, match="no memory") as refused:

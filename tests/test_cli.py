@@ -37,10 +37,14 @@ def test_invoke_without_a_server_fails_cleanly():
 
 
 def test_ls_lists_functions(node):
-    out = faas("ls", "--nats", node.url, "--json")
+    """An operator's view (it names paths): with the node's credentials from its state
+    folder; a producer's login gets none."""
+    out = faas("ls", "--nats", node.url, "--json", "--state-dir", str(node.state_dir))
     assert out.returncode == 0, out.stderr
     (listing,) = json.loads(out.stdout)
     names = {fn["name"] for fn in listing["functions"]}
     assert {"echo", "support", "summarize", "sql", "qwen-chat", "boom"} <= names
-    table = faas("ls", "--nats", node.url)
+    table = faas("ls", "--nats", node.url, "--state-dir", str(node.state_dir))
     assert "support" in table.stdout and "IDLE" in table.stdout
+    anonymous = faas("ls", "--nats", node.url, "--json", "--state-dir", "/nonexistent")
+    assert json.loads(anonymous.stdout) == [] and "permissions violation" in anonymous.stderr

@@ -19,6 +19,7 @@ import pytest
 
 from faas import Client
 from faas.protocol import HDR_MSG_ID
+from tests.conftest import nodes_of
 
 
 async def _admin(node) -> nats.NATS:
@@ -176,7 +177,7 @@ async def test_an_event_whose_last_attempt_died_with_its_node_ends_in_the_dead_l
             await client.publish("events.lastchance", {"n": 1, "run": run, "s": 20})
         for _ in range(200):  # its handler is running
             async with Client(node.url) as client:
-                [listing] = await client.nodes()
+                [listing] = await nodes_of(node)
             if [f for f in listing["functions"] if f["name"] == "lastchance" and f["busy"]]:
                 break
             await asyncio.sleep(0.05)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from faas import openai_api
 from faas.bundled import adapter_path, model_path
 from tests.reference import decode, greedy_token_ids
+from tests.conftest import nodes_of
 
 PROMPT = "### Customer: Where is my order?\n### Agent:"
 MESSAGES = [{"role": "system", "content": "You are a support agent."},
@@ -110,7 +111,7 @@ async def _cancelled(node, client, function: str, before: float) -> None:
     the node answered it 499."""
     deadline = time.monotonic() + 3
     while True:
-        [fn] = [f for n in await client.nodes() for f in n["functions"] if f["name"] == function]
+        [fn] = [f for n in await nodes_of(node) for f in n["functions"] if f["name"] == function]
         if fn["active"] == 0:
             break
         assert time.monotonic() < deadline, fn

@@ -12,7 +12,7 @@ from faas import Client, HandlerError
 from faas.bundled import adapter_path, model_path
 from faas.localnode import LocalNode
 from runtime.loader import load_file
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, nodes_of
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -58,7 +58,7 @@ async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
                 result = await client.invoke(name, event, timeout_s=300)
                 prompt = load_file(EXAMPLES / f"{name}.py").prompt_for(event)
                 assert result.output["token_ids"] == cuda_reference(name, prompt, 16)
-            (listing,) = await client.nodes()
+            (listing,) = await nodes_of(node)
             assert listing["backbones"][0]["backend"] == "cuda-ipc"
 
 
@@ -75,7 +75,7 @@ async def test_gpu_scribbler_is_detected_and_the_backbone_reloaded(models, tmp_p
             with pytest.raises(HandlerError, match="exited with code 0"):  # wrote, then left
                 await client.invoke("scribble", {}, timeout_s=300)
             for _ in range(300):  # the check after its exit kills support's sandbox too
-                (listing,) = await client.nodes()
+                (listing,) = await nodes_of(node)
                 (support,) = [f for f in listing["functions"] if f["name"] == "support"]
                 if support["idle"] == 0:
                     break

@@ -11,7 +11,7 @@ import pytest
 
 from bench.accounting import process_tree
 from faas import Client
-from tests.conftest import second_node, wait_all_gone
+from tests.conftest import nodes_of, second_node, wait_all_gone
 
 
 def descendants(pid: int) -> set[int]:
@@ -34,7 +34,7 @@ async def test_idle_sandbox_stops_after_keep_alive_and_next_request_is_cold(mode
             assert (await client.invoke("echo", {})).metrics["level"] == "loaded"
             sandboxes = descendants(node.proc.pid)
             await asyncio.sleep(2.5)
-            [listing] = await client.nodes()
+            [listing] = await nodes_of(node)
             echo = next(f for f in listing["functions"] if f["name"] == "echo")
             assert (echo["idle"], echo["busy"]) == (0, 0)
             assert (await client.invoke("echo", {})).metrics["level"] == "cold"

@@ -12,6 +12,7 @@ import pytest
 from runtime.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
 from runtime.plan import Budget, Demand, make_plan
 from runtime.predict import HybridHistogram, RateEstimate, followers
+from tests.conftest import nodes_of
 
 PERIOD = 60.0
 HORIZON = 5.0
@@ -224,7 +225,7 @@ async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(model
         async with Client(node.url) as client:
             deadline = time.monotonic() + 90
             while True:
-                [listing] = await client.nodes()
+                [listing] = await nodes_of(node)
                 functions = {f["name"]: f for f in listing["functions"]}
                 if functions["summarize"]["levels"] == ["loaded"] and not functions["summarize"]["starting"]:
                     break

@@ -18,7 +18,7 @@ from faas.bundled import TINY_LLAMA, TINY_QWEN2, adapter_path, model_path
 from faas.localnode import LocalNode
 from runtime.skeleton import bind_shared
 from runtime.weights import CpuSharedFile
-from tests.conftest import sandbox_host_pids, zygote_family, zygote_pid
+from tests.conftest import nodes_of, sandbox_host_pids, zygote_family, zygote_pid
 
 
 @pytest.mark.parametrize(("model", "adapter"), [(TINY_LLAMA, "support"), (TINY_QWEN2, "chat")])
@@ -83,11 +83,11 @@ def mappings_by_backbone(pids: list[int]) -> dict[int, dict[int, list[dict[str, 
     return by_inode
 
 
-async def test_lora_sandboxes_map_one_shared_read_only_backbone(client):
+async def test_lora_sandboxes_map_one_shared_read_only_backbone(client, node):
     for name, event in [("support", {"message": "hi"}), ("summarize", {"text": "t"}),
                         ("sql", {"question": "q"})]:
         await client.invoke(name, {**event, "max_new_tokens": 2}, timeout_s=120)
-    (listing,) = await client.nodes()
+    (listing,) = await nodes_of(node)
     (llama,) = [b for b in listing["backbones"] if b["model"] == model_path()]
     assert llama["users"] >= 3 and llama["backend"] == "cpu-shm"
     for _ in range(100):  # the pre-loader may be replacing one: wait for it to map too
@@ -163,15 +163,19 @@ async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faa
         node.stop()
 
 
-def test_fingerprints_catch_a_single_changed_weight():
-    """What a GPU backbone uses to notice writes through its (writable) CUDA IPC mappings."""
-    from runtime.weights import corrupted, fingerprint
+def test_digests_catch_a_changed_weight_and_swapped_rows():
+    """What a GPU backbone uses to notice writes through its (writable) CUDA IPC mappings: a
+    digest of the bytes, which a permutation changes too (swapping two rows of the output
+    layer swaps two tokens' logits for every function; a sum of words would not change)."""
+    from runtime.weights import corrupted, digest
 
     tensors = {"w": torch.randn(1000, dtype=torch.bfloat16), "odd": torch.randn(3, dtype=torch.bfloat16),
-               "b": torch.arange(10, dtype=torch.int64)}
-    baseline = {name: fingerprint(t) for name, t in tensors.items()}
+               "b": torch.arange(10, dtype=torch.int64), "lm_head": torch.randn(64, 32)}
+    baseline = {name: digest(t) for name, t in tensors.items()}
     assert corrupted(tensors, baseline) == []
     tensors["w"][517] += 1
     tensors["odd"][1] = 0
-    assert corrupted(tensors, baseline) == ["w", "odd"]
-    assert fingerprint(torch.zeros(1 << 10), chunk_words=100) == (0, 0)
+    tensors["lm_head"][[3, 40]] = tensors["lm_head"][[40, 3]]
+    assert corrupted(tensors, baseline) == ["w", "odd", "lm_head"]
+    # The same bytes give the same digest, whatever the chunk size.
+    assert digest(tensors["lm_head"], chunk_bytes=100) == digest(tensors["lm_head"])

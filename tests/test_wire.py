@@ -13,22 +13,8 @@ import nats
 import pytest
 
 from faas import DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
-from faas.protocol import HDR_ERROR, HDR_ERROR_CODE, HDR_REQUEST_ID, HDR_TIMEOUT_MS
-from tests.conftest import sandbox_host_pids, wait_all_gone, zygote_pid
-
-
-async def assert_still_serving(client) -> None:
-    result = await client.invoke("echo", {"still": "here"}, timeout_s=30)
-    assert result.output["echo"] == {"still": "here"}
-
-
-def error_of(msg) -> tuple[int, str]:
-    """(code, message) of an error reply, checking that headers and body agree."""
-    code = int(msg.headers[HDR_ERROR_CODE])
-    body = json.loads(msg.data) if msg.data[:1] == b"{" else msgpack.unpackb(msg.data)
-    assert body["error"]["code"] == code
-    assert msg.headers[HDR_ERROR]
-    return code, body["error"]["message"]
+from faas.protocol import HDR_REQUEST_ID, HDR_TIMEOUT_MS
+from tests.conftest import assert_still_serving, error_of, nodes_of, sandbox_host_pids, wait_all_gone, zygote_pid
 
 
 async def test_json_request_from_raw_nats_gets_json(nc):
@@ -146,30 +132,30 @@ async def test_500_huge_error_message_is_truncated_not_lost(client, nc):
     await assert_still_serving(client)
 
 
-async def test_500_unencodable_int_keeps_the_sandbox(client):
+async def test_500_unencodable_int_keeps_the_sandbox(client, node):
     with pytest.raises(HandlerError, match="cannot be encoded"):
         await client.invoke("huge-int", {})
     with pytest.raises(HandlerError, match="cannot be encoded"):
         await client.invoke("huge-int", {})
-    (listing,) = await client.nodes()
+    (listing,) = await nodes_of(node)
     (state,) = [fn for fn in listing["functions"] if fn["name"] == "huge-int"]
     assert state["idle"] == 1  # the same sandbox answered both: it did not crash
 
 
-async def test_500_sandbox_stuck_in_setup_is_killed_after_start_timeout(client):
+async def test_500_sandbox_stuck_in_setup_is_killed_after_start_timeout(client, node):
     for _ in range(2):
         with pytest.raises(HandlerError, match="did not load within start_timeout_s=1.5"):
             await client.invoke("stuck-setup", {})
-    (listing,) = await client.nodes()
+    (listing,) = await nodes_of(node)
     (state,) = [fn for fn in listing["functions"] if fn["name"] == "stuck-setup"]
     assert state["starting"] == 0 and state["idle"] == 0
     await assert_still_serving(client)
 
 
-async def wait_for_state(client, function: str, **expected: int) -> None:
+async def wait_for_state(node, function: str, **expected: int) -> None:
     state = None
     for _ in range(200):
-        listing = await client.nodes(wait_s=0.05)  # a busy node may answer late: ask again
+        listing = await nodes_of(node)  # a busy node may answer late: ask again
         states = [fn for node in listing for fn in node["functions"] if fn["name"] == function]
         if states and all(states[0][k] == v for k, v in expected.items()):
             return
@@ -177,13 +163,13 @@ async def wait_for_state(client, function: str, **expected: int) -> None:
     raise AssertionError(f"{function} never reached {expected}: {state}")
 
 
-async def test_503_queue_full(client):
+async def test_503_queue_full(client, node):
     """sleepy has one sandbox and max_queue=1: one runs, one waits, the third is refused."""
     await client.invoke("sleepy", {"s": 0}, timeout_s=30)  # warm: its sandbox exists
     first = asyncio.create_task(client.invoke("sleepy", {"s": 1.5}, timeout_s=30))
-    await wait_for_state(client, "sleepy", busy=1)
+    await wait_for_state(node, "sleepy", busy=1)
     second = asyncio.create_task(client.invoke("sleepy", {"s": 0}, timeout_s=30))
-    await wait_for_state(client, "sleepy", queued=1)
+    await wait_for_state(node, "sleepy", queued=1)
     with pytest.raises(Overloaded, match="max_queue=1"):
         await client.invoke("sleepy", {"s": 0}, timeout_s=30)
     assert (await first).output["slept_s"] == 1.5

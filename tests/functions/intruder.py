@@ -5,16 +5,9 @@ import mmap
 import os
 import socket
 
+from _attempts import attempt
 from faas import function
 from faas.bundled import adapter_path, model_path
-
-
-def attempt(action) -> str:
-    try:
-        action()
-    except OSError as exc:
-        return f"blocked: {type(exc).__name__}"
-    return "ALLOWED"
 
 
 def backbone_fd() -> int:

@@ -1,0 +1,615 @@
+"""Hostile producers and hostile functions against a real node (the session's: embedded
+nats-server, as root where the suite runs as root). Each finding of the adversarial review is
+attacked here and shown harmless: the node stays connected and serves, no bucket or stream
+changes, no foreign data is received, errors are coded replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+
+from faas import BadRequest, Cancelled, Client, Overloaded, protocol
+from faas.protocol import HDR_REQUEST_ID, HDR_REQUEST_KEY, HDR_RETRY
+from tests.conftest import assert_still_serving, error_of, nodes_of, second_node
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="a node that is not root isolates nothing")
+
+def faas_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "faas.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+async def operator(node):
+    """A connection with the node's own login: what an operator (or a node) may do."""
+    nc = await nats.connect(node.url, **node.node_credentials())
+    yield nc
+    await nc.drain()
+
+
+@pytest.fixture
+async def target(operator):
+    """A key the attacks aim at (as they could at a function's in faas_functions): its value
+    and revision must not change. Its subject: `$KV.adversarial_target.<key>`."""
+    kv = await operator.jetstream().create_key_value(bucket="adversarial_target", history=10)
+    key = uuid.uuid4().hex
+    revision = await kv.put(key, b"untouched")
+    yield kv, key, revision
+
+
+def aimed_at(target) -> str:
+    return f"$KV.adversarial_target.{target[1]}"
+
+
+async def assert_untouched(target) -> None:
+    kv, key, revision = target
+    entry = await kv.get(key)
+    assert (entry.value, entry.revision) == (b"untouched", revision)
+
+
+# --- 1. one oversized header disconnected a node ---------------------------------------------
+
+@pytest.mark.parametrize("request_id", ["x" * 1_000_000, "x" * 65, "has space", "dot.ted", "*", "\u00fcml"],
+                         ids=["1MB", "65", "space", "dot", "wildcard", "unicode"])
+async def test_a_bad_request_id_gets_a_400_without_being_echoed(nc, client, request_id):
+    msg = await nc.request("faas.invoke.echo", b"{}", timeout=30, headers={HDR_REQUEST_ID: request_id})
+    code, message = error_of(msg)
+    assert code == 400 and (HDR_REQUEST_ID in message or "4096" in message), message
+    assert msg.headers[HDR_REQUEST_ID] != request_id and len(msg.headers[HDR_REQUEST_ID]) <= 64
+    await assert_still_serving(client)
+
+
+async def test_headers_beyond_4_kib_get_a_400(nc, client):
+    headers = {f"X-Junk-{i}": "y" * 200 for i in range(30)}
+    code, message = error_of(await nc.request("faas.invoke.echo", b"{}", timeout=30, headers=headers))
+    assert code == 400 and "4096" in message
+    await assert_still_serving(client)
+
+
+async def test_a_1mb_header_on_micro_discovery_is_not_echoed(nc, client, node):
+    """nats.micro put every request header into its answer: one such request took every
+    node of a cluster off NATS at once."""
+    for verb in ("PING", "INFO", "STATS"):
+        reply = await nc.request(f"$SRV.{verb}.{protocol.SERVICE_NAME}", b"", timeout=10,
+                                 headers={"X-Big": "z" * 1_000_000})
+        assert json.loads(reply.data)["metadata"]["node"] == node.node_id
+        assert not reply.headers or "X-Big" not in reply.headers
+    await assert_still_serving(client)
+
+
+async def test_a_node_whose_connection_is_closed_exits_non_zero(models, tmp_path, faas_home):
+    """A revoked login: the server closes the node's connection and nats-py does not
+    reconnect. The node exits with an error for its supervisor to restart it, instead of
+    living on deaf. (At start it also removed the files of a node on this host that died
+    before it could.)"""
+    orphan = faas_home / "deployed" / "killed-node"
+    (orphan / "fn").mkdir(parents=True)
+    (faas_home / "deployed" / "killed-node.lock").touch()
+    node = second_node(tmp_path)
+    try:
+        assert not orphan.exists()
+        config = tmp_path / "nats" / "nats-server.conf"
+        settings = json.loads(config.read_text())
+        settings["accounts"]["FAAS"]["users"][0]["password"] = "revoked"
+        config.write_text(json.dumps(settings))
+        (ports,) = (tmp_path / "nats").glob("nats-server_*.ports")
+        os.kill(int(ports.stem.rsplit("_", 1)[1]), signal.SIGHUP)  # reload: the login is gone
+        assert node.proc.wait(30) != 0
+    finally:
+        node.stop()
+
+
+# --- 2. reply subjects and echoed headers wrote JetStream ------------------------------------
+
+PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+
+
+@pytest.mark.parametrize("subject", [
+    "$SRV.PING.faas-node", "$SRV.INFO.faas-node", "$SRV.STATS.faas-node", "$SRV.PING",
+    "faas.admin.ls", "faas.invoke.echo", "NODE.status", "NODE.ping"])
+async def test_no_node_answer_goes_into_a_reserved_subject(operator, target, node, client, subject):
+    """Aimed from inside the nodes' own account (as on a server with one account for all):
+    the node must refuse the reply subject itself, for every subject it answers on."""
+    subject = subject.replace("NODE", f"faas.node.{node.node_id}")
+    await operator.publish(subject, b"{}", reply=aimed_at(target), headers=PURGE)
+    await operator.publish(subject, b"{}", reply="faas.dlq.echo", headers=PURGE)
+    await operator.flush()
+    await asyncio.sleep(0.3)
+    await assert_untouched(target)
+    info = await operator.jetstream().stream_info(protocol.OUTCOMES_STREAM, subjects_filter="faas.dlq.echo")
+    assert not (info.state.subjects or {}).get("faas.dlq.echo")
+    await assert_still_serving(client)
+
+
+async def test_a_producer_cannot_aim_any_reply_into_the_nodes_account(nc, target, client):
+    """A producer's reply subjects are mapped into its own account: neither a node's answer
+    nor JetStream's publish acknowledgement can land in a bucket."""
+    await nc.publish("$SRV.PING.faas-node", b"", reply=aimed_at(target), headers=PURGE)
+    await nc.publish("events.adversarial.aim", b"{}", reply=aimed_at(target))
+    await nc.publish("faas.invoke.echo", b"{}", reply=aimed_at(target), headers=PURGE)
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    await assert_untouched(target)
+    await assert_still_serving(client)
+
+
+async def test_readers_of_streams_survive_junk(operator, node, client):
+    """Dead letters, history and logs that are not what nodes write are skipped."""
+    js = operator.jetstream()
+    for junk in (b"\xc1not msgpack", msgpack.packb([1, 2]), msgpack.packb({"event": "x"}), b""):
+        await js.publish("faas.dlq.junk-target", junk)
+        await js.publish("faas.history.echo", junk)
+        await js.publish("faas.logs.echo", junk + b"{[")
+    state = ("--state-dir", str(node.state_dir), "--nats", node.url)
+    dlq = faas_cli("events", "dlq", "junk-target", "--json", *state)
+    assert dlq.returncode == 0 and json.loads(dlq.stdout) == [], dlq.stderr
+    assert faas_cli("events", *state).returncode == 0
+    await client.invoke("echo", {"logged": True})
+    logs = faas_cli("logs", "echo", "--json", *state)
+    assert logs.returncode == 0, logs.stderr
+    await assert_still_serving(client)
+
+
+# --- 3. anonymous _INBOX.> subscribers saw the node's own traffic -----------------------------
+
+async def test_an_inbox_snooper_sees_only_its_own_replies(node, client, nc):
+    snooper = await nats.connect(node.url)
+    try:
+        everything = await snooper.subscribe("_INBOX.>")
+        await snooper.flush()
+        # Node traffic meanwhile: history records (its ordered consumer), KV warm state,
+        # listings through the operator's account.
+        for i in range(5):
+            await client.invoke("echo", {"i": i})
+        await nodes_of(node)
+        await asyncio.sleep(2.5)
+        seen = []
+        while True:
+            try:
+                seen.append(await everything.next_msg(timeout=0.1))
+            except nats.errors.TimeoutError:
+                break
+        own = await snooper.request("faas.invoke.echo", b"{}", timeout=10)
+        assert json.loads(own.data)["output"]["echo"] == {}
+        # Other producers' replies share this account (see the threat model); the nodes'
+        # JetStream, KV and object store traffic never does.
+        node_traffic = [m for m in seen if m.headers and any(h.startswith("Nats-") for h in m.headers)
+                        or m.subject.startswith(protocol.NODE_INBOX_PREFIX)
+                        or (m.reply or "").startswith("$JS")]
+        assert node_traffic == []
+    finally:
+        await snooper.close()
+
+
+async def test_producers_may_not_list_the_nodes(nc):
+    """`faas.admin.ls` names paths: an operator's view only."""
+    with pytest.raises(nats.errors.Error):
+        await nc.request(protocol.ADMIN_LS_SUBJECT, b"", timeout=1)
+
+
+# --- 4. a request id is not a capability ------------------------------------------------------
+
+async def _event_request_id(operator, run: str) -> str:
+    """The request id the `eventid` event of `run` runs under, from its log line."""
+    lines = await operator.subscribe("faas.logs.eventid")
+    try:
+        while True:
+            record = json.loads((await lines.next_msg(timeout=30)).data)
+            if f"event {run} runs as" in record["line"]:
+                return record["line"].rsplit(" ", 1)[1]
+    finally:
+        await lines.unsubscribe()
+
+
+async def test_a_producer_cannot_take_or_cancel_an_events_request(operator, client, nc):
+    run = uuid.uuid4().hex
+    results = await operator.jetstream().subscribe("faas.results.eventid", ordered_consumer=True,
+                                                   deliver_policy=nats.js.api.DeliverPolicy.NEW)
+    learned = asyncio.create_task(_event_request_id(operator, run))
+    await asyncio.sleep(0.2)
+    await client.publish("events.adversarial.id", {"run": run, "s": 2})
+    request_id = await learned
+    assert request_id.isalnum() and len(request_id) >= 32  # unguessable: not its sequence
+    with pytest.raises(BadRequest, match="already in flight"):
+        await client.invoke("eventid", {"run": "thief"}, request_id=request_id, timeout_s=10)
+    await nc.publish(protocol.cancel_subject(request_id), b"")
+    await nc.publish(protocol.cancel_subject(request_id), b"", headers={HDR_REQUEST_KEY: "g" * 32})
+    while True:
+        result = msgpack.unpackb((await results.next_msg(timeout=30)).data)
+        if result["output"]["run"] == run:
+            break
+    assert result["output"]["request_id"] == request_id  # it ran to its end, uncancelled
+    await results.unsubscribe()
+
+
+async def test_cancel_and_retry_act_only_with_the_callers_key(client, nc):
+    """Knowing a request's id, an attacker can neither stop it nor move its reply to itself;
+    the caller, with its key, can cancel it."""
+    victim = asyncio.create_task(client.invoke(
+        "writer", {"prompt": "hello", "max_new_tokens": 400, "ignore_eos": True},
+        timeout_s=60, request_id="victim-1"))
+    await asyncio.sleep(0.3)
+    await nc.publish(protocol.cancel_subject("victim-1"), b"")
+    await nc.publish(protocol.cancel_subject("victim-1"), b"", headers={HDR_REQUEST_KEY: "guess" * 8})
+    stolen = await nc.request("faas.invoke.writer", b"{}", timeout=10,
+                              headers={HDR_REQUEST_ID: "victim-1", HDR_RETRY: "1",
+                                       HDR_REQUEST_KEY: "guess" * 8})
+    code, message = error_of(stolen)
+    assert code == 400 and "already in flight" in message
+    assert len((await victim).output["token_ids"]) == 400
+    mine = asyncio.create_task(client.invoke(
+        "writer", {"prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True}, timeout_s=60,
+        request_id="victim-2"))
+    await asyncio.sleep(0.5)
+    await client.cancel("victim-2")
+    with pytest.raises(Cancelled):
+        await mine
+
+
+# --- 5 and 8. a deploy ran the files with the deployer's rights --------------------------------
+
+SNOOP = '''
+import json, os, socket
+from faas import function
+
+def _try(action):
+    try:
+        return "ALLOWED: " + str(action())[:40]
+    except Exception as exc:
+        return "blocked: " + type(exc).__name__
+
+raise RuntimeError("found " + json.dumps({{
+    "env": os.environ.get("FAAS_NATS_PASSWORD") or os.environ.get("DEPLOYER_SECRET") or "none",
+    "credentials": _try(lambda: open({credentials!r}).read()),
+    "network": _try(lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2)),
+}}))
+'''
+
+
+def _snoop(node, folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "snoop.py").write_text(SNOOP.format(
+        credentials=str(node.state_dir / "node-credentials"), port=int(node.url.rsplit(":", 1)[1])))
+    return folder
+
+
+def _found(message: str) -> dict:
+    found = json.loads(message.split("found ", 1)[1])
+    assert found["env"] == "none", found
+    assert found["credentials"].startswith("blocked") and found["network"].startswith("blocked"), found
+    return found
+
+
+@ROOT_ONLY
+def test_deploy_imports_files_without_credentials_environment_or_network(node, tmp_path):
+    folder = _snoop(node, tmp_path / "snoop")
+    out = faas_cli("deploy", str(folder), "--nats", node.url, "--state-dir", str(node.state_dir),
+                   env={"DEPLOYER_SECRET": "top-secret"})
+    assert out.returncode == 1 and "warning" not in out.stderr, out.stderr
+    (failure,) = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    _found(failure)
+
+
+async def test_a_deployer_that_is_not_root_imports_in_a_user_namespace(node, tmp_path, monkeypatch):
+    """What `faas deploy` does for a user: the same walls, from a user namespace."""
+    from runtime.catalog import discover_file
+    from runtime.isolation import Isolation
+
+    monkeypatch.setenv("DEPLOYER_SECRET", "top-secret")
+    folder = _snoop(node, tmp_path / "snoop")
+    isolation = Isolation(rootless=True, network=True, expose=(str(folder),), hide=(str(node.state_dir),))
+    with pytest.raises(Exception) as failure:
+        await discover_file(folder / "snoop.py", isolation)
+    _found(str(failure.value))
+
+
+def test_deploy_refuses_links_out_of_the_folder(node, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.py").write_text("SECRET = 'the deployer machine'\n")
+    folder = tmp_path / "fn"
+    folder.mkdir()
+    (folder / "fn.py").write_text("from faas import function\n\n@function(name='linked')\n"
+                                  "def linked(event, ctx):\n    return {}\n")
+    (folder / "helper.py").symlink_to(outside / "secret.py")
+    out = faas_cli("deploy", str(folder), "--nats", node.url, "--state-dir", str(node.state_dir))
+    assert out.returncode == 1 and "links outside" in out.stderr, out.stderr
+
+
+async def test_discovery_runs_with_the_allowed_environment_and_its_own_uid(client, node, faas_home):
+    """The session node has a secret in its environment: its discovery did not see it (the
+    function it declares is named for that), and it ran under a uid no loader uses."""
+    assert (await client.invoke("discovery-clean", {})).output == {"saw": "clean"}
+    served = {f["name"] for n in await nodes_of(node) for f in n["functions"]}
+    assert "discovery-saw-secret" not in served
+    if os.geteuid() == 0:
+        lines = [json.loads(line) for line in (faas_home / "node.log").read_text().splitlines()
+                 if '"helper_output"' in line and "hostile.py imported by uid" in line]
+        assert {line["line"] for line in lines} == {"hostile.py imported by uid 61999"}
+
+
+# --- 6. the GPU weight checksum missed permutations ---------------------------------------------
+
+def test_weight_digests_see_swapped_rows():
+    """What a GPU backbone checks its weights with, on the CPU (the CUDA run is tests/test_gpu.py)."""
+    import torch
+
+    from runtime.weights import corrupted, digest
+
+    lm_head = torch.randn(64, 32, dtype=torch.bfloat16)
+    baseline = {"lm_head": digest(lm_head)}
+    lm_head[[3, 40]] = lm_head[[40, 3]]
+    assert corrupted({"lm_head": lm_head}, baseline) == ["lm_head"]
+
+
+# --- 7. a function reported fake memory and prefill times ---------------------------------------
+
+async def test_a_functions_claims_about_itself_are_not_believed(client, node):
+    assert (await client.invoke("liar", {})).output == {"ok": True}
+    (listing,) = await nodes_of(node)
+    liar = next(f for f in listing["functions"] if f["name"] == "liar")
+    held = listing["memory"]["held_mib"]
+    assert held["host"] < 16 << 10 and held["device"] == 0, listing["memory"]
+    assert liar["window"]["t0_ms"] <= 5000 and liar["window"]["per_extra_ms"] <= 5000
+    # Others still start cold: nothing made the node think it was full.
+    assert (await client.invoke("discovery-clean", {})).output == {"saw": "clean"}
+    await assert_still_serving(client)
+
+
+# --- 9. a deployed function could rewrite its code and fill the disk ----------------------------
+
+@ROOT_ONLY
+async def test_a_function_cannot_change_its_code_or_the_state_folder(client):
+    result = (await client.invoke("selfwriter", {})).output
+    assert all(v.startswith("blocked") for v in result.values()), result
+
+
+DEPLOYED_WRITER = '''
+import os
+from faas import function
+
+def _try(action):
+    try:
+        action()
+    except OSError as exc:
+        return "blocked: " + type(exc).__name__
+    return "ALLOWED"
+
+@function(name="deployed-writer", triggers=["events.adversarial.deployed"], timeout_s=30)
+def writer(event, ctx):
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {{"version": {version}, "folder": here,
+            "rewrite_own_code": _try(lambda: open(os.path.abspath(__file__), "ab").close()),
+            "write_own_folder": _try(lambda: open(os.path.join(here, "dropped.py"), "wb").close()),
+            "write_faas_home": _try(lambda: open(os.path.join(os.environ["FAAS_HOME"], "x"), "wb").close())}}
+'''
+
+
+async def _served(client, function: str, version: int) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            output = (await client.invoke(function, {}, timeout_s=30)).output
+            if output["version"] == version:
+                return output
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, f"{function} version {version} never served"
+        await asyncio.sleep(0.2)
+
+
+@ROOT_ONLY
+async def test_a_deployed_function_cannot_change_itself_and_leaves_nothing_behind(
+        node, client, operator, tmp_path):
+    """Its files belong to root, readable by its own group only; it cannot write them or the
+    state folder. A replaced version's folder goes once its sandbox stopped; `faas rm`
+    stops it everywhere and drops its place in the events stream."""
+    state = ("--nats", node.url, "--state-dir", str(node.state_dir))
+    folder = tmp_path / "deployed"
+    folder.mkdir()
+    outputs = []
+    for version in (1, 2):
+        (folder / "writer.py").write_text(DEPLOYED_WRITER.format(version=version))
+        deployed = faas_cli("deploy", str(folder), *state)
+        assert deployed.returncode == 0, deployed.stderr
+        outputs.append(await _served(client, "deployed-writer", version))
+    first, second = outputs
+    assert all(first[k].startswith("blocked") for k in ("rewrite_own_code", "write_own_folder",
+                                                         "write_faas_home")), first
+    code = Path(second["folder"]) / "writer.py"
+    assert (code.stat().st_uid, code.stat().st_mode & 0o777) == (0, 0o640)
+    assert Path(second["folder"]).stat().st_mode & 0o777 == 0o750
+    deadline = time.monotonic() + 30
+    while Path(first["folder"]).exists():  # v1's sandbox stops, then its files go
+        assert time.monotonic() < deadline, "v1's folder was left behind"
+        await asyncio.sleep(0.2)
+    js = operator.jetstream()
+    await js.consumer_info(protocol.EVENTS_STREAM, protocol.consumer_name("deployed-writer"))
+    removed = faas_cli("rm", "deployed-writer", *state)
+    assert removed.returncode == 0, removed.stderr
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await js.consumer_info(protocol.EVENTS_STREAM, protocol.consumer_name("deployed-writer"))
+    deadline = time.monotonic() + 30
+    while Path(second["folder"]).exists():
+        assert time.monotonic() < deadline, "the removed version's folder was left behind"
+        await asyncio.sleep(0.2)
+
+
+# --- 10. events near the max payload were lost --------------------------------------------------
+
+async def test_an_event_near_the_max_payload_becomes_a_truncated_dead_letter(client, nc, operator, node):
+    function = "lastchance"  # fails at once: max_deliver=1 and a handler that raises on junk
+    event = {"s": "not a number", "pad": "p" * (nc.max_payload - 400)}  # publishable, barely
+    seq = await client.publish("events.lastchance", event)
+    letter = await _dead_letter(operator, function, seq)
+    assert letter["truncated"] and letter["data_bytes"] > len(letter["data"])
+    state = ("--state-dir", str(node.state_dir), "--nats", node.url)
+    replay = faas_cli("events", "replay", function, str(letter["seq"]), *state)
+    assert replay.returncode == 1 and "cannot be replayed" in replay.stderr
+
+
+@pytest.mark.parametrize("over", ["frame", "result"])
+async def test_an_output_too_large_for_a_result_is_dead_lettered_at_once(client, nc, operator, over):
+    """It would never fit: running the handler again cannot help."""
+    n = nc.max_payload + (200 << 10) if over == "frame" else nc.max_payload - 600
+    seq = await client.publish("events.adversarial.big", {"n": n})
+    letter = await _dead_letter(operator, "bigout", seq)
+    assert letter["event"]["delivered"] == 1 and letter["error"]["code"] == 500
+
+
+async def _dead_letter(operator, function: str, seq: int) -> dict:
+    sub = await operator.jetstream().subscribe(protocol.DLQ_PREFIX + function, ordered_consumer=True)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=60)
+            letter = msgpack.unpackb(msg.data)
+            if letter["event"]["sequence"] == seq:
+                return {**letter, "seq": msg.metadata.sequence.stream}
+    finally:
+        await sub.unsubscribe()
+
+
+# --- 11. streams without byte limits -------------------------------------------------------------
+
+async def test_every_stream_has_a_byte_limit_and_a_documented_discard_policy(operator):
+    from faas.streams import DEFAULT_MAX_MIB
+
+    expected = {"FAAS_EVENTS": ("events", "new"), "FAAS_OUTCOMES": ("outcomes", "old"),
+                "FAAS_HISTORY": ("history", "old"), "FAAS_LOGS": ("logs", "old"),
+                "KV_faas_functions": ("functions", "new"), "OBJ_faas_artifacts": ("artifacts", "new"),
+                "KV_faas_nodes": ("nodes", "new")}
+    js = operator.jetstream()
+    for stream, (name, discard) in expected.items():
+        config = (await js.stream_info(stream)).config
+        assert config.max_bytes == DEFAULT_MAX_MIB[name] << 20, stream
+        assert getattr(config.discard, "value", config.discard) == discard, stream
+
+
+async def test_a_full_events_stream_refuses_producers_and_keeps_what_it_holds(tmp_path, monkeypatch):
+    """A stream at its limit, on a real server: the producer gets a 503, nothing is dropped."""
+    from faas.localnode import free_port
+    from faas.streams import ensure_stream
+    from runtime.natsd import nats_server_binary
+
+    monkeypatch.setenv("FAAS_STREAM_MAX_MIB", "events=1")
+    port = free_port()
+    server = subprocess.Popen([nats_server_binary(), "-p", str(port), "-js", "-sd", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with Client(f"nats://127.0.0.1:{port}") as producer:
+            await ensure_stream(producer.nc.jetstream(), "events", protocol.EVENTS_STREAM, ["events.>"])
+            with pytest.raises(Overloaded, match="refused"):
+                for i in range(20):
+                    await producer.publish("events.flood", {"pad": "f" * 100_000, "i": i})
+            kept = (await producer.nc.jetstream().stream_info(protocol.EVENTS_STREAM)).state.messages
+            assert 5 <= kept <= 10 and i == kept
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+# --- 12. a sandbox could make the node hold 256 MiB a frame --------------------------------------
+
+async def test_a_frame_announced_too_large_kills_only_its_sandbox(client):
+    with pytest.raises(Exception, match="exited|sandbox"):
+        await client.invoke("flooder", {"huge_frame": True}, timeout_s=30)
+    assert (await client.invoke("flooder", {"chunks_mib": 0})).output == {"sent_mib": 0}
+    await assert_still_serving(client)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_a_flood_of_chunk_frames_keeps_the_node_bounded(client, node):
+    before = _rss_bytes(node.proc.pid)
+    result = await client.invoke("flooder", {"chunks_mib": 256}, timeout_s=60)
+    assert result.output == {"sent_mib": 256}
+    assert _rss_bytes(node.proc.pid) - before < 96 << 20
+    await assert_still_serving(client)
+
+
+# --- Low: the gateway, logs, listings ------------------------------------------------------------
+
+async def test_gateway_bodies_are_bounded_and_checked(node):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=30) as http:
+        deep = await http.post("/v1/functions/echo", content=b"[" * 100_000 + b"]" * 100_000)
+        assert deep.status_code == 400
+        huge = await http.post("/v1/functions/echo", content=b'{"x": "' + b"y" * (2 << 20) + b'"}')
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == 413
+        near = await http.post("/v1/functions/echo", json={"x": "y" * ((1 << 20) - 100)})
+        assert near.status_code == 413
+        nested = await http.post("/v1/chat/completions", content=b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+        assert nested.status_code == 400
+        assert (await http.post("/v1/functions/echo", json={"ok": 1})).status_code == 200
+
+
+async def test_gateway_model_list_says_503_when_no_node_answers(tmp_path):
+    from faas.localnode import free_port
+    from runtime.natsd import nats_server_binary
+
+    nats_port, http_port = free_port(), free_port()
+    server = subprocess.Popen([nats_server_binary(), "-p", str(nats_port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    gateway = subprocess.Popen([sys.executable, "-m", "faas.cli", "gateway", "--port", str(http_port),
+                                "--nats", f"nats://127.0.0.1:{nats_port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as http:
+            for _ in range(200):
+                try:
+                    models = await http.get("/v1/models")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            assert models.status_code == 503 and models.headers["retry-after"]
+            assert (await http.get("/v1/models/anything")).status_code == 503
+    finally:
+        gateway.terminate()
+        server.terminate()
+        gateway.wait(10)
+        server.wait(10)
+
+
+async def test_a_chatty_function_does_not_crowd_out_the_others_log_lines(client, operator):
+    """Three floods of 50000 lines at once; meanwhile another function prints one line: it
+    reaches `faas logs` (each function's lines wait in a queue share of their own)."""
+    lines = await operator.subscribe("faas.logs.counter")
+    try:
+        flood = [asyncio.create_task(client.invoke("chatty", {"lines": 50_000}, timeout_s=60))
+                 for _ in range(3)]
+        await asyncio.sleep(0.3)
+        wanted = (await client.invoke("counter", {})).output
+        await asyncio.gather(*flood)
+        line = f"counter call {wanted['calls']} for {wanted['request_id']}"
+        deadline = time.monotonic() + 15
+        while True:
+            assert time.monotonic() < deadline, f"{line!r} never reached the logs"
+            try:
+                if json.loads((await lines.next_msg(timeout=1)).data)["line"] == line:
+                    break
+            except nats.errors.TimeoutError:
+                continue
+    finally:
+        await lines.unsubscribe()
