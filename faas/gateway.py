@@ -253,7 +253,10 @@ class Gateway:
         server-sent events."""
         model, endpoint = parsed["model"], parsed["endpoint"]
         stream = self.client.stream(model, event, timeout_s=self.timeout_s, request_id=request_id)
-        await stream.__aenter__()
+        try:
+            await stream.__aenter__()
+        except FaasError as err:  # never sent: too large, say
+            return self._done(error_response(err, model), model, endpoint, started)
         try:
             first: Any = await self._unless_gone(request, _next(stream), request_id)
         except BaseException as err:

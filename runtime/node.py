@@ -356,7 +356,8 @@ class Node:
             await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
                                     request.stream)
 
-        headers = request.forwarded(self.node_id, time.time() * 1000)
+        headers = {**request.forwarded(self.node_id, time.time() * 1000),
+                   protocol.HDR_CONTENT_TYPE: encoding.content_type}  # the peer answers in kind
         try:
             sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
         except NatsError as exc:

@@ -144,8 +144,9 @@ async def up(options: UpOptions) -> int:
                                      options.network_isolation, options.bundled_models,
                                      options.models_dirs)
         log.info("protections", **catalog.protections,
-                 nats=("embedded server: node credentials; clients without credentials may "
-                       "only invoke and publish events") if server else "external server")
+                 nats=("embedded server: nodes in account FAAS; clients without credentials "
+                       "in PRODUCERS, which may only invoke, cancel, publish events and "
+                       "discover nodes") if server else "external server")
         device = detect_device(options.device)
         config = NodeConfig(node_id=options.node_id or default_node_id(), models_dirs=options.models_dirs,
                             metrics_port=options.metrics_port, metrics_host=options.http_host,

@@ -560,6 +560,11 @@ async def test_gateway_bodies_are_bounded_and_checked(node):
         assert near.status_code == 413
         nested = await http.post("/v1/chat/completions", content=b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b"}")
         assert nested.status_code == 400
+        for stream in (False, True):  # the body fits; the invocation it becomes does not
+            chat = await http.post("/v1/chat/completions", json={
+                "model": "support", "stream": stream,
+                "messages": [{"role": "user", "content": "y" * ((1 << 20) - 200)}]})
+            assert chat.status_code == 413, chat.text
         assert (await http.post("/v1/functions/echo", json={"ok": 1})).status_code == 200
 
 
