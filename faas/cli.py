@@ -61,6 +61,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
         credentials=auth.from_args(args), node_id=args.node_id, http_port=args.http,
         http_host=args.http_host, http_timeout_s=args.http_timeout_s, metrics_port=args.metrics_port,
+        ack_every_s=args.ack_every_s,
         models_dirs=tuple(Path(m) for m in args.models or ()),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
@@ -400,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "it idle sandboxes are offloaded, then requests get 503")
     up.add_argument("--device-memory-budget-gib", type=_positive, default=None,
                     help="device memory the node may hold (default: 9/10 of the GPU's)")
+    up.add_argument("--ack-every-s", type=_positive, default=30.0,
+                    help="while a request that asked for acknowledgements runs, acknowledge it "
+                         "again this often (below any NATS service import's response threshold "
+                         "on its way: 2 minutes on the embedded server)")
     up.add_argument("--event-ack-wait-s", type=_positive, default=30.0,
                     help="how long an event may go unacknowledged before JetStream redelivers "
                          "it (a running handler renews it every third)")

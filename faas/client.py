@@ -27,7 +27,7 @@ from nats.aio.client import Client as NATS
 
 from faas import protocol
 from faas.auth import servers
-from faas.connection import connect
+from faas.connection import connect, raise_if_cancelled
 from faas.errors import BadRequest, DeadlineExceeded, FaasError, Overloaded, PayloadTooLarge
 from faas.logs import get_logger
 from faas.protocol import Chunk, Encoding, Invocation
@@ -145,6 +145,7 @@ class Client:
             try:
                 msg = await sub.next_msg(timeout=min(1.0, left))
             except nats.errors.TimeoutError:
+                raise_if_cancelled()
                 if node is None and loop.time() - sent > _ACK_WAIT_S:
                     return None
                 if node is not None:
@@ -153,6 +154,7 @@ class Client:
                     if alive is False or missed >= 3:
                         return None
                 continue
+            raise_if_cancelled()
             headers = msg.headers or {}
             if headers.get("Status") == "503" and not msg.data:
                 if node is None:
@@ -321,8 +323,10 @@ class Stream:
             try:
                 msg = await self._sub.next_msg(timeout=max(0.001, left))
             except nats.errors.TimeoutError:
+                raise_if_cancelled()
                 self._done = True
                 raise DeadlineExceeded(f"no reply from {self.function!r} within {self._timeout_s}s") from None
+            raise_if_cancelled()
             headers = msg.headers or {}
             if headers.get("Status") == "503" and not msg.data:
                 self._done = True

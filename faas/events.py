@@ -89,11 +89,15 @@ async def replay(nc: NATS, function: str, seq: int) -> int:
     stream sequence."""
     for letter in await dead_letters(nc, function):
         if letter["seq"] == seq:
+            subject = letter["event"]["subject"]
+            if not protocol.valid_event_subject(subject):  # a letter names any subject it likes
+                raise FaasError(f"dead letter {seq} of {function!r} names the subject {subject[:100]!r}: "
+                                "it is not replayed there")
             if letter.get("truncated"):
                 raise FaasError(f"dead letter {seq} of {function!r} kept only the first "
                                 f"{len(letter['data'])} of {letter.get('data_bytes')} bytes: it cannot be replayed")
             headers = {str(k): str(v) for k, v in letter.get("headers", {}).items() if k != protocol.HDR_MSG_ID}
             headers[protocol.HDR_MSG_ID] = f"replay-{uuid.uuid4().hex}"
-            ack = await nc.jetstream().publish(letter["event"]["subject"], letter["data"], headers=headers)
+            ack = await nc.jetstream().publish(subject, letter["data"], headers=headers)
             return ack.seq
     raise FaasError(f"no dead letter {seq} of {function!r}")

@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from faas import openai_api, protocol
 from faas.client import Client
+from faas.connection import raise_if_cancelled
 from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded, PayloadTooLarge
 from faas.logs import get_logger
 from faas.top import served
@@ -145,8 +146,7 @@ class Gateway:
             try:
                 await self.refresh_models()
             except Exception as exc:  # the next round tries again
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise asyncio.CancelledError from None  # nats-py may have turned the cancel into this
+                raise_if_cancelled()
                 self.log.warning("models_refresh_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(self.models_every_s)
 
@@ -417,7 +417,9 @@ async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, s
         server = EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         get_logger(component="gateway").info("gateway_started", url=f"http://{host}:{port}")
-        await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
         server.should_exit = True
         await task
     finally:

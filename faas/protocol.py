@@ -161,6 +161,13 @@ def valid_reply_subject(subject: str) -> bool:
         and not subject.startswith(_RESERVED_REPLY_PREFIXES)
 
 
+def valid_event_subject(subject: str) -> bool:
+    """Whether an event may be published there (a replayed dead letter names its subject):
+    one concrete subject, outside NATS's system subjects and faas's own."""
+    return valid_subject(subject) and "*" not in subject and ">" not in subject \
+        and not subject.startswith(("$", "faas."))
+
+
 def node_invoke_subject(node: str, function: str) -> str:
     return f"{NODE_PREFIX}{node}.invoke.{function}"
 

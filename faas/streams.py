@@ -3,7 +3,7 @@ its subjects, how many copies, how many bytes it may hold, and what goes when it
 
 | name | holds | default | when full |
 |---|---|---|---|
-| `events` (FAAS_EVENTS) | events waiting for their functions | 1024 MiB | new events are refused: the publisher gets an error (nothing unprocessed is dropped) |
+| `events` (FAAS_EVENTS) | events, a week each, processed or not (one published before any function listens waits for it) | 1024 MiB | new events are refused: the publisher gets an error (nothing unprocessed is dropped); size it for a week of events |
 | `outcomes` (FAAS_OUTCOMES) | dead letters and results | 256 MiB | the oldest go |
 | `history` (FAAS_HISTORY) | invocation history | 64 MiB | the oldest go |
 | `logs` (FAAS_LOGS) | what functions print and log | 512 MiB | the oldest go |

@@ -159,7 +159,7 @@ class BackboneRegistry:
 
     async def _start(self, model: str) -> Backbone:
         started = time.monotonic()
-        proc, ours = await start_node_child("runtime.backbone", self.threads)
+        proc, ours = await start_node_child("runtime.backbone", self.threads, hub_token=True)
         try:
             request = {"type": "load", "model": model, "device": self.device,
                        "threads": self.threads, "isolation": self.isolation.to_dict()}

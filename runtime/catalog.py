@@ -16,7 +16,6 @@ functions folders, without running any user code in the node.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ from faas.logs import get_logger
 from faas.protocol import valid_function_name, valid_subject
 from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
+from runtime.locks import hold
 from runtime.procs import child_environment, die_with_parent
 
 log = get_logger()
@@ -194,10 +194,8 @@ def _lock_uids(uids: tuple[int, int]) -> list[int]:
     fds: list[int] = []
     try:
         for block in range(uids[0] // _UID_BLOCK, uids[1] // _UID_BLOCK + 1):
-            fd = os.open(folder / f"uids-{block * _UID_BLOCK}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-            fds.append(fd)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fds.append(hold(folder / f"uids-{block * _UID_BLOCK}.lock"))
             except BlockingIOError:
                 raise FaasError(f"another node on this host uses sandbox uids near "
                                 f"{block * _UID_BLOCK}: give this one a --sandbox-uids range "
@@ -222,11 +220,9 @@ async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int],
         if probe.strip() == "ok":
             folder = _uid_locks()
             for first in range(_TOOL_UIDS[0], _TOOL_UIDS[1], _UID_BLOCK):
-                fd = os.open(folder / f"uids-{first}.lock", os.O_CREAT | os.O_RDWR, 0o600)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fd = hold(folder / f"uids-{first}.lock")
                 except BlockingIOError:
-                    os.close(fd)
                     continue
                 return Isolation(uid=first, network=True, expose=(str(faas_home()),), hide=hide), [fd], None
             return Isolation(), [], f"no free uid in {_TOOL_UIDS[0]}-{_TOOL_UIDS[1]}"

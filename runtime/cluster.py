@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
 from faas import protocol
+from faas.connection import raise_if_cancelled
 from faas.logs import get_logger
 from faas.streams import key_value
 
@@ -86,6 +87,7 @@ class Cluster:
 
     async def _watch(self) -> None:
         async for entry in self._watcher:
+            raise_if_cancelled()
             if entry is None or entry.key == self.node_id:
                 continue
             if entry.operation is not None or not entry.value:

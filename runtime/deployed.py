@@ -19,7 +19,6 @@ of nodes on the host that are gone (killed before they could).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -33,11 +32,13 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
 from faas.artifacts import PICKLE_SUFFIXES, model_fingerprint
+from faas.connection import raise_if_cancelled
 from faas.deploy import buckets, decode_record
 from faas.errors import FaasError
 from faas.logs import get_logger
 from runtime.catalog import Catalog, spec_problem
 from runtime.isolation import Isolation
+from runtime.locks import hold
 
 AddFunction = Callable[[dict[str, Any], Isolation], Awaitable[None]]
 RemoveFunction = Callable[[str], Awaitable[None]]
@@ -106,7 +107,7 @@ class Deployments:
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in (self.root.parent, self.root):
             folder.chmod(0o711)  # sandboxes may pass through, not list
-        self._lock = _hold(self.root.parent / f"{self.root.name}.lock")
+        self._lock = hold(self.root.parent / f"{self.root.name}.lock")
         self._remove_orphans()
         while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
             await self._apply(entry)
@@ -120,9 +121,11 @@ class Deployments:
             try:
                 entry = await self._watcher.updates(timeout=retry_s)
             except NatsTimeout:
+                raise_if_cancelled()
                 for _why, entry in list(self._unserved.values()):
                     await self._apply(entry)
                 continue
+            raise_if_cancelled()
             if entry is self._watcher.STOP_ITER:  # stopped: the node is closing
                 return
             if entry is not None:
@@ -219,13 +222,12 @@ class Deployments:
                 pass
 
     def _remove_orphans(self) -> None:
-        """Remove the folders of nodes on this host that are gone: nobody holds their lock."""
-        for lock in self.root.parent.glob("*.lock"):
-            folder = lock.with_suffix("")
-            if folder == self.root:
-                continue
+        """Remove the folders of nodes on this host that are gone: nobody holds their lock
+        (a folder without one is from a node of a version before these locks)."""
+        for folder in [p for p in self.root.parent.iterdir() if p.is_dir() and p != self.root]:
+            lock = self.root.parent / f"{folder.name}.lock"
             try:
-                fd = _hold(lock)
+                fd = hold(lock)
             except BlockingIOError:  # that node lives
                 continue
             shutil.rmtree(folder, ignore_errors=True)
@@ -248,14 +250,3 @@ class Deployments:
             os.close(self._lock)
             self._lock = None
 
-
-def _hold(path: Path) -> int:
-    """An exclusive lock on `path` (created), kept while the descriptor is open;
-    BlockingIOError when another process holds it."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise
-    return fd

@@ -37,6 +37,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
 from faas import protocol
+from faas.connection import raise_if_cancelled
 from faas.errors import BadRequest, FaasError, HandlerError
 from faas.logs import get_logger
 from faas.streams import ensure_stream
@@ -105,7 +106,7 @@ class EventConsumers:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._subs: dict[str, Any] = {}
         self._events: set[asyncio.Task[None]] = set()
-        self._inflight: dict[str, int] = {name: 0 for name in self.pools}
+        self._running: dict[str, int] = {name: 0 for name in self.pools}
         self._streams = False
         self.processed = self.failed = self.dead = 0
         self.log = get_logger(component="events")
@@ -137,7 +138,7 @@ class EventConsumers:
             self.log.error("event_consumer_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
             return
         self.pools[name] = pool
-        self._inflight.setdefault(name, 0)
+        self._running.setdefault(name, 0)
         self._subs[name] = psub
         self._loops[name] = asyncio.create_task(self._fetch(name, pool, psub), name=f"events-{name}")
 
@@ -190,30 +191,34 @@ class EventConsumers:
         return pool.max_batch * int(pool.spec["max_instances"])
 
     async def _fetch(self, name: str, pool: FunctionPool, psub: Any) -> None:
+        """Fetch `name`'s events while this task is its loop (`remove` ends it, also should
+        nats-py lose the cancel)."""
         room_freed = asyncio.Event()
-        while True:
-            room = self.capacity(pool) - self._inflight[name]
+        this = asyncio.current_task()
+        while self._loops.get(name) is this:
+            room = self.capacity(pool) - self._running[name]
             if room <= 0:
                 room_freed.clear()
                 await room_freed.wait()
                 continue
             try:
                 msgs = await psub.fetch(min(room, self.config.fetch_batch), timeout=1.0)
-            except NatsTimeout:
-                continue
             except NatsError as exc:
-                self.log.warning("event_fetch_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+                raise_if_cancelled()
+                if not isinstance(exc, NatsTimeout):
+                    self.log.warning("event_fetch_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(1.0)
                 continue
+            raise_if_cancelled()  # the events it fetched come back after the ack wait
             for msg in msgs:
-                self._inflight[name] += 1
+                self._running[name] += 1
                 task = asyncio.create_task(self._handle(name, pool, msg))
                 self._events.add(task)
                 task.add_done_callback(self._events.discard)
                 task.add_done_callback(lambda _task: self._done(name, room_freed))
 
     def _done(self, name: str, room_freed: asyncio.Event) -> None:
-        self._inflight[name] -= 1
+        self._running[name] -= 1
         room_freed.set()
 
     async def _handle(self, name: str, pool: FunctionPool, msg: Msg) -> None:
@@ -242,7 +247,7 @@ class EventConsumers:
         # Unguessable, and held with the node's requests: nobody can cancel it, or take its
         # place (and its output) by sending a request under its id.
         request_id = protocol.new_request_id()
-        flight = self.inflight.take(request_id, None, None)
+        flight = self.inflight.take(request_id, None, None, time.monotonic())
         keep = asyncio.create_task(self._keep_alive(msg))
         try:
             served = await pool.serve(request_id, event, time.monotonic() + float(pool.spec["timeout_s"]),
@@ -318,7 +323,7 @@ class EventConsumers:
             log.warning("event_nak_failed", error=f"{type(exc).__name__}: {exc}")
 
     def state(self) -> dict[str, Any]:
-        return {"functions": sorted(self.pools), "in_flight": dict(self._inflight),
+        return {"functions": sorted(self.pools), "in_flight": dict(self._running),
                 "processed": self.processed, "failed": self.failed, "dead_lettered": self.dead}
 
     async def close(self, timeout_s: float) -> None:

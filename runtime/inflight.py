@@ -16,10 +16,12 @@ from faas.errors import BadRequest
 @dataclass(eq=False)
 class Flight:
     """A request this node holds: where its reply goes (a caller's retry may move it), the
-    key that may cancel or retry it (None: nobody may, as for events), its cancel signal."""
+    key that may cancel or retry it (None: nobody may, as for events), when it arrived
+    (time.monotonic()), its cancel signal."""
 
     reply: str | None
     key: str | None
+    received: float
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
     def allows(self, key: str | None) -> bool:
@@ -28,22 +30,24 @@ class Flight:
 
 
 class InFlight:
+    """The node's requests by id: taken when a request is admitted (before any await, so
+    two of one id cannot both pass), released when it is answered."""
+
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
 
     def get(self, request_id: str) -> Flight | None:
+        """The request held under `request_id`, if any."""
         return self._flights.get(request_id)
 
-    def take(self, request_id: str, reply: str | None, key: str | None) -> Flight:
+    def take(self, request_id: str, reply: str | None, key: str | None, received: float) -> Flight:
         """Hold `request_id` from now on; BadRequest when a request of that id is held."""
         if request_id in self._flights:
             raise BadRequest(f"a request with id {request_id!r} is already in flight")
-        flight = self._flights[request_id] = Flight(reply, key)
+        flight = self._flights[request_id] = Flight(reply, key, received)
         return flight
 
     def release(self, request_id: str, flight: Flight) -> None:
+        """`flight` is answered: its id is free again (unless another request holds it)."""
         if self._flights.get(request_id) is flight:
             del self._flights[request_id]
-
-    def __len__(self) -> int:
-        return len(self._flights)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWUSER = 0x20000000, 0x40000000, 0x1000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x20
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _PR_SET_NO_NEW_PRIVS = 38
+MAX_PROCESSES = 4096
 # World-writable places: each sandbox gets its own, empty, and small (a tmpfs is memory the
 # node does not see in the sandbox's own).
 _PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
@@ -95,6 +97,9 @@ class Isolation:
         if rootless:  # the namespace's capabilities would let it undo the mounts above
             _drop_capabilities(libc)
         else:
+            # Processes and threads of its uid, all its sandboxes together: far more than a
+            # function needs, far fewer than would run the host out of pids.
+            resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCESSES, MAX_PROCESSES))
             os.setgroups([])
             os.setresgid(self.uid, self.uid, self.uid)
             os.setresuid(self.uid, self.uid, self.uid)
@@ -212,14 +217,17 @@ def _cover_and_expose(libc: ctypes.CDLL, needed: Sequence[str], closed: Sequence
                    f"cover {folder}")
 
 
-# Flags of a mount that a remount must keep (in a user namespace they are locked: a
-# remount that would clear one is refused). statvfs reports them with the mount values.
-_KEPT_FLAGS = 0x2 | 0x4 | 0x8 | 0x400 | 0x800 | 0x1000  # nosuid nodev noexec noatime nodiratime relatime
+# Flags of a mount that a remount must keep (in a user namespace they are locked: a remount
+# that would clear one is refused), as statvfs reports them -> as mount(2) takes them: the
+# same bits but for relatime.
+_KEPT_FLAGS = {os.ST_NOSUID: _MS_NOSUID, os.ST_NODEV: _MS_NODEV, os.ST_NOEXEC: 0x8,
+               os.ST_NOATIME: 0x400, os.ST_NODIRATIME: 0x800, os.ST_RELATIME: 0x200000}
 
 
 def _read_only(libc: ctypes.CDLL, path: str) -> None:
     """Remount the bind mount at `path` read-only, keeping its other flags."""
-    kept = os.statvfs(path).f_flag & _KEPT_FLAGS
+    flags = os.statvfs(path).f_flag
+    kept = sum(mount_flag for statvfs_flag, mount_flag in _KEPT_FLAGS.items() if flags & statvfs_flag)
     _check(libc.mount(None, path.encode(), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | kept, None),
            f"read-only {path}")
 

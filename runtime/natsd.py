@@ -13,10 +13,10 @@ names is mapped by the server to a private one that leads back into `PRODUCERS` 
 on `events.x` with reply `$KV.faas_functions.<fn>` gets its JetStream ack on its own inbox,
 not in the functions bucket).
 
-A service import forgets a stream of responses that stays silent for its response
-threshold (10 minutes here): a request that asked for acknowledgements (`Faas-Ack`, as the
-SDK does) is acknowledged again every minute while it runs; one that did not gets no reply
-if its handler runs longer than that without streaming.
+A service import forgets a stream of answers that stays silent for its response threshold
+(2 minutes for invocations here): a request that asked for acknowledgements (`Faas-Ack`, as
+the SDK does) is acknowledged again every `--ack-every-s` (30) while it runs; one that did
+not gets no reply if its handler runs longer than that without streaming.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ log = get_logger()
 
 _NODES_ACCOUNT = "FAAS"
 _PRODUCERS_ACCOUNT = "PRODUCERS"
-# How long a service import keeps the route of a streamed answer that has gone silent.
-_RESPONSE_THRESHOLD = "10m"
 
 
 def nats_server_binary() -> str:
@@ -65,18 +63,21 @@ class EmbeddedNats:
         self._proc: asyncio.subprocess.Process | None = None
 
     def _write_config(self) -> Path:
-        # (export, its response type): invocations answer with an ack, chunks and a final
-        # message; every node answers discovery; an event publish gets JetStream's one ack.
-        services = {"faas.invoke.>": "stream", "faas.cancel.>": "single", "faas.node.*.ping": "single",
-                    "events.>": "single", "$SRV.>": "stream"}
+        # Each export and, for answers of several messages, how long the server keeps their
+        # route after the last one: an invocation answers with acknowledgements, chunks and
+        # a final message (nodes acknowledge again every --ack-every-s while it runs); every
+        # node answers discovery at once; an event publish gets JetStream's one ack. A route
+        # costs the server ~1 KiB until then, so the thresholds are as short as they may be.
+        services = {"faas.invoke.>": "2m", "faas.cancel.>": None, "faas.node.*.ping": None,
+                    "events.>": None, "$SRV.>": "5s"}
         config = {
             "accounts": {
                 _NODES_ACCOUNT: {
                     "jetstream": "enabled",
                     "users": [{"user": self.node_user, "password": self.node_password}],
-                    "exports": [{"service": subject, "response_type": kind,
-                                 **({"response_threshold": _RESPONSE_THRESHOLD} if kind == "stream" else {})}
-                                for subject, kind in services.items()]},
+                    "exports": [{"service": subject, "response_type": "stream" if threshold else "single",
+                                 **({"response_threshold": threshold} if threshold else {})}
+                                for subject, threshold in services.items()]},
                 _PRODUCERS_ACCOUNT: {
                     # Within their account too: a producer subscribing to `faas.invoke.>`
                     # there would see (and could answer) the other producers' requests.

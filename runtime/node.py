@@ -89,14 +89,14 @@ class NodeConfig:
     forwarding: bool = True
     metrics_port: int | None = None  # Prometheus /metrics
     metrics_host: str = "127.0.0.1"
+    # A caller that asked for acknowledgements gets one again this often while its request
+    # runs: it keeps a reply route alive across NATS accounts (a service import forgets a
+    # stream of answers that stays silent for its response threshold; runtime/natsd.py).
+    ack_every_s: float = 30.0
 
 
 # How long past the request's deadline a forwarding node waits for its peer's 504.
 _FORWARD_GRACE_S = 5.0
-# A caller that asked for acknowledgements gets one again this often while its request runs:
-# it keeps a reply route alive across NATS accounts (a service import forgets a stream of
-# responses that stays silent for its response threshold; runtime/natsd.py).
-_ACK_EVERY_S = 60.0
 
 
 def _budget_s(request: protocol.RequestHeaders, spec: dict[str, Any]) -> float:
@@ -265,13 +265,12 @@ class Node:
     async def _on_ping(self, msg: Msg) -> None:
         await answer(self.nc, msg.reply, b"ok", None, self.log)
 
-    async def _admit(self, msg: Msg, forwarded: bool, fallback: bool = False) -> None:
+    async def _admit(self, msg: Msg, forwarded: bool, fallback: Flight | None = None) -> None:
         """Check and admit only; the work runs in an owned task so no request of one
         function waits behind another. `forwarded`: a peer sent it (it acknowledged it, and
-        it is not forwarded again); `fallback`: this node forwarded it already, and the peer
-        went away (it was acknowledged, it is served here)."""
-        acks = not forwarded and not fallback
-        received = time.monotonic()
+        it is not forwarded again); `fallback`: this node forwarded it already (that is its
+        place in the in-flight table) and the peer went away: it is served here."""
+        received = time.monotonic() if fallback is None else fallback.received
         function = protocol.function_from_subject(msg.subject)
         log = self.log.bind(fn=function[:64])
         if not msg.reply or not protocol.valid_reply_subject(msg.reply):
@@ -287,22 +286,30 @@ class Node:
                                     protocol.wants_stream(msg.headers))
             return
         log = log.bind(req=request.request_id)
-        held = self.inflight.get(request.request_id)
-        if held is not None and (held.reply == msg.reply or request.retry and held.allows(request.key)):
-            # A caller's retry of a request in flight here (the node it reached first, or
-            # the one that forwarded it here, died): it is answered where the caller listens now.
-            held.reply = msg.reply
-            await self._ack(msg.reply, request, acks, log)
-            return
+        acks = not forwarded and fallback is None
+        flight = fallback
+        if flight is None:
+            held = self.inflight.get(request.request_id)
+            if held is not None and (held.reply == msg.reply or request.retry and held.allows(request.key)):
+                # A caller's retry of a request in flight here (the node it reached first,
+                # or the one that forwarded it here, died): it is answered where the caller
+                # listens now.
+                held.reply = msg.reply
+                await self._ack(msg.reply, request, acks, log)
+                return
+            try:  # held from now on, before any await: one id, one request
+                flight = self.inflight.take(request.request_id, msg.reply, request.key, received)
+            except BadRequest as err:  # its replies and cancels would be ambiguous
+                await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
+                                        request.stream)
+                return
         try:
-            if held is not None:  # its replies and cancels would be ambiguous
-                raise BadRequest(f"a request with id {request.request_id!r} is already in flight")
             pool = self.pools.get(function)
             if acks and self.config.forwarding and (pool is None or not pool.warm_room):
                 peer = self.cluster.pick(function, served_here=pool is not None)
                 if peer is not None:
                     await self._ack(msg.reply, request, acks, log)
-                    self._own(self._forward(msg, request, peer, function, log))
+                    self._own(self._forward(msg, request, peer, function, flight, log))
                     return
             if pool is None:
                 raise FunctionNotFound(f"no function named {function!r}"
@@ -311,16 +318,14 @@ class Node:
             deadline = received + _budget_s(request, pool.spec)
             await self.history.record(function)  # demand, even when the queue is full
             pool.admit()
-        except FaasError as err:
-            await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
+        except Exception as exc:  # a bug of ours must still produce a reply, not silence
+            self.inflight.release(request.request_id, flight)
+            if not isinstance(exc, FaasError):
+                log.exception("admit_failed")
+            err = exc if isinstance(exc, FaasError) else HandlerError("internal error in the node")
+            await self._reply_error(flight.reply, function, err, encoding, request.request_id, log,
                                     request.stream)
             return
-        except Exception:  # a bug of ours must still produce a reply, not silence
-            log.exception("admit_failed")
-            await self._reply_error(msg.reply, function, HandlerError("internal error in the node"),
-                                    encoding, request.request_id, log, request.stream)
-            return
-        flight = self.inflight.take(request.request_id, msg.reply, request.key)
         await self._ack(msg.reply, request, acks, log)
         self._own(self._serve(pool, event, encoding, request, received, deadline, flight))
 
@@ -335,7 +340,7 @@ class Node:
 
     async def _keep_acking(self, flight: Flight, log: Any) -> None:
         while True:
-            await asyncio.sleep(_ACK_EVERY_S)
+            await asyncio.sleep(self.config.ack_every_s)
             await self._send_ack(flight.reply, log)
 
     def _why_not_here(self, function: str) -> str:
@@ -343,39 +348,38 @@ class Node:
         return f" on this node ({why})" if why else ""
 
     async def _forward(self, msg: Msg, request: protocol.RequestHeaders, peer: str, function: str,
-                       log: Any) -> None:
+                       flight: Flight, log: Any) -> None:
         """Send the request to `peer` and relay what it answers (chunks, then the reply) to
-        the caller. When the peer is gone before its reply (no responder, or its pings go
-        unanswered) the request is served here instead, unless chunks were relayed already:
-        a stream cannot be replayed, so it gets a 503."""
+        the caller (where its retry moved it, if it did). When the peer is gone before its
+        reply (no responder, or its pings go unanswered) the request is served here
+        instead, unless chunks were relayed already: a stream cannot be replayed, so it
+        gets a 503. The request keeps its place in this node's in-flight table meanwhile."""
         self.stats[function].forwarded += 1
         log = log.bind(peer=peer)
         encoding = protocol.request_encoding(msg.data, msg.headers)
+        handed_over = False
 
         async def fail(err: FaasError) -> None:
-            await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
+            await self._reply_error(flight.reply, function, err, encoding, request.request_id, log,
                                     request.stream)
 
         headers = {**request.forwarded(self.node_id, time.time() * 1000),
                    protocol.HDR_CONTENT_TYPE: encoding.content_type}  # the peer answers in kind
-        try:
-            sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
-        except NatsError as exc:
-            await fail(Overloaded(f"cannot forward: {exc}"))
-            return
         deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
         relayed = silent = 0
         acked = time.monotonic()
+        sub = None
         try:
+            sub = await self.nc.subscribe(self.nc.new_inbox())
             await self.nc.publish(protocol.node_invoke_subject(peer, function), msg.data,
-                                  reply=inbox, headers=headers)
+                                  reply=sub.subject, headers=headers)
             while time.time() < deadline:
                 try:
                     reply = await sub.next_msg(timeout=1.0)
                 except NatsTimeout:
-                    if request.ack and time.monotonic() - acked > _ACK_EVERY_S:
+                    if request.ack and time.monotonic() - acked > self.config.ack_every_s:
                         acked = time.monotonic()
-                        await self._send_ack(msg.reply, log)
+                        await self._send_ack(flight.reply, log)
                     alive = await node_alive(self.nc, peer)
                     silent = 0 if alive else silent + 1
                     if alive is False or silent >= 3:
@@ -383,26 +387,31 @@ class Node:
                     continue
                 if (reply.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
                     break
-                await answer(self.nc, msg.reply, reply.data, reply.headers, log)
+                await answer(self.nc, flight.reply, reply.data, reply.headers, log)
                 relayed += 1
                 if not request.stream or protocol.is_final(reply.headers):
                     return
+            if time.time() >= deadline:  # the peer lives but never answered (it lost the request)
+                await fail(DeadlineExceeded(f"node {peer} did not answer in time"))
+                return
+            self.cluster.forget(peer)
+            if relayed:
+                await fail(Overloaded(f"node {peer} stopped answering in the middle of the stream"))
+                return
+            log.warning("forward_failed_serving_here")
+            handed_over = True
+            await self._admit(msg, forwarded=False, fallback=flight)
         except NatsError as exc:
             log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
+            await fail(Overloaded(f"cannot forward: {exc}"))
         finally:
-            try:
-                await sub.unsubscribe()
-            except NatsError:
-                pass
-        if time.time() >= deadline:  # the peer lives but never answered (it lost the request)
-            await fail(DeadlineExceeded(f"node {peer} did not answer in time"))
-            return
-        self.cluster.forget(peer)
-        if relayed:
-            await fail(Overloaded(f"node {peer} stopped answering in the middle of the stream"))
-            return
-        log.warning("forward_failed_serving_here")
-        await self._admit(msg, forwarded=False, fallback=True)
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except NatsError:
+                    pass
+            if not handed_over:
+                self.inflight.release(request.request_id, flight)
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
@@ -435,6 +444,7 @@ class Node:
         finally:
             if keeper is not None:
                 keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
             self.inflight.release(request.request_id, flight)
 
     async def _serve_one(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
@@ -463,8 +473,9 @@ class Node:
             return
         result = served.result
         ttft_ms = None
-        if result.first_token_at is not None:
-            ttft_ms = round((result.first_token_at - received) * 1000, 3)
+        if result.first_token_at is not None:  # the sandbox's clock reading: within the request
+            first = min(max(result.first_token_at, received), time.monotonic())
+            ttft_ms = round((first - received) * 1000, 3)
         metrics = Metrics(request_id=request_id, node=self.node_id,
                           queue_ms=round((served.leased_at - received) * 1000, 3),
                           ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out,

@@ -67,11 +67,18 @@ def renice_tree(pid: int, nice: int) -> None:
 _ENV_ALLOWED = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "FAAS_HOME", "FAAS_LOG_LEVEL",
                 "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
 _ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NVIDIA_")
+# Under those prefixes, credentials: a hub token reaches the backbone loaders (to fetch a
+# gated model), never discovery or function code.
+_HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 
-def child_environment(threads: int) -> dict[str, str]:
+def child_environment(threads: int, hub_token: bool = False) -> dict[str, str]:
+    """The environment of a child of the node: the allow-list, without credentials (a hub
+    token only with `hub_token`), and thread counts."""
     env = {k: v for k, v in os.environ.items()
-           if k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES)}
+           if (k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES))
+           and (not any(word in k for word in _SECRET_WORDS) or hub_token and k in _HUB_TOKENS)}
     # A name for whoever runs it: sandboxes and loaders run under uids with no passwd entry,
     # where getpass.getuser() (torch's compile cache, imported by transformers) would raise.
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -79,7 +86,7 @@ def child_environment(threads: int) -> dict[str, str]:
     return env
 
 
-async def start_node_child(module: str, threads: int
+async def start_node_child(module: str, threads: int, hub_token: bool = False
                            ) -> tuple[asyncio.subprocess.Process, socket.socket]:
     """Start `python -m module` for `run_node_child`, with one end of a socketpair (the other
     is returned), the allowed environment, cwd `/` (no working folder in its sys.path), its
@@ -90,7 +97,7 @@ async def start_node_child(module: str, threads: int
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", module, "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
             pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-            stdout=sys.stderr.fileno(), env=child_environment(threads),
+            stdout=sys.stderr.fileno(), env=child_environment(threads, hub_token),
             preexec_fn=die_with_parent, start_new_session=True, cwd="/")
     except BaseException:
         ours.close()

@@ -22,6 +22,11 @@ from runtime.memory import sandbox_bytes
 from runtime.procs import renice_tree, start_node_child
 
 
+# How long a frame to a sandbox may wait for room in its socket before the sandbox counts
+# as gone.
+_SEND_TIMEOUT_S = 5.0
+
+
 class SandboxDied(HandlerError):
     """The sandbox process exited (crashed or was killed) while it held a request."""
 
@@ -70,10 +75,50 @@ def _request_of(line: str) -> tuple[str | None, str]:
     if line.startswith("{") and '"req"' in line:
         try:
             request_id = json.loads(line).get("req")
-        except ValueError:
+        except (ValueError, RecursionError):  # whatever the sandbox wrote
             return None, line
         return (request_id[:64] if isinstance(request_id, str) else None), line
     return None, line
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e15
+
+
+def _error_fields(error: object) -> bool:
+    return isinstance(error, dict) and isinstance(error.get("type"), str) \
+        and isinstance(error.get("message"), str)
+
+
+_USAGE = {"tokens_in": _int, "tokens_out": _int, "batch": _int,
+          "first_token_at": lambda v: v is None or _number(v)}
+# What each frame a sandbox sends must carry (beside its type), checked as it is read: a
+# frame that breaks this is a protocol error and its sandbox is killed.
+_FRAMES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "level": lambda f: _int(f.get("level")) and _int(f.get("device_bytes", 0)),
+    "init_error": lambda f: _error_fields(f.get("error")),
+    "prefill": lambda f: _int(f.get("rows")) and _int(f.get("tokens")) and _number(f.get("ms")),
+    "first": lambda f: isinstance(f.get("request_id"), str),
+    "started": lambda f: isinstance(f.get("request_id"), str),
+    "chunk": lambda f: isinstance(f.get("request_id"), str) and isinstance(f.get("delta"), str)
+    and isinstance(f.get("token_ids"), list) and all(_int(t) for t in f["token_ids"]),
+    "result": lambda f: isinstance(f.get("request_id"), str) and "output" in f
+    and isinstance(f.get("usage", {}), dict) and all(k in _USAGE and _USAGE[k](v) for k, v in f.get("usage", {}).items()),
+    "error": lambda f: isinstance(f.get("request_id"), str) and _error_fields(f.get("error")),
+}
+
+
+def _checked(frame: dict[str, Any]) -> dict[str, Any]:
+    """`frame` if it is one a sandbox may send, with the fields its type needs; ValueError
+    otherwise."""
+    check = _FRAMES.get(frame["type"])
+    if check is None or not check(frame):
+        raise ValueError(f"a {frame['type'][:40]!r} frame the node does not take")
+    return frame
 
 
 def max_batch(spec: dict[str, Any], config: SandboxConfig) -> int:
@@ -124,6 +169,7 @@ class Sandbox:
         self._drained = asyncio.Event()
         self._prefilling: set[str] = set()  # requests it holds that have no first token yet
         self._nice = 0
+        self._renicing: asyncio.Task[None] | None = None
         # A twin of the stream's socket for the one frame that carries descriptors (the
         # backbone's); asyncio's transport cannot attach them.
         self._fd_sock = socket.socket(fileno=os.dup(sock.fileno()))
@@ -178,14 +224,21 @@ class Sandbox:
             self._on_output(self.function, request_id, line)
 
     async def _send(self, frame: dict[str, Any]) -> None:
+        """Write a frame; a sandbox that stops reading its socket (and so would hold up its
+        caller, a cancel, a deadline) is killed: ConnectionError."""
         self._writer.write(frames.pack(frame))
-        await self._writer.drain()
+        try:
+            await asyncio.wait_for(self._writer.drain(), _SEND_TIMEOUT_S)
+        except TimeoutError:
+            self.log.error("sandbox_not_reading", timeout_s=_SEND_TIMEOUT_S)
+            self.proc.kill()
+            raise ConnectionError("the sandbox stopped reading its socket") from None
 
     async def _read(self) -> None:
         try:
             while True:
                 frame, size = await frames.read_sized_frame(self._reader, self._max_frame_bytes)
-                kind = frame["type"]
+                kind = _checked(frame)["type"]
                 if kind in ("level", "init_error"):
                     if self._step is not None and not self._step.done():
                         self._step.set_result(frame)
@@ -321,7 +374,16 @@ class Sandbox:
         nice = 19 if self._calls and not self._prefilling else 0
         if nice != self._nice:
             self._nice = nice
-            renice_tree(self.proc.pid, nice)
+            if self._renicing is None or self._renicing.done():
+                self._renicing = asyncio.create_task(self._renice(), name=f"renice-{self.proc.pid}")
+
+    async def _renice(self) -> None:
+        """Apply the latest nice value, off the event loop (a sandbox may have thousands of
+        threads to walk), however often it changes meanwhile."""
+        applied = None
+        while applied != self._nice and self.alive:
+            applied = self._nice
+            await asyncio.to_thread(renice_tree, self.proc.pid, applied)
 
     async def cancel(self, request_id: str) -> None:
         """Stop a request's generations at their next token (its handler then answers)."""
@@ -332,6 +394,8 @@ class Sandbox:
 
     def discard(self) -> None:
         """Let go of a sandbox that already exited: our socket end and its backbone."""
+        if self._renicing is not None:
+            self._renicing.cancel()
         self._writer.close()
         self._fd_sock.close()
         on_close, self._on_close = self._on_close, None

@@ -43,6 +43,7 @@ class UpOptions:
     http_host: str = "127.0.0.1"
     http_timeout_s: float = 120.0
     metrics_port: int | None = None
+    ack_every_s: float = 30.0
     port: int = 4222
     state_dir: Path | None = None
     sandbox_threads: int = 1
@@ -150,6 +151,7 @@ async def up(options: UpOptions) -> int:
         device = detect_device(options.device)
         config = NodeConfig(node_id=options.node_id or default_node_id(), models_dirs=options.models_dirs,
                             metrics_port=options.metrics_port, metrics_host=options.http_host,
+                            ack_every_s=options.ack_every_s,
                             sandbox=SandboxConfig(threads=options.sandbox_threads,
                                                   keep_alive_s=options.sandbox_keep_alive_s,
                                                   max_batch=options.max_batch,

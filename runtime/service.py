@@ -89,12 +89,14 @@ class NodeService:
         return respond
 
     def info(self) -> dict[str, Any]:
+        """The `$SRV.INFO` answer: the service, its metadata, its one endpoint."""
         endpoint = EndpointInfo(name="status", subject=self.status_subject, queue_group=_QUEUE_GROUP)
         return ServiceInfo(name=protocol.SERVICE_NAME, id=self.id, version=self.version,
                            description="faas runtime node: serverless LoRA functions",
                            endpoints=[endpoint], metadata=self.metadata).to_dict()
 
     def stats_response(self) -> dict[str, Any]:
+        """The `$SRV.STATS` answer: the status endpoint's counters, with `stats()` as its data."""
         endpoint = EndpointStats(
             name="status", subject=self.status_subject, queue_group=_QUEUE_GROUP,
             num_requests=self._requests, num_errors=self._errors, processing_time=self._busy_ns,
@@ -105,6 +107,8 @@ class NodeService:
                             metadata=self.metadata).to_dict()
 
     def stats(self) -> dict[str, Any]:
+        """What `faas top` shows of this node: per function its level, sandboxes, queue and
+        request statistics; the memory held; the live peers."""
         node = self.node
         host, device = node.guard.held()
         functions = {}

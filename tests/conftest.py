@@ -56,7 +56,7 @@ def node(models, faas_home):
         metrics_port = free_port()
         local = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(),
                           state_dir=faas_home / "nats-session",
-                          env={"FAAS_TEST_NODE_SECRET": "not-for-functions"},
+                          env={"FAAS_TEST_NODE_SECRET": "not-for-functions", "HF_TOKEN": "hf_not-for-functions"},
                           extra_args=("--http", str(free_port()), "--metrics-port", str(metrics_port)))
         local.start()
         local.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

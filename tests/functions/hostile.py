@@ -1,6 +1,7 @@
 """Functions that attack the node from inside their sandbox (tests/test_adversarial.py): they
-lie about their memory and their prefills, flood their socket, try to change their own code
-and the node's state folder, and leak what their discovery saw into their own names."""
+lie about their memory, their level and their prefills, announce a huge frame, try to change
+their own code and the node's state folder, and leak what their discovery saw into their
+own names."""
 
 import gc
 import os
@@ -19,10 +20,11 @@ def _wire():
 
 def lie(ctx) -> None:
     """Answer the loading step itself, first, claiming a petabyte; then report prefills
-    that took eleven days, of no prompt, of a million prompts."""
+    that took thirty years, of no prompt, of a million prompts. (A frame that is not even
+    well-formed, a NaN, say, gets its sandbox killed.)"""
     wire = _wire()
     wire.send({"type": "level", "level": 4, "ms": 1.0, "host_bytes": 10**15, "device_bytes": 10**15})
-    for rows, ms in ((1, 1e12), (0, 1e15), (10**6, float("nan")), (2, 1e12)):
+    for rows, ms in ((1, 1e12), (0, 1e12), (10**6, 1e12), (2, 1e12)):
         wire.send({"type": "prefill", "rows": rows, "tokens": 1, "ms": ms})
 
 
@@ -31,19 +33,59 @@ def liar(event: dict, ctx) -> dict:
     return {"ok": True}
 
 
+def claim_another_level(ctx) -> None:
+    _wire().send({"type": "level", "level": 2, "ms": 1.0, "device_bytes": 0})
+
+
+@function(name="misleveled", setup=claim_another_level, timeout_s=30)
+def misleveled(event: dict, ctx) -> dict:
+    return {"ok": True}
+
+
+@function(name="garbler", timeout_s=30)
+def garbler(event: dict, ctx) -> dict:
+    """Answers its own request first, with a result whose fields are not what they must be."""
+    _wire().send({"type": "result", "request_id": ctx.request_id, "output": "forged",
+                  "usage": {"first_token_at": "yesterday", "tokens_out": -1}})
+    time.sleep(5)
+    return {"ok": True}
+
+
 @function(name="flooder", timeout_s=60, max_batch=1)
 def flooder(event: dict, ctx) -> dict:
-    """`chunks_mib`: that much in chunk frames for its own request, as fast as it can;
-    `huge_frame`: announce a frame of 200 MiB, then hang."""
-    wire = _wire()
+    """`huge_frame`: announce a frame of 200 MiB on its socket, then hang."""
     if event.get("huge_frame"):
+        wire = _wire()
         with wire._lock:
             wire.sock.sendall(struct.pack(">I", 200 << 20) + b"\x81")
         time.sleep(60)
-    blob = "x" * (1 << 20)
-    for _ in range(int(event.get("chunks_mib", 0))):
-        wire.send({"type": "chunk", "request_id": ctx.request_id, "delta": blob, "token_ids": []})
-    return {"sent_mib": event.get("chunks_mib", 0)}
+    return {"ok": True}
+
+
+@function(name="threadbomb", timeout_s=60)
+def threadbomb(event: dict, ctx) -> dict:
+    """Starts threads until it may not (at most `most`), then lets them go."""
+    import threading
+
+    done = threading.Event()
+    started = 0
+    try:
+        for _ in range(int(event.get("most", 100_000))):
+            threading.Thread(target=done.wait, daemon=True).start()
+            started += 1
+    except RuntimeError:
+        pass
+    finally:
+        done.set()
+    return {"started": started}
+
+
+@function(name="deepline", timeout_s=30)
+def deepline(event: dict, ctx) -> dict:
+    """Writes a log line nested too deep to parse, straight to its output, then a marker."""
+    os.write(1, b'{"req": "x", "a": ' + b"[" * 3000 + b"]" * 3000 + b"}\n")
+    print(event.get("marker"), flush=True)
+    return {"ok": True}
 
 
 def _fill_tmp() -> None:
@@ -90,7 +132,7 @@ def chatty(event: dict, ctx) -> dict:
 
 # Discovery imports this file too: what it sees decides this function's name. A discovery
 # that saw the node's secret (or ran with the node's uid) would serve another name.
-_SAW = "saw-secret" if "FAAS_TEST_NODE_SECRET" in os.environ else "clean"
+_SAW = "saw-secret" if {"FAAS_TEST_NODE_SECRET", "HF_TOKEN"} & set(os.environ) else "clean"
 print(f"hostile.py imported by uid {os.getuid()}", file=sys.stderr)
 
 
