@@ -28,6 +28,7 @@ from bench.accounting import GIB, MemoryTrace, latency_summary, slo_attainment
 from bench.models import build_model
 from bench.modes import MODES, Mode, ModeConfig
 from bench.workloads import (
+    DEFAULT_TRACE,
     WORKLOADS,
     Request,
     WorkloadSpec,
@@ -40,7 +41,6 @@ from bench.workloads import (
 from faas import FaasError
 from faas.bundled import faas_home
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, default: str) -> None:

@@ -65,7 +65,11 @@ class WorkloadSpec:
             raise ValueError("functions, duration_s and rate_rps must be positive")
 
 
-def load_trace(path: str | Path) -> list[TraceRow]:
+# The Azure LLM inference trace, shipped with the benchmark (bench/traces/README.md: CC-BY).
+DEFAULT_TRACE = Path(__file__).resolve().parent / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def load_trace(path: str | Path = DEFAULT_TRACE) -> list[TraceRow]:
     """Rows of the Azure trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens), in time order."""
     rows: list[tuple[datetime, int, int]] = []
     with open(path, newline="") as f:

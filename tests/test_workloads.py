@@ -4,7 +4,6 @@ CoV each class promises."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -18,14 +17,9 @@ from bench.workloads import (
     zipf_weights,
 )
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-
-
 @pytest.fixture(scope="module")
 def trace() -> list[TraceRow]:
-    if not TRACE.exists():
-        pytest.skip(f"the Azure trace is not at {TRACE}")
-    return load_trace(TRACE)
+    return load_trace()
 
 
 def test_trace_is_read_in_time_order(trace):
