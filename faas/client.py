@@ -134,8 +134,11 @@ class Client:
         try:
             await self.nc.publish(subject, body, reply=reply, headers=headers)
         except nats.errors.MaxPayloadError:
-            raise PayloadTooLarge(f"the request takes {protocol.wire_size(body, headers)} bytes, over the "
-                                  f"server's max payload of {self.nc.max_payload}") from None
+            raise self._too_large("request", body, headers) from None
+
+    def _too_large(self, what: str, body: bytes, headers: dict[str, str]) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the {what} takes {protocol.wire_size(body, headers)} bytes, over the "
+                               f"server's max payload of {self.nc.max_payload}")
 
     async def _await_reply(self, sub: Any, deadline: float, function: str) -> Any:
         """The reply on `sub`, or None when the node that acknowledged the request died."""
@@ -187,8 +190,7 @@ class Client:
         try:
             ack = await self.nc.jetstream().publish(subject, body, headers=headers)
         except nats.errors.MaxPayloadError:
-            raise PayloadTooLarge(f"the event takes {protocol.wire_size(body, headers)} bytes, over the "
-                                  f"server's max payload of {self.nc.max_payload}") from None
+            raise self._too_large("event", body, headers) from None
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             raise Overloaded(f"no JetStream stream stores {subject!r} (is a node with triggers "
                              "up?)") from None

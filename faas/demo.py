@@ -79,7 +79,7 @@ async def run_demo(functions_dir: Path) -> int:
     try:
         async with Client(url) as client:
             served = sorted(set().union(*(names for _, _, names in await served_by(client.nc))))
-            for name in sorted(served):
+            for name in served:
                 event = EXAMPLE_EVENTS.get(name, {})
                 for call in ("cold", "warm"):
                     try:

@@ -41,13 +41,6 @@ OUTCOMES_STREAM = "FAAS_OUTCOMES"
 DLQ_PREFIX = "faas.dlq."
 RESULTS_PREFIX = "faas.results."
 HDR_MSG_ID = "Nats-Msg-Id"
-
-
-def consumer_name(function: str) -> str:
-    """The durable consumer of the events stream that feeds `function` (shared by its nodes)."""
-    return f"faas-{function}"
-
-
 # A message here stops the request of that id wherever it is (queued or generating).
 CANCEL_PREFIX = "faas.cancel."
 CANCEL_WILDCARD = CANCEL_PREFIX + "*"
@@ -191,6 +184,11 @@ def function_from_subject(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
 
 
+def consumer_name(function: str) -> str:
+    """The durable consumer of the events stream that feeds `function` (shared by its nodes)."""
+    return f"faas-{function}"
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -216,7 +214,8 @@ def new_request_key() -> str:
 
 def same_key(expected: str | None, given: str | None) -> bool:
     """Whether a cancel or retry carries the request's key (none was given: nobody may act)."""
-    return expected is not None and given is not None and hmac.compare_digest(expected, given)
+    return expected is not None and given is not None \
+        and hmac.compare_digest(expected.encode(), given.encode())  # str: ASCII only
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,6 @@ def _isolation(uid: int | None, folder: Path | None, network: bool,
     expose = (str(faas_home()), *((str(folder),) if folder else ()),
               *(m for m in models if m and os.path.isabs(m) and reachable(m)))
     return Isolation(uid=uid, network=network, expose=expose)
-
-
-def discovery_isolation(uid: int | None, folder: Path, network: bool) -> Isolation:
-    """How a function file is imported to learn what it declares: as a sandbox would run it
-    (its own uid, namespaces, no network), seeing its folder and the state folder only."""
-    return _isolation(uid, folder, network)
 
 
 @dataclass
@@ -224,7 +218,7 @@ async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int],
                     fd = hold(folder / f"uids-{first}.lock")
                 except BlockingIOError:
                     continue
-                return Isolation(uid=first, network=True, expose=(str(faas_home()),), hide=hide), [fd], None
+                return replace(_isolation(first, None, network=True), hide=hide), [fd], None
             return Isolation(), [], f"no free uid in {_TOOL_UIDS[0]}-{_TOOL_UIDS[1]}"
         return Isolation(), [], f"namespaces unavailable ({probe.strip()})"
     _, probe = await _run("runtime.isolation", "--rootless")
@@ -258,8 +252,9 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         specs: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
         for path in files:
-            for spec in await discover_file(path, discovery_isolation(uids[1] if uids else None, path.parent,
-                                                                      network_isolation)):
+            # Imported as a sandbox would run it, seeing its folder and the state folder only.
+            for spec in await discover_file(path, _isolation(uids[1] if uids else None, path.parent,
+                                                             network_isolation)):
                 if spec["name"] in seen:
                     raise FaasError(f"function {spec['name']!r} is declared twice: in "
                                     f"{seen[spec['name']]} and {path}")

@@ -72,8 +72,8 @@ class Isolation:
         if self.uid is None and not rootless:
             return
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        uid, gid = os.getuid(), os.getgid()
         if rootless:
+            uid, gid = os.getuid(), os.getgid()
             _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWPID | _CLONE_NEWNS | _CLONE_NEWIPC),
                    "unshare(user, PID, mount, IPC)")
             # The same ids inside: files keep their owners, and nothing else is mapped.

@@ -114,6 +114,12 @@ def _budget_s(request: protocol.RequestHeaders, spec: dict[str, Any]) -> float:
     return budget
 
 
+async def _stopped(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class Node:
     """Serves the given function specs on one NATS connection."""
 
@@ -339,6 +345,8 @@ class Node:
         await answer(self.nc, reply, b"", {protocol.HDR_ACK: self.node_id}, log)
 
     async def _keep_acking(self, flight: Flight, log: Any) -> None:
+        """Acknowledge again every `ack_every_s` while the request is held (served or
+        relayed): the caller's reply route stays alive."""
         while True:
             await asyncio.sleep(self.config.ack_every_s)
             await self._send_ack(flight.reply, log)
@@ -367,7 +375,7 @@ class Node:
                    protocol.HDR_CONTENT_TYPE: encoding.content_type}  # the peer answers in kind
         deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
         relayed = silent = 0
-        acked = time.monotonic()
+        keeper = asyncio.create_task(self._keep_acking(flight, log)) if request.ack else None
         sub = None
         try:
             sub = await self.nc.subscribe(self.nc.new_inbox())
@@ -377,9 +385,6 @@ class Node:
                 try:
                     reply = await sub.next_msg(timeout=1.0)
                 except NatsTimeout:
-                    if request.ack and time.monotonic() - acked > self.config.ack_every_s:
-                        acked = time.monotonic()
-                        await self._send_ack(flight.reply, log)
                     alive = await node_alive(self.nc, peer)
                     silent = 0 if alive else silent + 1
                     if alive is False or silent >= 3:
@@ -405,6 +410,7 @@ class Node:
             log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
             await fail(Overloaded(f"cannot forward: {exc}"))
         finally:
+            await _stopped(keeper)
             if sub is not None:
                 try:
                     await sub.unsubscribe()
@@ -442,9 +448,7 @@ class Node:
         try:
             await self._serve_one(pool, event, encoding, request, received, deadline, flight, log)
         finally:
-            if keeper is not None:
-                keeper.cancel()
-                await asyncio.gather(keeper, return_exceptions=True)
+            await _stopped(keeper)
             self.inflight.release(request.request_id, flight)
 
     async def _serve_one(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,

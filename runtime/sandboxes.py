@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from faas.errors import BadRequest, HandlerError
 from faas.logs import get_logger
+from faas.protocol import MAX_ERROR_MESSAGE
 from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
@@ -298,7 +299,7 @@ class Sandbox:
         if reply["type"] == "init_error":
             err = reply["error"]
             raise HandlerError(f"function {self.function!r} failed to load: "
-                               f"{str(err['type'])[:200]}: {str(err['message'])[:4096]}")
+                               f"{err['type'][:200]}: {err['message'][:MAX_ERROR_MESSAGE]}")
         seconds = time.monotonic() - started
         asked = Level(frame.get("level", Level.SPAWNED))
         if reply.get("level") != asked:  # a sandbox says which level it reached, not another

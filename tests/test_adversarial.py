@@ -82,6 +82,17 @@ async def test_headers_beyond_4_kib_get_a_400(nc, client):
     await assert_still_serving(client)
 
 
+@pytest.mark.parametrize("headers", [
+    {HDR_REQUEST_KEY: "too-short"}, {HDR_REQUEST_KEY: "\u00e9" * 20}, {HDR_REQUEST_KEY: "k" * 129},
+    {HDR_RETRY: "again"}, {HDR_RETRY: "9" * 20}, {protocol.HDR_TIMEOUT_MS: "nan"},
+    {protocol.HDR_DEADLINE_MS: "1e400"}], ids=["key-short", "key-unicode", "key-long", "retry-word",
+                                              "retry-long", "timeout-nan", "deadline-inf"])
+async def test_malformed_control_headers_get_a_400(nc, client, headers):
+    code, _ = error_of(await nc.request("faas.invoke.echo", b"{}", timeout=30, headers=headers))
+    assert code == 400
+    await assert_still_serving(client)
+
+
 async def test_a_header_as_large_as_a_message_on_micro_discovery_is_not_echoed(nc, client, node):
     """nats.micro put every request header into its answer: one such request took every
     node of a cluster off NATS at once."""
@@ -199,9 +210,17 @@ async def test_readers_of_streams_survive_junk(operator, node, client):
         await js.publish("faas.history.echo", junk)
         await js.publish("faas.logs.echo", junk + b"{[")
         await js.publish(f"$KV.{protocol.NODES_BUCKET}.junk-node", junk + b'{"functions": [1]}')
+    # A letter of the right shape naming a subject no event belongs on: never replayed there.
+    await js.publish("faas.dlq.junk-target", msgpack.packb({
+        "event": {"subject": f"$JS.API.STREAM.DELETE.{protocol.EVENTS_STREAM}"},
+        "error": {"message": "forged"}, "data": b"{}", "headers": {}}))
     state = ("--state-dir", str(node.state_dir), "--nats", node.url)
     dlq = faas_cli("events", "dlq", "junk-target", "--json", *state)
-    assert dlq.returncode == 0 and json.loads(dlq.stdout) == [], dlq.stderr
+    assert dlq.returncode == 0, dlq.stderr
+    (forged,) = json.loads(dlq.stdout)
+    replay = faas_cli("events", "replay", "junk-target", str(forged["seq"]), *state)
+    assert replay.returncode == 1 and "not replayed there" in replay.stderr, replay.stderr
+    await js.stream_info(protocol.EVENTS_STREAM)  # still there
     assert faas_cli("events", *state).returncode == 0
     await client.invoke("echo", {"logged": True})
     logs = faas_cli("logs", "echo", "--json", *state)
@@ -289,8 +308,10 @@ async def test_cancel_and_retry_act_only_with_the_callers_key(client, nc):
         "writer", {"prompt": "hello", "max_new_tokens": 400, "ignore_eos": True},
         timeout_s=60, request_id="victim-1"))
     await asyncio.sleep(0.3)
-    await nc.publish(protocol.cancel_subject("victim-1"), b"")
-    await nc.publish(protocol.cancel_subject("victim-1"), b"", headers={HDR_REQUEST_KEY: "guess" * 8})
+    assert not protocol.same_key("k" * 32, "\u00e9" * 20)  # compared, not raised on
+    for key in (None, "guess" * 8, "\u00e9" * 20, "k" * 3000):  # none, wrong, not ASCII, huge
+        await nc.publish(protocol.cancel_subject("victim-1"), b"",
+                         headers={HDR_REQUEST_KEY: key} if key else None)
     stolen = await nc.request("faas.invoke.writer", b"{}", timeout=10,
                               headers={HDR_REQUEST_ID: "victim-1", HDR_RETRY: "1",
                                        HDR_REQUEST_KEY: "guess" * 8})
@@ -563,6 +584,15 @@ async def test_every_stream_has_a_byte_limit_and_a_documented_discard_policy(ope
         config = (await js.stream_info(stream)).config
         assert config.max_bytes == DEFAULT_MAX_MIB[name] << 20, stream
         assert getattr(config.discard, "value", config.discard) == discard, stream
+
+
+def test_stream_sizes_come_from_the_environment_and_junk_in_it_is_ignored(monkeypatch):
+    from faas.streams import DEFAULT_MAX_MIB, max_bytes
+
+    monkeypatch.setenv("FAAS_STREAM_MAX_MIB", "logs=2, events=abc,history=-5,nosuch=9,outcomes")
+    assert max_bytes("logs") == 2 << 20
+    for name in ("events", "history", "outcomes"):
+        assert max_bytes(name) == DEFAULT_MAX_MIB[name] << 20
 
 
 async def test_a_full_events_stream_refuses_producers_and_keeps_what_it_holds(tmp_path, monkeypatch):
