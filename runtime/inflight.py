@@ -17,11 +17,13 @@ from faas.errors import BadRequest
 class Flight:
     """A request this node holds: where its reply goes (a caller's retry may move it), the
     key that may cancel or retry it (None: nobody may, as for events), when it arrived
-    (time.monotonic()), its cancel signal."""
+    (time.monotonic()), whether this node acknowledges it again while it runs, its cancel
+    signal."""
 
     reply: str | None
     key: str | None
     received: float
+    acks: bool = False
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
     def allows(self, key: str | None) -> bool:
@@ -40,12 +42,17 @@ class InFlight:
         """The request held under `request_id`, if any."""
         return self._flights.get(request_id)
 
-    def take(self, request_id: str, reply: str | None, key: str | None, received: float) -> Flight:
+    def take(self, request_id: str, reply: str | None, key: str | None, received: float,
+             acks: bool = False) -> Flight:
         """Hold `request_id` from now on; BadRequest when a request of that id is held."""
         if request_id in self._flights:
             raise BadRequest(f"a request with id {request_id!r} is already in flight")
-        flight = self._flights[request_id] = Flight(reply, key, received)
+        flight = self._flights[request_id] = Flight(reply, key, received, acks)
         return flight
+
+    def held(self) -> list[Flight]:
+        """Every request held now."""
+        return list(self._flights.values())
 
     def release(self, request_id: str, flight: Flight) -> None:
         """`flight` is answered: its id is free again (unless another request holds it)."""

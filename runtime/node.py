@@ -114,12 +114,6 @@ def _budget_s(request: protocol.RequestHeaders, spec: dict[str, Any]) -> float:
     return budget
 
 
-async def _stopped(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 class Node:
     """Serves the given function specs on one NATS connection."""
 
@@ -170,6 +164,7 @@ class Node:
         self.inflight = InFlight()  # every request held, whatever brought it
         self.events = EventConsumers(nc, self.pools, self.history, self.inflight, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reacking: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
         self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
@@ -190,6 +185,7 @@ class Node:
             self.metrics.serve()
         self.zygote.start()
         self.contention.start()
+        self._reacking = asyncio.create_task(self._reacknowledge(), name="reacknowledge")
         await self.outputs.start()
         await self.deployments.start()  # first: the history keeps the functions served
         await self.history.start()
@@ -301,10 +297,12 @@ class Node:
                 # or the one that forwarded it here, died): it is answered where the caller
                 # listens now.
                 held.reply = msg.reply
+                held.acks = held.acks or request.ack and acks
                 await self._ack(msg.reply, request, acks, log)
                 return
             try:  # held from now on, before any await: one id, one request
-                flight = self.inflight.take(request.request_id, msg.reply, request.key, received)
+                flight = self.inflight.take(request.request_id, msg.reply, request.key, received,
+                                            acks=request.ack and acks)
             except BadRequest as err:  # its replies and cancels would be ambiguous
                 await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
                                         request.stream)
@@ -344,12 +342,16 @@ class Node:
     async def _send_ack(self, reply: str | None, log: Any) -> None:
         await answer(self.nc, reply, b"", {protocol.HDR_ACK: self.node_id}, log)
 
-    async def _keep_acking(self, flight: Flight, log: Any) -> None:
-        """Acknowledge again every `ack_every_s` while the request is held (served or
-        relayed): the caller's reply route stays alive."""
+    async def _reacknowledge(self) -> None:
+        """Every `ack_every_s`, acknowledge again each request held that long whose caller
+        asked for acknowledgements (served here, or relayed from a peer): its reply route
+        stays alive."""
         while True:
             await asyncio.sleep(self.config.ack_every_s)
-            await self._send_ack(flight.reply, log)
+            now = time.monotonic()
+            for flight in self.inflight.held():
+                if flight.acks and now - flight.received >= self.config.ack_every_s:
+                    await self._send_ack(flight.reply, self.log)
 
     def _why_not_here(self, function: str) -> str:
         why = self.deployments.unavailable.get(function)
@@ -375,7 +377,6 @@ class Node:
                    protocol.HDR_CONTENT_TYPE: encoding.content_type}  # the peer answers in kind
         deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
         relayed = silent = 0
-        keeper = asyncio.create_task(self._keep_acking(flight, log)) if request.ack else None
         sub = None
         try:
             sub = await self.nc.subscribe(self.nc.new_inbox())
@@ -410,7 +411,6 @@ class Node:
             log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
             await fail(Overloaded(f"cannot forward: {exc}"))
         finally:
-            await _stopped(keeper)
             if sub is not None:
                 try:
                     await sub.unsubscribe()
@@ -444,11 +444,9 @@ class Node:
                      request: protocol.RequestHeaders, received: float, deadline: float,
                      flight: Flight) -> None:
         log = self.log.bind(fn=pool.name, req=request.request_id)
-        keeper = asyncio.create_task(self._keep_acking(flight, log)) if request.ack else None
         try:
             await self._serve_one(pool, event, encoding, request, received, deadline, flight, log)
         finally:
-            await _stopped(keeper)
             self.inflight.release(request.request_id, flight)
 
     async def _serve_one(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
@@ -566,6 +564,9 @@ class Node:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._reacking is not None:
+            self._reacking.cancel()
+            await asyncio.gather(self._reacking, return_exceptions=True)
         # Callers of what was in flight pinged this node to tell slow from dead: until now.
         await self._drain_subs(self._control)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))

@@ -228,6 +228,8 @@ class Sandbox:
         """Write a frame; a sandbox that stops reading its socket (and so would hold up its
         caller, a cancel, a deadline) is killed: ConnectionError."""
         self._writer.write(frames.pack(frame))
+        if not self._writer.transport.get_write_buffer_size():  # all in the socket already
+            return
         try:
             await asyncio.wait_for(self._writer.drain(), _SEND_TIMEOUT_S)
         except TimeoutError:

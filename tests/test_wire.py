@@ -12,7 +12,7 @@ import msgpack
 import nats
 import pytest
 
-from faas import DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
+from faas import Client, DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
 from faas.protocol import HDR_REQUEST_ID, HDR_TIMEOUT_MS
 from tests.conftest import assert_still_serving, error_of, nodes_of, sandbox_host_pids, wait_all_gone, zygote_pid
 
@@ -154,12 +154,14 @@ async def test_500_sandbox_stuck_in_setup_is_killed_after_start_timeout(client, 
 
 async def wait_for_state(node, function: str, **expected: int) -> None:
     state = None
-    for _ in range(200):
-        listing = await nodes_of(node)  # a busy node may answer late: ask again
-        states = [fn for node in listing for fn in node["functions"] if fn["name"] == function]
-        if states and all(states[0][k] == v for k, v in expected.items()):
-            return
-        state = states[0] if states else state
+    # One operator connection for every look: the states waited for last ~a second.
+    async with Client(node.url, **node.node_credentials()) as operator:
+        for _ in range(200):
+            listing = await operator.nodes(wait_s=0.05)  # a busy node may answer late: ask again
+            states = [fn for node in listing for fn in node["functions"] if fn["name"] == function]
+            if states and all(states[0][k] == v for k, v in expected.items()):
+                return
+            state = states[0] if states else state
     raise AssertionError(f"{function} never reached {expected}: {state}")
 
 
