@@ -52,6 +52,10 @@ class Client:
         self._first_error: Exception | None = None  # what a failed connect reports
         # The secret of each request in flight from here: only it cancels or retries one.
         self._keys: dict[str, str] = {}
+        # Functions whose responders acknowledged a request from here: faas nodes. Only for
+        # them does a missing acknowledgement mean a lost request; any other responder may
+        # be alive and slow, and a copy would run twice.
+        self._acknowledging: set[str] = set()
 
     async def _on_error(self, exc: Exception) -> None:
         self._first_error = self._first_error or exc
@@ -92,9 +96,11 @@ class Client:
         The node that takes the request says so at once (`Faas-Ack`); while the reply is
         pending the client checks that node is alive, and if it died (no responder, or
         three pings of 1 s unanswered), or no node acknowledged the request within
-        `_ACK_WAIT_S` (its node died holding it unread), sends it again, with the same id
-        and the budget left, up to `retries` times: a handler may then run more than once
-        (a node still holding the request ignores the copy)."""
+        `_ACK_WAIT_S` although this function's nodes acknowledged earlier requests from this
+        client (its node died holding it unread), sends it again, with the same id and the
+        budget left, up to `retries` times: a handler may then run more than once (a node
+        still holding the request ignores the copy). A responder that never acknowledges (not
+        a faas node) gets each request once, and the caller waits for it until `timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         request_id = request_id or protocol.new_request_id()
@@ -149,7 +155,7 @@ class Client:
                 msg = await sub.next_msg(timeout=min(1.0, left))
             except nats.errors.TimeoutError:
                 raise_if_cancelled()
-                if node is None and loop.time() - sent > _ACK_WAIT_S:
+                if node is None and function in self._acknowledging and loop.time() - sent > _ACK_WAIT_S:
                     return None
                 if node is not None:
                     alive = await node_alive(self.nc, node)
@@ -166,6 +172,7 @@ class Client:
                 continue
             if protocol.HDR_ACK in headers and protocol.HDR_ERROR_CODE not in headers and not msg.data:
                 node = headers[protocol.HDR_ACK]
+                self._acknowledging.add(function)
                 continue
             return msg
         return None

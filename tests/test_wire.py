@@ -280,3 +280,45 @@ async def test_handler_output_is_tagged_in_the_node_log(client, faas_home):
     raw = [line for line in (faas_home / "node.log").read_text().splitlines()
            if line.startswith("counter call")]
     assert raw == []
+
+
+async def test_a_responder_that_never_acknowledges_gets_each_request_once(tmp_path):
+    """A plain NATS service on a faas subject that answers after 5 s and sends no `Faas-Ack`:
+    the client waits for it, and never sends a copy that would run the work twice."""
+    import subprocess
+
+    from faas.localnode import free_port
+    from runtime.natsd import nats_server_binary
+
+    port = free_port()
+    server = subprocess.Popen([nats_server_binary(), "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                responder = await nats.connect(url)
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        received: list[str] = []
+
+        async def answer(msg) -> None:
+            await asyncio.sleep(5)
+            await responder.publish(msg.reply, msgpack.packb({"output": {"seen": len(received)}}),
+                                    headers={"Content-Type": "application/msgpack"})
+
+        async def serve(msg) -> None:
+            received.append(msg.headers[HDR_REQUEST_ID])
+            asyncio.get_running_loop().create_task(answer(msg))
+
+        await responder.subscribe("faas.invoke.legacy", cb=serve)
+        async with Client(url) as client:
+            result = await client.invoke("legacy", {"q": 1}, timeout_s=20)
+            assert result.output == {"seen": 1}
+            await asyncio.sleep(1.0)  # a copy sent at 3 s would have arrived by now
+            assert len(received) == 1
+        await responder.close()
+    finally:
+        server.terminate()
+        server.wait(10)
