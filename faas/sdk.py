@@ -52,19 +52,34 @@ class EventInfo:
 class Context:
     """Passed to every handler (and to `setup`).
 
-    `ctx.generate(prompt, ...)` runs the function's LoRA model; `ctx.log` is a structured
+    `ctx.generate(prompt, ...)` runs the function's LoRA model, `ctx.chat_prompt(messages)`
+    writes chat messages as the prompt its model was tuned on; `ctx.log` is a structured
     logger bound to the function and request; `ctx.state` is a dict that lives as long as
     the sandbox, for what `setup` prepares and handlers reuse.
     """
 
     def __init__(self, function: str, request_id: str | None, state: dict[str, Any],
-                 generator: Generator | None = None, event_info: EventInfo | None = None) -> None:
+                 generator: Generator | None = None, event_info: EventInfo | None = None,
+                 chat_template: Callable[[list[dict[str, str]]], str] | None = None) -> None:
         self.function = function
         self.request_id = request_id
         self.state = state
         self.event_info = event_info  # set when a JetStream event triggered the invocation
         self.log = get_logger(fn=function, req=request_id)
         self._generator = generator
+        self._chat_template = chat_template
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for chat `messages` (`{"role": ..., "content": ...}` dicts) in the
+        model's own chat template, ending where the assistant's answer begins: pass it to
+        `generate`. Instruct models (and adapters tuned on them) answer best this way."""
+        if self._chat_template is None:
+            raise FaasError(f"function {self.function!r} declares no backbone: it has no chat template")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise TypeError("messages must be a list of {'role': str, 'content': str} dicts")
+        return self._chat_template(messages)
 
     def generate(self, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,

@@ -1,19 +1,20 @@
-"""One-sentence summaries from a LoRA adapter, trimmed to a word budget."""
+"""One-sentence summaries from a LoRA adapter."""
 
 from faas import function
 from faas.bundled import adapter_path, model_path
 
+SYSTEM = "Summarize the text in one short sentence."
 
-def prompt_for(event: dict) -> str:
+
+def messages_for(event: dict) -> list[dict[str, str]]:
     text = str(event.get("text", "")).strip()
     if not text:
         raise ValueError("event needs a non-empty 'text'")
-    return f"Summarize the following text in one sentence.\n\nText: {text}\n\nSummary:"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
 
 
-def postprocess(text: str, max_words: int) -> str:
-    first_line = text.strip().split("\n")[0]
-    return " ".join(first_line.split()[:max_words])
+def postprocess(text: str) -> str:
+    return " ".join(text.strip().split("\n")[0].split())
 
 
 # Also triggered by events: each review posted on `events.reviews.>` is summarized once, and
@@ -21,6 +22,6 @@ def postprocess(text: str, max_words: int) -> str:
 @function(name="summarize", backbone=model_path(), adapter=adapter_path("summarize"), timeout_s=60,
           triggers=["events.reviews.>"], results=True)
 def summarize(event: dict, ctx) -> dict:
-    max_words = int(event.get("max_words", 20))
-    r = ctx.generate(prompt_for(event), max_new_tokens=int(event.get("max_new_tokens", 32)))
-    return {"summary": postprocess(r.text, max_words), "token_ids": r.token_ids}
+    r = ctx.generate(ctx.chat_prompt(messages_for(event)),
+                     max_new_tokens=int(event.get("max_new_tokens", 48)))
+    return {"summary": postprocess(r.text), "token_ids": r.token_ids}

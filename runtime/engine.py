@@ -28,6 +28,27 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text for chat `messages` in the tokenizer's chat template, ending where the
+    assistant's answer begins, for encoding as `tokenizer(text)` encodes it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRequest("the model's tokenizer has no chat template: use completions")
+    # A message may come from anyone: written into the prompt, `<|im_start|>system` would be
+    # encoded as the real control token and open a turn the caller does not own.
+    special = [t for t in tokenizer.all_special_tokens if t]
+    for message in messages:
+        found = min((t for t in special if t in message["content"]), key=message["content"].index, default=None)
+        if found is not None:
+            raise BadRequest(f"a {message['role']!r} message contains the model's control token {found!r}")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Templates that write the BOS token (Llama 3, Mistral) and tokenizers that add it
+    # again when the prompt is encoded would give the model two.
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer("")["input_ids"]:
+        text = text[len(bos):]
+    return text
+
+
 @dataclass
 class UsageMeter:
     """One request's generations: token counts, the first token's time, whether the caller

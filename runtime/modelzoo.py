@@ -1,4 +1,5 @@
-"""Builds the bundled offline models: no hub, fixed seeds, saved with save_pretrained.
+"""Builds the bundled models: the tiny ones here (no hub, fixed seeds, saved with
+save_pretrained), the real one in `runtime.smollm2`.
 
 A byte-level BPE tokenizer trained on generated text, a tiny Llama (hidden 256, 4 layers)
 and a tiny Qwen2 with tied embeddings, each with LoRA adapters whose B matrices are
@@ -9,13 +10,15 @@ holds a hash of this module: the models are rebuilt when the builder changes.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from faas.bundled import TINY_LLAMA, TINY_QWEN2, models_dir
+from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, TINY_QWEN2, models_dir
 from faas.logs import get_logger
+from runtime.smollm2 import ensure_smollm2
 
 log = get_logger()
 
@@ -115,35 +118,46 @@ def _build_model(model: str, out: Path, tokenizer) -> None:
         peft_model.save_pretrained(out / "adapters" / adapter.name)
 
 
-def ensure_bundled_models(root: Path | None = None) -> Path:
-    """Build the bundled models under `root` (default `$FAAS_HOME/models`) unless they are
-    already there from this version of the builder. Returns the folder."""
-    root = root or models_dir()
+def ensure_tiny_models(root: Path) -> None:
+    """Build the tiny models under `root` unless they are there from this version of the
+    builder (its stamp `root/.builder`)."""
     stamp = root / ".builder"
     if stamp.is_file() and stamp.read_text() == _builder_hash():
-        return root
+        return
     from runtime.engine import quiet_transformers
 
     quiet_transformers()
     log.info("models_building", root=str(root))
-    tmp = root.with_name(root.name + ".building")
+    tmp = root / ".building"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer()
     for model in (TINY_LLAMA, TINY_QWEN2):
         _build_model(model, tmp / model, tokenizer)
     # safetensors writes 0600; sandboxes under other uids must be able to read the models.
-    for path in tmp.rglob("*"):
+    for path in [root, *tmp.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    (tmp / ".builder").write_text(_builder_hash())
-    # Swap in whole so a concurrent reader never sees a half-built tree.
-    old = root.with_name(root.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if root.exists():
-        root.rename(old)
-    tmp.rename(root)
-    shutil.rmtree(old, ignore_errors=True)
+    # Each model swapped in whole, so a concurrent reader never sees a half-built one.
+    for model in (TINY_LLAMA, TINY_QWEN2):
+        old = root / f".{model}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (root / model).exists():
+            (root / model).rename(old)
+        (tmp / model).rename(root / model)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    stamp.write_text(_builder_hash())
     log.info("models_built", root=str(root))
+
+
+def ensure_bundled_models(root: Path | None = None, real: bool = True) -> Path:
+    """Build the tiny models and (with `real`) fetch and convert SmolLM2 under `root`
+    (default `$FAAS_HOME/models`), each unless it is already there. Returns the folder."""
+    root = root or models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    ensure_tiny_models(root)
+    if real:
+        ensure_smollm2(root)
     return root
 
 
@@ -151,4 +165,4 @@ if __name__ == "__main__":
     from faas.logs import configure_logging
 
     configure_logging()
-    print(ensure_bundled_models())
+    print(ensure_bundled_models(real=os.environ.get(MODEL_ENV) in (None, "", SMOLLM2)))

@@ -65,20 +65,25 @@ def renice_tree(pid: int, nice: int) -> None:
 # What the node's children inherit of its environment: nothing else, so a credential or
 # secret the node was started with never reaches a loader or function code.
 _ENV_ALLOWED = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "FAAS_HOME", "FAAS_LOG_LEVEL",
-                "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
+                "FAAS_BUNDLED_MODEL", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
 _ENV_ALLOWED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NVIDIA_")
 # Under those prefixes, credentials: a hub token reaches the backbone loaders (to fetch a
 # gated model), never discovery or function code.
 _HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_PACKAGE_INDEX_PREFIXES = ("PIP_", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                           "NO_PROXY", "SSL_CERT_", "REQUESTS_CA_BUNDLE")
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 
-def child_environment(threads: int, hub_token: bool = False) -> dict[str, str]:
+def child_environment(threads: int, hub_token: bool = False, package_index: bool = False) -> dict[str, str]:
     """The environment of a child of the node: the allow-list, without credentials (a hub
-    token only with `hub_token`), and thread counts."""
+    token only with `hub_token`; pip's settings and proxies only with `package_index`, for
+    the model builder that fetches a wheel), and thread counts."""
     env = {k: v for k, v in os.environ.items()
            if (k in _ENV_ALLOWED or k.startswith(_ENV_ALLOWED_PREFIXES))
            and (not any(word in k for word in _SECRET_WORDS) or hub_token and k in _HUB_TOKENS)}
+    if package_index:
+        env.update((k, v) for k, v in os.environ.items() if k.startswith(_PACKAGE_INDEX_PREFIXES))
     # A name for whoever runs it: sandboxes and loaders run under uids with no passwd entry,
     # where getpass.getuser() (torch's compile cache, imported by transformers) would raise.
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),

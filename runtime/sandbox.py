@@ -176,16 +176,13 @@ class _Function:
         return result
 
     def _chat_template(self, messages: list[dict[str, str]]) -> str:
-        tokenizer = self.engine.tokenizer if self.engine is not None else None
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise BadRequest("the model's tokenizer has no chat template: use completions")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # Templates that write the BOS token (Llama 3, Mistral) and tokenizers that add it
-        # again when the prompt is encoded would give the model two.
-        bos = tokenizer.bos_token
-        if bos and text.startswith(bos) and self.engine.batcher.encode("").count(tokenizer.bos_token_id):
-            text = text[len(bos):]
-        return text
+        from runtime.engine import chat_prompt
+
+        engine = self.engine
+        if engine is None or engine.tokenizer is None or engine.batcher is None:
+            raise BadRequest("the model is not loaded")
+        with engine.batcher.tokenizer_lock:  # the fast tokenizer is not thread-safe
+            return chat_prompt(engine.tokenizer, messages)
 
     def invoke(self, frame: dict[str, Any]) -> None:
         """Run one request's handler on a worker thread; its frames go to the node."""
@@ -221,7 +218,7 @@ class _Function:
             return {"type": "error", **tag, "error": {
                 "type": "RuntimeError", "message": "the sandbox is not loaded"}}
         ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call),
-                      call.event_info)
+                      call.event_info, self._chat_template if self.engine is not None else None)
         handler = self.spec.handler
         if self.spec.openai is not False and openai_api.is_request(event):
             postprocess = self.spec.openai if callable(self.spec.openai) else None

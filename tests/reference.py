@@ -29,3 +29,12 @@ def greedy_token_ids(backbone: str, adapter: str, prompt: str, max_new_tokens: i
 def decode(backbone: str, adapter: str, token_ids: list[int]) -> str:
     tokenizer, _ = _load(backbone, adapter)
     return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def example_prompt(name: str, event: dict, backbone: str) -> str:
+    """The prompt the example function `name` sends for `event`: its chat messages in the
+    backbone's chat template, as `ctx.chat_prompt` writes them."""
+    from runtime.engine import chat_prompt
+    from training.functions import messages
+
+    return chat_prompt(AutoTokenizer.from_pretrained(backbone), messages(name, event))

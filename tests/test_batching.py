@@ -12,9 +12,8 @@ import pytest
 
 from faas import BadRequest, Cancelled, Client, DeadlineExceeded, protocol
 from faas.bundled import adapter_path, model_path
-from runtime.loader import load_file
 from tests.conftest import EXAMPLES, nodes_of
-from tests.reference import decode, greedy_token_ids
+from tests.reference import decode, example_prompt, greedy_token_ids
 
 PROMPTS = ["Where is my refund for order 1042?", "hi", "x y z " * 12,
            "The parcel left the warehouse on Monday and arrived on Friday. Summary:",
@@ -284,9 +283,8 @@ async def test_offloading_under_a_small_memory_budget_keeps_serving_correctly(mo
                 for name, prompt in [("support", "hello"), ("summarize", "the parcel"), ("sql", "sum")]:
                     event = {"message": prompt, "text": prompt, "question": prompt, "max_new_tokens": 8}
                     reply = await client.invoke(name, event, timeout_s=120)
-                    module = load_file(EXAMPLES / f"{name}.py")
                     assert reply.output["token_ids"] == greedy_token_ids(
-                        model_path(), adapter_path(name), module.prompt_for(event), 8)
+                        model_path(), adapter_path(name), example_prompt(name, event, model_path()), 8)
                     [listing] = await nodes_of(node)
                     held = [f["name"] for f in listing["functions"] if f["levels"]]
                     assert held == [name]  # the others were offloaded for it
@@ -329,7 +327,7 @@ async def test_a_sandbox_offloaded_to_staged_comes_back_and_matches(models):
             pool.admit()
             served = await pool.serve("offloaded", event, time.monotonic() + 120)
             assert served.level == Level.STAGED
-            prompt = load_file(EXAMPLES / "summarize.py").prompt_for(event)
+            prompt = example_prompt("summarize", event, model_path())
             assert served.result.output["token_ids"] == greedy_token_ids(
                 model_path(), adapter_path("summarize"), prompt, 12)
             assert pool.state()["levels"] == ["loaded"]

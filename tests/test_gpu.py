@@ -11,8 +11,8 @@ import torch
 from faas import Client, HandlerError
 from faas.bundled import adapter_path, model_path
 from faas.localnode import LocalNode
-from runtime.loader import load_file
 from tests.conftest import EXAMPLES, nodes_of
+from tests.reference import example_prompt
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -43,7 +43,7 @@ async def serves_staged_like_the_reference(pool, request_id: str) -> None:
     pool.admit()
     served = await pool.serve(request_id, event, time.monotonic() + 300)
     assert served.level == Level.STAGED
-    prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
+    prompt = example_prompt("support", event, model_path())
     assert served.result.output["token_ids"] == cuda_reference("support", prompt, 16)
 
 
@@ -56,7 +56,7 @@ async def test_cuda_ipc_backbone_matches_reference(models, tmp_path):
                 event = {"message": "Where is my parcel?", "question": "How many users?",
                          "max_new_tokens": 16}
                 result = await client.invoke(name, event, timeout_s=300)
-                prompt = load_file(EXAMPLES / f"{name}.py").prompt_for(event)
+                prompt = example_prompt(name, event, model_path())
                 assert result.output["token_ids"] == cuda_reference(name, prompt, 16)
             (listing,) = await nodes_of(node)
             assert listing["backbones"][0]["backend"] == "cuda-ipc"

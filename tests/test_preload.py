@@ -177,11 +177,10 @@ async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, pre
     from bench.levels import node_parts, prepared
     from faas.bundled import adapter_path, model_path
     from runtime.levels import Profiles
-    from runtime.loader import load_file
     from runtime.pool import FunctionPool
     from runtime.sandboxes import SandboxConfig
     from tests.conftest import EXAMPLES
-    from tests.reference import greedy_token_ids
+    from tests.reference import example_prompt, greedy_token_ids
 
     async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
         spec = next(s for s in catalog.specs if s["name"] == "support")
@@ -194,7 +193,7 @@ async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, pre
             pool.admit()
             served = await pool.serve("req-1", event, time.monotonic() + 120)
             assert served.level == prepared_level
-            prompt = load_file(EXAMPLES / "support.py").prompt_for(event)
+            prompt = example_prompt("support", event, model_path())
             assert served.result.output["token_ids"] == greedy_token_ids(
                 model_path(), adapter_path("support"), prompt, 8)
             assert pool.state()["levels"] == ["loaded"]
