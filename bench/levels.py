@@ -53,7 +53,7 @@ async def prepared(pool: FunctionPool, level: Level, timeout_s: float = 300.0) -
 
 
 async def measure(device: str, repeat: int, prompt_tokens: int) -> dict[str, Any]:
-    model_dir = build_model(faas_home() / "bench-models", 1)
+    model_dir = build_model(faas_home() / "bench-models", 1, "m200")
     functions = faas_home() / "bench-levels" / "functions"
     write_functions(functions, model_dir, ["fn00"])
     profiles = Profiles(device)

@@ -1,14 +1,17 @@
-"""The benchmarks' model and functions: a ~190M-parameter Llama (hidden 1024, 16 layers,
-16 heads / 8 KV) in bf16 with one LoRA adapter per function, built offline from fixed seeds,
-and function files that serve it."""
+"""The benchmarks' models and functions. `smollm2` (the default of `faas bench`): the bundled
+SmolLM2-135M-Instruct (30 layers, hidden 576, its own tokenizer) in bf16; `m200`: a
+~190M-parameter random Llama (hidden 1024, 16 layers, 16 heads / 8 KV) in bf16 with the
+tiny models' tokenizer, built offline. Each with one LoRA adapter per function (rank 8 on
+q_proj and v_proj, fixed seeds), and function files that serve them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 PROMPT = "Customer: my order arrived damaged, what can I do?\nAgent:"
-# About one token of the bundled tokenizer: n of these make a prompt of about n tokens.
+# About one token of either tokenizer: n of these make a prompt of about n tokens.
 PROMPT_WORD = "order "
+BENCH_MODELS = ("smollm2", "m200")
 
 
 def prompt_of(tokens: int) -> str:
@@ -25,31 +28,45 @@ def adapters_of(model_dir: Path, names: list[str]) -> dict[str, Path]:
     return {name: adapter_dir(model_dir, i) for i, name in enumerate(names)}
 
 
-def build_model(root: Path, n_adapters: int) -> Path:
-    """The bench backbone and `n_adapters` adapters under root (kept across runs)."""
+def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
+    """The bench backbone `model` and `n_adapters` adapters under root (kept across runs)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from runtime.engine import quiet_transformers
     from runtime.modelzoo import build_tokenizer
 
-    model_dir = root / "m200"
+    if model not in BENCH_MODELS:
+        raise ValueError(f"bench model {model!r}: expected one of {', '.join(BENCH_MODELS)}")
+    model_dir = root / model
     # Complete when the last files each step writes are there (a build is deterministic).
     if (model_dir / "model.safetensors").exists() and all(
             (adapter_dir(model_dir, i) / "adapter_model.safetensors").exists()
             for i in range(n_adapters)):
         return model_dir
     quiet_transformers()
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                         num_attention_heads=16, num_key_value_heads=8,
-                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         max_position_embeddings=1024)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model == "smollm2":
+        from faas.bundled import models_dir, smollm2_unavailable_file
+        from runtime.smollm2 import ensure_smollm2
+
+        models_dir().mkdir(parents=True, exist_ok=True)
+        source = ensure_smollm2(models_dir())
+        if source is None:
+            raise SystemExit(f"SmolLM2 is unavailable ({smollm2_unavailable_file().read_text().strip()}): "
+                             "benchmark the random model with --model m200")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    else:
+        tokenizer = build_tokenizer()
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                             num_attention_heads=16, num_key_value_heads=8,
+                             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             max_position_embeddings=1024)
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        base.generation_config.pad_token_id = tokenizer.pad_token_id
     base.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",

@@ -25,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.accounting import GIB, MemoryTrace, latency_summary, slo_attainment
-from bench.models import build_model
+from bench.models import BENCH_MODELS, build_model
 from bench.modes import MODES, Mode, ModeConfig
 from bench.workloads import (
     DEFAULT_TRACE,
@@ -176,7 +176,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = workload_spec(args)
     trace = load_trace(args.trace)
     requests = generate(spec, trace)
-    model_dir = build_model(faas_home() / "bench-models", args.functions)
+    model_dir = build_model(faas_home() / "bench-models", args.functions, args.model)
     # Keep-alive of 10 trace-minutes, compressed like the arrivals.
     if args.device != "cpu" and not all(m.startswith("ours") for m in modes):
         raise SystemExit("faas bench: --device cuda runs our modes only (the baselines are CPU-only)")
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="start measuring at once; by default each mode first serves, "
                              "unmeasured, the history's last keep-alive of requests")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--model", choices=BENCH_MODELS, default="smollm2",
+                        help="smollm2: the bundled SmolLM2-135M-Instruct (bf16); m200: a ~190M random Llama")
     parser.add_argument("--slo-ms", type=float, default=2500.0)
     parser.add_argument("--price-per-gib-s", type=float, default=1.0)
     parser.add_argument("--capacity-gib", type=float, default=16.0,

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = faas_home() / "bench-sharing"
-    model_dir = build_model(faas_home() / "bench-models", max(counts))
+    model_dir = build_model(faas_home() / "bench-models", max(counts), "m200")
     backbone_bytes = (model_dir / "model.safetensors").stat().st_size
     print(f"backbone: {backbone_bytes / MIB:.0f} MiB bf16, functions: {counts}")
 

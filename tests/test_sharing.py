@@ -136,7 +136,7 @@ async def test_a_200m_backbone_is_mapped_once_by_four_lora_functions(models, faa
     every sandbox maps the same backbone, shared, with almost nothing private."""
     from bench.models import PROMPT, build_model, write_functions
 
-    model_dir = build_model(faas_home / "bench-models", 4)
+    model_dir = build_model(faas_home / "bench-models", 4, "m200")
     functions = tmp_path / "functions"
     write_functions(functions, model_dir, [f"fn{i}" for i in range(4)])
     functions.chmod(0o755)
