@@ -1,5 +1,5 @@
 # make install: .venv with the project (editable, dev + bench extras)
-# make demo:    the main job on the embedded default (nats-server + tiny model)
+# make demo:    the main job on the embedded default (nats-server + SmolLM2 from PyPI)
 # make test:    the whole suite, as CI runs it
 PYTHON ?= python3
 VENV := .venv

@@ -9,6 +9,7 @@ holds a hash of this module: the models are rebuilt when the builder changes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -155,9 +156,12 @@ def ensure_bundled_models(root: Path | None = None, real: bool = True) -> Path:
     (default `$FAAS_HOME/models`), each unless it is already there. Returns the folder."""
     root = root or models_dir()
     root.mkdir(parents=True, exist_ok=True)
-    ensure_tiny_models(root)
-    if real:
-        ensure_smollm2(root)
+    # Nodes sharing a FAAS_HOME start together: one builds, the others wait and find it built.
+    with open(root / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_tiny_models(root)
+        if real:
+            ensure_smollm2(root)
     return root
 
 
