@@ -35,6 +35,7 @@ def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from runtime.engine import quiet_transformers
+    from runtime.procs import open_to_others
     from runtime.modelzoo import build_tokenizer
 
     if model not in BENCH_MODELS:
@@ -77,8 +78,7 @@ def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
             if "lora_" in name:
                 torch.nn.init.normal_(param, std=0.02)
         peft_model.save_pretrained(adapter_dir(model_dir, i))
-    for path in model_dir.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    open_to_others(model_dir)
     return model_dir
 
 

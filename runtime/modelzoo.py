@@ -19,6 +19,7 @@ from pathlib import Path
 
 from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, TINY_QWEN2, models_dir
 from faas.logs import get_logger
+from runtime.procs import open_to_others
 from runtime.smollm2 import ensure_smollm2
 
 log = get_logger()
@@ -135,9 +136,8 @@ def ensure_tiny_models(root: Path) -> None:
     tokenizer = build_tokenizer()
     for model in (TINY_LLAMA, TINY_QWEN2):
         _build_model(model, tmp / model, tokenizer)
-    # safetensors writes 0600; sandboxes under other uids must be able to read the models.
-    for path in [root, *tmp.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    open_to_others(tmp)
+    root.chmod(0o755)
     # Each model swapped in whole, so a concurrent reader never sees a half-built one.
     for model in (TINY_LLAMA, TINY_QWEN2):
         old = root / f".{model}.old"

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Callable
 
 from faas.logs import configure_logging
@@ -127,3 +128,10 @@ def run_node_child(prog: str, serve: Callable[[socket.socket], int]) -> int:
     sys.stdout = sys.stderr
     with socket.socket(fileno=args.fd) as sock:
         return serve(sock)
+
+
+def open_to_others(root: Path) -> None:
+    """Make `root` and everything under it readable by every uid: safetensors writes 0600,
+    and sandboxes run under uids of their own that must read models and adapters."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from faas.bundled import SMOLLM2, smollm2_unavailable_file
 from faas.logs import get_logger
+from runtime.procs import open_to_others
 log = get_logger()
 
 # The example functions' adapters, trained on this model by `python -m training.train`.
@@ -83,12 +84,6 @@ def _adapters_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _open_to_others(root: Path) -> None:
-    # safetensors writes 0600; sandboxes under other uids must be able to read the models.
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 def ensure_smollm2(root: Path) -> Path | None:
     """Convert SmolLM2 into `root/smollm2-135m-instruct` unless it is there from this
     converter, and copy the trained adapters into its `adapters/` when they changed. Returns
@@ -126,6 +121,6 @@ def ensure_smollm2(root: Path) -> Path | None:
         (staging / ".source").write_text(digest)
         shutil.rmtree(adapters, ignore_errors=True)
         staging.rename(adapters)
-    _open_to_others(folder)
+    open_to_others(folder)
     return folder
 

@@ -15,6 +15,7 @@ import random
 import time
 from pathlib import Path
 
+from runtime.procs import open_to_others
 from runtime.smollm2 import ADAPTERS
 from training.data import read
 from training.functions import messages
@@ -76,8 +77,7 @@ def train(backbone: Path, task: str, out: Path, epochs: int = 2, batch_size: int
     model.peft_config["default"].base_model_name_or_path = BASE_MODEL
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # peft's empty model card
-    for path in [out, *out.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    open_to_others(out)
     return {"task": task, "steps": steps, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "seconds": round(time.monotonic() - started, 1)}
 
