@@ -105,18 +105,28 @@ def adapter_problems(adapter: Path, backbone: Path) -> list[str]:
         missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
         if missing:
             problems.append(f"target modules {missing} are not in the backbone")
-    for key, meta in safetensors_header(weights).items():
+    lora = {key: meta["shape"] for key, meta in safetensors_header(weights).items()}
+    problems += lora_shape_problems(lora, shapes)
+    return problems
+
+
+def lora_shape_problems(lora: dict[str, list[int]], base: dict[str, list[int]], most: int = 5) -> list[str]:
+    """Why LoRA tensors (name -> shape) do not fit a backbone (parameter name -> shape):
+    a module the backbone lacks, or matrices whose sizes are another model's ([] when
+    they fit). Checked at deploy from the files and by the engine on what it is sent."""
+    problems: list[str] = []
+    for key, shape in lora.items():
         match = _LORA_KEY.match(key)
         if match is None:
             continue
         module, part = match["module"], match["part"]
-        base = shapes.get(module + ".weight")
-        if base is None:
+        weight = base.get(module + ".weight")
+        if weight is None:
             problems.append(f"{key}: the backbone has no module {module!r}")
-        elif part == "lora_A" and len(base) == 2 and meta["shape"][-1] != base[1]:
-            problems.append(f"{key}: {meta['shape']} does not fit {module} {base} (another base model?)")
-        elif part == "lora_B" and len(base) == 2 and meta["shape"][0] != base[0]:
-            problems.append(f"{key}: {meta['shape']} does not fit {module} {base} (another base model?)")
-        if len(problems) >= 5:
+        elif part == "lora_A" and len(weight) == 2 and shape[-1] != weight[1]:
+            problems.append(f"{key}: {shape} does not fit {module} {weight} (another base model?)")
+        elif part == "lora_B" and len(weight) == 2 and shape[0] != weight[0]:
+            problems.append(f"{key}: {shape} does not fit {module} {weight} (another base model?)")
+        if len(problems) >= most:
             break
     return problems

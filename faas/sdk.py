@@ -108,6 +108,8 @@ class Context:
 
 
 Handler = Callable[[dict, Context], Any]
+# Where a function's generations run (FunctionSpec.engine).
+ENGINES = ("shared", "sandbox")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,11 @@ class FunctionSpec:
     event's output is published on `faas.results.<name>`. With `openai` (True, or a
     `postprocess(text, request, ctx) -> str`), the function also answers OpenAI
     completions and chat completions (faas/openai_api.py), through `faas gateway`.
+    `engine` says where its generations run: "shared" (the default), in the node's
+    generation engine for its backbone, batched with every other function's requests, while
+    the handler runs in the function's sandbox without the model; "sandbox", the paper's
+    path, in the function's own sandbox with the backbone mapped into it, for code that
+    needs the model itself (README: "Where generation runs").
     """
 
     name: str
@@ -147,6 +154,7 @@ class FunctionSpec:
     max_deliver: int = 5
     results: bool = False
     openai: bool | Callable[[str, dict, Context], str] = field(default=False, compare=False)
+    engine: str = "shared"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -173,6 +181,8 @@ class FunctionSpec:
                 raise SpecError(f"{self.name}: {attr} must be an integer >= 1, got {value!r}")
         if self.adapter is not None and self.backbone is None:
             raise SpecError(f"{self.name}: an adapter needs a backbone")
+        if self.engine not in ENGINES:
+            raise SpecError(f"{self.name}: engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.openai is not False and not (self.openai is True or callable(self.openai)):
             raise SpecError(f"{self.name}: openai must be True or a postprocess(text, request, ctx)")
         if self.openai is not False and self.backbone is None and not _NODE_MODELS:
@@ -212,6 +222,7 @@ class FunctionSpec:
             "max_deliver": self.max_deliver,
             "results": bool(self.results),
             "openai": self.openai is not False,
+            "engine": self.engine,
         }
 
 
@@ -245,7 +256,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
              slo_ttft_s: float = 2.5, max_batch: int | None = None,
              triggers: list[str] | tuple[str, ...] = (), max_deliver: int = 5,
              results: bool = False,
-             openai: bool | Callable[[str, dict, Context], str] = False) -> Callable[[Handler], Handler]:
+             openai: bool | Callable[[str, dict, Context], str] = False,
+             engine: str = "shared") -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
@@ -271,7 +283,7 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
                             start_timeout_s=start_timeout_s, setup=setup,
                             slo_ttft_s=slo_ttft_s, max_batch=max_batch,
                             triggers=tuple(triggers), max_deliver=max_deliver, results=results,
-                            openai=openai)
+                            openai=openai, engine=engine)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

@@ -17,7 +17,6 @@ import time
 
 from faas.logs import get_logger
 from runtime import frames
-from runtime.isolation import Isolation
 from runtime.procs import run_node_child
 
 log = get_logger()
@@ -29,15 +28,12 @@ def serve(sock: socket.socket) -> int:
         return 0
     started = time.monotonic()
     try:
-        Isolation.from_dict(request["isolation"]).enter()
-        import torch
         from transformers import AutoModelForCausalLM
 
-        from runtime.engine import quiet_transformers
+        from runtime.engine import enter_model_process
         from runtime.weights import backend_for
 
-        quiet_transformers()
-        torch.set_num_threads(int(request.get("threads", 1)))
+        enter_model_process(request["isolation"], int(request.get("threads", 1)))
         backend = backend_for(request["device"])
         model = AutoModelForCausalLM.from_pretrained(request["model"], dtype="auto")
         model = model.to(request["device"]).eval()

@@ -15,7 +15,8 @@ from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime import frames
 from runtime.isolation import Isolation
-from runtime.procs import start_node_child
+from runtime.procs import start_node_child, wait_or_kill
+from runtime.warm import KeptWarm
 
 log = get_logger()
 
@@ -66,60 +67,33 @@ class Backbone:
             os.close(fd)
         self.fds = []
         self.sock.close()  # a GPU backbone process exits on EOF
-        if self.proc.returncode is None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await wait_or_kill(self.proc)
 
 
-class BackboneRegistry:
+class BackboneRegistry(KeptWarm[Backbone]):
     """Starts, shares and retires the backbones of one node."""
+
+    kind = "backbone"
 
     def __init__(self, device: str = "cpu", keep_alive_s: float = 300.0, threads: int = 1,
                  isolation: Isolation | None = None, load_timeout_s: float = 600.0,
                  verify_interval_s: float = 60.0) -> None:
+        super().__init__(keep_alive_s)
         self.device = device
-        self.keep_alive_s = keep_alive_s
         self.threads = threads
         self.load_timeout_s = load_timeout_s
         self.verify_interval_s = verify_interval_s
         # Loaders read only what the least privileged runtime uid may read: a function
         # cannot get a root-only model mapped by naming it as its backbone.
         self.isolation = isolation or Isolation()
-        self._live: dict[str, Backbone] = {}
-        self._starting: dict[str, asyncio.Task[Backbone]] = {}
 
     def state(self) -> list[dict[str, Any]]:
         return [{"model": b.model, "device": b.device, "backend": b.backend, "users": b.users,
                  "bytes": b.manifest.get("bytes", 0), "load_ms": round(b.load_ms, 1)}
                 for b in self._live.values()]
 
-    async def acquire(self, model: str) -> Backbone:
-        """The backbone of `model`, started if needed; the caller must `release` it."""
-        backbone = self._live.get(model)
-        if backbone is None:
-            task = self._starting.get(model)
-            if task is None:
-                task = asyncio.create_task(self._start(model), name=f"backbone-{model}")
-                self._starting[model] = task
-                task.add_done_callback(lambda _t: self._starting.pop(model, None))
-            backbone = await asyncio.shield(task)
-        backbone.users += 1
-        if backbone.expiry is not None:
-            backbone.expiry.cancel()
-            backbone.expiry = None
-        return backbone
-
-    def is_live(self, backbone: Backbone) -> bool:
-        """Still the one sandboxes get (not retired as corrupted or expired)."""
-        return self._live.get(backbone.model) is backbone
-
     def release(self, backbone: Backbone) -> None:
-        backbone.users -= 1
-        if backbone.users == 0 and self._live.get(backbone.model) is backbone:
-            self._schedule_expiry(backbone)
+        super().release(backbone)
         if backbone.writable_by_sandboxes:
             backbone.check_now.set()  # a sandbox just ended: did it corrupt the weights?
 
@@ -127,7 +101,7 @@ class BackboneRegistry:
         """Verify a writable (GPU) backbone on a timer and whenever a sandbox of it ends; if
         its weights changed, kill every sandbox that maps it and retire it, so the next
         sandbox maps a fresh load."""
-        while self._live.get(backbone.model) is backbone:
+        while self.is_live(backbone):
             try:
                 await asyncio.wait_for(backbone.check_now.wait(), self.verify_interval_s)
             except TimeoutError:
@@ -140,22 +114,11 @@ class BackboneRegistry:
             if changed:
                 log.error("backbone_corrupted", model=backbone.model, tensors=changed[:5],
                           sandboxes=len(backbone.on_corrupt))
-                del self._live[backbone.model]
                 for kill in list(backbone.on_corrupt):
                     kill()
                 backbone.watch = None
-                await backbone.close()
+                await self.retire(backbone)
                 return
-
-    def _schedule_expiry(self, backbone: Backbone) -> None:
-        backbone.expiry = asyncio.create_task(self._expire(backbone))
-
-    async def _expire(self, backbone: Backbone) -> None:
-        await asyncio.sleep(self.keep_alive_s)
-        if backbone.users == 0 and self._live.get(backbone.model) is backbone:
-            del self._live[backbone.model]
-            log.info("backbone_released", model=backbone.model, idle_s=self.keep_alive_s)
-            await backbone.close()
 
     async def _start(self, model: str) -> Backbone:
         started = time.monotonic()
@@ -187,22 +150,9 @@ class BackboneRegistry:
         backbone = Backbone(model=model, device=self.device, backend=reply["backend"],
                             manifest=reply["manifest"], fds=fds, proc=proc, sock=ours,
                             load_ms=float(reply["load_ms"]))
-        # Registered here, not by the waiters: it is owned even if they all gave up, and
-        # expires like any unused backbone unless someone acquires it.
-        self._live[model] = backbone
-        self._schedule_expiry(backbone)
         if backbone.writable_by_sandboxes:
             backbone.watch = asyncio.create_task(self._watch(backbone))
         return backbone
-
-    async def close(self) -> None:
-        for task in list(self._starting.values()):
-            task.cancel()
-        live, self._live = list(self._live.values()), {}
-        for backbone in live:
-            if backbone.expiry is not None:
-                backbone.expiry.cancel()
-        await asyncio.gather(*(b.close() for b in live))
 
 
 def detect_device(requested: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from faas.bundled import faas_home
 from faas.errors import FaasError
 from faas.logs import get_logger
+from faas.sdk import ENGINES
 from faas.protocol import valid_function_name, valid_subject
 from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
@@ -162,14 +163,14 @@ def _valid(spec: object, path: Path) -> bool:
             and positive("timeout_s") and positive("start_timeout_s") and positive("slo_ttft_s")
             and count("max_queue") and count("max_instances") and count("max_batch")
             and count("max_deliver") and isinstance(spec["results"], bool)
-            and isinstance(spec["openai"], bool)
+            and isinstance(spec["openai"], bool) and spec["engine"] in ENGINES
             and isinstance(spec["triggers"], list)
             and all(valid_subject(t) for t in spec["triggers"]))
 
 
 _SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_instances",
               "start_timeout_s", "source_file", "handler", "has_setup", "slo_ttft_s", "max_batch",
-              "triggers", "max_deliver", "results", "openai"}
+              "triggers", "max_deliver", "results", "openai", "engine"}
 
 
 _UID_BLOCK = 100

@@ -170,7 +170,9 @@ class Deployments:
             backbone = str(found)
         folder = self.root / name / f"v{record['version']}-{hashlib.sha256(raw).hexdigest()[:12]}"
         adapter = folder / "adapter" if record["adapter"] is not None else None
-        spec = {**record["spec"], "name": name, "source_file": str(folder / record["code"]["file"]),
+        # Records deployed before functions had an `engine` ran in their sandboxes' models.
+        spec = {"engine": "sandbox", **record["spec"], "name": name,
+                "source_file": str(folder / record["code"]["file"]),
                 "backbone": backbone, "adapter": str(adapter) if adapter else None}
         problem = spec_problem(spec, Path(spec["source_file"]))
         if problem:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -18,6 +16,7 @@ from transformers.utils import logging as hf_logging
 from faas.errors import BadRequest, FaasError
 from faas.sdk import Generation
 from runtime.generation import Batcher, DeltaSink, GenRequest, Prefill
+from runtime.usage import UsageMeter
 
 
 def quiet_transformers() -> None:
@@ -26,6 +25,17 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def enter_model_process(isolation: dict[str, Any], threads: int) -> None:
+    """What a process that loads models for the node (a backbone loader, an engine) does
+    first: take the rights the node gave it (runtime/isolation.py), keep the HF stack quiet,
+    and use `threads` cores."""
+    from runtime.isolation import Isolation
+
+    Isolation.from_dict(isolation).enter()
+    quiet_transformers()
+    torch.set_num_threads(threads)
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -47,18 +57,6 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer("")["input_ids"]:
         text = text[len(bos):]
     return text
-
-
-@dataclass
-class UsageMeter:
-    """One request's generations: token counts, the first token's time, whether the caller
-    gave up (a cancelled request's generations stop at their next token)."""
-
-    tokens_in: int = 0
-    tokens_out: int = 0
-    first_token_at: float | None = None  # time.monotonic() (system-wide on Linux)
-    prefill_batch: int = 0  # how many prompts its first prefill ran with
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class LoraEngine:

@@ -22,7 +22,7 @@ def pack(frame: dict[str, Any]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _unpack(body: bytes) -> dict[str, Any]:
+def unpack(body: bytes) -> dict[str, Any]:
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
 
 
@@ -37,7 +37,7 @@ async def read_sized_frame(reader: asyncio.StreamReader, max_bytes: int) -> tupl
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     if size > max_bytes:
         raise ValueError(f"frame of {size} bytes exceeds {max_bytes}")
-    frame = _unpack(await reader.readexactly(size))
+    frame = unpack(await reader.readexactly(size))
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise ValueError("a frame must be a map with a type")
     return frame, size
@@ -50,7 +50,7 @@ def recv_frame(sock: socket.socket) -> dict[str, Any] | None:
         return None
     (size,) = _HEADER.unpack(header)
     body = _recv_exactly(sock, size)
-    return None if body is None else _unpack(body)
+    return None if body is None else unpack(body)
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -87,7 +87,7 @@ class FrameReader:
                 (size,) = _HEADER.unpack_from(self._buf)
                 end = _HEADER.size + size
                 if len(self._buf) >= end:
-                    frame = _unpack(bytes(self._buf[_HEADER.size:end]))
+                    frame = unpack(bytes(self._buf[_HEADER.size:end]))
                     del self._buf[:end]
                     fds, self._fds = self._fds, []
                     return frame, fds

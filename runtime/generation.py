@@ -1,16 +1,24 @@
-"""Continuous batching in a sandbox: every generation its function's handlers ask for runs in
-one batch with one KV cache, in a thread of its own.
+"""Continuous batching: every generation submitted runs in one batch with one KV cache, in a
+thread of its own. In a sandbox (the paper's path) the batch holds one function's requests;
+in the generation engine (runtime/genengine/) it holds every function's, each row with its
+own LoRA adapter (peft's mixed batches: `adapter_names`).
 
-Each turn of the loop admits the generations submitted since the last one (up to
-`max_batch` in all, within a prefill budget) with one batched prefill, merges their cache
-into the running batch (left-padded, with an attention mask and per-row positions), then,
-unless more prompts wait for room they have, decodes one token for every row. A row leaves the batch when it reaches EOS, its token limit or a stop string,
-or when it is cancelled; the others go on. In fp32, greedy rows produce the tokens they
-would produce alone (padding is masked; PLATFORM.md: bf16 can differ).
+Each turn of the loop admits waiting generations, earliest deadline first (a request's
+deadline is its arrival plus its function's TTFT SLO in the engine, its arrival in a
+sandbox), up to `max_batch` rows in all and each owner's share, within a prefill budget,
+with one batched prefill; merges their cache into the running batch (left-padded, with an
+attention mask and per-row positions); then, unless more admissible prompts wait for room
+they have, decodes one token for every row. With `chunk_tokens`, a prompt longer than that
+is prefilled one chunk per turn, between the decode steps of the running rows, so a long
+prompt does not stop every other generation for the length of its prefill. A row leaves the batch when it reaches EOS,
+its token limit or a stop string, or when it is cancelled; the others go on. In fp32,
+greedy rows produce the tokens they would produce alone (padding is masked; PLATFORM.md:
+bf16 can differ).
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -42,9 +50,37 @@ class GenRequest:
     on_delta: DeltaSink | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_first: Callable[[], None] | None = None  # its prefill is done (first token chosen)
+    adapter: str | None = None  # the engine's name of its LoRA adapter (None: the bare backbone)
+    owner: str = ""  # whose share of the batch it takes (the engine: its function)
+    deadline: float = field(default_factory=time.monotonic)  # admission order: earliest first
     future: Future[Generation] = field(default_factory=Future)
     first_token_at: float | None = None  # time.monotonic()
     prefill_batch: int = 0  # how many prompts its prefill ran with
+
+
+class _Between:
+    """Work for the batcher's thread between two turns."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.future: Future[None] = Future()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except Exception as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(None)
+
+
+@dataclass(eq=False)
+class _Chunked:
+    """A long prompt being prefilled a chunk per turn, into a cache of its own."""
+
+    request: GenRequest
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0  # prompt tokens prefilled so far
 
 
 @dataclass(frozen=True)
@@ -81,8 +117,14 @@ class Batcher:
 
     def __init__(self, model: Any, tokenizer: Any, device: str, max_batch: int,
                  on_prefill: Callable[[Prefill], None] = lambda p: None,
-                 max_prefill_tokens: int = 2048, prefill_budget_s: float | None = None) -> None:
+                 max_prefill_tokens: int = 2048, prefill_budget_s: float | None = None,
+                 mixed: bool = False, chunk_tokens: int | None = None) -> None:
         self.model = model
+        # A peft model with several adapters, each row naming its own (`adapter_names`).
+        self.mixed = mixed
+        # The most rows an owner may hold at once (default: the whole batch), so that one
+        # function's crowd cannot take every row from the others.
+        self.shares: dict[str, int] = {}
         self.tokenizer = tokenizer
         self.device = device
         self.max_batch = max(1, max_batch)
@@ -93,7 +135,10 @@ class Batcher:
         self.max_prefill_tokens = max_prefill_tokens
         self.prefill_budget_s = prefill_budget_s
         self.tokens_per_s: float | None = None
-        self._held: GenRequest | None = None  # taken from the queue, waits for the next turn
+        self._pending: list[GenRequest] = []  # taken from the queue, not yet admitted
+        self.chunk_tokens = chunk_tokens
+        self._chunked: list[_Chunked] = []  # admitted long prompts, prefilled a chunk per turn
+        self._admissible = False  # some of them would be admitted now but for the token budget
         self.on_prefill = on_prefill
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
@@ -101,7 +146,7 @@ class Batcher:
         # The fast tokenizer is not thread-safe (concurrent calls fail "Already borrowed"):
         # handler threads encode and this thread decodes under one lock.
         self.tokenizer_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[GenRequest | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[GenRequest | _Between | None] = queue.SimpleQueue()
         self._closing = False
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -112,6 +157,13 @@ class Batcher:
     def submit(self, request: GenRequest) -> Future[Generation]:
         self._queue.put(request)
         return request.future
+
+    def between_turns(self, fn: Callable[[], None]) -> Future[None]:
+        """Run `fn` on the batcher's thread before its next turn (what changes the model,
+        such as adding an adapter, must not run during a forward)."""
+        task = _Between(fn)
+        self._queue.put(task)
+        return task.future
 
     def encode(self, text: str) -> list[int]:
         with self.tokenizer_lock:
@@ -131,76 +183,115 @@ class Batcher:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._closing:
-                new = self._take(block=not self._rows and self._held is None)
+                new = self._take(block=not self._rows and not self._pending and not self._chunked)
                 if new is None:
                     break
                 try:
                     if new:
                         self._prefill(new)
+                    if self._chunked:
+                        self._prefill_chunk()
                     # Prefills first (time to first token is what the SLO is about): the
                     # rows already decoding wait while prompts that fit the batch wait.
-                    waiting = self._held is not None or not self._queue.empty()
+                    waiting = self._admissible or not self._queue.empty()
                     if self._rows and not (waiting and len(self._rows) < self.max_batch):
                         self._decode()
                 except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
-                    for request in [*(row.request for row in self._rows), *new]:
+                    for request in [*(row.request for row in self._rows), *new,
+                                    *(job.request for job in self._chunked)]:
                         if not request.future.done():
                             request.future.set_exception(exc)
-                    self._rows, self._cache, self._mask = [], None, None
+                    self._rows, self._cache, self._mask, self._chunked = [], None, None, []
         while True:  # whatever is still queued
             try:
                 request = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if request is not None:
+            if isinstance(request, _Between):
+                request.future.set_exception(RuntimeError("the batcher closed"))
+            elif request is not None:
                 self._fail_later(request)
-        for request in [*(row.request for row in self._rows), *([self._held] if self._held else [])]:
+        for request in [*(row.request for row in self._rows), *self._pending,
+                        *(job.request for job in self._chunked)]:
             self._fail_later(request)
 
     @staticmethod
     def _fail_later(request: GenRequest) -> None:
         if not request.future.done():
-            request.future.set_exception(Cancelled("the sandbox is shutting down"))
+            request.future.set_exception(Cancelled("the model is shutting down"))
 
     def _take(self, block: bool) -> list[GenRequest] | None:
-        """The requests submitted since the last turn that fit in the batch and in one
-        prefill (None: close)."""
-        room = self.max_batch - len(self._rows)
+        """The waiting requests to prefill this turn: earliest deadline first, while they
+        fit the batch, their owner's share and one prefill's token budget (None: close)."""
+        if not self._receive(block):
+            return None
+        room = self.max_batch - len(self._rows) - len(self._chunked)
+        held = collections.Counter(r.owner for r in [*(row.request for row in self._rows),
+                                                      *(job.request for job in self._chunked)])
         taken: list[GenRequest] = []
         tokens = 0
-        while len(taken) < room:
-            if self._held is not None:
-                request, self._held = self._held, None
-            else:
-                try:
-                    # Woken from idle: requests handed over together (a window's) arrive a
-                    # moment apart, through their handler threads; 2 ms lets them share.
-                    request = self._queue.get(block=block, timeout=0.002 if block and taken else None)
-                except queue.Empty:
-                    break
-            if request is None:
-                for early in taken:
-                    self._fail_later(early)
-                return None
+        self._admissible = False
+        self._pending.sort(key=lambda r: r.deadline)
+        for request in list(self._pending):
             if request.cancelled.is_set():
+                self._pending.remove(request)
                 request.future.set_exception(Cancelled("cancelled before it started"))
                 continue
-            if taken and tokens + len(request.input_ids) > self._prefill_tokens():
-                self._held = request
+            if len(taken) >= room:
+                self._admissible = True
                 break
+            if held[request.owner] >= self.shares.get(request.owner, self.max_batch):
+                continue  # its owner's rows are all in use: the next owner's request goes first
+            if self.chunk_tokens is not None and len(request.input_ids) > self.chunk_tokens:
+                self._pending.remove(request)
+                self._chunked.append(_Chunked(request))
+                held[request.owner] += 1
+                room -= 1
+                continue
+            if taken and tokens + len(request.input_ids) > self._prefill_tokens():
+                self._admissible = True
+                break
+            self._pending.remove(request)
             taken.append(request)
+            held[request.owner] += 1
             tokens += len(request.input_ids)
         return taken
+
+    def _receive(self, block: bool) -> bool:
+        """Move what was submitted to the waiting list; False when closing."""
+        while True:
+            try:
+                # Woken from idle: requests handed over together (a window's) arrive a
+                # moment apart, through their handler threads; 2 ms lets them share.
+                request = self._queue.get(block=block, timeout=0.002 if block and self._pending else None)
+            except queue.Empty:
+                return True
+            if request is None:
+                for early in self._pending:
+                    self._fail_later(early)
+                self._pending = []
+                return False
+            if isinstance(request, _Between):
+                request.run()
+                continue
+            self._pending.append(request)
 
     def _prefill_tokens(self) -> float:
         if self.prefill_budget_s is None or self.tokens_per_s is None:
             return self.max_prefill_tokens
         return min(self.max_prefill_tokens, self.tokens_per_s * self.prefill_budget_s)
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
+                 requests: list[GenRequest]) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        extra: dict[str, Any] = {}
+        if self.mixed and hasattr(self.model, "peft_config"):
+            # A row whose adapter left the model is a cancelled one on its way out (peft
+            # refuses unknown names for the whole batch): it runs on the bare backbone.
+            loaded = self.model.peft_config
+            extra["adapter_names"] = [r.adapter if r.adapter in loaded else "__base__" for r in requests]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, requests: list[GenRequest]) -> None:
@@ -213,7 +304,42 @@ class Batcher:
             mask[i, width - len(request.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, cache)
+        logits = self._forward(ids, mask, cache, requests)
+        self._measured(ids.numel(), started)
+        self.on_prefill(Prefill(len(requests), width, time.monotonic() - started))
+        self._join(requests, cache, mask, logits)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the earliest-deadline long prompt; once it is all in, the
+        request joins the batch with its first token."""
+        job = min(self._chunked, key=lambda j: j.request.deadline)
+        request = job.request
+        if request.cancelled.is_set():
+            self._chunked.remove(job)
+            request.future.set_exception(Cancelled("the generation was cancelled"))
+            return
+        assert self.chunk_tokens is not None
+        started = time.monotonic()
+        end = min(len(request.input_ids), job.done + self.chunk_tokens)
+        ids = torch.tensor([request.input_ids[job.done:end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        logits = self._forward(ids, mask, job.cache, [request])
+        self._measured(ids.numel(), started)
+        job.done = end
+        if end == len(request.input_ids):
+            self._chunked.remove(job)
+            self.on_prefill(Prefill(1, end, time.monotonic() - started))
+            self._join([request], job.cache, mask, logits)
+
+    def _measured(self, tokens: int, started: float) -> None:
+        if tokens >= 32:  # shorter ones measure overheads, not speed
+            speed = tokens / max(time.monotonic() - started, 1e-6)
+            self.tokens_per_s = speed if self.tokens_per_s is None else (
+                self.tokens_per_s + 0.3 * (speed - self.tokens_per_s))
+
+    def _join(self, requests: list[GenRequest], cache: DynamicCache, mask: torch.Tensor,
+              logits: torch.Tensor) -> None:
+        """Prefilled requests: their first token is chosen, and they join the running batch."""
         rows = [_Row(r, self.device) for r in requests]
         now = time.monotonic()
         for request in requests:
@@ -221,11 +347,6 @@ class Batcher:
             request.prefill_batch = len(requests)
             if request.on_first is not None:
                 request.on_first()
-        if ids.numel() >= 32:  # shorter ones measure overheads, not speed
-            speed = ids.numel() / max(now - started, 1e-6)
-            self.tokens_per_s = speed if self.tokens_per_s is None else (
-                self.tokens_per_s + 0.3 * (speed - self.tokens_per_s))
-        self.on_prefill(Prefill(len(requests), width, now - started))
         self._merge(rows, cache, mask)
         self._advance(rows, logits)
 
@@ -233,7 +354,7 @@ class Batcher:
         assert self._cache is not None and self._mask is not None
         last = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        logits = self._forward(last, self._mask, self._cache)
+        logits = self._forward(last, self._mask, self._cache, [row.request for row in self._rows])
         self._advance(self._rows, logits)
 
     # --- the running batch --------------------------------------------------------------

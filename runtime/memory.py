@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 
 from runtime.procs import process_tree
 
@@ -59,8 +60,11 @@ def sandbox_bytes(pid: int, claimed_device_bytes: int) -> tuple[int, int]:
 
 
 def device_bytes() -> int:
-    """Device memory this process's torch caching allocator holds (0 without CUDA)."""
-    import torch
+    """Device memory this process's torch caching allocator holds (0 without CUDA, or
+    where torch was never imported: a sandbox whose model runs in the engine)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0

@@ -37,6 +37,7 @@ from faas.errors import (
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
+from runtime.genengine.registry import EngineRegistry
 from runtime.batching import Contention
 from runtime.catalog import Catalog
 from runtime.cluster import Cluster
@@ -53,7 +54,7 @@ from runtime.plan import Budget
 from runtime.pool import FunctionPool
 from runtime.replies import answer
 from runtime.preload import PreloadConfig, Preloader
-from runtime.sandboxes import SandboxConfig, Zygote
+from runtime.sandboxes import SandboxConfig, Zygote, maps_backbone
 from runtime.service import NodeService
 from runtime.stats import NodeStats
 
@@ -126,7 +127,13 @@ class Node:
         self.backbones = BackboneRegistry(
             config.device, preload.linger_s if preload.enabled else config.backbone_keep_alive_s,
             config.sandbox.threads, config.loader_isolation)
+        self.engines = EngineRegistry(
+            self.backbones, keep_alive_s=self.backbones.keep_alive_s, isolation=config.loader_isolation,
+            max_rows=config.sandbox.max_batch)
         self.zygote = Zygote(config.sandbox.threads)
+        # Sandboxes that do not map the backbone (they generate in the engine, or are plain
+        # Python): no torch to import or to fork.
+        self.light_zygote = Zygote(config.sandbox.threads, light=True)
         self.outputs = FunctionOutputs(nc, self.node_id)
         self.sandbox_config = replace(config.sandbox, on_output=self.outputs.add,
                                       max_frame_bytes=nc.max_payload + (64 << 10))
@@ -145,7 +152,8 @@ class Node:
                           if preload.enabled else None)
         budget = node_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device)
         self.guard = MemoryGuard(self.pools, self.backbones, self.profiles, budget,
-                                 self.preloader.value if self.preloader else lambda name: 0.0)
+                                 self.preloader.value if self.preloader else lambda name: 0.0,
+                                 self.engines)
         for spec in specs:
             # Fails closed: a function without an isolation decision is a bug, not root access.
             self.pools[spec["name"]] = self._pool(spec, catalog.isolation[spec["name"]])
@@ -171,10 +179,11 @@ class Node:
 
     def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
         pool = FunctionPool(
-            spec, self.sandbox_config, self.zygote, self.backbones, isolation, self.profiles,
+            spec, self.sandbox_config, self.zygote if maps_backbone(spec) else self.light_zygote,
+            self.backbones, isolation, self.profiles,
             keep_alive_s=None if self.config.preload.enabled else self.config.sandbox.keep_alive_s,
             on_change=self._on_pool_change,
-            contention=self.contention if self.config.batch_windows else None)
+            contention=self.contention if self.config.batch_windows else None, engines=self.engines)
         pool.guard = self.guard
         return pool
 
@@ -184,6 +193,7 @@ class Node:
         if self.metrics is not None:
             self.metrics.serve()
         self.zygote.start()
+        self.light_zygote.start()
         self.contention.start()
         self._reacking = asyncio.create_task(self._reacknowledge(), name="reacknowledge")
         await self.outputs.start()
@@ -516,7 +526,7 @@ class Node:
         """What `faas ls` shows: this node's functions, their sandboxes and levels, and what
         the pre-loader planned for each and why."""
         preloader = self.preloader
-        return {"node": self.node_id, "backbones": self.backbones.state(),
+        return {"node": self.node_id, "backbones": self.backbones.state(), "engines": self.engines.state(),
                 "preload": preloader.summary() if preloader else None,
                 "contention": self.contention.state(), "memory": self.guard.state(),
                 "events": self.events.state(), "cluster": {"peers": sorted(self.cluster.live_peers())},
@@ -574,6 +584,8 @@ class Node:
         await self.outputs.close()
         await self.contention.close()
         await self.zygote.close()
+        await self.light_zygote.close()
+        await self.engines.close()
         await self.backbones.close()
         if self.metrics is not None:
             await self.metrics.close()

@@ -2,7 +2,8 @@
 
 What the node holds is measured, not assumed: each sandbox's private memory and device
 memory as it reported them at its last step (or, while it climbs, what its target level
-costs in the profile), plus every backbone loaded. Before a new sandbox starts (a request's
+costs in the profile), plus every backbone loaded and what each generation engine holds
+beyond it (its runtime, the adapters of its functions, its KV cache). Before a new sandbox starts (a request's
 cold start, or the pre-loader's), `admit` checks that it fits. When it does not, idle
 artifacts move down a level, lowest value first (the pre-loader's value of their function,
 then the longest idle): on a GPU an idle LOADED sandbox first moves its adapter from the
@@ -25,6 +26,7 @@ from runtime.memory import gpu_memory
 from runtime.plan import Budget
 
 if TYPE_CHECKING:
+    from runtime.genengine.registry import EngineRegistry
     from runtime.pool import FunctionPool, Slot
 
 GIB = 1024**3
@@ -53,9 +55,11 @@ class MemoryGuard:
 
     def __init__(self, pools: dict[str, FunctionPool], backbones: BackboneRegistry,
                  profiles: Profiles, budget: Budget,
-                 value: Callable[[str], float] = lambda name: 0.0) -> None:
+                 value: Callable[[str], float] = lambda name: 0.0,
+                 engines: EngineRegistry | None = None) -> None:
         self.pools = pools
         self.backbones = backbones
+        self.engines = engines
         self.profiles = profiles
         self.budget = budget
         self.value = value
@@ -70,7 +74,7 @@ class MemoryGuard:
                 or bool(self.budget.device_bytes) and device >= margin * self.budget.device_bytes)
 
     def held(self) -> tuple[int, int]:
-        """(host, device) bytes the node's sandboxes and backbones hold now."""
+        """(host, device) bytes the node's sandboxes, backbones and engines hold now."""
         host = device = 0
         for pool in self.pools.values():
             h, d = pool.held_bytes()
@@ -80,6 +84,9 @@ class MemoryGuard:
                 device += backbone["bytes"]
             else:
                 host += backbone["bytes"]
+        if self.engines is not None:
+            h, d = self.engines.held_bytes()
+            host, device = host + h, device + d
         return host, device
 
     def _need(self, pool: FunctionPool, have: Level, target: Level) -> tuple[int, int]:

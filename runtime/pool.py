@@ -25,6 +25,7 @@ from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Ov
 from faas.logs import get_logger
 from runtime.backbones import Backbone, BackboneRegistry
 from runtime.batching import BatchWindow, Contention, PrefillProfile
+from runtime.genengine.registry import Engine, EngineRegistry
 from runtime.isolation import Isolation
 from runtime.levels import Level, Profiles
 from runtime.offload import MemoryGuard
@@ -39,6 +40,7 @@ from runtime.sandboxes import (
     Zygote,
     fork_sandbox,
     max_batch,
+    runs_on_engine,
 )
 
 
@@ -61,7 +63,7 @@ class Slot:
     climb: asyncio.Task[None] | None = None
     waiter: asyncio.Future[None] | None = None  # a request's, resolved when it may use the slot
     active: int = 0  # requests it is serving (a batch)
-    retiring: bool = False  # a handler would not stop: no new requests, killed once drained
+    retiring: bool = False  # a handler would not stop, or its engine died: no new requests, stopped once drained
     joining: int = 0  # requests waiting for its climb to join its first one
     idle_since: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
@@ -81,13 +83,15 @@ class FunctionPool:
     def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
                  backbones: BackboneRegistry, isolation: Isolation, profiles: Profiles,
                  keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None,
-                 contention: Contention | None = None) -> None:
+                 contention: Contention | None = None, engines: EngineRegistry | None = None) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
         self._zygote = zygote
         self.isolation = isolation
         self._backbones = backbones
+        # Where its generations run: the node's engine for its backbone, or its own sandbox.
+        self._engines = engines if runs_on_engine(spec) else None
         self._profiles = profiles
         self._keep_alive_s = keep_alive_s
         self._on_change = on_change
@@ -101,8 +105,9 @@ class FunctionPool:
         self._closed = False
         self.guard: MemoryGuard | None = None  # the node's, set once every pool exists
         self.service_s = 1.0  # a request's time in a sandbox (moving average): retry hints
+        # On the engine, its admission batches across functions under each one's SLO.
         self.window = (BatchWindow(self.name, float(spec.get("slo_ttft_s", 2.5)), self.max_batch,
-                                   contention) if contention is not None else None)
+                                   contention) if contention is not None and self._engines is None else None)
         self.log = get_logger(fn=self.name)
 
     # --- admission and state --------------------------------------------------------
@@ -395,7 +400,7 @@ class FunctionPool:
         sandbox = slot.sandbox
         if slot.active or slot not in self._slots:
             return
-        if sandbox is not None and sandbox.alive and not self._closed:
+        if sandbox is not None and sandbox.alive and not self._closed and not slot.retiring:
             self._park(slot)
         else:
             self._slots.remove(slot)
@@ -474,7 +479,8 @@ class FunctionPool:
         if slot.sandbox is None:
             await self._zygote.ready()
             sandbox, cost = await self._within_start_timeout(
-                slot, fork_sandbox(self.spec, self._config, self._zygote, self.isolation))
+                slot, fork_sandbox(self.spec, self._config, self._zygote, self.isolation,
+                                   engine=self._engines is not None))
             slot.sandbox = sandbox
             sandbox.proc.add_exit_callback(lambda code: self._exited(slot, code))
             if self.window is not None:
@@ -488,13 +494,23 @@ class FunctionPool:
             level = Level(slot.level + 1)
             frame = {"type": "step", "level": int(level),
                      "warm_up": slot.waiter is None}  # nobody waiting: pay first-call costs now
-            if level == Level.ATTACHED and self.spec["backbone"] is not None:
+            connection = None
+            if level == Level.ATTACHED and self._engines is not None:
+                engine = await self._engines.acquire(self.spec["backbone"])
+                sandbox.hold(self._engine_release(engine, slot))
+                connection = await engine.connect(self.name, self.max_batch, float(self.spec["slo_ttft_s"]))
+                step = sandbox.step(frame, fds=[connection.fileno()])
+            elif level == Level.ATTACHED and self.spec["backbone"] is not None:
                 backbone = await self._backbones.acquire(self.spec["backbone"])
                 sandbox.hold(self._backbone_release(backbone, sandbox))
                 step = sandbox.step(frame, backbone)
             else:
                 step = sandbox.step(frame)
-            self._reached(slot, await self._within_start_timeout(slot, step))
+            try:
+                self._reached(slot, await self._within_start_timeout(slot, step))
+            finally:
+                if connection is not None:  # the sandbox has its own copy (or is gone)
+                    connection.close()
         sandbox.log.info("sandbox_climbed", level=slot.level.label,
                          ms=round((time.monotonic() - started) * 1000, 1))
 
@@ -524,6 +540,28 @@ class FunctionPool:
         def release() -> None:
             backbone.on_corrupt.discard(kill)
             self._backbones.release(backbone)
+
+        return release
+
+    def _engine_release(self, engine: Engine, slot: Slot) -> Callable[[], None]:
+        """What lets go of `engine` once, however the sandbox ends. If the engine dies first,
+        the sandbox's connection is dead: it takes no new request and stops once the ones it
+        holds are answered (their generations fail at once, 503: worth a retry)."""
+        sandbox = slot.sandbox
+        assert sandbox is not None
+
+        def retire() -> None:
+            slot.retiring = True
+            if slot.active == 0:
+                sandbox.proc.kill()
+
+        engine.on_exit.add(retire)
+        engines = self._engines
+        assert engines is not None
+
+        def release() -> None:
+            engine.on_exit.discard(retire)
+            engines.release(engine)
 
         return release
 

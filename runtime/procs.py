@@ -92,7 +92,7 @@ def child_environment(threads: int, hub_token: bool = False, package_index: bool
     return env
 
 
-async def start_node_child(module: str, threads: int, hub_token: bool = False
+async def start_node_child(module: str, threads: int, hub_token: bool = False, args: tuple[str, ...] = ()
                            ) -> tuple[asyncio.subprocess.Process, socket.socket]:
     """Start `python -m module` for `run_node_child`, with one end of a socketpair (the other
     is returned), the allowed environment, cwd `/` (no working folder in its sys.path), its
@@ -101,7 +101,7 @@ async def start_node_child(module: str, threads: int, hub_token: bool = False
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module, "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
+            sys.executable, "-m", module, *args, "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
             pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             stdout=sys.stderr.fileno(), env=child_environment(threads, hub_token),
             preexec_fn=die_with_parent, start_new_session=True, cwd="/")
@@ -111,6 +111,16 @@ async def start_node_child(module: str, threads: int, hub_token: bool = False
     finally:
         theirs.close()
     return proc, ours
+
+
+async def wait_or_kill(proc: asyncio.subprocess.Process, grace_s: float = 5.0) -> None:
+    """Wait for a child the node asked to exit (its socket closed); kill it if it lingers."""
+    if proc.returncode is None:
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def run_node_child(prog: str, serve: Callable[[socket.socket], int]) -> int:

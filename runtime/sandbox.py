@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from faas import openai_api
 from faas.protocol import MAX_ERROR_MESSAGE
-from faas.errors import BadRequest, SpecError
+from faas.errors import BadRequest, Overloaded, SpecError
 from faas.logs import get_logger
 from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime import frames
@@ -37,16 +37,23 @@ from runtime.loader import find_spec
 from runtime.memory import device_bytes, give_back_heap
 
 
+# The exit code of a sandbox whose engine connection closed (the engine exited or cut it off).
+ENGINE_LOST_EXIT = 75
+
+
 def _error(exc: BaseException) -> dict[str, Any]:
     """A handler's exception for the node, its message cut to what a reply keeps (the node
     reads no frame larger than a reply); `faas.BadRequest` marks the caller's mistake (the
-    reply is then a 400, not a 500)."""
-    message = exc.message if isinstance(exc, BadRequest) else str(exc)
+    reply is then a 400, not a 500), and the engine's `Overloaded` (it stopped, or the
+    function asked for more at once than its share) a 503 worth retrying."""
+    message = exc.message if isinstance(exc, (BadRequest, Overloaded)) else str(exc)
     if len(message) > MAX_ERROR_MESSAGE:
         message = message[:MAX_ERROR_MESSAGE] + f"... ({len(message)} characters)"
     error: dict[str, Any] = {"type": type(exc).__name__, "message": message}
     if isinstance(exc, BadRequest):
         error["bad_request"] = True
+    elif isinstance(exc, Overloaded):
+        error["overloaded"] = True
     return error
 
 
@@ -67,7 +74,7 @@ class _Call:
     """One request in this sandbox: its usage meter and where its stream goes."""
 
     def __init__(self, frame: dict[str, Any], wire: _Wire) -> None:
-        from runtime.engine import UsageMeter
+        from runtime.usage import UsageMeter
 
         self.request_id: str = frame["request_id"]
         self.stream = bool(frame.get("stream"))
@@ -93,7 +100,8 @@ class _Function:
         self.init = init
         self.wire = wire
         self.level = Level.SPAWNED
-        self.engine: Any = None
+        self.engine: Any = None  # the model in this process (the paper's path)
+        self.conn: Any = None  # or the connection to the node's generation engine
         self.spec: FunctionSpec | None = None
         self.state: dict[str, Any] = {}
         self.loop = asyncio.new_event_loop()  # `setup`'s
@@ -109,12 +117,23 @@ class _Function:
         if level == Level.STAGED and self.level == Level.LOADED:
             if self.engine is not None:
                 self.engine.unload()
+            elif self.conn is not None and self.init["adapter"] is not None:
+                self.conn.unload()
             self.level = level
             return
         if level != self.level + 1:
             raise RuntimeError(f"cannot step from {self.level.label} to {level.label}")
         init = self.init
-        if level == Level.ATTACHED and init["backbone_path"] is not None:
+        if level == Level.ATTACHED and init.get("engine") and init["backbone_path"] is not None:
+            from runtime.genengine.client import EngineConnection
+
+            if len(fds) != 1:
+                raise RuntimeError("the engine step carries one connection")
+            self.conn = EngineConnection(socket.socket(fileno=os.dup(fds[0])))
+        elif level == Level.STAGED and self.conn is not None:
+            if init["adapter"] is not None:
+                self.conn.stage(init["adapter"])
+        elif level == Level.ATTACHED and init["backbone_path"] is not None:
             import torch
 
             from runtime.engine import LoraEngine
@@ -142,6 +161,8 @@ class _Function:
         init = self.init
         if self.engine is not None:
             self.engine.load()
+        elif self.conn is not None and init["adapter"] is not None:
+            self.conn.load()
         if self.spec is None:  # back from an offload: the handler module and setup stay
             if init.get("node_models"):  # deployed: its code names the deployer's paths
                 use_node_models(init["name"], init["backbone_path"], init["adapter"])
@@ -155,7 +176,7 @@ class _Function:
             self.engine.warm_up()
 
     def _generator(self, call: _Call) -> Callable[..., Generation] | None:
-        engine = self.engine
+        engine = self.engine if self.engine is not None else self.conn
         if engine is None:
             return None
 
@@ -176,6 +197,8 @@ class _Function:
         return result
 
     def _chat_template(self, messages: list[dict[str, str]]) -> str:
+        if self.conn is not None:
+            return str(self.conn.chat_prompt(messages))
         from runtime.engine import chat_prompt
 
         engine = self.engine
@@ -209,6 +232,9 @@ class _Function:
             with self._calls_lock:
                 del self.calls[call.request_id]
                 idle = not self.calls
+            if idle and self.conn is not None and self.conn.gone:
+                # Nothing can generate here any more: the node replaces an exited sandbox.
+                os._exit(ENGINE_LOST_EXIT)
             if idle:
                 give_back_heap()
 
@@ -217,8 +243,9 @@ class _Function:
         if self.spec is None:
             return {"type": "error", **tag, "error": {
                 "type": "RuntimeError", "message": "the sandbox is not loaded"}}
+        has_model = self.engine is not None or self.conn is not None
         ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call),
-                      call.event_info, self._chat_template if self.engine is not None else None)
+                      call.event_info, self._chat_template if has_model else None)
         handler = self.spec.handler
         if self.spec.openai is not False and openai_api.is_request(event):
             postprocess = self.spec.openai if callable(self.spec.openai) else None

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from faas.errors import BadRequest, HandlerError
+from faas.errors import BadRequest, HandlerError, Overloaded
 from faas.logs import get_logger
 from faas.protocol import MAX_ERROR_MESSAGE
 from runtime import frames
@@ -120,6 +120,18 @@ def _checked(frame: dict[str, Any]) -> dict[str, Any]:
     if check is None or not check(frame):
         raise ValueError(f"a {frame['type'][:40]!r} frame the node does not take")
     return frame
+
+
+def runs_on_engine(spec: dict[str, Any]) -> bool:
+    """Whether the function's generations run in the node's engine (the default for a
+    function with a backbone) rather than in its own sandbox (`engine="sandbox"`)."""
+    return spec["backbone"] is not None and spec.get("engine", "shared") == "shared"
+
+
+def maps_backbone(spec: dict[str, Any]) -> bool:
+    """Whether the function's sandboxes map the backbone and generate themselves (the
+    paper's path): they fork from the zygote that imported torch."""
+    return spec["backbone"] is not None and not runs_on_engine(spec)
 
 
 def max_batch(spec: dict[str, Any], config: SandboxConfig) -> int:
@@ -281,16 +293,19 @@ class Sandbox:
         else:
             self._on_close = on_close
 
-    async def step(self, frame: dict[str, Any], backbone: Backbone | None = None) -> StepCost:
+    async def step(self, frame: dict[str, Any], backbone: Backbone | None = None,
+                   fds: list[int] | None = None) -> StepCost:
         """Send one step (`init` or `step`) and wait for the level it reached; with a
-        backbone, its descriptors go along. HandlerError when the step failed."""
+        backbone, its descriptors go along (or `fds`: an engine connection).
+        HandlerError when the step failed."""
         started = time.monotonic()
         self._step = asyncio.get_running_loop().create_future()
+        if backbone is not None:
+            frame, fds = {**frame, "backbone": backbone.for_sandbox()}, backbone.fds
         try:
-            if backbone is not None:
+            if fds:
                 await self._writer.drain()
-                frames.send_frame_with_fds(self._fd_sock, {**frame, "backbone": backbone.for_sandbox()},
-                                           backbone.fds)
+                frames.send_frame_with_fds(self._fd_sock, frame, fds)
             else:
                 await self._send(frame)
         except (ConnectionError, BrokenPipeError):
@@ -351,6 +366,8 @@ class Sandbox:
             err = reply["error"]
             if err.get("bad_request"):
                 raise BadRequest(str(err["message"]))
+            if err.get("overloaded"):
+                raise Overloaded(str(err["message"]), retry_after_s=1.0)
             cls = OutputTooLarge if err.get("too_large") else HandlerError
             raise cls(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))
@@ -461,8 +478,9 @@ class Zygote:
     """The node's handle on the zygote process: forks sandboxes with torch, transformers
     and peft already imported (runtime/zygote.py). Restarted as soon as it dies."""
 
-    def __init__(self, threads: int, fork_timeout_s: float = 60.0) -> None:
+    def __init__(self, threads: int, fork_timeout_s: float = 60.0, light: bool = False) -> None:
         self.threads = threads
+        self.light = light  # imports no torch: for sandboxes whose model runs in the engine
         self.fork_timeout_s = fork_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
         self._send: socket.socket | None = None
@@ -485,7 +503,8 @@ class Zygote:
         started = time.monotonic()
         writer: asyncio.StreamWriter | None = None
         try:
-            self._proc, ours = await start_node_child("runtime.zygote", self.threads)
+            self._proc, ours = await start_node_child("runtime.zygote", self.threads,
+                                                      args=("--light",) if self.light else ())
             # A twin of our end for sendmsg with descriptors (asyncio's transport cannot
             # attach them); it shares asyncio's O_NONBLOCK, fine for the small fork frames.
             self._send = socket.socket(fileno=os.dup(ours.fileno()))
@@ -575,10 +594,11 @@ class Zygote:
 
 
 async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
-                       isolation: Isolation) -> tuple[Sandbox, StepCost]:
+                       isolation: Isolation, engine: bool = False) -> tuple[Sandbox, StepCost]:
     """Fork a sandbox for the function described by `spec` and tell it which function it
-    serves: a SPAWNED sandbox, nothing loaded yet. Its cost is timed from the fork (not from
-    waiting for a zygote that is still starting)."""
+    serves (and, with `engine`, that it will generate through a connection to the node's
+    engine): a SPAWNED sandbox, nothing loaded yet. Its cost is timed from the fork (not
+    from waiting for a zygote that is still starting)."""
     await zygote.ready()
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -604,7 +624,7 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
             "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5),
             "max_frame_bytes": config.max_frame_bytes,
-            "node_models": spec.get("deployed") is not None}
+            "node_models": spec.get("deployed") is not None, "engine": engine}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)

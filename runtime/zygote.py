@@ -1,9 +1,11 @@
 """The zygote: a process with torch, transformers and peft already imported that forks
 sandboxes on request, so a new sandbox skips the ~5 s of imports of a fresh interpreter.
+A light zygote (`--light`) imports only the sandbox's own code: its sandboxes generate
+through the node's engine and never import torch unless their function's code does.
 
-The node starts it once (`python -m runtime.zygote --fd N --parent PID`, with OMP thread
-counts set in its environment). It only imports: nothing in it runs a torch op, so no
-OpenMP pool exists to be broken by fork. Protocol on its socket (msgpack frames):
+The node starts each once (`python -m runtime.zygote [--light] --fd N --parent PID`, with
+OMP thread counts set in its environment). It only imports: nothing in it runs a torch op,
+so no OpenMP pool exists to be broken by fork. Protocol on its socket (msgpack frames):
 
 - node -> zygote: `fork {id, isolation}` with the new sandbox's socket and the write end of
   its output pipe attached (SCM_RIGHTS); zygote -> node:
@@ -28,14 +30,18 @@ from runtime.isolation import Isolation
 from runtime.procs import die_with_parent, run_node_child
 
 
-def _preload() -> None:
-    import peft  # noqa: F401  (imports are the point: children inherit them)
+def _preload(light: bool) -> None:
+    import runtime.sandbox  # noqa: F401  (imports are the point: children inherit them)
+
+    if light:  # its sandboxes generate through the engine: they import torch only if their code does
+        import runtime.genengine.client  # noqa: F401
+        return
+    import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import runtime.engine  # noqa: F401
-    import runtime.sandbox  # noqa: F401
     import runtime.skeleton  # noqa: F401
     import runtime.weights  # noqa: F401
 
@@ -84,8 +90,8 @@ def _reap(control: socket.socket) -> None:
         control.sendall(frames.pack({"type": "exited", "pid": pid, "code": code}))
 
 
-def serve(control: socket.socket) -> int:
-    _preload()
+def serve(control: socket.socket, light: bool = False) -> int:
+    _preload(light)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -116,4 +122,7 @@ def serve(control: socket.socket) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_node_child("python -m runtime.zygote", serve))
+    light = "--light" in sys.argv
+    if light:
+        sys.argv.remove("--light")
+    sys.exit(run_node_child("python -m runtime.zygote", lambda control: serve(control, light)))

@@ -126,9 +126,10 @@ def zygote_family() -> list[tuple[int, int, int]]:
     return [(p.pid, p.ppid, p.uid) for p in processes() if b"runtime.zygote" in p.cmdline]
 
 
-def zygote_pid(node_pid: int) -> int:
-    """Host pid of a node's zygote."""
-    (pid,) = [p for p, ppid, _ in zygote_family() if ppid == node_pid]
+def zygote_pid(node_pid: int, light: bool = False) -> int:
+    """Host pid of a node's zygote (the light one's, which forks engine-path sandboxes)."""
+    (pid,) = [p.pid for p in processes() if b"runtime.zygote" in p.cmdline and p.ppid == node_pid
+              and (b"--light" in p.cmdline) == light]
     return pid
 
 

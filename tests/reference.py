@@ -38,3 +38,27 @@ def example_prompt(name: str, event: dict, backbone: str) -> str:
     from training.functions import messages
 
     return chat_prompt(AutoTokenizer.from_pretrained(backbone), messages(name, event))
+
+
+@torch.inference_mode()
+def sampled_token_ids(backbone: str, adapter: str, prompt: str, max_new_tokens: int,
+                      temperature: float, top_p: float, seed: int) -> list[int]:
+    """Sampled tokens (EOS ignored), drawn as the runtime documents its sampling: from
+    softmax(logits / temperature) cut to the smallest head of mass `top_p`, one multinomial
+    draw per token from a generator seeded with `seed`."""
+    tokenizer, model = _load(backbone, adapter)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    out, past = [], None
+    for _ in range(max_new_tokens):
+        step = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+        past = step.past_key_values
+        probs = torch.softmax(step.logits[0, -1].float() / temperature, dim=-1)
+        if top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            ordered[ordered.cumsum(-1) - ordered >= top_p] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out

@@ -125,7 +125,7 @@ def test_a_cancelled_row_leaves_and_the_others_finish(engine):
 
 # --- through the node ---------------------------------------------------------------------
 
-async def test_concurrent_requests_share_a_batch_and_match_the_reference(client, node):
+async def test_concurrent_requests_share_a_batch_and_match_the_reference(client):
     await client.invoke("writer", {"prompt": "warm", "max_new_tokens": 2}, timeout_s=120)
     lengths = [20, 8, 16, 24, 12, 4]
     replies = await asyncio.gather(*(
@@ -137,9 +137,6 @@ async def test_concurrent_requests_share_a_batch_and_match_the_reference(client,
         assert reply.output["text"] == decode(model_path(), adapter_path("support"), expected)
         assert reply.metrics["tokens_out"] == n
     assert max(r.metrics["batch"] for r in replies) > 1
-    (listing,) = await nodes_of(node)
-    (writer,) = [f for f in listing["functions"] if f["name"] == "writer"]
-    assert len(writer["levels"]) == 1  # one sandbox served all six
 
 
 async def _raw_stream(nc, event, headers=None):
@@ -270,52 +267,53 @@ async def test_budget_running_out_mid_generation_gets_504_and_the_batch_goes_on(
 
 
 async def test_offloading_under_a_small_memory_budget_keeps_serving_correctly(models, tmp_path):
-    """Room for the backbone and one loaded sandbox only: each new function's sandbox
-    offloads the idle one before it, every answer still equals the reference, and a request
-    that finds every byte serving gets a 503 with a retry hint instead of the node failing."""
+    """Room for the backbone and one loaded sandbox of the paper's path only: each new
+    function's sandbox offloads the idle one before it, every answer still equals the
+    reference, and a request that finds every byte serving gets a 503 with a retry hint
+    instead of the node failing."""
     from faas import Client, Overloaded
     from tests.conftest import second_node
 
     node = second_node(tmp_path, "--no-preload", "--memory-budget-gib", "0.06")
+    functions = [("writer-sandbox", "support"), ("writer-sandbox-summarize", "summarize"),
+                 ("writer-sandbox-sql", "sql")]
     try:
         async with Client(node.url) as client:
             for _ in range(2):
-                for name, prompt in [("support", "hello"), ("summarize", "the parcel"), ("sql", "sum")]:
-                    event = {"message": prompt, "text": prompt, "question": prompt, "max_new_tokens": 8}
-                    reply = await client.invoke(name, event, timeout_s=120)
+                for name, adapter in functions:
+                    reply = await client.invoke(name, {"prompt": "the parcel", "max_new_tokens": 8}, timeout_s=120)
                     assert reply.output["token_ids"] == greedy_token_ids(
-                        model_path(), adapter_path(name), example_prompt(name, event, model_path()), 8)
+                        model_path(), adapter_path(adapter), "the parcel", 8)
                     [listing] = await nodes_of(node)
                     held = [f["name"] for f in listing["functions"] if f["levels"]]
                     assert held == [name]  # the others were offloaded for it
             assert listing["memory"]["offloaded"] >= 5
             long = asyncio.create_task(client.invoke(
-                "writer", {"prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True}, timeout_s=60))
+                "writer-sandbox-sql", {"prompt": "hello", "max_new_tokens": 1000, "ignore_eos": True},
+                timeout_s=60))
             while not [f for f in (await nodes_of(node))[0]["functions"]
-                       if f["name"] == "writer" and f["active"]]:
+                       if f["name"] == "writer-sandbox-sql" and f["active"]]:
                 await asyncio.sleep(0.05)
             with pytest.raises(Overloaded, match="no memory") as refused:
-                await client.invoke("support", {"message": "hi"}, timeout_s=30)
+                await client.invoke("writer-sandbox", {"prompt": "hi"}, timeout_s=30)
             assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0
             assert len((await long).output["token_ids"]) == 1000
-            await client.invoke("support", {"message": "hi", "max_new_tokens": 2}, timeout_s=60)
+            await client.invoke("writer-sandbox", {"prompt": "hi", "max_new_tokens": 2}, timeout_s=60)
     finally:
         node.stop()
 
 
-async def test_a_sandbox_offloaded_to_staged_comes_back_and_matches(models):
-    """The step down offloading takes on a GPU (adapter off the device, kept in host memory),
-    here on the CPU: the sandbox is `staged` after it, and its next request reloads the
-    adapter and answers exactly like transformers + peft."""
+@pytest.mark.parametrize("path", ["engine", "sandbox"])
+async def test_a_sandbox_offloaded_to_staged_comes_back_and_matches(models, path):
+    """The step down offloading takes on a GPU (adapter off the device, kept in host memory;
+    on the engine path, off the engine's model), here on the CPU: the sandbox is `staged`
+    after it, and its next request reloads the adapter and answers exactly like
+    transformers + peft."""
     from bench.levels import node_parts, prepared
-    from runtime.levels import Level, Profiles
-    from runtime.pool import FunctionPool
-    from runtime.sandboxes import SandboxConfig
+    from runtime.levels import Level
 
-    async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
-        spec = next(s for s in catalog.specs if s["name"] == "summarize")
-        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones,
-                            catalog.isolation["summarize"], Profiles("cpu"), keep_alive_s=None)
+    async with node_parts(EXAMPLES, "cpu") as parts:
+        pool = parts.pool("summarize", engine=path == "engine")
         try:
             await prepared(pool, Level.LOADED)
             [slot] = pool.idle_slots()

@@ -16,7 +16,7 @@ from tests.conftest import TEST_FUNCTIONS
 GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "max_queue": 4,
         "max_instances": 1, "start_timeout_s": 60.0, "source_file": "/f/fn.py",
         "handler": "fn", "has_setup": False, "slo_ttft_s": 2.5, "max_batch": 8, "triggers": [],
-        "max_deliver": 5, "results": False, "openai": False}
+        "max_deliver": 5, "results": False, "openai": False, "engine": "shared"}
 
 
 def test_a_well_formed_answer_is_accepted():
@@ -30,7 +30,7 @@ def test_a_well_formed_answer_is_accepted():
     {"timeout_s": 0}, {"start_timeout_s": "soon"},
     {"backbone": None},                    # an adapter without a backbone
     {"backbone": 42},
-    {"extra": 1}, {"openai": "yes"},
+    {"extra": 1}, {"openai": "yes"}, {"engine": "gpu"}, {"engine": None},
 ], ids=str)
 def test_malformed_or_forged_answers_are_refused(change):
     assert not _valid({**GOOD, **change}, Path("/f/fn.py"))

@@ -93,14 +93,11 @@ async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
 
     from bench.levels import node_parts, prepared
     from runtime.levels import Level, Profiles
-    from runtime.pool import FunctionPool
-    from runtime.sandboxes import SandboxConfig
 
-    async with node_parts(EXAMPLES, "cuda") as (catalog, zygote, backbones):
-        spec = next(s for s in catalog.specs if s["name"] == "support")
+    async with node_parts(EXAMPLES, "cuda") as parts:  # the paper's path: the sandbox on the GPU
         profiles = Profiles("cuda")
-        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones, catalog.isolation["support"],
-                            profiles, keep_alive_s=None)
+        pool = parts.pool("support", profiles, engine=False)
+        spec = pool.spec
         try:
             await prepared(pool, Level.STAGED)
             await serves_staged_like_the_reference(pool, "gpu-staged")
@@ -138,13 +135,9 @@ async def test_cuda_offload_moves_the_adapter_to_host_and_back(models):
 
     from bench.levels import node_parts, prepared
     from runtime.levels import Level, Profiles
-    from runtime.pool import FunctionPool
-    from runtime.sandboxes import SandboxConfig
 
-    async with node_parts(EXAMPLES, "cuda") as (catalog, zygote, backbones):
-        spec = next(s for s in catalog.specs if s["name"] == "support")
-        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones, catalog.isolation["support"],
-                            Profiles("cuda"), keep_alive_s=None)
+    async with node_parts(EXAMPLES, "cuda") as parts:
+        pool = parts.pool("support", Profiles("cuda"), engine=False)
         try:
             await prepared(pool, Level.LOADED)
             [slot] = pool.idle_slots()

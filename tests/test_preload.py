@@ -169,24 +169,22 @@ def test_plan_never_moves_a_sandbox_down_in_place():
     assert plan.host_bytes == 3000 * MIB
 
 
+@pytest.mark.parametrize("path", ["engine", "sandbox"])
 @pytest.mark.parametrize("prepared_level", [Level.SPAWNED, Level.ATTACHED, Level.STAGED],
                          ids=lambda level: level.label)
-async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, prepared_level):
+async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, prepared_level, path):
     """Prepared to a level below LOADED, the sandbox finishes loading for the request,
     which says what it found, and answers exactly like plain transformers + peft."""
     from bench.levels import node_parts, prepared
     from faas.bundled import adapter_path, model_path
     from runtime.levels import Profiles
-    from runtime.pool import FunctionPool
-    from runtime.sandboxes import SandboxConfig
     from tests.conftest import EXAMPLES
     from tests.reference import example_prompt, greedy_token_ids
 
-    async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
-        spec = next(s for s in catalog.specs if s["name"] == "support")
+    async with node_parts(EXAMPLES, "cpu") as parts:
         profiles = Profiles()
-        pool = FunctionPool(spec, SandboxConfig(), zygote, backbones, catalog.isolation["support"],
-                            profiles, keep_alive_s=None)
+        pool = parts.pool("support", profiles, engine=path == "engine")
+        spec = pool.spec
         try:
             await prepared(pool, prepared_level)
             event = {"message": "Where is my refund?", "max_new_tokens": 8}
@@ -247,9 +245,7 @@ async def test_pool_prepares_burst_sandboxes_trims_extras_and_gives_up_after_a_f
     idle past their keep-alive and everything for COLD, and a function whose start failed
     is not pre-loaded again."""
     from bench.levels import node_parts
-    from runtime.levels import Profiles
     from runtime.pool import FunctionPool
-    from runtime.sandboxes import SandboxConfig
     from tests.conftest import EXAMPLES, TEST_FUNCTIONS
 
     async def settled(pool: FunctionPool) -> dict:
@@ -257,10 +253,8 @@ async def test_pool_prepares_burst_sandboxes_trims_extras_and_gives_up_after_a_f
             await asyncio.sleep(0.02)
         return pool.state()
 
-    async with node_parts(EXAMPLES, "cpu") as (catalog, zygote, backbones):
-        echo = next(s for s in catalog.specs if s["name"] == "echo")
-        pool = FunctionPool({**echo, "max_instances": 3}, SandboxConfig(), zygote, backbones,
-                            catalog.isolation["echo"], Profiles(), keep_alive_s=None)
+    async with node_parts(EXAMPLES, "cpu") as parts:
+        pool = parts.pool("echo", max_instances=3)
         try:
             assert pool.prepare([Level.LOADED, Level.LOADED, Level.SPAWNED], most=2) == 2
             assert (await settled(pool))["levels"] == ["loaded", "loaded"]
@@ -280,10 +274,8 @@ async def test_pool_prepares_burst_sandboxes_trims_extras_and_gives_up_after_a_f
                 await asyncio.sleep(0.02)
         finally:
             await pool.close()
-    async with node_parts(TEST_FUNCTIONS, "cpu") as (catalog, zygote, backbones):
-        stuck = next(s for s in catalog.specs if s["name"] == "stuck-setup")
-        pool = FunctionPool(stuck, SandboxConfig(), zygote, backbones,
-                            catalog.isolation["stuck-setup"], Profiles(), keep_alive_s=None)
+    async with node_parts(TEST_FUNCTIONS, "cpu") as parts:
+        pool = parts.pool("stuck-setup")
         try:
             assert pool.prepare([Level.LOADED], most=1) == 1
             while pool.instances:  # killed after its start_timeout_s

@@ -229,12 +229,12 @@ async def test_idle_sandbox_that_dies_is_dropped_at_once(client):
 
 async def test_zygote_death_kills_its_sandboxes_and_it_is_restarted(client, node):
     first = (await client.invoke("crash", {})).output
-    zygote = zygote_pid(node.proc.pid)
+    zygote = zygote_pid(node.proc.pid, light=True)
     killed = [zygote, *sandbox_host_pids(first["uid"])]
     os.kill(zygote, signal.SIGKILL)
     assert await asyncio.to_thread(wait_all_gone, set(killed)) == set()  # its sandboxes die with it
     again = (await client.invoke("crash", {}, timeout_s=60)).output
-    assert again["instance"] != first["instance"] and zygote_pid(node.proc.pid) != zygote
+    assert again["instance"] != first["instance"] and zygote_pid(node.proc.pid, light=True) != zygote
     await assert_still_serving(client)
 
 

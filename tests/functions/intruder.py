@@ -20,7 +20,8 @@ def backbone_fd() -> int:
     raise RuntimeError("no backbone descriptor")
 
 
-@function(name="intruder", backbone=model_path(), adapter=adapter_path("summarize"), timeout_s=60)
+@function(name="intruder", backbone=model_path(), adapter=adapter_path("summarize"), timeout_s=60,
+          engine="sandbox")
 def intruder(event: dict, ctx) -> dict:
     fd = backbone_fd()
     host, port = event["nats"].removeprefix("nats://").split(":")

@@ -12,7 +12,8 @@ from faas import function
 from faas.bundled import adapter_path, model_path
 
 
-@function(name="scribble", backbone=model_path(), adapter=adapter_path("sql"), timeout_s=60)
+@function(name="scribble", backbone=model_path(), adapter=adapter_path("sql"), timeout_s=60,
+          engine="sandbox")
 def scribble(event: dict, ctx) -> dict:
     written = 0
     for obj in gc.get_objects():

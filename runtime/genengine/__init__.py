@@ -1,0 +1,11 @@
+"""The generation engine: one process per (base model, device) on a node that holds the
+backbone, the adapters of every function it serves and one KV cache, and batches every
+function's generations together, each row with its own LoRA adapter.
+
+- `server`: the engine process (no user code; adapters arrive as data and are checked);
+- `registry`: the node's handle on its engines (start, connect a sandbox, retire);
+- `client`: a sandbox's connection to its engine (light: no torch), behind `ctx.generate`.
+
+A sandbox reaches the engine only through the connection the node opened for it and bound
+to its function: every adapter it stages, and every row it asks for, is that function's.
+"""
