@@ -39,7 +39,8 @@ def main() -> int:
     import torch
 
     from bench.models import prompt_of
-    from runtime.engine import UsageMeter, load_engine
+    from runtime.engine import load_engine
+    from runtime.usage import UsageMeter
 
     torch.set_num_threads(1)
     engine = load_engine(str(args.model), str(args.adapter))

@@ -82,17 +82,17 @@ def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
     return model_dir
 
 
-def write_functions(folder: Path, model_dir: Path, names: list[str]) -> None:
-    """One function file per name, function i on adapter a<i>. An event carries either a
-    `prompt`, or `prompt_tokens` (a prompt of about that many tokens is made) and
-    `output_tokens` (default 1)."""
+def write_functions(folder: Path, model_dir: Path, names: list[str], engine: str = "shared") -> None:
+    """One function file per name, function i on adapter a<i>, generating where `engine`
+    says (FunctionSpec.engine). An event carries either a `prompt`, or `prompt_tokens` (a
+    prompt of about that many tokens is made) and `output_tokens` (default 1)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, adapter in adapters_of(model_dir, names).items():
         (folder / f"{name}.py").write_text(
             "from faas import function\n"
             f"@function(name={name!r}, backbone={str(model_dir)!r}, "
             f"adapter={str(adapter)!r}, timeout_s=300, max_queue=1024, "
-            "max_instances=8)\n"
+            f"max_instances=8, engine={engine!r})\n"
             "def handler(event, ctx):\n"
             f"    prompt = event.get('prompt') or {PROMPT_WORD!r} * int(event['prompt_tokens'])\n"
             "    r = ctx.generate(prompt, max_new_tokens=int(event.get('output_tokens', 1)), ignore_eos=True)\n"

@@ -1,12 +1,18 @@
 """The serving modes `faas bench` compares, all behind a NATS front door that answers like a
 faas node (same envelope, TTFT from the front door's receive time to the first token):
 
-- `ours`: this system, one node (`faas up`) serving the functions on one shared backbone;
-  `ours-no-preload` the same without predictive pre-loading (fixed keep-alives),
-  `ours-rate` with the rate estimate instead of the hybrid histogram; `ours-no-batching`
-  one request per sandbox at a time (`--max-batch 1`), `ours-no-window` batching without
-  the contention-aware window (`--no-batch-window`);
-- `serverful`: one always-on process with every adapter, batching across adapters;
+- `ours`: this system, one node (`faas up`) serving the functions on one shared backbone,
+  their generations batched together in the node's engine; `ours-sandbox` the paper's
+  path (each function generates in its own sandbox, the backbone mapped into it);
+  `ours-no-preload` without predictive pre-loading (fixed keep-alives), `ours-rate` with
+  the rate estimate instead of the hybrid histogram; `ours-no-batching` one request per
+  sandbox at a time (`--max-batch 1`), `ours-no-window` batching without the
+  contention-aware window (`--no-batch-window`);
+- `serverful`: the same node and engine always on: every function loaded before the
+  replay, nothing ever scaled down, billed at its peak for the whole run; what `ours` vs
+  `serverful` shows is exactly what serverless adds and costs;
+- `serverful-peft`: one always-on process with every adapter in one peft model, static
+  batches across adapters (bench/serverful.py);
 - `isolated`: classic serverless, a fresh process with its own backbone copy per instance;
 - `fast-load`: the same with the checkpoints staged in host memory (ServerlessLLM);
 - `ray-serve`: Ray Serve with multiplexed adapters, autoscaling from zero.
@@ -108,8 +114,10 @@ class Ours(_ThroughNats):
 
     billing = "serverless"
 
-    def __init__(self, config: ModeConfig, name: str = "ours", options: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: ModeConfig, name: str = "ours", options: tuple[str, ...] = (),
+                 engine: str = "shared") -> None:
         self.name = name
+        self.names = config.names
         self.device = config.device
         self.device_baseline = 0
         self.functions = config.workdir / f"functions-{name}"
@@ -118,7 +126,7 @@ class Ours(_ThroughNats):
         # functions.
         for left in (self.state_dir, self.functions):
             shutil.rmtree(left, ignore_errors=True)
-        write_functions(self.functions, config.model_dir, config.names)
+        write_functions(self.functions, config.model_dir, config.names, engine)
         self.log = open(config.workdir / f"{name}.log", "wb")  # the node's log: what it planned
         self.node = LocalNode(self.functions, state_dir=self.state_dir, stderr=self.log.fileno(),
                               extra_args=("--sandbox-uids", "65000-65999",
@@ -208,10 +216,29 @@ class ServingProcess(_ThroughNats):
         await self.server.stop()
 
 
-def serverful(config: ModeConfig) -> ServingProcess:
-    """One always-on process with every adapter (bench/serverful.py), billed for its peak
-    for the whole run, as provisioned capacity is."""
-    return ServingProcess("serverful", "serverful", "bench.serverful",
+class EngineServerful(Ours):
+    """Our node as an always-on multi-LoRA server: every function loaded on the engine
+    before the replay (those warm-up requests are not part of it), no keep-alive ever ends,
+    nothing pre-loaded or offloaded, billed for its peak for the whole run."""
+
+    billing = "serverful"
+
+    def __init__(self, config: ModeConfig) -> None:
+        forever = str(365 * 24 * 3600)
+        super().__init__(config, "serverful", ("--no-preload", "--sandbox-keep-alive-s", forever,
+                                               "--backbone-keep-alive-s", forever))
+
+    async def start(self) -> None:
+        await super().start()
+        assert self.client is not None
+        await asyncio.gather(*(self.client.invoke(name, {"prompt_tokens": 8, "output_tokens": 1},
+                                                  timeout_s=300, retries=0) for name in self.names))
+
+
+def serverful_peft(config: ModeConfig) -> ServingProcess:
+    """One always-on process with every adapter in one peft model (bench/serverful.py),
+    billed for its peak for the whole run, as provisioned capacity is."""
+    return ServingProcess("serverful-peft", "serverful", "bench.serverful",
                           ["--model", str(config.model_dir), "--functions", ",".join(config.names)],
                           config.workdir)
 
@@ -427,12 +454,14 @@ class ClassicServerless(_ThroughNats):
 
 MODES: dict[str, Callable[[ModeConfig], Mode]] = {
     "ours": Ours,
+    "ours-sandbox": lambda config: Ours(config, "ours-sandbox", engine="sandbox"),
     "ours-no-preload": lambda config: Ours(config, "ours-no-preload", ("--no-preload",)),
     "ours-rate": lambda config: Ours(config, "ours-rate", ("--predictor", "rate")),
     "ours-no-batching": lambda config: Ours(config, "ours-no-batching", ("--max-batch", "1")),
     "ours-no-window": lambda config: Ours(config, "ours-no-window", ("--no-batch-window",)),
     "isolated": lambda config: ClassicServerless(config, staged=False),
     "fast-load": lambda config: ClassicServerless(config, staged=True),
-    "serverful": serverful,
+    "serverful": EngineServerful,
+    "serverful-peft": serverful_peft,
     "ray-serve": ray_serve,
 }

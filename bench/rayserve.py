@@ -85,7 +85,7 @@ class LoraReplica:
 
     def _generate(self, function: str, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
         from bench.models import prompt_of
-        from runtime.engine import UsageMeter
+        from runtime.usage import UsageMeter
 
         self.engine.model.set_adapter(function)
         meter = UsageMeter()

@@ -1,4 +1,4 @@
-"""The `serverful` baseline: one always-on process with the backbone and every adapter
+"""The `serverful-peft` baseline: one always-on process with the backbone and every adapter
 loaded in one peft model (vLLM / S-LoRA style, no isolation), batching pending requests
 across adapters with peft's `adapter_names=`. It answers `faas.invoke.<function>` on NATS
 with the same envelope and metrics as a faas node, TTFT measured the same way: from
@@ -93,7 +93,7 @@ class Server:
             except Exception as exc:  # one bad batch fails its requests, not the server
                 outcomes = [exc] * len(batch)
             for pending, outcome in zip(batch, outcomes):
-                body, headers = answer("serverful", pending.received, outcome)
+                body, headers = answer("serverful-peft", pending.received, outcome)
                 await nc.publish(pending.msg.reply, body, headers=headers)  # type: ignore[attr-defined]
 
 
@@ -114,7 +114,7 @@ async def main_async(args: argparse.Namespace) -> None:
             pending = Pending(msg, function, prompt_of(int(event["prompt_tokens"])),
                               int(event.get("output_tokens", 1)), received)
         except Exception as exc:  # a bad request gets its error, the others their batch
-            body, headers = answer("serverful", received, exc)
+            body, headers = answer("serverful-peft", received, exc)
             assert nc is not None
             await nc.publish(msg.reply, body, headers=headers)
             return

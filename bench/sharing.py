@@ -6,11 +6,13 @@ functions each holding its own backbone copy (classic serverless), in one run.
 Model: a ~190M-parameter Llama (hidden 1024, 16 layers, 16 heads / 8 KV) in bf16, built
 offline with fixed seeds, with one LoRA adapter (r=8, q/v) per function.
 
-- shared: one node (`faas up`) serving N functions; functions are warmed one after another
-  and the total PSS of the node's processes (agent, zygote, sandboxes; not nats-server) is
-  read from /proc/PID/smaps_rollup after each. The first-token time of each function's
-  first request (its sandbox not yet loaded) is the node's `ttft_ms`; after the first
-  function the backbone is warm.
+- engine / sandbox: one node (`faas up`) serving N functions, generating in the node's
+  engine (the default) or each in its own sandbox with the backbone mapped (the paper's
+  path); functions are warmed one after another and the total PSS of the node's processes
+  (agent, zygotes, engine, sandboxes; not nats-server) is read from /proc/PID/smaps_rollup
+  after each, with the engine's own share. The first-token time of each function's first
+  request (its sandbox not yet loaded) is the node's `ttft_ms`; after the first function
+  the backbone (and the engine) is warm.
 - copies: N fresh processes, each loading backbone + adapter itself and copying the weights
   into private memory (separate instances share no page cache); total PSS after each, and
   each process's time from spawn to its first token (a fresh-process cold start).
@@ -29,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.accounting import process_tree, pss_bytes
+from bench.accounting import process_tree, processes, pss_bytes
 from bench.models import PROMPT, adapter_dir, build_model, write_functions
 from faas import Client
 from faas.bundled import faas_home
@@ -40,7 +42,8 @@ _COPY_CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from runtime.engine import UsageMeter, load_engine
+from runtime.engine import load_engine
+from runtime.usage import UsageMeter
 backbone, adapter, spawned_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 engine = load_engine(backbone, adapter)
 for p in engine.model.parameters():
@@ -52,9 +55,9 @@ sys.stdin.read()
 """.format(prompt=PROMPT)
 
 
-async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
-    functions = workdir / "functions"
-    write_functions(functions, model_dir, [f"fn{i}" for i in range(max(counts))])
+async def run_shared(model_dir: Path, counts: list[int], workdir: Path, engine: str) -> dict:
+    functions = workdir / f"functions-{engine}"
+    write_functions(functions, model_dir, [f"fn{i}" for i in range(max(counts))], engine)
     # Its own uid range: a `faas up` may be running beside the benchmark.
     node = LocalNode(functions, stderr=subprocess.DEVNULL, state_dir=workdir / "nats",
                      extra_args=("--sandbox-uids", "65000-65999"))
@@ -67,8 +70,11 @@ async def run_shared(model_dir: Path, counts: list[int], workdir: Path) -> dict:
                 ttfts.append(result.metrics["ttft_ms"])
                 if i + 1 in counts:
                     await asyncio.sleep(0.5)
-                    points.append({"functions": i + 1, "pss_bytes": pss_bytes(process_tree(node.proc.pid, skip=b"nats-server"))})
-                    print(f"shared  {i + 1:>3} functions: {points[-1]['pss_bytes'] / MIB:8.0f} MiB")
+                    tree = process_tree(node.proc.pid, skip=b"nats-server")
+                    engines = [p.pid for p in processes() if p.pid in tree and b"genengine" in p.cmdline]
+                    points.append({"functions": i + 1, "pss_bytes": pss_bytes(tree),
+                                   "engine_pss_bytes": pss_bytes(engines)})
+                    print(f"{engine:<8}{i + 1:>3} functions: {points[-1]['pss_bytes'] / MIB:8.0f} MiB")
     finally:
         node.stop()
     return {"points": points, "first_request_ttft_ms": ttfts}
@@ -104,17 +110,19 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (mem, ttft) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in ("shared", "copies"):
+    for mode in ("engine", "sandbox", "copies"):
         pts = result[mode]["points"]
         mem.plot([p["functions"] for p in pts], [p["pss_bytes"] / MIB for p in pts], "o-", label=mode)
     mem.set_xlabel("warm LoRA functions")
     mem.set_ylabel("total PSS (MiB)")
     mem.set_title("memory: one shared backbone vs a copy each")
     mem.legend()
-    shared_cold = result["shared"]["first_request_ttft_ms"][1:]
-    fresh = result["copies"]["fresh_process_ttft_ms"]
-    ttft.bar(["not-yet-loaded fn,\nwarm backbone", "fresh process"],
-             [sorted(shared_cold)[len(shared_cold) // 2], sorted(fresh)[len(fresh) // 2]])
+    engine_cold = sorted(result["engine"]["first_request_ttft_ms"][1:])
+    sandbox_cold = sorted(result["sandbox"]["first_request_ttft_ms"][1:])
+    fresh = sorted(result["copies"]["fresh_process_ttft_ms"])
+    ttft.bar(["not-yet-loaded fn,\nwarm engine", "not-yet-loaded fn,\nwarm backbone\n(own sandbox)",
+              "fresh process"],
+             [engine_cold[len(engine_cold) // 2], sandbox_cold[len(sandbox_cold) // 2], fresh[len(fresh) // 2]])
     ttft.set_ylabel("time to first token, median (ms)")
     ttft.set_yscale("log")
     ttft.set_title("cold start")
@@ -137,27 +145,29 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"benchmark": "sharing", "counts": counts, "backbone_bytes": backbone_bytes,
               "machine": {"cpus": os.cpu_count()}}
-    result["shared"] = asyncio.run(run_shared(model_dir, counts, workdir))
+    for engine in ("engine", "sandbox"):
+        result[engine] = asyncio.run(run_shared(model_dir, counts, workdir,
+                                                "shared" if engine == "engine" else "sandbox"))
     result["copies"] = run_copies(model_dir, counts)
-    shared_cold = sorted(result["shared"]["first_request_ttft_ms"][1:])
     fresh = sorted(result["copies"]["fresh_process_ttft_ms"])
-    result["summary"] = {
-        "cold_ttft_warm_backbone_p50_ms": shared_cold[len(shared_cold) // 2] if shared_cold else None,
-        "fresh_process_ttft_p50_ms": fresh[len(fresh) // 2],
-    }
-    if shared_cold:
-        result["summary"]["cold_start_cut_x"] = (result["summary"]["fresh_process_ttft_p50_ms"]
-                                                 / result["summary"]["cold_ttft_warm_backbone_p50_ms"])
-    if 8 in counts:
-        shared8 = next(p for p in result["shared"]["points"] if p["functions"] == 8)["pss_bytes"]
-        result["summary"]["shared_8_bytes"] = shared8
-        result["summary"]["target_8_bytes"] = 1.5 * backbone_bytes + 8 * 100 * MIB
+    result["summary"] = {"fresh_process_ttft_p50_ms": fresh[len(fresh) // 2]}
+    for engine in ("engine", "sandbox"):
+        cold = sorted(result[engine]["first_request_ttft_ms"][1:])
+        if cold:
+            result["summary"][f"{engine}_cold_ttft_warm_backbone_p50_ms"] = cold[len(cold) // 2]
+        if 8 in counts:
+            point = next(p for p in result[engine]["points"] if p["functions"] == 8)
+            result["summary"][f"{engine}_8_bytes"] = point["pss_bytes"]
+            if engine == "engine":  # the node, all told, within the engine + 40 MiB a function
+                result["summary"]["engine_process_8_bytes"] = point["engine_pss_bytes"]
+                result["summary"]["target_8_bytes"] = point["engine_pss_bytes"] + 8 * 40 * MIB
     (out / "sharing.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "sharing.png")
 
-    print(f"\n{'functions':>9} {'shared MiB':>11} {'copies MiB':>11}")
-    for s, c in zip(result["shared"]["points"], result["copies"]["points"]):
-        print(f"{s['functions']:>9} {s['pss_bytes'] / MIB:>11.0f} {c['pss_bytes'] / MIB:>11.0f}")
+    print(f"\n{'functions':>9} {'engine MiB':>11} {'sandbox MiB':>12} {'copies MiB':>11}")
+    for e, s, c in zip(result["engine"]["points"], result["sandbox"]["points"], result["copies"]["points"]):
+        print(f"{e['functions']:>9} {e['pss_bytes'] / MIB:>11.0f} {s['pss_bytes'] / MIB:>12.0f} "
+              f"{c['pss_bytes'] / MIB:>11.0f}")
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {out / 'sharing.json'} and {out / 'sharing.png'}")
     return 0
