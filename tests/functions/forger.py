@@ -58,6 +58,7 @@ def forger(event: dict, ctx) -> dict:
         "restage_other_adapter": _outcome(lambda: conn.stage(adapter_path("sql"))),
         "huge_max_new_tokens": _outcome(lambda: conn._ask({**gen, "max_new_tokens": 10**9}, "done")),
         "bad_option": _outcome(lambda: conn._ask({**gen, "temperature": "hot"}, "done")),
+        "bad_chat": _outcome(lambda: conn._ask({"type": "chat", "messages": [{"role": 1, "x": "y"}]}, "chat")),
     }
     # More generations at once than its max_batch: the ones past its share are refused.
     outcomes: list[str] = []
