@@ -120,6 +120,22 @@ async def nodes_of(node) -> list[dict]:
         return await operator.nodes()
 
 
+async def wait_for_state(node, function: str, **expected: int) -> None:
+    """Until `faas ls` shows `function` with the `expected` counts (a few seconds at most)."""
+    from faas import Client
+
+    state = None
+    # One operator connection for every look: the states waited for last ~a second.
+    async with Client(node.url, **node.node_credentials()) as operator:
+        for _ in range(200):
+            listing = await operator.nodes(wait_s=0.05)  # a busy node may answer late: ask again
+            states = [fn for each in listing for fn in each["functions"] if fn["name"] == function]
+            if states and all(states[0][k] == v for k, v in expected.items()):
+                return
+            state = states[0] if states else state
+    raise AssertionError(f"{function} never reached {expected}: {state}")
+
+
 def zygote_family() -> list[tuple[int, int, int]]:
     """(pid, ppid, real uid) of every zygote and sandbox process on the host (sandboxes are
     forked from the zygote and carry its command line)."""

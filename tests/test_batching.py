@@ -12,7 +12,7 @@ import pytest
 
 from faas import BadRequest, Cancelled, Client, DeadlineExceeded, protocol
 from faas.bundled import adapter_path, model_path
-from tests.conftest import EXAMPLES, nodes_of
+from tests.conftest import EXAMPLES, nodes_of, wait_for_state
 from tests.reference import decode, example_prompt, greedy_token_ids
 
 PROMPTS = ["Where is my refund for order 1042?", "hi", "x y z " * 12,
@@ -204,9 +204,8 @@ async def test_a_cancelled_stream_stops_generating_and_frees_its_place(client, n
     # 1000 tokens take several seconds here: the generation stopped, it did not run out.
     alone = await client.invoke("writer", {"prompt": "hi", "max_new_tokens": 4}, timeout_s=60)
     assert alone.metrics["batch"] == 1  # nothing left of the cancelled row in the batch
-    (listing,) = await nodes_of(node)
-    (writer,) = [f for f in listing["functions"] if f["name"] == "writer"]
-    assert writer["active"] == 0
+    # The cancelled handler returns once its generation has stopped; then its place is free.
+    await wait_for_state(node, "writer", active=0)
     assert stopped_after < 10
 
 
@@ -216,13 +215,7 @@ async def test_sdk_leaving_a_stream_early_cancels_it(client, node):
         async for _ in stream:
             break
     assert stream.result is None
-    for _ in range(100):  # the node hears the cancel, the sandbox stops the row
-        (listing,) = await nodes_of(node)
-        if [f for f in listing["functions"] if f["name"] == "writer"][0]["active"] == 0:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the abandoned stream kept generating")
+    await wait_for_state(node, "writer", active=0)  # the node heard the cancel, the row stopped
 
 
 async def test_a_request_past_its_deadline_gets_504_and_never_runs(client, nc):

@@ -14,7 +14,8 @@ import pytest
 
 from faas import Client, DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
 from faas.protocol import HDR_REQUEST_ID, HDR_TIMEOUT_MS
-from tests.conftest import assert_still_serving, error_of, nodes_of, sandbox_host_pids, wait_all_gone, zygote_pid
+from tests.conftest import (assert_still_serving, error_of, nodes_of, sandbox_host_pids, wait_all_gone,
+                            wait_for_state, zygote_pid)
 
 
 async def test_json_request_from_raw_nats_gets_json(nc):
@@ -150,19 +151,6 @@ async def test_500_sandbox_stuck_in_setup_is_killed_after_start_timeout(client, 
     (state,) = [fn for fn in listing["functions"] if fn["name"] == "stuck-setup"]
     assert state["starting"] == 0 and state["idle"] == 0
     await assert_still_serving(client)
-
-
-async def wait_for_state(node, function: str, **expected: int) -> None:
-    state = None
-    # One operator connection for every look: the states waited for last ~a second.
-    async with Client(node.url, **node.node_credentials()) as operator:
-        for _ in range(200):
-            listing = await operator.nodes(wait_s=0.05)  # a busy node may answer late: ask again
-            states = [fn for node in listing for fn in node["functions"] if fn["name"] == function]
-            if states and all(states[0][k] == v for k, v in expected.items()):
-                return
-            state = states[0] if states else state
-    raise AssertionError(f"{function} never reached {expected}: {state}")
 
 
 async def test_503_queue_full(client, node):
