@@ -1,7 +1,7 @@
 """Continuous batching: every generation submitted runs in one batch with one KV cache, in a
 thread of its own. In a sandbox (the paper's path) the batch holds one function's requests;
 in the generation engine (runtime/genengine/) it holds every function's, each row with its
-own LoRA adapter (peft's mixed batches: `adapter_names`).
+own LoRA adapter (`route`: runtime/genengine/stacked.py).
 
 Each turn of the loop admits waiting generations, earliest deadline first (a request's
 deadline is its arrival plus its function's TTFT SLO in the engine, its arrival in a
@@ -118,10 +118,12 @@ class Batcher:
     def __init__(self, model: Any, tokenizer: Any, device: str, max_batch: int,
                  on_prefill: Callable[[Prefill], None] = lambda p: None,
                  max_prefill_tokens: int = 2048, prefill_budget_s: float | None = None,
-                 mixed: bool = False, chunk_tokens: int | None = None) -> None:
+                 route: Callable[[list[str | None]], dict[str, Any]] | None = None,
+                 chunk_tokens: int | None = None) -> None:
         self.model = model
-        # A peft model with several adapters, each row naming its own (`adapter_names`).
-        self.mixed = mixed
+        # A peft model with several adapters: before each forward, `route` hears each row's
+        # adapter and gives the forward's extra arguments.
+        self.route = route
         # The most rows an owner may hold at once (default: the whole batch), so that one
         # function's crowd cannot take every row from the others.
         self.shares: dict[str, int] = {}
@@ -285,11 +287,8 @@ class Batcher:
                  requests: list[GenRequest]) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         extra: dict[str, Any] = {}
-        if self.mixed and hasattr(self.model, "peft_config"):
-            # A row whose adapter left the model is a cancelled one on its way out (peft
-            # refuses unknown names for the whole batch): it runs on the bare backbone.
-            loaded = self.model.peft_config
-            extra["adapter_names"] = [r.adapter if r.adapter in loaded else "__base__" for r in requests]
+        if self.route is not None and hasattr(self.model, "peft_config"):
+            extra = self.route([r.adapter for r in requests])
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()

@@ -121,7 +121,8 @@ async def test_a_forging_flooding_function_is_refused_and_changes_nobody_else(cl
     forged, honest = await asyncio.gather(client.invoke("forger", {}, timeout_s=120),
                                           client.invoke("writer", event, timeout_s=120))
     out = forged.output
-    for attempt in ("forge_adapter", "forge_function", "huge_max_new_tokens", "bad_option", "bad_chat"):
+    for attempt in ("forge_adapter", "forge_function", "stage_variant", "huge_max_new_tokens", "bad_option",
+                    "bad_chat"):
         assert out[attempt].startswith("refused 400"), (attempt, out[attempt])
     assert out["restage_other_adapter"].startswith("refused 409")
     assert out["flood_refused"] >= 1 and out["flood_served"] >= 4

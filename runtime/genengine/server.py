@@ -149,12 +149,15 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, device: str, max_rows: int) -> None:
         from runtime.generation import Batcher
+        from runtime.genengine.stacked import StackedLora
 
         self.device = device
         self.tokenizer = tokenizer
         self.base_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.batcher = Batcher(model, tokenizer, device, max_rows, mixed=True, chunk_tokens=CHUNK_TOKENS)
+        self.lora = StackedLora()
+        self.batcher = Batcher(model, tokenizer, device, max_rows, chunk_tokens=CHUNK_TOKENS,
+                               route=lambda adapters: self.lora.route(adapters, device))
         self.adapters: dict[str, _Adapter] = {}
         self.conns: dict[int, _Conn] = {}
         self.selector = selectors.DefaultSelector()
@@ -288,6 +291,11 @@ class Engine:
             raise _Refused(400, f"only LoRA adapters are served, not {config.peft_type}")
         if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
             raise _Refused(400, "modules_to_save / trainable tokens cannot run on a shared backbone")
+        variants = [flag for flag in ("use_dora", "lora_bias", "alora_invocation_tokens")
+                    if getattr(config, flag, None)]
+        if variants:
+            raise _Refused(400, f"LoRA variants ({', '.join(variants)}) are not served by the engine: "
+                                f"declare the function engine=\"sandbox\"")
         if not 0 < int(getattr(config, "r", 0)) <= MAX_RANK:
             raise _Refused(400, f"rank must be 1..{MAX_RANK}")
         try:
@@ -366,6 +374,7 @@ class Engine:
             self._take_off(adapter)
             raise ValueError(f"the adapter lacks weights for {missing[:3]}")
         self.batcher.model = model.eval()
+        self.lora.rebuild(model)
 
     def _take_off(self, adapter: _Adapter) -> None:
         """On the batcher's thread, between turns: remove the adapter from the model (the
@@ -377,6 +386,7 @@ class Engine:
             self.batcher.model = model.unload()
         else:
             model.delete_adapter(adapter.key)
+            self.lora.rebuild(model)
 
     def _gen(self, conn: _Conn, ident: int, frame: dict[str, Any]) -> None:
         from runtime.generation import GenRequest

@@ -3,9 +3,12 @@ handler: what a hostile function can reach is its own sandbox's objects, so it f
 connection the node handed it and sends what the SDK never would."""
 
 import gc
+import json
 import os
 import sys
 import threading
+
+from pathlib import Path
 
 from faas import function
 from faas.bundled import adapter_path, model_path
@@ -23,6 +26,11 @@ def _outcome(action) -> str:
     except Exception as exc:  # what the engine answered, as the SDK raises it
         return f"refused {getattr(exc, 'code', '?')}: {type(exc).__name__}"
     return "ALLOWED"
+
+
+def _own(name: str):
+    data = (Path(adapter_path("summarize")) / name).read_bytes()
+    return json.loads(data) if name.endswith(".json") else data
 
 
 @function(name="lookout", backbone=model_path(), adapter=adapter_path("summarize"), timeout_s=60)
@@ -56,6 +64,10 @@ def forger(event: dict, ctx) -> dict:
         # Swap its adapter for another function's weights (it may read them here: tests share
         # one folder of adapters).
         "restage_other_adapter": _outcome(lambda: conn.stage(adapter_path("sql"))),
+        # Its own weights as a LoRA variant the engine's batched step does not compute.
+        "stage_variant": _outcome(lambda: conn._ask({"type": "stage", "config": {**_own("adapter_config.json"),
+                                                                                  "use_dora": True},
+                                                     "weights": _own("adapter_model.safetensors")}, "staged")),
         "huge_max_new_tokens": _outcome(lambda: conn._ask({**gen, "max_new_tokens": 10**9}, "done")),
         "bad_option": _outcome(lambda: conn._ask({**gen, "temperature": "hot"}, "done")),
         "bad_chat": _outcome(lambda: conn._ask({"type": "chat", "messages": [{"role": 1, "x": "y"}]}, "chat")),
