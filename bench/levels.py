@@ -26,7 +26,7 @@ from faas.bundled import faas_home
 from runtime.backbones import BackboneRegistry
 from runtime.catalog import load_catalog
 from runtime.genengine.registry import EngineRegistry
-from runtime.levels import STEPS, Level, Profiles
+from runtime.levels import STEPS, Level, Profiles, engine_key
 from runtime.pool import FunctionPool
 from runtime.sandboxes import SandboxConfig, Zygote
 
@@ -115,7 +115,7 @@ async def measure(device: str, repeat: int, prompt_tokens: int) -> dict[str, Any
                             await pool.close()
             finally:
                 (parts.engines if path == "engine" else parts.backbones).release(warm)  # type: ignore[arg-type]
-            profile = profiles.of(spec["backbone"])
+            profile = profiles.of(engine_key(spec["backbone"]) if path == "engine" else spec["backbone"])
             result["paths"][path] = {
                 "warm_up_ms": warm_s * 1000,
                 "levels": {label: {"found": sorted({r["found"] for r in runs}),

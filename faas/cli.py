@@ -67,6 +67,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
         batch_windows=not args.no_batch_window, memory_budget_gib=args.memory_budget_gib,
         device_memory_budget_gib=args.device_memory_budget_gib, device=args.device,
+        engine_kv_gib=args.engine_kv_gib,
         events=EventsConfig(enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s,
                             subjects=tuple(args.events_subjects.split(","))),
         backbone_keep_alive_s=args.backbone_keep_alive_s,
@@ -401,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "it idle sandboxes are offloaded, then requests get 503")
     up.add_argument("--device-memory-budget-gib", type=_positive, default=None,
                     help="device memory the node may hold (default: 9/10 of the GPU's)")
+    up.add_argument("--engine-kv-gib", type=_positive, default=None,
+                    help="each generation engine's KV cache (default: 1 GiB on a CPU, half the "
+                         "GPU memory free after the backbone); a request it has no room for "
+                         "within its TTFT SLO gets 503 with Retry-After")
     up.add_argument("--ack-every-s", type=_positive, default=30.0,
                     help="while a request that asked for acknowledgements runs, acknowledge it "
                          "again this often (below any NATS service import's response threshold "

@@ -10,7 +10,12 @@ with one batched prefill; merges their cache into the running batch (left-padded
 attention mask and per-row positions); then, unless more admissible prompts wait for room
 they have, decodes one token for every row. With `chunk_tokens`, a prompt longer than that
 is prefilled one chunk per turn, between the decode steps of the running rows, so a long
-prompt does not stop every other generation for the length of its prefill. A row leaves the batch when it reaches EOS,
+prompt does not stop every other generation for the length of its prefill. With `kv_tokens`,
+admission also keeps the KV cache within that many tokens (rows x width: a row reserves its
+prompt plus its token limit); a prompt that cannot fit even alone is refused at once, and
+while the cache is full, a request still waiting at its deadline is answered 503 with a
+retry hint (when enough rows will have finished, at the measured decode speed).
+A row leaves the batch when it reaches EOS,
 its token limit or a stop string, or when it is cancelled; the others go on. In fp32,
 greedy rows produce the tokens they would produce alone (padding is masked; PLATFORM.md:
 bf16 can differ).
@@ -29,7 +34,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from faas.errors import Cancelled
+from faas.errors import BadRequest, Cancelled, Overloaded
 from faas.sdk import Generation
 
 # (text delta, token ids since the last delta)
@@ -56,6 +61,11 @@ class GenRequest:
     future: Future[Generation] = field(default_factory=Future)
     first_token_at: float | None = None  # time.monotonic()
     prefill_batch: int = 0  # how many prompts its prefill ran with
+
+
+def _need(request: GenRequest) -> int:
+    """The KV cache tokens a generation may come to hold."""
+    return len(request.input_ids) + request.max_new_tokens
 
 
 class _Between:
@@ -119,7 +129,7 @@ class Batcher:
                  on_prefill: Callable[[Prefill], None] = lambda p: None,
                  max_prefill_tokens: int = 2048, prefill_budget_s: float | None = None,
                  route: Callable[[list[str | None]], dict[str, Any]] | None = None,
-                 chunk_tokens: int | None = None) -> None:
+                 chunk_tokens: int | None = None, kv_tokens: int | None = None) -> None:
         self.model = model
         # A peft model with several adapters: before each forward, `route` hears each row's
         # adapter and gives the forward's extra arguments.
@@ -141,6 +151,8 @@ class Batcher:
         self.chunk_tokens = chunk_tokens
         self._chunked: list[_Chunked] = []  # admitted long prompts, prefilled a chunk per turn
         self._admissible = False  # some of them would be admitted now but for the token budget
+        self.kv_tokens = kv_tokens
+        self.decode_s: float | None = None  # one decode step (moving average): retry hints
         self.on_prefill = on_prefill
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
@@ -157,7 +169,12 @@ class Batcher:
         self._thread.start()
 
     def submit(self, request: GenRequest) -> Future[Generation]:
-        self._queue.put(request)
+        if self.kv_tokens is not None and _need(request) > self.kv_tokens:
+            request.future.set_exception(BadRequest(
+                f"prompt ({len(request.input_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                f"is more than the {self.kv_tokens} tokens this engine's KV cache holds"))
+        else:
+            self._queue.put(request)
         return request.future
 
     def between_turns(self, fn: Callable[[], None]) -> Future[None]:
@@ -228,11 +245,13 @@ class Batcher:
         if not self._receive(block):
             return None
         room = self.max_batch - len(self._rows) - len(self._chunked)
-        held = collections.Counter(r.owner for r in [*(row.request for row in self._rows),
-                                                      *(job.request for job in self._chunked)])
+        running = [*(row.request for row in self._rows), *(job.request for job in self._chunked)]
+        held = collections.Counter(r.owner for r in running)
+        needs = [_need(r) for r in running]  # KV tokens each admitted row may come to hold
         taken: list[GenRequest] = []
         tokens = 0
         self._admissible = False
+        kv_full = False
         self._pending.sort(key=lambda r: r.deadline)
         for request in list(self._pending):
             if request.cancelled.is_set():
@@ -244,6 +263,10 @@ class Batcher:
                 break
             if held[request.owner] >= self.shares.get(request.owner, self.max_batch):
                 continue  # its owner's rows are all in use: the next owner's request goes first
+            if not self._kv_fits([*needs, _need(request)]):
+                kv_full = True  # it waits for rows to leave; nobody overtakes it meanwhile
+                break
+            needs.append(_need(request))
             if self.chunk_tokens is not None and len(request.input_ids) > self.chunk_tokens:
                 self._pending.remove(request)
                 self._chunked.append(_Chunked(request))
@@ -257,7 +280,37 @@ class Batcher:
             taken.append(request)
             held[request.owner] += 1
             tokens += len(request.input_ids)
+        if kv_full:
+            self._refuse_late(taken)
         return taken
+
+    def _kv_fits(self, needs: list[int]) -> bool:
+        """Whether rows that may come to hold `needs` tokens each fit the KV budget (the
+        cache is as wide as its longest row for every row: left padding)."""
+        return self.kv_tokens is None or len(needs) * max(needs) <= self.kv_tokens
+
+    def _refuse_late(self, taken: list[GenRequest]) -> None:
+        """The KV cache is full: a request still waiting at its deadline gets a 503 and when
+        to retry, rather than a first token ever later."""
+        now = time.monotonic()
+        for request in [r for r in self._pending if r.deadline < now]:
+            self._pending.remove(request)
+            request.future.set_exception(Overloaded(
+                "the engine's KV cache is full: no room for this generation within its TTFT SLO",
+                retry_after_s=self._kv_wait_s(_need(request), taken)))
+
+    def _kv_wait_s(self, need: int, taken: list[GenRequest]) -> float:
+        """Seconds until enough rows have finished for one of `need` tokens (each row at its
+        token limit, at the measured decode speed)."""
+        step = self.decode_s if self.decode_s is not None else 0.05
+        left = sorted([*((row.request, row.request.max_new_tokens - len(row.ids)) for row in self._rows),
+                       *((request, request.max_new_tokens) for request in taken)], key=lambda x: x[1])
+        staying = [_need(request) for request, _ in left] + [_need(job.request) for job in self._chunked]
+        for request, tokens in left:
+            staying.remove(_need(request))
+            if self._kv_fits([*staying, need]):
+                return max(0.1, tokens * step)
+        return max(0.1, max((tokens for _, tokens in left), default=1) * step)
 
     def _receive(self, block: bool) -> bool:
         """Move what was submitted to the waiting list; False when closing."""
@@ -351,10 +404,13 @@ class Batcher:
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None
+        started = time.monotonic()
         last = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
         logits = self._forward(last, self._mask, self._cache, [row.request for row in self._rows])
         self._advance(self._rows, logits)
+        took = time.monotonic() - started
+        self.decode_s = took if self.decode_s is None else self.decode_s + 0.3 * (took - self.decode_s)
 
     # --- the running batch --------------------------------------------------------------
 

@@ -10,6 +10,12 @@ A sandbox climbs the levels one step at a time, each step a frame to the sandbox
 
 COLD is no sandbox at all. A function without a backbone has nothing to attach or stage:
 those steps cost nothing for it.
+
+A function that generates in the node's engine climbs the same levels at other costs: its
+sandbox is forked from a light zygote (no torch), ATTACHED is a connection to the engine,
+STAGED its adapter sent to the engine, LOADED the adapter on the engine's model and the
+handler imported. Its profile is kept apart (`engine_key`), and there "the backbone" is the
+engine: what starting it takes (the backbone exported, then loaded by the engine) and holds.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ class Level(IntEnum):
 STEPS = (Level.SPAWNED, Level.ATTACHED, Level.STAGED, Level.LOADED)
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+
+
+_ENGINE = " (engine)"
+
+
+def engine_key(model: str) -> str:
+    """The profile (and plan) key of the functions that generate in `model`'s engine."""
+    return model + _ENGINE
+
+
+def model_of(key: str) -> tuple[str, bool]:
+    """The model a profile key names, and whether it is an engine's."""
+    return (key[:-len(_ENGINE)], True) if key.endswith(_ENGINE) else (key, False)
 
 
 def _weights_size(model: str) -> int:
@@ -71,6 +90,12 @@ def _prior() -> dict[Level, Cost]:
     # the first measurement of each step replaces it.
     return {Level.SPAWNED: Cost(0.015, 4 * MIB), Level.ATTACHED: Cost(0.1, 23 * MIB),
             Level.STAGED: Cost(0.01, 23 * MIB), Level.LOADED: Cost(0.18, 145 * MIB)}
+
+
+def _engine_prior() -> dict[Level, Cost]:
+    # The same on the engine (bench/runs/cpu-2core/engine/levels): a light sandbox.
+    return {Level.SPAWNED: Cost(0.01, 3 * MIB), Level.ATTACHED: Cost(0.002, 3 * MIB),
+            Level.STAGED: Cost(0.015, 4 * MIB), Level.LOADED: Cost(0.1, 4 * MIB)}
 
 
 @dataclass
@@ -125,8 +150,11 @@ class Profiles:
                 for step in (Level.ATTACHED, Level.STAGED):
                     profile.steps[step] = Cost(0.0, profile.steps[Level.SPAWNED].host_bytes)
             else:  # until it is loaded once: its size on disk, and a load time guessed from it
-                size = _weights_size(model)
-                self.observe_backbone(model, 1.0 + size / GIB, size)
+                folder, engine = model_of(model)
+                size = _weights_size(folder)
+                if engine:  # exported, then loaded again by the engine
+                    profile.steps = _engine_prior()
+                self.observe_backbone(model, (2.0 if engine else 1.0) * (1.0 + size / GIB), size)
         return profile
 
     @property
@@ -137,11 +165,13 @@ class Profiles:
                 device_bytes: int) -> None:
         self.of(model).steps[level].observe(seconds, host_bytes, device_bytes)
 
-    def observe_backbone(self, model: str, seconds: float, size: int) -> None:
-        """A backbone's load time and size (in device memory on a GPU node, else in host)."""
+    def observe_backbone(self, model: str, seconds: float, size: int, more: tuple[int, int] = (0, 0)) -> None:
+        """A backbone's load time and size (in device memory on a GPU node, else in host),
+        plus `more` (host, device) bytes that come with it (an engine's runtime and cache)."""
         profile = self.of(model)
         profile.backbone_seconds = seconds
-        profile.backbone_bytes, profile.backbone_device_bytes = (0, size) if self.on_device else (size, 0)
+        host, device = (0, size) if self.on_device else (size, 0)
+        profile.backbone_bytes, profile.backbone_device_bytes = host + more[0], device + more[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {model or "(plain)": p.to_dict() for model, p in self._by_model.items()}

@@ -46,7 +46,7 @@ from runtime.events import EventConsumers, EventsConfig
 from runtime.history import History
 from runtime.inflight import Flight, InFlight
 from runtime.isolation import Isolation
-from runtime.levels import Profiles
+from runtime.levels import GIB, Profiles
 from runtime.metrics import NodeMetrics
 from runtime.offload import MemoryGuard, node_budget
 from runtime.outputs import FunctionOutputs
@@ -83,6 +83,7 @@ class NodeConfig:
     # What the node may hold (runtime/offload.py); None: 3/4 of RAM, 9/10 of the GPU.
     memory_budget_gib: float | None = None
     device_memory_budget_gib: float | None = None
+    engine_kv_gib: float | None = None  # each engine's KV cache (None: its default)
     events: EventsConfig = field(default_factory=EventsConfig)
     # Where deployed functions' backbones are looked up by fingerprint ($FAAS_HOME/models too).
     models_dirs: tuple[Path, ...] = ()
@@ -129,7 +130,8 @@ class Node:
             config.sandbox.threads, config.loader_isolation)
         self.engines = EngineRegistry(
             self.backbones, keep_alive_s=self.backbones.keep_alive_s, isolation=config.loader_isolation,
-            max_rows=config.sandbox.max_batch)
+            max_rows=config.sandbox.max_batch,
+            kv_bytes=int(config.engine_kv_gib * GIB) if config.engine_kv_gib is not None else None)
         self.zygote = Zygote(config.sandbox.threads)
         # Sandboxes that do not map the backbone (they generate in the engine, or are plain
         # Python): no torch to import or to fork.
@@ -148,7 +150,8 @@ class Node:
         # The pre-loader and the memory guard see the pools as they come and go.
         self.pools: dict[str, FunctionPool] = {}
         self.preloader = (Preloader(self.pools, self.backbones, self.profiles, self.history,
-                                    preload, config.device, share=self.cluster.share)
+                                    preload, config.device, share=self.cluster.share,
+                                    engines=self.engines)
                           if preload.enabled else None)
         budget = node_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device)
         self.guard = MemoryGuard(self.pools, self.backbones, self.profiles, budget,

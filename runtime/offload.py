@@ -93,12 +93,12 @@ class MemoryGuard:
         """What moving one of `pool`'s sandboxes from `have` to `target` adds, with its
         backbone when that is not loaded yet."""
         model = pool.spec["backbone"]
-        profile = self.profiles.of(model)
+        profile = self.profiles.of(pool.profile_key)
         host, device = profile.held(target)
         had_host, had_device = profile.held(have) if have > Level.COLD else (0, 0)
         host, device = max(0, host - had_host), max(0, device - had_device)
-        if model is not None and target >= Level.ATTACHED and not any(
-                b["model"] == model for b in self.backbones.state()):
+        running = self.engines.state() if pool.on_engine and self.engines is not None else self.backbones.state()
+        if model is not None and target >= Level.ATTACHED and not any(b["model"] == model for b in running):
             host += profile.backbone_bytes
             device += profile.backbone_device_bytes
         return host, device
@@ -134,7 +134,7 @@ class MemoryGuard:
                 break
             host, device = other.slot_bytes(slot)
             if over_device > 0 and over_host <= 0 and slot.level == Level.LOADED and device:
-                staged_host, staged_device = self.profiles.of(other.spec["backbone"]).held(Level.STAGED)
+                staged_host, staged_device = self.profiles.of(other.profile_key).held(Level.STAGED)
                 moves.append(_Move(other, slot, Level.STAGED))
                 over_device -= device - staged_device
                 over_host += max(0, staged_host - host)

@@ -27,7 +27,7 @@ from runtime.backbones import Backbone, BackboneRegistry
 from runtime.batching import BatchWindow, Contention, PrefillProfile
 from runtime.genengine.registry import Engine, EngineRegistry
 from runtime.isolation import Isolation
-from runtime.levels import Level, Profiles
+from runtime.levels import Level, Profiles, engine_key
 from runtime.offload import MemoryGuard
 from runtime.sandboxes import (
     ChunkSink,
@@ -568,7 +568,7 @@ class FunctionPool:
     def _reached(self, slot: Slot, cost: StepCost) -> None:
         slot.level = cost.level
         slot.host_bytes, slot.device_bytes = cost.host_bytes, cost.device_bytes
-        self._profiles.observe(self.spec["backbone"], cost.level, cost.seconds, cost.host_bytes,
+        self._profiles.observe(self.profile_key, cost.level, cost.seconds, cost.host_bytes,
                                cost.device_bytes)
 
     # --- idle sandboxes -------------------------------------------------------------
@@ -611,7 +611,7 @@ class FunctionPool:
         """(host, device) bytes a sandbox holds: as it reported, or, while it climbs, what
         its target costs."""
         if slot.climb is not None and slot.target > slot.level:
-            host, device = self._profiles.of(self.spec["backbone"]).held(slot.target)
+            host, device = self._profiles.of(self.profile_key).held(slot.target)
             return max(host, slot.host_bytes), max(device, slot.device_bytes)
         return slot.host_bytes, slot.device_bytes
 
@@ -676,6 +676,18 @@ class FunctionPool:
     def serving(self) -> int:
         """How many of its sandboxes are serving requests."""
         return sum(1 for s in self._slots if s.active)
+
+    @property
+    def on_engine(self) -> bool:
+        """Whether its generations run in the node's engine (not in its sandboxes)."""
+        return self._engines is not None
+
+    @property
+    def profile_key(self) -> str | None:
+        """Whose level costs its sandboxes share (runtime/levels.py): its backbone's, or its
+        engine's (None: a plain function)."""
+        backbone = self.spec["backbone"]
+        return engine_key(backbone) if self._engines is not None else backbone
 
     def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:
         """Stop idle sandboxes beyond the plan: every one when it plans none; else those

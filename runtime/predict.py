@@ -138,11 +138,12 @@ def _histogram(arrivals: tuple[float, ...], bin_s: float, range_s: float) -> His
     return Histogram(bin_s, bins, tuple(itertools.accumulate(counts[b] for b in bins)), out)
 
 
-def followers(arrivals: Sequence[float], window_s: float, most: int = 8) -> tuple[float, ...]:
+def followers(arrivals: Sequence[float], window_s: float, most: int = 8, per: int = 1) -> tuple[float, ...]:
     """How bursty a function is: entry k-1 is the share of its invocations that had at least
-    k more within `window_s` (those that need a second, third... sandbox at once). Arrivals
-    in the last window are left out: their window has not ended."""
-    return _followers(tuple(arrivals), window_s, most)
+    k x `per` more within `window_s` (those that need a second, third... sandbox at once,
+    where one sandbox takes `per` requests at a time), for k up to `most`. Arrivals in the
+    last window are left out: their window has not ended."""
+    return _followers(tuple(arrivals), window_s, most * per)[per - 1::per]
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,7 +3,9 @@
 It re-plans on a timer, whenever an invocation arrives (on any node: the history is shared)
 or a sandbox changes state, and on deploy (start). Applying a plan first stops what it
 drops, lowest value first (never a busy or climbing sandbox), then pins the backbones it
-keeps and has each function's sandbox climb to its planned level, most valuable first.
+keeps (for functions that generate in the engine: the engine, `levels.engine_key`) and has
+each function's sandbox climb to its planned level, most valuable first, only while no
+request needs the cores.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from faas.logs import get_logger
-from runtime.backbones import Backbone, BackboneRegistry
+from runtime.backbones import BackboneRegistry
+from runtime.genengine.registry import EngineRegistry
 from runtime.history import History
-from runtime.levels import GIB, Level, Profiles
+from runtime.levels import GIB, Level, Profiles, engine_key, model_of
 from runtime.memory import gpu_memory
 from runtime.plan import Budget, Demand, Plan, make_plan
 from runtime.pool import FunctionPool
@@ -67,12 +70,14 @@ def budget_of(config: PreloadConfig, device: str) -> Budget:
 class Preloader:
     def __init__(self, pools: dict[str, FunctionPool], backbones: BackboneRegistry,
                  profiles: Profiles, history: History, config: PreloadConfig, device: str,
-                 share: Callable[[str], float] = lambda name: 1.0) -> None:
+                 share: Callable[[str], float] = lambda name: 1.0,
+                 engines: EngineRegistry | None = None) -> None:
         self.pools = pools
         # The part of each function's demand this node plans for (runtime/cluster.py:
         # one node of a cluster pre-loads a function, the others forward to it).
         self.share = share
         self.backbones = backbones
+        self.engines = engines
         self.profiles = profiles
         self.history = history
         self.config = config
@@ -82,7 +87,7 @@ class Preloader:
         self.predictions: dict[str, Prediction] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._pins: dict[str, asyncio.Task[Backbone]] = {}
+        self._pins: dict[str, asyncio.Task[Any]] = {}  # plan key -> its backbone or engine
         self._closing = False
         self.cores = os.cpu_count() or 2
         self.max_climbs = max(1, self.cores // 2)
@@ -112,15 +117,21 @@ class Preloader:
 
     def replan(self) -> Plan:
         now = time.time()
-        for b in self.backbones.state():
+        loaded = {b["model"]: b for b in self.backbones.state()}
+        for b in loaded.values():
             self.profiles.observe_backbone(b["model"], b["load_ms"] / 1000, b["bytes"])
+        engines = self.engines.state() if self.engines is not None else []
+        for e in engines:  # its start: the backbone exported, then loaded by the engine
+            b = loaded.get(e["model"], {"load_ms": 0.0, "bytes": 0})
+            self.profiles.observe_backbone(engine_key(e["model"]), (b["load_ms"] + e["load_ms"]) / 1000,
+                                           b["bytes"], self.engines.held_bytes(e["model"]))
         self.predictions = {
             name: self.predictor.predict(self.history.arrivals.get(name, []), now, self.config.horizon_s)
             for name in self.pools}
         demands = [self._demand(name, pool) for name, pool in self.pools.items()]
         plan = make_plan(demands, self.profiles.of, self.budget, self.config.horizon_s,
                          self.config.price_s_per_gib_s,
-                         frozenset(b["model"] for b in self.backbones.state()))
+                         frozenset([*loaded, *(engine_key(e["model"]) for e in engines)]))
         self._apply(plan)
         self.plan = plan
         return plan
@@ -128,8 +139,8 @@ class Preloader:
     def _demand(self, name: str, pool: FunctionPool) -> Demand:
         chance = self.predictions[name].chance * self.share(name)
         bursts = followers(self.history.arrivals.get(name, []), self.config.horizon_s,
-                           pool.spec["max_instances"] - 1)
-        return Demand(name, pool.spec["backbone"], chance, pool.busy, pool.held_level,
+                           pool.spec["max_instances"] - 1, per=pool.max_batch)
+        return Demand(name, pool.profile_key, chance, pool.busy, pool.held_level,
                       tuple(chance * share for share in bursts))
 
     def _apply(self, plan: Plan) -> None:
@@ -141,23 +152,25 @@ class Preloader:
                 self.log.info("preload_dropped", fn=name, sandboxes=stopped,
                               planned=plan.levels[name].label,
                               chance=round(self.predictions[name].chance, 3))
-        in_use = {self.pools[name].spec["backbone"] for name in serving}
-        for model, pin in list(self._pins.items()):  # failed, or retired (corrupted): pin anew
+        in_use = {self.pools[name].profile_key for name in serving}
+        for key, pin in list(self._pins.items()):  # failed, or retired (corrupted, died): pin anew
             if pin.done() and (pin.cancelled() or pin.exception() is not None
-                               or not self.backbones.is_live(pin.result())):
-                del self._pins[model]
-                pin.add_done_callback(self._unpin)
-        for model in set(self._pins) - plan.backbones - in_use:
-            pin = self._pins.pop(model)
-            pin.add_done_callback(self._unpin)
-        for model in plan.backbones - set(self._pins):
-            self._pins[model] = asyncio.create_task(self.backbones.acquire(model))
-            self.log.info("preload_backbone", model=model, value_s=round(plan.values[model], 3))
+                               or not self._registry(key).is_live(pin.result())):
+                del self._pins[key]
+                pin.add_done_callback(self._unpin(key))
+        for key in set(self._pins) - plan.backbones - in_use:
+            pin = self._pins.pop(key)
+            pin.add_done_callback(self._unpin(key))
+        for key in plan.backbones - set(self._pins):
+            self._pins[key] = asyncio.create_task(self._registry(key).acquire(model_of(key)[0]))
+            self.log.info("preload_backbone", model=key, value_s=round(plan.values[key], 3))
         # Background loading must not starve serving: a few climbs at a time, the most
-        # valuable first, none while requests keep every core busy; the rest follow at the
-        # next plans.
+        # valuable first, none while requests keep every core busy (an engine computes with
+        # all of them, and a climb's last step puts the adapter on between its turns); the
+        # rest follow at the next plans.
         room = self.max_climbs - sum(pool.climbing for pool in self.pools.values())
-        if sum(pool.serving for pool in self.pools.values()) >= self.cores:
+        busy = [pool for pool in self.pools.values() if pool.serving]
+        if any(pool.on_engine for pool in busy) or sum(pool.serving for pool in busy) >= self.cores:
             room = 0
         for name in plan.order:
             if room <= 0:
@@ -175,9 +188,16 @@ class Preloader:
     def _levels(plan: Plan, name: str) -> list[Level]:
         return [plan.levels[name], *plan.extra[name]]
 
-    def _unpin(self, pin: asyncio.Task[Backbone]) -> None:
-        if not pin.cancelled() and pin.exception() is None:
-            self.backbones.release(pin.result())
+    def _registry(self, key: str) -> Any:
+        """Where a plan key's backbone is kept: the engines, or the backbones."""
+        return self.engines if model_of(key)[1] and self.engines is not None else self.backbones
+
+    def _unpin(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
+        def release(pin: asyncio.Task[Any]) -> None:
+            if not pin.cancelled() and pin.exception() is None:
+                self._registry(key).release(pin.result())
+
+        return release
 
     def value(self, name: str) -> float:
         """Expected seconds of TTFT that `name`'s pre-loaded sandboxes save (what offloading

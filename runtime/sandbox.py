@@ -54,6 +54,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
         error["bad_request"] = True
     elif isinstance(exc, Overloaded):
         error["overloaded"] = True
+        error["retry_after_s"] = exc.retry_after_s
     return error
 
 

@@ -92,7 +92,8 @@ def _number(value: object) -> bool:
 
 def _error_fields(error: object) -> bool:
     return isinstance(error, dict) and isinstance(error.get("type"), str) \
-        and isinstance(error.get("message"), str)
+        and isinstance(error.get("message"), str) \
+        and (error.get("retry_after_s") is None or _number(error["retry_after_s"]))
 
 
 _USAGE = {"tokens_in": _int, "tokens_out": _int, "batch": _int,
@@ -367,7 +368,10 @@ class Sandbox:
             if err.get("bad_request"):
                 raise BadRequest(str(err["message"]))
             if err.get("overloaded"):
-                raise Overloaded(str(err["message"]), retry_after_s=1.0)
+                # The engine's hint (when enough of its batch will have finished), bounded: the
+                # sandbox relays it and may lie.
+                raise Overloaded(str(err["message"]),
+                                 retry_after_s=min(err.get("retry_after_s") or 1.0, 60.0))
             cls = OutputTooLarge if err.get("too_large") else HandlerError
             raise cls(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))

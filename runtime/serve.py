@@ -51,6 +51,7 @@ class UpOptions:
     batch_windows: bool = True
     memory_budget_gib: float | None = None
     device_memory_budget_gib: float | None = None
+    engine_kv_gib: float | None = None
     events: EventsConfig = field(default_factory=EventsConfig)
     bundled_models: bool = True
     device: str = "auto"
@@ -162,6 +163,7 @@ async def up(options: UpOptions) -> int:
                             batch_windows=options.batch_windows,
                             memory_budget_gib=options.memory_budget_gib,
                             device_memory_budget_gib=options.device_memory_budget_gib,
+                            engine_kv_gib=options.engine_kv_gib,
                             events=options.events,
                             preload=options.preload)
         nc = await connect_node(url, config.node_id, on_closed, credentials)

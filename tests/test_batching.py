@@ -10,7 +10,7 @@ import time
 import msgpack
 import pytest
 
-from faas import BadRequest, Cancelled, Client, DeadlineExceeded, protocol
+from faas import BadRequest, Cancelled, Client, DeadlineExceeded, Overloaded, protocol
 from faas.bundled import adapter_path, model_path
 from tests.conftest import EXAMPLES, nodes_of, wait_for_state
 from tests.reference import decode, example_prompt, greedy_token_ids
@@ -75,6 +75,39 @@ def test_a_crowd_is_prefilled_in_turns_within_the_token_budget(engine):
     for request in requests:
         share = sum(len(r.input_ids) for r in requests if r.first_token_at == request.first_token_at)
         assert share <= 40 or request.prefill_batch == 1
+
+
+def test_the_kv_budget_holds_what_fits_and_answers_503_with_a_hint_past_the_deadline(engine):
+    """A KV budget of two rows' worth: two long rows run; a request that finds no room by
+    its deadline is answered 503 with when to retry, one with time left waits and gets its
+    exact tokens, and one larger than the whole cache is refused at once."""
+    from runtime.generation import Batcher, GenRequest
+
+    prompt = engine.batcher.encode(PROMPTS[0])
+    budget = 2 * (len(prompt) + 40)
+    batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, kv_tokens=budget)
+    try:
+        running = [GenRequest(prompt, 40, ignore_eos=True) for _ in range(2)]
+        for request in running:
+            batcher.submit(request)
+        while not all(r.first_token_at for r in running):
+            time.sleep(0.01)
+        late = GenRequest(prompt, 10, deadline=time.monotonic() - 1)
+        patient = GenRequest(prompt, 10, deadline=time.monotonic() + 60)
+        huge = GenRequest(prompt, budget)
+        for request in (late, patient, huge):
+            batcher.submit(request)
+        with pytest.raises(BadRequest, match="KV cache holds"):
+            huge.future.result(timeout=5)
+        with pytest.raises(Overloaded, match="KV cache is full") as refused:
+            late.future.result(timeout=60)
+        assert 0 < refused.value.retry_after_s < 60
+        assert not all(r.future.done() for r in running)  # refused while the cache was full
+        assert patient.future.result(timeout=60).token_ids == greedy_token_ids(
+            model_path(), adapter_path("support"), PROMPTS[0], 10)
+        assert all(r.future.result().finish_reason == "length" for r in running)
+    finally:
+        batcher.close()
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(engine):

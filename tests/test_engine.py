@@ -110,6 +110,47 @@ async def test_the_engine_refuses_what_does_not_fit_or_is_not_an_adapter(engines
     engines.release(engine)
 
 
+async def test_a_full_kv_cache_answers_503_with_a_retry_hint_and_the_running_rows_go_on(models):
+    """An engine whose KV cache holds one long row: another function's request that finds
+    no room within its TTFT SLO gets a 503 saying when to retry; the running row finishes."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from runtime.genengine.server import kv_bytes_per_token
+
+    prompt_tokens = len(reference._load(model_path(), adapter_path("sql"))[0](PROMPTS["sql"])["input_ids"])
+    budget = prompt_tokens + 600  # tokens: one row of 560 new ones, not two
+    per_token = kv_bytes_per_token(AutoModelForCausalLM.from_pretrained(model_path()))
+    backbones = BackboneRegistry(keep_alive_s=5)
+    registry = EngineRegistry(backbones, threads=2, keep_alive_s=5, kv_bytes=budget * per_token)
+    try:
+        engine = await registry.acquire(model_path())
+        long = await connected(engine, "summarize", adapter_path("summarize"))
+        short = EngineConnection(await engine.connect("sql", 8, 0.3))  # a 0.3 s TTFT SLO
+        await asyncio.to_thread(short.stage, adapter_path("sql"))
+        await asyncio.to_thread(short.load)
+        started = threading.Event()
+        running = asyncio.ensure_future(asyncio.to_thread(
+            long.generate, PROMPTS["sql"], UsageMeter(), max_new_tokens=560, ignore_eos=True,
+            on_first=started.set))
+        assert await asyncio.to_thread(started.wait, 60)
+        with pytest.raises(Overloaded, match="KV cache is full") as refused:
+            await asyncio.to_thread(short.generate, PROMPTS["sql"], UsageMeter(), max_new_tokens=100)
+        assert not running.done()
+        assert 0 < refused.value.retry_after_s < 60
+        with pytest.raises(BadRequest, match="KV cache holds"):
+            await asyncio.to_thread(short.generate, PROMPTS["sql"], UsageMeter(), max_new_tokens=601)
+        assert len((await running).token_ids) == 560
+        generation = await asyncio.to_thread(short.generate, PROMPTS["sql"], UsageMeter(), max_new_tokens=8)
+        assert generation.token_ids == reference.greedy_token_ids(
+            model_path(), adapter_path("sql"), PROMPTS["sql"], 8)
+        registry.release(engine)
+    finally:
+        await registry.close()
+        await backbones.close()
+
+
 async def test_engine_path_sandboxes_hold_no_torch_and_no_weights(client):
     out = (await client.invoke("lookout", {}, timeout_s=120)).output
     assert out == {"torch": False, "backbone_fds": 0, "backbone_mappings": 0, "text": out["text"]}

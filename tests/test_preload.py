@@ -111,6 +111,9 @@ def test_followers_measure_how_bursty_a_function_is():
     bursts = [t + d for t in range(0, 600, 60) for d in (0.0, 0.5, 1.0)]  # 3 at once, every minute
     assert followers(bursts, 5.0) == pytest.approx((2 / 3, 1 / 3))
     assert followers(periodic(), 5.0) == ()
+    # Sandboxes that take two requests at a time: three at once need a second one only.
+    assert followers(bursts, 5.0, per=2) == pytest.approx((1 / 3,))
+    assert followers(bursts, 5.0, per=3) == ()
 
 
 def test_plan_gives_a_bursty_function_more_sandboxes_within_the_budget():
@@ -184,7 +187,6 @@ async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, pre
     async with node_parts(EXAMPLES, "cpu") as parts:
         profiles = Profiles()
         pool = parts.pool("support", profiles, engine=path == "engine")
-        spec = pool.spec
         try:
             await prepared(pool, prepared_level)
             event = {"message": "Where is my refund?", "max_new_tokens": 8}
@@ -195,7 +197,7 @@ async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, pre
             assert served.result.output["token_ids"] == greedy_token_ids(
                 model_path(), adapter_path("support"), prompt, 8)
             assert pool.state()["levels"] == ["loaded"]
-            measured = profiles.of(spec["backbone"]).steps
+            measured = profiles.of(pool.profile_key).steps
             assert all(measured[step].samples >= 1 for step in STEPS)
             assert measured[Level.LOADED].host_bytes > 0
             pool.admit()
@@ -207,6 +209,7 @@ async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(model
     """The history is in JetStream: a node started again on the same server predicts from
     what the first one served, pre-loads it before any request, and `faas ls` says why."""
     from faas import Client
+    from runtime.levels import engine_key
     from tests.conftest import second_node
 
     event = {"text": "The parcel arrived.", "max_words": 5, "max_new_tokens": 4}
@@ -233,6 +236,11 @@ async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(model
             assert "1 gaps: keep-alive" in summarize["why"]  # too little history: the fallback
             assert (functions["sql"]["planned"], functions["sql"]["levels"]) == ("cold", [])
             assert listing["preload"]["shared_history"] is True
+            # What it pins for an engine function is the engine (not only the weights): it
+            # outlives its keep-alive while the plan wants it.
+            [engine] = listing["engines"]
+            assert listing["preload"]["backbones"] == [engine_key(engine["model"])]
+            assert engine["users"] == 2  # the plan's pin and the sandbox's connection
             result = await client.invoke("summarize", event, timeout_s=120)
             assert result.metrics["level"] == "loaded"
     finally:

@@ -100,7 +100,11 @@ class EngineConnection:
         if answer is None:
             raise EngineGone()
         if answer["type"] == "error":
-            raise error_for_code(int(answer.get("code", 500)), str(answer.get("message", "")))
+            err = error_for_code(int(answer.get("code", 500)), str(answer.get("message", "")))
+            retry = answer.get("retry_after_s")
+            if isinstance(retry, (int, float)) and not isinstance(retry, bool):
+                err.retry_after_s = float(retry)
+            raise err
         if answer["type"] != expect:
             raise FaasError(f"the engine answered {answer['type']!r} to a request for {expect!r}")
         return answer

@@ -81,34 +81,32 @@ class EngineRegistry(KeptWarm[Engine]):
 
     def __init__(self, backbones: BackboneRegistry, threads: int | None = None,
                  keep_alive_s: float = 300.0, isolation: Isolation | None = None,
-                 max_rows: int = 64, load_timeout_s: float = 600.0) -> None:
+                 max_rows: int = 64, load_timeout_s: float = 600.0, kv_bytes: int | None = None) -> None:
         super().__init__(keep_alive_s)
         self.backbones = backbones
         # One process computes for every function: it gets the node's cores.
         self.threads = threads or len(os.sched_getaffinity(0))
         self.isolation = isolation or Isolation()
         self.max_rows = max_rows
+        self.kv_bytes = kv_bytes
         self.load_timeout_s = load_timeout_s
-        self._held = (0, 0)
+        self._held: dict[str, tuple[int, int]] = {}
         self._measured_at = 0.0
 
     def state(self) -> list[dict[str, Any]]:
         return [{"model": e.model, "pid": e.proc.pid, "users": e.users, "load_ms": round(e.load_ms, 1)}
                 for e in self._live.values()]
 
-    def held_bytes(self, max_age_s: float = 1.0) -> tuple[int, int]:
-        """(host, device) bytes the engines hold beyond the backbones they map: their
-        runtime, adapters and KV cache, measured by this process from /proc and NVML (at
-        most `max_age_s` old: the memory guard asks often)."""
+    def held_bytes(self, model: str | None = None, max_age_s: float = 1.0) -> tuple[int, int]:
+        """(host, device) bytes the engines (or `model`'s) hold beyond the backbones they
+        map: their runtime, adapters and KV cache, measured by this process from /proc and
+        NVML (at most `max_age_s` old: the memory guard asks often)."""
         now = time.monotonic()
         if now - self._measured_at > max_age_s:
-            host = device = 0
-            for engine in list(self._live.values()):
-                if engine.alive:
-                    h, d = sandbox_bytes(engine.proc.pid, 0)
-                    host, device = host + h, device + d
-            self._held, self._measured_at = (host, device), now
-        return self._held
+            self._held = {m: sandbox_bytes(e.proc.pid, 0) for m, e in list(self._live.items()) if e.alive}
+            self._measured_at = now
+        held = [b for m, b in self._held.items() if model is None or m == model]
+        return sum(h for h, _ in held), sum(d for _, d in held)
 
     async def _retired(self, engine: Engine) -> None:
         self.backbones.release(engine.backbone)
@@ -135,7 +133,8 @@ class EngineRegistry(KeptWarm[Engine]):
         try:
             request = {"type": "load", "model": model, "device": backbone.device,
                        "threads": self.threads, "isolation": self.isolation.to_dict(),
-                       "manifest": backbone.manifest, "max_rows": self.max_rows}
+                       "manifest": backbone.manifest, "max_rows": self.max_rows,
+                       "kv_bytes": self.kv_bytes}
             await asyncio.to_thread(frames.send_frame_with_fds, ours, request, backbone.fds)
             reply = await asyncio.wait_for(asyncio.to_thread(frames.recv_frame, ours), self.load_timeout_s)
         except BaseException as exc:

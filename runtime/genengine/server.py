@@ -14,7 +14,8 @@ Connection (from a sandbox; every frame has an `id` its answer carries):
 - `load` / `unload`: the staged adapter joins / leaves the model -> `loaded` / `unloaded`;
 - `gen {prompt, max_new_tokens, temperature, top_p, seed, stop, ignore_eos, stream}`:
   one generation in the shared batch, with this connection's adapter -> `first`, `chunk`s
-  (with `stream`), then `done` (or `error`);
+  (with `stream`), then `done` (or `error`: a 503 when the KV cache had no room for it
+  within the function's TTFT SLO, with `retry_after_s`);
 - `cancel {id}`: stop that generation at its next token;
 - `chat {messages}`: the prompt for chat messages in the model's template -> `chat {text}`.
 Errors are `error {id, code, message}` (HTTP-like codes). A connection that breaks the
@@ -51,6 +52,7 @@ MAX_STOP_CHARS = 256
 MAX_MESSAGES = 256
 # A longer prompt is prefilled this many tokens a turn, between decode steps of the others.
 CHUNK_TOKENS = 256
+DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class ProtocolError(Exception):
@@ -147,7 +149,8 @@ class _Conn:
 class Engine:
     """The backbone, the adapters of the connected functions, and one batch for all."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str, max_rows: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: str, max_rows: int,
+                 kv_bytes: int | None = None) -> None:
         from runtime.generation import Batcher
         from runtime.genengine.stacked import StackedLora
 
@@ -156,8 +159,10 @@ class Engine:
         self.base_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.lora = StackedLora()
+        self.kv_tokens = kv_bytes // kv_bytes_per_token(model) if kv_bytes is not None else None
         self.batcher = Batcher(model, tokenizer, device, max_rows, chunk_tokens=CHUNK_TOKENS,
-                               route=lambda adapters: self.lora.route(adapters, device))
+                               route=lambda adapters: self.lora.route(adapters, device),
+                               kv_tokens=self.kv_tokens)
         self.adapters: dict[str, _Adapter] = {}
         self.conns: dict[int, _Conn] = {}
         self.selector = selectors.DefaultSelector()
@@ -424,7 +429,8 @@ class Engine:
             if error is not None:
                 code = getattr(error, "code", 500)
                 out.send({"type": "error", "id": ident, "code": code if isinstance(code, int) else 500,
-                          "message": str(getattr(error, "message", error))[:4096]})
+                          "message": str(getattr(error, "message", error))[:4096],
+                          "retry_after_s": getattr(error, "retry_after_s", None)})
                 return
             generation = future.result()
             out.send({"type": "done", "id": ident, "text": generation.text,
@@ -520,6 +526,26 @@ def _generation_options(frame: dict[str, Any]) -> dict[str, Any]:
             "seed": seed, "stop": tuple(stop), "ignore_eos": bool(frame.get("ignore_eos", False))}
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """What one token of one row takes in the KV cache: keys and values of every layer."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def kv_budget(requested: int | None, device: str) -> int:
+    """The KV cache's budget in bytes: what the node asked for, else 1 GiB on a CPU and half
+    of the device memory still free once the backbone is on a GPU."""
+    if requested is not None:
+        return int(requested)
+    if device == "cpu":
+        return DEFAULT_CPU_KV_BYTES
+    import torch
+
+    return int(torch.cuda.mem_get_info(torch.device(device))[0] // 2)
+
+
 def serve(control: socket.socket) -> int:
     reader = frames.FrameReader(control)
     request, fds = reader.next()
@@ -541,7 +567,7 @@ def serve(control: socket.socket) -> int:
         tensors = backend_for(device).attach(request["manifest"], fds)
         model = bind_shared(request["model"], tensors, device)
         tokenizer = AutoTokenizer.from_pretrained(request["model"])
-        engine = Engine(model, tokenizer, device, int(request["max_rows"]))
+        engine = Engine(model, tokenizer, device, int(request["max_rows"]), kv_budget(request.get("kv_bytes"), device))
         # First-call costs (the tokenizer's, the kernels') before any function waits for them.
         engine.batcher.submit(GenRequest(engine.batcher.encode("hello"), 2)).result()
     except Exception as exc:
