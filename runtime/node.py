@@ -180,9 +180,12 @@ class Node:
         self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
 
+    def _zygote_of(self, spec: dict[str, Any]) -> Zygote:
+        return self.zygote if maps_backbone(spec) else self.light_zygote
+
     def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
         pool = FunctionPool(
-            spec, self.sandbox_config, self.zygote if maps_backbone(spec) else self.light_zygote,
+            spec, self.sandbox_config, self._zygote_of(spec),
             self.backbones, isolation, self.profiles,
             keep_alive_s=None if self.config.preload.enabled else self.config.sandbox.keep_alive_s,
             on_change=self._on_pool_change,
@@ -195,8 +198,10 @@ class Node:
         serves what is deployed."""
         if self.metrics is not None:
             self.metrics.serve()
-        self.zygote.start()
-        self.light_zygote.start()
+        # Only the zygotes the served functions fork from: the one with torch holds a few
+        # hundred MiB that a node whose functions all generate in the engine never uses.
+        for pool in self.pools.values():
+            self._zygote_of(pool.spec).start()
         self.contention.start()
         self._reacking = asyncio.create_task(self._reacknowledge(), name="reacknowledge")
         await self.outputs.start()
@@ -226,6 +231,7 @@ class Node:
         name = spec["name"]
         old = self.pools.get(name)
         self.pools[name] = self._pool(spec, isolation)
+        self._zygote_of(spec).start()  # its first sandbox need not wait for the imports
         self.history.functions.add(name)
         await self.events.add(name, self.pools[name])
         if old is not None:

@@ -7,6 +7,7 @@ import pytest
 
 from transformers import AutoTokenizer
 
+from bench.accounting import processes
 from faas import Client
 from faas.bundled import MODEL_ENV, SMOLLM2, TINY_QWEN2, adapter_path, model_path
 from faas.localnode import LocalNode
@@ -88,6 +89,9 @@ async def test_real_model_answers_equal_transformers_peft_and_the_sql_parses(smo
                 assert result.output[field] == answer
                 if task == "sql":
                     assert METRICS["sql"](row["event"], row["answer"], answer), answer
+        # Every function generates in the engine: the zygote with torch never started.
+        zygotes = [p.cmdline for p in processes() if b"runtime.zygote" in p.cmdline and p.ppid == node.proc.pid]
+        assert zygotes and all(b"--light" in cmdline for cmdline in zygotes)
 
 
 def test_each_adapter_beats_the_bare_backbone_on_held_out_events(smollm2):
