@@ -151,6 +151,7 @@ class Batcher:
         self.chunk_tokens = chunk_tokens
         self._chunked: list[_Chunked] = []  # admitted long prompts, prefilled a chunk per turn
         self._admissible = False  # some of them would be admitted now but for the token budget
+        self._kv_full = False  # the first of them waits for rows to leave the KV cache
         self.kv_tokens = kv_tokens
         self.decode_s: float | None = None  # one decode step (moving average): retry hints
         self.on_prefill = on_prefill
@@ -212,7 +213,7 @@ class Batcher:
                         self._prefill_chunk()
                     # Prefills first (time to first token is what the SLO is about): the
                     # rows already decoding wait while prompts that fit the batch wait.
-                    waiting = self._admissible or not self._queue.empty()
+                    waiting = self._admissible or (not self._kv_full and not self._queue.empty())
                     if self._rows and not (waiting and len(self._rows) < self.max_batch):
                         self._decode()
                 except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
@@ -251,7 +252,8 @@ class Batcher:
         taken: list[GenRequest] = []
         tokens = 0
         self._admissible = False
-        kv_full = False
+        self._kv_full = False
+        blocked: GenRequest | None = None
         self._pending.sort(key=lambda r: r.deadline)
         for request in list(self._pending):
             if request.cancelled.is_set():
@@ -264,7 +266,7 @@ class Batcher:
             if held[request.owner] >= self.shares.get(request.owner, self.max_batch):
                 continue  # its owner's rows are all in use: the next owner's request goes first
             if not self._kv_fits([*needs, _need(request)]):
-                kv_full = True  # it waits for rows to leave; nobody overtakes it meanwhile
+                blocked = request  # it waits for rows to leave; nobody overtakes it meanwhile
                 break
             needs.append(_need(request))
             if self.chunk_tokens is not None and len(request.input_ids) > self.chunk_tokens:
@@ -280,8 +282,9 @@ class Batcher:
             taken.append(request)
             held[request.owner] += 1
             tokens += len(request.input_ids)
-        if kv_full:
-            self._refuse_late(taken)
+        if blocked is not None:
+            self._kv_full = True
+            self._refuse_late(blocked, taken)
         return taken
 
     def _kv_fits(self, needs: list[int]) -> bool:
@@ -289,19 +292,24 @@ class Batcher:
         cache is as wide as its longest row for every row: left padding)."""
         return self.kv_tokens is None or len(needs) * max(needs) <= self.kv_tokens
 
-    def _refuse_late(self, taken: list[GenRequest]) -> None:
-        """The KV cache is full: a request still waiting at its deadline gets a 503 and when
-        to retry, rather than a first token ever later."""
+    def _refuse_late(self, blocked: GenRequest, taken: list[GenRequest]) -> None:
+        """The KV cache is full: a request from `blocked` on (those before it wait for their
+        owner's share, not for the cache) still waiting at its deadline gets a 503 and when to
+        retry, rather than a first token ever later."""
         now = time.monotonic()
-        for request in [r for r in self._pending if r.deadline < now]:
+        behind = self._pending[self._pending.index(blocked):]
+        for request in [r for r in behind if r.deadline < now or r.cancelled.is_set()]:
             self._pending.remove(request)
+            if request.cancelled.is_set():
+                request.future.set_exception(Cancelled("cancelled before it started"))
+                continue
             request.future.set_exception(Overloaded(
                 "the engine's KV cache is full: no room for this generation within its TTFT SLO",
                 retry_after_s=self._kv_wait_s(_need(request), taken)))
 
     def _kv_wait_s(self, need: int, taken: list[GenRequest]) -> float:
         """Seconds until enough rows have finished for one of `need` tokens (each row at its
-        token limit, at the measured decode speed)."""
+        token limit, at the measured decode speed), at most a minute."""
         step = self.decode_s if self.decode_s is not None else 0.05
         left = sorted([*((row.request, row.request.max_new_tokens - len(row.ids)) for row in self._rows),
                        *((request, request.max_new_tokens) for request in taken)], key=lambda x: x[1])
@@ -309,8 +317,8 @@ class Batcher:
         for request, tokens in left:
             staying.remove(_need(request))
             if self._kv_fits([*staying, need]):
-                return max(0.1, tokens * step)
-        return max(0.1, max((tokens for _, tokens in left), default=1) * step)
+                return min(60.0, max(0.1, tokens * step))
+        return min(60.0, max(0.1, max((tokens for _, tokens in left), default=1) * step))
 
     def _receive(self, block: bool) -> bool:
         """Move what was submitted to the waiting list; False when closing."""

@@ -44,7 +44,8 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 
-_ENGINE = " (engine)"
+# A NUL ends no file path or hub id: a model's name cannot pass for an engine's key.
+_ENGINE = "\0engine"
 
 
 def engine_key(model: str) -> str:
@@ -55,6 +56,14 @@ def engine_key(model: str) -> str:
 def model_of(key: str) -> tuple[str, bool]:
     """The model a profile key names, and whether it is an engine's."""
     return (key[:-len(_ENGINE)], True) if key.endswith(_ENGINE) else (key, False)
+
+
+def _label(key: str | None) -> str:
+    """How a profile key reads in listings."""
+    if key is None:
+        return "(plain)"
+    model, engine = model_of(key)
+    return f"{model} (engine)" if engine else model
 
 
 def _weights_size(model: str) -> int:
@@ -174,4 +183,4 @@ class Profiles:
         profile.backbone_bytes, profile.backbone_device_bytes = host + more[0], device + more[1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {model or "(plain)": p.to_dict() for model, p in self._by_model.items()}
+        return {_label(model): p.to_dict() for model, p in self._by_model.items()}

@@ -163,7 +163,9 @@ class Preloader:
             pin.add_done_callback(self._unpin(key))
         for key in plan.backbones - set(self._pins):
             self._pins[key] = asyncio.create_task(self._registry(key).acquire(model_of(key)[0]))
-            self.log.info("preload_backbone", model=key, value_s=round(plan.values[key], 3))
+            model, engine = model_of(key)
+            self.log.info("preload_backbone", model=model, engine=engine,
+                          value_s=round(plan.values[key], 3))
         # Background loading must not starve serving: a few climbs at a time, the most
         # valuable first, none while requests keep every core busy (an engine computes with
         # all of them, and a climb's last step puts the adapter on between its turns); the

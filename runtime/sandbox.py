@@ -54,7 +54,9 @@ def _error(exc: BaseException) -> dict[str, Any]:
         error["bad_request"] = True
     elif isinstance(exc, Overloaded):
         error["overloaded"] = True
-        error["retry_after_s"] = exc.retry_after_s
+        retry = exc.retry_after_s
+        if isinstance(retry, (int, float)) and not isinstance(retry, bool) and 0 <= retry < 3600:
+            error["retry_after_s"] = retry
     return error
 
 

@@ -92,8 +92,14 @@ def _number(value: object) -> bool:
 
 def _error_fields(error: object) -> bool:
     return isinstance(error, dict) and isinstance(error.get("type"), str) \
-        and isinstance(error.get("message"), str) \
-        and (error.get("retry_after_s") is None or _number(error["retry_after_s"]))
+        and isinstance(error.get("message"), str)
+
+
+def _retry_hint(value: object) -> float:
+    """The engine's hint (when enough of its batch will have finished) as the sandbox relayed
+    it: the sandbox may lie, so a hint that is no number counts as none and the rest is held
+    to 0.1-60 s."""
+    return max(0.1, min(float(value), 60.0)) if _number(value) else 1.0  # type: ignore[arg-type]
 
 
 _USAGE = {"tokens_in": _int, "tokens_out": _int, "batch": _int,
@@ -368,10 +374,8 @@ class Sandbox:
             if err.get("bad_request"):
                 raise BadRequest(str(err["message"]))
             if err.get("overloaded"):
-                # The engine's hint (when enough of its batch will have finished), bounded: the
-                # sandbox relays it and may lie.
                 raise Overloaded(str(err["message"]),
-                                 retry_after_s=min(err.get("retry_after_s") or 1.0, 60.0))
+                                 retry_after_s=_retry_hint(err.get("retry_after_s")))
             cls = OutputTooLarge if err.get("too_large") else HandlerError
             raise cls(f"{err['type']}: {err['message']}")
         return SandboxResult(output=reply["output"], **reply.get("usage", {}))

@@ -447,6 +447,20 @@ async def test_a_sandbox_whose_frames_break_the_protocol_is_killed(client):
     await assert_still_serving(client)
 
 
+async def test_a_relayed_retry_hint_is_held_to_a_sane_range(client):
+    """A sandbox answers 503 with a retry hint that is no number, negative, NaN, infinite or
+    a year: the caller gets the 503 with a hint between 0.1 s and a minute, and the sandbox
+    keeps serving (a bad hint is not worth a kill)."""
+    from faas import Overloaded
+
+    for hint, expected in (("nan", 1.0), ("inf", 1.0), ("huge", 1.0), ("year", 60.0),
+                           ("negative", 1.0), ("text", 1.0), ("true", 1.0)):
+        with pytest.raises(Overloaded, match="busy") as refused:
+            await client.invoke("hinter", {"hint": hint}, timeout_s=30)
+        assert refused.value.retry_after_s == expected, hint
+    await assert_still_serving(client)
+
+
 @ROOT_ONLY
 async def test_a_function_cannot_run_the_host_out_of_processes(client):
     from runtime.isolation import MAX_PROCESSES

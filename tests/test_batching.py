@@ -77,6 +77,18 @@ def test_a_crowd_is_prefilled_in_turns_within_the_token_budget(engine):
         assert share <= 40 or request.prefill_batch == 1
 
 
+def _two_long_rows(engine, batcher, prompt):
+    """Two rows of `prompt` + 40 tokens, decoding in `batcher` by the time this returns."""
+    from runtime.generation import GenRequest
+
+    running = [GenRequest(prompt, 40, ignore_eos=True) for _ in range(2)]
+    for request in running:
+        batcher.submit(request)
+    while not all(r.first_token_at for r in running):
+        time.sleep(0.01)
+    return running
+
+
 def test_the_kv_budget_holds_what_fits_and_answers_503_with_a_hint_past_the_deadline(engine):
     """A KV budget of two rows' worth: two long rows run; a request that finds no room by
     its deadline is answered 503 with when to retry, one with time left waits and gets its
@@ -87,11 +99,7 @@ def test_the_kv_budget_holds_what_fits_and_answers_503_with_a_hint_past_the_dead
     budget = 2 * (len(prompt) + 40)
     batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, kv_tokens=budget)
     try:
-        running = [GenRequest(prompt, 40, ignore_eos=True) for _ in range(2)]
-        for request in running:
-            batcher.submit(request)
-        while not all(r.first_token_at for r in running):
-            time.sleep(0.01)
+        running = _two_long_rows(engine, batcher, prompt)
         late = GenRequest(prompt, 10, deadline=time.monotonic() - 1)
         patient = GenRequest(prompt, 10, deadline=time.monotonic() + 60)
         huge = GenRequest(prompt, budget)
@@ -101,11 +109,34 @@ def test_the_kv_budget_holds_what_fits_and_answers_503_with_a_hint_past_the_dead
             huge.future.result(timeout=5)
         with pytest.raises(Overloaded, match="KV cache is full") as refused:
             late.future.result(timeout=60)
-        assert 0 < refused.value.retry_after_s < 60
+        assert 0 < refused.value.retry_after_s <= 60
         assert not all(r.future.done() for r in running)  # refused while the cache was full
         assert patient.future.result(timeout=60).token_ids == greedy_token_ids(
             model_path(), adapter_path("support"), PROMPTS[0], 10)
         assert all(r.future.result().finish_reason == "length" for r in running)
+    finally:
+        batcher.close()
+
+
+def test_a_request_waiting_for_kv_room_is_not_overtaken_by_a_smaller_one(engine):
+    """Room for a third row of the running rows' size: a larger request with the earlier
+    deadline waits for rows to leave, and a small one that would fit now waits behind it
+    (otherwise a stream of small requests could keep a large one out for ever)."""
+    from runtime.generation import Batcher, GenRequest
+
+    prompt = engine.batcher.encode(PROMPTS[0])
+    batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, kv_tokens=3 * (len(prompt) + 40))
+    try:
+        running = _two_long_rows(engine, batcher, prompt)
+        large = GenRequest(prompt, 60, deadline=time.monotonic() + 60)
+        small = GenRequest(prompt[:2], 2, ignore_eos=True, deadline=time.monotonic() + 61)
+        batcher.submit(large)
+        batcher.submit(small)
+        assert len(small.future.result(timeout=60).token_ids) == 2
+        assert large.future.result(timeout=60).token_ids == greedy_token_ids(
+            model_path(), adapter_path("support"), PROMPTS[0], 60)
+        assert all(r.future.done() for r in running)
+        assert small.first_token_at >= large.first_token_at
     finally:
         batcher.close()
 

@@ -138,7 +138,7 @@ async def test_a_full_kv_cache_answers_503_with_a_retry_hint_and_the_running_row
         with pytest.raises(Overloaded, match="KV cache is full") as refused:
             await asyncio.to_thread(short.generate, PROMPTS["sql"], UsageMeter(), max_new_tokens=100)
         assert not running.done()
-        assert 0 < refused.value.retry_after_s < 60
+        assert 0 < refused.value.retry_after_s <= 60
         with pytest.raises(BadRequest, match="KV cache holds"):
             await asyncio.to_thread(short.generate, PROMPTS["sql"], UsageMeter(), max_new_tokens=601)
         assert len((await running).token_ids) == 560

@@ -51,6 +51,20 @@ def garbler(event: dict, ctx) -> dict:
     return {"ok": True}
 
 
+HINTS = {"nan": float("nan"), "inf": float("inf"), "huge": 1e300, "year": 3.15e7, "negative": -5.0,
+         "text": "soon", "true": True}
+
+
+@function(name="hinter", timeout_s=30)
+def hinter(event: dict, ctx) -> dict:
+    """Answers its own request with a 503 carrying the retry hint the caller names (the
+    engine's hint, as a sandbox relays it, is the sandbox's word)."""
+    _wire().send({"type": "error", "request_id": ctx.request_id, "error": {
+        "type": "Overloaded", "message": "busy", "overloaded": True,
+        "retry_after_s": HINTS[event["hint"]]}})
+    return {"ok": True}  # comes after the 503 on the same socket: dropped
+
+
 @function(name="flooder", timeout_s=60, max_batch=1)
 def flooder(event: dict, ctx) -> dict:
     """`huge_frame`: announce a frame of 200 MiB on its socket, then hang."""
