@@ -1,4 +1,5 @@
-"""One error tree for the project: every error the SDK or runtime raises derives from FaasError.
+"""One error tree for the project: every error the SDK raises to its caller, and every error
+a node answers with, derives from FaasError (the engine's own protocol errors never leave it).
 
 Each subclass carries the wire code that travels in the NATS micro error headers
 (`Nats-Service-Error-Code`), so a caller catches exactly the failure it means.

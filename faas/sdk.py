@@ -110,6 +110,8 @@ class Context:
 Handler = Callable[[dict, Context], Any]
 # Where a function's generations run (FunctionSpec.engine).
 ENGINES = ("shared", "sandbox")
+# The time to first token a function is batched under, unless it says otherwise.
+DEFAULT_SLO_TTFT_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class FunctionSpec:
     max_instances: int = 1
     start_timeout_s: float = 120.0
     setup: Callable[[Context], Any] | None = field(default=None, repr=False, compare=False)
-    slo_ttft_s: float = 2.5
+    slo_ttft_s: float = DEFAULT_SLO_TTFT_S
     max_batch: int | None = None
     triggers: tuple[str, ...] = ()
     max_deliver: int = 5
@@ -253,7 +255,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 def function(name: str, *, backbone: str | None = None, adapter: str | None = None,
              timeout_s: float = 60.0, max_queue: int = 64, max_instances: int = 1,
              start_timeout_s: float = 120.0, setup: Callable[[Context], Any] | None = None,
-             slo_ttft_s: float = 2.5, max_batch: int | None = None,
+             slo_ttft_s: float = DEFAULT_SLO_TTFT_S, max_batch: int | None = None,
              triggers: list[str] | tuple[str, ...] = (), max_deliver: int = 5,
              results: bool = False,
              openai: bool | Callable[[str, dict, Context], str] = False,

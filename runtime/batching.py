@@ -32,6 +32,14 @@ from typing import Callable
 
 from faas.logs import get_logger
 
+
+def turn_prefill_budget_s(slo_s: float) -> float:
+    """What one turn of a batcher may spend prefilling (at least one prompt): a fifth of
+    the tightest TTFT SLO it serves, so a crowd's first tokens come in turns, not all at the
+    end of one long prefill. (A window hands over at most what prefills in half the SLO: it
+    may then take a few turns.)"""
+    return slo_s / 5
+
 # Before a function's first prefill report: a small model's prefill of one prompt.
 _PRIOR_T0_S = 0.05
 # An extra prompt in a prefill costing this share of a prefill of one: batching gains nothing.

@@ -45,6 +45,7 @@ from runtime.history import History
 from runtime.inflight import InFlight
 from runtime.pool import FunctionPool
 from runtime.sandboxes import OutputTooLarge
+from runtime.stats import NodeStats, ttft_ms
 
 _WEEK_S = 7 * 86400
 
@@ -96,12 +97,13 @@ class EventConsumers:
     """The node's event loops, one per function with triggers."""
 
     def __init__(self, nc: NATS, pools: dict[str, FunctionPool], history: History,
-                 inflight: InFlight, config: EventsConfig) -> None:
+                 inflight: InFlight, stats: NodeStats, config: EventsConfig) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.pools = {name: pool for name, pool in pools.items() if pool.spec.get("triggers")}
         self.history = history
         self.inflight = inflight  # the node's: an event's id is never a request's
+        self.stats = stats  # the node's: `faas top`, $SRV.STATS and Prometheus count events too
         self.config = config
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._subs: dict[str, Any] = {}
@@ -222,6 +224,7 @@ class EventConsumers:
         room_freed.set()
 
     async def _handle(self, name: str, pool: FunctionPool, msg: Msg) -> None:
+        received = time.monotonic()
         meta = msg.metadata
         delivered = meta.num_delivered
         info = {"subject": msg.subject, "sequence": meta.sequence.stream,
@@ -238,12 +241,13 @@ class EventConsumers:
         except BadRequest as err:  # it will never decode: retrying cannot help
             await self._dead_letter(name, msg, info, err, log)
             return
+        await self.history.record(name)  # demand, even when the queue is full (as a request's)
         try:
             pool.admit()
-        except FaasError:  # refused (queue full, shutting down): the handler never ran
+        except FaasError as err:  # refused (queue full, shutting down): the handler never ran
+            self.stats.failed(name, err.code)
             await self._nak(msg, retry_delay_s(1, self.config), log)
             return
-        await self.history.record(name)
         # Unguessable, and held with the node's requests: nobody can cancel it, or take its
         # place (and its output) by sending a request under its id.
         request_id = protocol.new_request_id()
@@ -254,6 +258,7 @@ class EventConsumers:
                                       event_info=info)
         except FaasError as err:
             self.failed += 1
+            self.stats.failed(name, err.code)
             # The handler judged the event itself bad (BadRequest), or returned more than an
             # outcome may carry: retrying cannot help.
             if delivered >= max_deliver or isinstance(err, (BadRequest, OutputTooLarge)):
@@ -266,6 +271,8 @@ class EventConsumers:
         finally:
             keep.cancel()
             self.inflight.release(request_id, flight)
+        self.stats.answered(name, ttft_ms(served.result.first_token_at, received),
+                            round((time.monotonic() - received) * 1000, 3), served.level.label)
         if pool.spec.get("results"):
             result = msgpack.packb({"output": served.result.output, "event": info}, use_bin_type=True)
             if len(result) > self._room():  # it will never fit: running it again cannot help

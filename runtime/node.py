@@ -48,7 +48,8 @@ from runtime.inflight import Flight, InFlight
 from runtime.isolation import Isolation
 from runtime.levels import GIB, Profiles
 from runtime.metrics import NodeMetrics
-from runtime.offload import MemoryGuard, node_budget
+from runtime.memory import machine_budget
+from runtime.offload import MemoryGuard
 from runtime.outputs import FunctionOutputs
 from runtime.plan import Budget
 from runtime.pool import FunctionPool
@@ -56,7 +57,7 @@ from runtime.replies import answer
 from runtime.preload import PreloadConfig, Preloader
 from runtime.sandboxes import SandboxConfig, Zygote, maps_backbone
 from runtime.service import NodeService
-from runtime.stats import NodeStats
+from runtime.stats import NodeStats, ttft_ms
 
 
 def default_node_id() -> str:
@@ -153,7 +154,9 @@ class Node:
                                     preload, config.device, share=self.cluster.share,
                                     engines=self.engines)
                           if preload.enabled else None)
-        budget = node_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device)
+        # The node's budget: three quarters of the machine's memory, nine tenths of the GPU's.
+        budget = machine_budget(config.memory_budget_gib, config.device_memory_budget_gib, config.device,
+                                3 / 4, 9 / 10)
         self.guard = MemoryGuard(self.pools, self.backbones, self.profiles, budget,
                                  self.preloader.value if self.preloader else lambda name: 0.0,
                                  self.engines)
@@ -173,7 +176,7 @@ class Node:
             self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
                                            min(planned.device_bytes, budget.device_bytes))
         self.inflight = InFlight()  # every request held, whatever brought it
-        self.events = EventConsumers(nc, self.pools, self.history, self.inflight, config.events)
+        self.events = EventConsumers(nc, self.pools, self.history, self.inflight, self.stats, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
         self._reacking: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
@@ -184,14 +187,13 @@ class Node:
         return self.zygote if maps_backbone(spec) else self.light_zygote
 
     def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
-        pool = FunctionPool(
+        return FunctionPool(
             spec, self.sandbox_config, self._zygote_of(spec),
             self.backbones, isolation, self.profiles,
             keep_alive_s=None if self.config.preload.enabled else self.config.sandbox.keep_alive_s,
             on_change=self._on_pool_change,
-            contention=self.contention if self.config.batch_windows else None, engines=self.engines)
-        pool.guard = self.guard
-        return pool
+            contention=self.contention if self.config.batch_windows else None, engines=self.engines,
+            guard=self.guard)
 
     async def start(self) -> None:
         """Subscribe; when this returns the server knows every subscription and the node
@@ -493,13 +495,10 @@ class Node:
             await fail(HandlerError("internal error in the node"))
             return
         result = served.result
-        ttft_ms = None
-        if result.first_token_at is not None:  # the sandbox's clock reading: within the request
-            first = min(max(result.first_token_at, received), time.monotonic())
-            ttft_ms = round((first - received) * 1000, 3)
         metrics = Metrics(request_id=request_id, node=self.node_id,
                           queue_ms=round((served.leased_at - received) * 1000, 3),
-                          ttft_ms=ttft_ms, tokens_in=result.tokens_in, tokens_out=result.tokens_out,
+                          ttft_ms=ttft_ms(result.first_token_at, received),
+                          tokens_in=result.tokens_in, tokens_out=result.tokens_out,
                           level=served.level.label, batch=result.batch)
         metrics.total_ms = round((time.monotonic() - received) * 1000, 3)
         try:

@@ -14,7 +14,6 @@ retry hint instead of the node running out of memory.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -22,25 +21,11 @@ from typing import TYPE_CHECKING, Callable
 from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
 from runtime.levels import Level, Profiles
-from runtime.memory import gpu_memory
 from runtime.plan import Budget
 
 if TYPE_CHECKING:
     from runtime.genengine.registry import EngineRegistry
     from runtime.pool import FunctionPool, Slot
-
-GIB = 1024**3
-
-
-def node_budget(host_gib: float | None, device_gib: float | None, device: str) -> Budget:
-    """The node's budget: as given, else three quarters of the machine's memory and nine
-    tenths of the GPU's."""
-    host = (host_gib * GIB if host_gib is not None
-            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
-    if device == "cpu":
-        return Budget(int(host), 0)
-    dev = device_gib * GIB if device_gib is not None else gpu_memory()[0] * 9 // 10
-    return Budget(int(host), int(dev))
 
 
 @dataclass

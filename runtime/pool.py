@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
+from faas.sdk import DEFAULT_SLO_TTFT_S
 from runtime.backbones import Backbone, BackboneRegistry
 from runtime.batching import BatchWindow, Contention, PrefillProfile
 from runtime.genengine.registry import Engine, EngineRegistry
@@ -83,7 +84,8 @@ class FunctionPool:
     def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
                  backbones: BackboneRegistry, isolation: Isolation, profiles: Profiles,
                  keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None,
-                 contention: Contention | None = None, engines: EngineRegistry | None = None) -> None:
+                 contention: Contention | None = None, engines: EngineRegistry | None = None,
+                 guard: MemoryGuard | None = None) -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self._config = config
@@ -103,10 +105,10 @@ class FunctionPool:
         self._cond = asyncio.Condition()
         self._stopping: set[asyncio.Task[None]] = set()  # stopped sandboxes; close() waits for them
         self._closed = False
-        self.guard: MemoryGuard | None = None  # the node's, set once every pool exists
+        self.guard = guard  # the node's (None: nothing bounds what this pool holds)
         self.service_s = 1.0  # a request's time in a sandbox (moving average): retry hints
         # On the engine, its admission batches across functions under each one's SLO.
-        self.window = (BatchWindow(self.name, float(spec.get("slo_ttft_s", 2.5)), self.max_batch,
+        self.window = (BatchWindow(self.name, float(spec.get("slo_ttft_s", DEFAULT_SLO_TTFT_S)), self.max_batch,
                                    contention) if contention is not None and self._engines is None else None)
         self.log = get_logger(fn=self.name)
 

@@ -21,8 +21,8 @@ from runtime.backbones import BackboneRegistry
 from runtime.genengine.registry import EngineRegistry
 from runtime.history import History
 from runtime.levels import GIB, Level, Profiles, engine_key, model_of
-from runtime.memory import gpu_memory
-from runtime.plan import Budget, Demand, Plan, make_plan
+from runtime.memory import machine_budget
+from runtime.plan import Demand, Plan, make_plan
 from runtime.pool import FunctionPool
 from runtime.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
 
@@ -53,20 +53,6 @@ class PreloadConfig:
         raise ValueError(f"unknown predictor {self.predictor!r} (histogram or rate)")
 
 
-def _host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def budget_of(config: PreloadConfig, device: str) -> Budget:
-    host = (config.host_budget_gib * GIB if config.host_budget_gib is not None
-            else _host_memory_bytes() // 4)
-    if device == "cpu":
-        return Budget(int(host), 0)
-    dev = (config.device_budget_gib * GIB if config.device_budget_gib is not None
-           else gpu_memory()[0] // 2)
-    return Budget(int(host), int(dev))
-
-
 class Preloader:
     def __init__(self, pools: dict[str, FunctionPool], backbones: BackboneRegistry,
                  profiles: Profiles, history: History, config: PreloadConfig, device: str,
@@ -82,7 +68,8 @@ class Preloader:
         self.history = history
         self.config = config
         self.predictor = config.make_predictor()
-        self.budget = budget_of(config, device)
+        # What pre-loading may fill (the node then holds it to its own budget, if smaller).
+        self.budget = machine_budget(config.host_budget_gib, config.device_budget_gib, device, 1 / 4, 1 / 2)
         self.plan: Plan | None = None
         self.predictions: dict[str, Prediction] = {}
         self._wake = asyncio.Event()

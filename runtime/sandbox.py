@@ -4,8 +4,8 @@ Forked by the zygote (runtime/zygote.py) with one end of a socketpair. It receiv
 `init` frame (which function) and answers `level` (SPAWNED). Then the node moves it up
 the levels of runtime/levels.py with one `step` frame each (the ATTACHED step carries the
 backbone's descriptors), each answered with `level` (its time and the memory the process
-holds after it) or `init_error`; a `down` frame moves a LOADED sandbox back to STAGED (the
-adapter leaves the device: offloading). Once LOADED it acknowledges each `invoke` frame
+holds after it) or `init_error`; a `step` to STAGED sent to a LOADED sandbox moves it back
+down (its adapter leaves the device, or the engine's model: offloading). Once LOADED it acknowledges each `invoke` frame
 (`started`) and runs its handler on a worker thread of its own (up to the function's `max_batch` at once: their generations
 share one batch, runtime/generation.py), and answers with `chunk` frames (streamed text,
 when the request asked for a stream) and then one `result` or `error` frame, each tagged
@@ -30,8 +30,9 @@ from faas import openai_api
 from faas.protocol import MAX_ERROR_MESSAGE
 from faas.errors import BadRequest, Overloaded, SpecError
 from faas.logs import get_logger
-from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
+from faas.sdk import DEFAULT_SLO_TTFT_S, Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime import frames
+from runtime.batching import turn_prefill_budget_s
 from runtime.levels import Level
 from runtime.loader import find_spec
 from runtime.memory import device_bytes, give_back_heap
@@ -142,10 +143,9 @@ class _Function:
             from runtime.engine import LoraEngine
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            # A turn's prefill takes at most a fifth of the function's TTFT SLO.
             self.engine = LoraEngine(init["backbone_path"], init["adapter"],
                                      int(init.get("max_batch", 1)), self._prefilled,
-                                     float(init.get("slo_ttft_s", 2.5)) / 5)
+                                     turn_prefill_budget_s(float(init.get("slo_ttft_s", DEFAULT_SLO_TTFT_S))))
             shared = frame.get("backbone")
             if shared is not None:
                 shared["fds"] = fds

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from faas.errors import BadRequest, HandlerError, Overloaded
 from faas.logs import get_logger
 from faas.protocol import MAX_ERROR_MESSAGE
+from faas.sdk import DEFAULT_SLO_TTFT_S
 from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
@@ -630,7 +631,7 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
     sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config)
     init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
             "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
-            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", 2.5),
+            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", DEFAULT_SLO_TTFT_S),
             "max_frame_bytes": config.max_frame_bytes,
             "node_models": spec.get("deployed") is not None, "engine": engine}
     try:

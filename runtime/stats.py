@@ -55,9 +55,18 @@ class FunctionStats:
                 "latency_p50_ms": _percentile(totals, 0.5), "latency_p99_ms": _percentile(totals, 0.99)}
 
 
+def ttft_ms(first_token_at: float | None, received: float) -> float | None:
+    """Milliseconds from receipt to the first token, from the sandbox's clock reading (held
+    within the request's span: the sandbox may lie)."""
+    if first_token_at is None:
+        return None
+    first = min(max(first_token_at, received), time.monotonic())
+    return round((first - received) * 1000, 3)
+
+
 class NodeStats:
     """FunctionStats by function name (kept across redeploys of a function), and the
-    node's Prometheus metrics when it serves them."""
+    node's Prometheus metrics when it serves them: requests and events alike."""
 
     def __init__(self, metrics: NodeMetrics | None = None) -> None:
         self.functions: dict[str, FunctionStats] = {}

@@ -201,11 +201,12 @@ async def test_a_crashing_sandbox_leaves_the_engine_and_the_others_untouched(cli
 
 
 async def test_a_killed_engine_answers_in_flight_with_503_and_a_fresh_one_serves_next(client, node):
-    event = {"prompt": PROMPTS["support"], "max_new_tokens": 400, "ignore_eos": True}
+    event = {"prompt": PROMPTS["support"], "max_new_tokens": 800, "ignore_eos": True}
     await client.invoke("writer", {**event, "max_new_tokens": 1}, timeout_s=120)
     engine = await engine_pid(node)
     running = asyncio.create_task(client.invoke("writer", event, timeout_s=120, retries=0))
-    await asyncio.sleep(1.0)
+    while not [f for n in await nodes_of(node) for f in n["functions"] if f["name"] == "writer" and f["active"]]:
+        await asyncio.sleep(0.02)  # killed mid-generation (800 tokens take seconds here)
     os.kill(engine, signal.SIGKILL)
     with pytest.raises(Overloaded, match="engine stopped"):
         await running

@@ -13,9 +13,11 @@ import sys
 import time
 import uuid
 
+import httpx
 import msgpack
 import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from faas import Client
 from faas.protocol import HDR_MSG_ID
@@ -66,8 +68,23 @@ async def _collect(nc: nats.NATS, subject: str, run: str, want: int, timeout_s: 
     return found
 
 
+async def _counted(node, function: str) -> tuple[dict, float]:
+    """The node's stats of `function` (`faas ls`, `faas top`, $SRV.STATS) and its answered
+    count in Prometheus."""
+    [stats] = [f["stats"] for n in await nodes_of(node) for f in n["functions"] if f["name"] == function]
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(node.metrics_url)).text
+    answered = sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "faas_requests_total" and s.labels.get("function") == function
+                   and s.labels.get("code") == "200")
+    return stats, answered
+
+
 async def test_events_published_by_raw_nats_are_all_processed(node):
+    """Thirty events from a producer without credentials are each processed, and each counts
+    in the node's stats and metrics as a request does."""
     run = uuid.uuid4().hex
+    stats, answered = await _counted(node, "tally")
     producer = await nats.connect(node.url)  # no credentials: a producer's rights
     js = producer.jetstream()
     for n in range(30):
@@ -79,6 +96,10 @@ async def test_events_published_by_raw_nats_are_all_processed(node):
     assert sorted(o["n"] for o in outputs) == list(range(30))
     assert {o["msg_id"] for o in outputs} == {f"{run}-{n}" for n in range(30)}
     assert all(o["subject"].startswith("events.tally.") and o["sequence"] > 0 for o in outputs)
+    stats_after, answered_after = await _counted(node, "tally")
+    assert stats_after["requests"] == stats["requests"] + 30
+    assert answered_after == answered + 30
+    assert stats_after["latency_p50_ms"] is not None
 
 
 async def test_client_publish_sets_a_msg_id_that_deduplicates(node):
@@ -93,6 +114,7 @@ async def test_client_publish_sets_a_msg_id_that_deduplicates(node):
 
 async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(node):
     run = uuid.uuid4().hex
+    stats, _ = await _counted(node, "picky")
     started = time.monotonic()
     async with Client(node.url) as client:
         for n in range(6):
@@ -106,6 +128,8 @@ async def test_a_poison_event_ends_in_the_dead_letters_while_the_others_flow(nod
     assert letter["error"]["code"] == 500 and "cannot digest event 2" in letter["error"]["message"]
     assert msgpack.unpackb(letter["data"])["poison"] is True  # the event itself, to replay
     assert time.monotonic() - started >= 3.0  # naks waited 1 s, then 2 s: not a hot loop
+    stats_after, _ = await _counted(node, "picky")  # each failed attempt is an error
+    assert stats_after["errors_by_code"].get("500", 0) == stats["errors_by_code"].get("500", 0) + 3
 
     def cli(*args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "faas.cli", "events", "--nats", node.url,

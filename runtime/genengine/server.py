@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from faas.logs import get_logger
 from runtime import frames
+from runtime.batching import turn_prefill_budget_s
 from runtime.procs import run_node_child
 
 log = get_logger()
@@ -182,9 +183,7 @@ class Engine:
         conn.out = _Out(conn.sock, lambda: self._cut_off(conn))
         self.conns[conn.id] = conn
         self.batcher.shares[conn.function] = conn.max_batch
-        # A turn prefills at most what takes a fifth of the tightest TTFT SLO it serves (at
-        # least one prompt), so the first tokens of a crowd come in turns, not all at the end.
-        self.batcher.prefill_budget_s = min(c.slo_s for c in self.conns.values()) / 5
+        self.batcher.prefill_budget_s = turn_prefill_budget_s(min(c.slo_s for c in self.conns.values()))
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
 
     def _cut_off(self, conn: _Conn) -> None:
