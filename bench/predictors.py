@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.paper import add_workload_arguments, workload_spec
 from bench.workloads import generate, history, load_trace, time_scale
-from runtime.predict import HybridHistogram, Predictor, RateEstimate
+from runtime.preload.predict import HybridHistogram, Predictor, RateEstimate
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.5)
 

@@ -46,7 +46,7 @@ def _fail(err: Exception) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from runtime.events import EventsConfig
-    from runtime.preload import PreloadConfig
+    from runtime.preload.preloader import PreloadConfig
     from runtime.serve import UpOptions, up
 
     preload = PreloadConfig(enabled=not args.no_preload, predictor=args.predictor,

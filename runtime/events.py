@@ -41,9 +41,9 @@ from faas.connection import raise_if_cancelled
 from faas.errors import BadRequest, FaasError, HandlerError
 from faas.logs import get_logger
 from faas.streams import ensure_stream
-from runtime.history import History
 from runtime.inflight import InFlight
 from runtime.pool import FunctionPool
+from runtime.preload.history import History
 from runtime.sandboxes import OutputTooLarge
 from runtime.stats import NodeStats, ttft_ms
 

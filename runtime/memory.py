@@ -7,7 +7,7 @@ import os
 import sys
 
 from runtime.levels import GIB
-from runtime.plan import Budget
+from runtime.preload.plan import Budget
 from runtime.procs import process_tree
 
 

@@ -37,24 +37,24 @@ from faas.errors import (
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
 from runtime.backbones import BackboneRegistry
-from runtime.genengine.registry import EngineRegistry
 from runtime.batching import Contention
 from runtime.catalog import Catalog
 from runtime.cluster import Cluster
 from runtime.deployed import Deployments, ModelFinder
 from runtime.events import EventConsumers, EventsConfig
-from runtime.history import History
+from runtime.genengine.registry import EngineRegistry
 from runtime.inflight import Flight, InFlight
 from runtime.isolation import Isolation
 from runtime.levels import GIB, Profiles
-from runtime.metrics import NodeMetrics
 from runtime.memory import machine_budget
+from runtime.metrics import NodeMetrics
 from runtime.offload import MemoryGuard
 from runtime.outputs import FunctionOutputs
-from runtime.plan import Budget
 from runtime.pool import FunctionPool
+from runtime.preload.history import History
+from runtime.preload.plan import Budget
+from runtime.preload.preloader import PreloadConfig, Preloader
 from runtime.replies import answer
-from runtime.preload import PreloadConfig, Preloader
 from runtime.sandboxes import SandboxConfig, Zygote, maps_backbone
 from runtime.service import NodeService
 from runtime.stats import NodeStats, ttft_ms

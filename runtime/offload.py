@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
 from runtime.levels import Level, Profiles
-from runtime.plan import Budget
+from runtime.preload.plan import Budget
 
 if TYPE_CHECKING:
     from runtime.genengine.registry import EngineRegistry

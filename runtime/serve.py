@@ -26,7 +26,7 @@ from runtime.catalog import Catalog, load_catalog
 from runtime.events import EventsConfig
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig, default_node_id
-from runtime.preload import PreloadConfig
+from runtime.preload.preloader import PreloadConfig
 from runtime.sandboxes import SandboxConfig
 
 log = get_logger()

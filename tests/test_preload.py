@@ -10,8 +10,8 @@ import time
 import pytest
 
 from runtime.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
-from runtime.plan import Budget, Demand, make_plan
-from runtime.predict import HybridHistogram, RateEstimate, followers
+from runtime.preload.plan import Budget, Demand, make_plan
+from runtime.preload.predict import HybridHistogram, RateEstimate, followers
 from tests.conftest import nodes_of
 
 PERIOD = 60.0

@@ -19,12 +19,12 @@ from typing import Any, Callable
 from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
 from runtime.genengine.registry import EngineRegistry
-from runtime.history import History
 from runtime.levels import GIB, Level, Profiles, engine_key, model_of
 from runtime.memory import machine_budget
-from runtime.plan import Demand, Plan, make_plan
 from runtime.pool import FunctionPool
-from runtime.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
+from runtime.preload.history import History
+from runtime.preload.plan import Demand, Plan, make_plan
+from runtime.preload.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
 
 
 @dataclass(frozen=True)
