@@ -46,9 +46,9 @@ from runtime.genengine.registry import EngineRegistry
 from runtime.inflight import Flight, InFlight
 from runtime.isolation import Isolation
 from runtime.levels import GIB, Profiles
-from runtime.memory import machine_budget
+from runtime.memory.usage import machine_budget
 from runtime.metrics import NodeMetrics
-from runtime.offload import MemoryGuard
+from runtime.memory.guard import MemoryGuard
 from runtime.outputs import FunctionOutputs
 from runtime.pool import FunctionPool
 from runtime.preload.history import History
@@ -81,7 +81,7 @@ class NodeConfig:
     # once (None: one per core's worth of sandbox threads on CPU, 2 on a GPU).
     batch_windows: bool = True
     prefill_parallel: int | None = None
-    # What the node may hold (runtime/offload.py); None: 3/4 of RAM, 9/10 of the GPU.
+    # What the node may hold (runtime/memory/); None: 3/4 of RAM, 9/10 of the GPU.
     memory_budget_gib: float | None = None
     device_memory_budget_gib: float | None = None
     engine_kv_gib: float | None = None  # each engine's KV cache (None: its default)

@@ -29,7 +29,7 @@ from runtime.batching import BatchWindow, Contention, PrefillProfile
 from runtime.genengine.registry import Engine, EngineRegistry
 from runtime.isolation import Isolation
 from runtime.levels import Level, Profiles, engine_key
-from runtime.offload import MemoryGuard
+from runtime.memory.guard import MemoryGuard
 from runtime.sandboxes import (
     ChunkSink,
     Sandbox,

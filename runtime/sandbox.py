@@ -35,7 +35,7 @@ from runtime import frames
 from runtime.batching import turn_prefill_budget_s
 from runtime.levels import Level
 from runtime.loader import find_spec
-from runtime.memory import device_bytes, give_back_heap
+from runtime.memory.usage import device_bytes, give_back_heap
 
 
 # The exit code of a sandbox whose engine connection closed (the engine exited or cut it off).

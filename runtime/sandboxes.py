@@ -20,7 +20,7 @@ from runtime import frames
 from runtime.backbones import Backbone
 from runtime.isolation import Isolation
 from runtime.levels import Level
-from runtime.memory import sandbox_bytes
+from runtime.memory.usage import sandbox_bytes
 from runtime.procs import renice_tree, start_node_child
 
 

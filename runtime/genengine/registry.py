@@ -18,7 +18,7 @@ from faas.logs import get_logger
 from runtime import frames
 from runtime.backbones import Backbone, BackboneRegistry
 from runtime.isolation import Isolation
-from runtime.memory import sandbox_bytes
+from runtime.memory.usage import sandbox_bytes
 from runtime.procs import start_node_child, wait_or_kill
 from runtime.warm import KeptWarm
 

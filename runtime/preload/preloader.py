@@ -20,7 +20,7 @@ from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
 from runtime.genengine.registry import EngineRegistry
 from runtime.levels import GIB, Level, Profiles, engine_key, model_of
-from runtime.memory import machine_budget
+from runtime.memory.usage import machine_budget
 from runtime.pool import FunctionPool
 from runtime.preload.history import History
 from runtime.preload.plan import Demand, Plan, make_plan

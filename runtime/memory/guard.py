@@ -15,24 +15,17 @@ retry hint instead of the node running out of memory.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from faas.logs import get_logger
 from runtime.backbones import BackboneRegistry
 from runtime.levels import Level, Profiles
+from runtime.memory.victims import Idle, victims
 from runtime.preload.plan import Budget
 
 if TYPE_CHECKING:
     from runtime.genengine.registry import EngineRegistry
     from runtime.pool import FunctionPool, Slot
-
-
-@dataclass
-class _Move:
-    pool: FunctionPool
-    slot: Slot
-    to: Level  # STAGED (adapter off the device) or COLD (stopped)
 
 
 class MemoryGuard:
@@ -111,35 +104,27 @@ class MemoryGuard:
             return True
         if not any(p.instances for p in self.pools.values()):
             return True  # nothing to wait for or offload (the cost may be a prior's guess)
-        moves: list[_Move] = []
-        idle = [(p, s) for p in self.pools.values() for s in p.idle_slots() if s is not slot]
-        idle.sort(key=lambda ps: (self.value(ps[0].name), ps[1].idle_since))
-        for other, slot in idle:
-            if over_host <= 0 and over_device <= 0:
-                break
-            host, device = other.slot_bytes(slot)
-            if over_device > 0 and over_host <= 0 and slot.level == Level.LOADED and device:
-                staged_host, staged_device = self.profiles.of(other.profile_key).held(Level.STAGED)
-                moves.append(_Move(other, slot, Level.STAGED))
-                over_device -= device - staged_device
-                over_host += max(0, staged_host - host)
-            else:
-                moves.append(_Move(other, slot, Level.COLD))
-                over_host -= host
-                over_device -= device
-        if over_host > 0 or over_device > 0:
+        idle: list[Idle] = []
+        for other in self.pools.values():
+            staged = self.profiles.of(other.profile_key).held(Level.STAGED)
+            for held in other.idle_slots():
+                if held is not slot:
+                    idle.append(Idle((other, held), self.value(other.name), held.idle_since, held.level,
+                                     *other.slot_bytes(held), *staged))
+        moves = victims(over_host, over_device, idle)
+        if moves is None:
             self.refused += 1
             self.log.warning("memory_admission_refused", fn=pool.name,
                              held_mib=[round(b / 2**20, 1) for b in self.held()],
                              budget_mib=[round(self.budget.host_bytes / 2**20, 1),
                                          round(self.budget.device_bytes / 2**20, 1)])
             return False
-        for move in moves:
+        for candidate, to in moves:
+            other, held = candidate.key
             self.offloaded += 1
-            self.log.info("sandbox_offloaded", fn=move.pool.name, to=move.to.label,
-                          level=move.slot.level.label, for_fn=pool.name,
-                          idle_s=round(time.monotonic() - move.slot.idle_since, 1))
-            move.pool.offload(move.slot, move.to)
+            self.log.info("sandbox_offloaded", fn=other.name, to=to.label, level=held.level.label,
+                          for_fn=pool.name, idle_s=round(time.monotonic() - held.idle_since, 1))
+            other.offload(held, to)
         return True
 
     def retry_after_s(self) -> float:
