@@ -1,4 +1,4 @@
-"""What checking a backbone's weights costs: the SHA-256 digest (runtime/weights.py) against
+"""What checking a backbone's weights costs: the SHA-256 digest (runtime/backbone/weights.py) against
 the word-sum checksum it replaced, which swapped rows did not change.
 
     python -m bench.digest [--mib 512] [--rounds 3] [--out results/digest.json]
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import write_result
-from runtime.weights import digest
+from runtime.backbone.weights import digest
 
 _SEVEN_B_BYTES = 13.5e9
 

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 from bench.models import build_model, write_functions
 from faas.bundled import faas_home
-from runtime.backbones import BackboneRegistry
+from runtime.backbone.registry import BackboneRegistry
 from runtime.catalog import load_catalog
 from runtime.genengine.registry import EngineRegistry
 from runtime.levels import STEPS, Level, Profiles, engine_key

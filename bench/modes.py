@@ -46,7 +46,7 @@ from bench.models import adapters_of, write_functions
 from bench.workloads import Request
 from faas import Client, FaasError, FunctionNotFound, Overloaded, protocol
 from faas.localnode import LocalNode, free_port
-from runtime.memory import gpu_memory
+from runtime.memory.usage import gpu_memory
 from runtime.natsd import EmbeddedNats
 
 

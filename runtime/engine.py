@@ -86,8 +86,8 @@ class LoraEngine:
 
     def attach(self, shared: dict[str, Any] | None = None) -> None:
         if shared is not None:
-            from runtime.skeleton import bind_shared
-            from runtime.weights import backend_for
+            from runtime.backbone.skeleton import bind_shared
+            from runtime.backbone.weights import backend_for
 
             self.device = shared["device"]
             tensors = backend_for(self.device).attach(shared["manifest"], shared["fds"])

@@ -36,7 +36,7 @@ from faas.errors import (
 )
 from faas.logs import get_logger
 from faas.protocol import Encoding, Metrics
-from runtime.backbones import BackboneRegistry
+from runtime.backbone.registry import BackboneRegistry
 from runtime.batching import Contention
 from runtime.catalog import Catalog
 from runtime.cluster import Cluster
@@ -46,9 +46,9 @@ from runtime.genengine.registry import EngineRegistry
 from runtime.inflight import Flight, InFlight
 from runtime.isolation import Isolation
 from runtime.levels import GIB, Profiles
+from runtime.memory.guard import MemoryGuard
 from runtime.memory.usage import machine_budget
 from runtime.metrics import NodeMetrics
-from runtime.memory.guard import MemoryGuard
 from runtime.outputs import FunctionOutputs
 from runtime.pool import FunctionPool
 from runtime.preload.history import History

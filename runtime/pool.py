@@ -24,7 +24,7 @@ from typing import Any, Callable
 from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
 from faas.sdk import DEFAULT_SLO_TTFT_S
-from runtime.backbones import Backbone, BackboneRegistry
+from runtime.backbone.registry import Backbone, BackboneRegistry
 from runtime.batching import BatchWindow, Contention, PrefillProfile
 from runtime.genengine.registry import Engine, EngineRegistry
 from runtime.isolation import Isolation

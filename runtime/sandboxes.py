@@ -17,7 +17,7 @@ from faas.logs import get_logger
 from faas.protocol import MAX_ERROR_MESSAGE
 from faas.sdk import DEFAULT_SLO_TTFT_S
 from runtime import frames
-from runtime.backbones import Backbone
+from runtime.backbone.registry import Backbone
 from runtime.isolation import Isolation
 from runtime.levels import Level
 from runtime.memory.usage import sandbox_bytes

@@ -21,7 +21,7 @@ from faas.connection import connect
 from faas.protocol import NODE_INBOX_PREFIX
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
-from runtime.backbones import detect_device
+from runtime.backbone.registry import detect_device
 from runtime.catalog import Catalog, load_catalog
 from runtime.events import EventsConfig
 from runtime.natsd import EmbeddedNats

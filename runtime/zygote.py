@@ -42,8 +42,8 @@ def _preload(light: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import runtime.engine  # noqa: F401
-    import runtime.skeleton  # noqa: F401
-    import runtime.weights  # noqa: F401
+    import runtime.backbone.skeleton  # noqa: F401
+    import runtime.backbone.weights  # noqa: F401
 
 
 def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple[int, int],

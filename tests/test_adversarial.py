@@ -415,7 +415,7 @@ def test_weight_digests_see_swapped_rows():
     """What a GPU backbone checks its weights with, on the CPU (the CUDA run is tests/test_gpu.py)."""
     import torch
 
-    from runtime.weights import corrupted, digest
+    from runtime.backbone.weights import corrupted, digest
 
     lm_head = torch.randn(64, 32, dtype=torch.bfloat16)
     baseline = {"lm_head": digest(lm_head)}

@@ -13,7 +13,7 @@ import pytest
 from bench.accounting import processes
 from faas.bundled import TINY_QWEN2, adapter_path, model_path
 from faas.errors import BadRequest, Cancelled, FaasError, HandlerError, Overloaded
-from runtime.backbones import BackboneRegistry
+from runtime.backbone.registry import BackboneRegistry
 from runtime.genengine.client import EngineConnection
 from runtime.genengine.registry import EngineRegistry
 from runtime.genengine.server import CHUNK_TOKENS

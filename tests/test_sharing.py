@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from faas import Client, HandlerError, SpecError, function
 from faas.bundled import TINY_LLAMA, TINY_QWEN2, adapter_path, model_path
 from faas.localnode import LocalNode
-from runtime.skeleton import bind_shared
-from runtime.weights import CpuSharedFile
+from runtime.backbone.skeleton import bind_shared
+from runtime.backbone.weights import CpuSharedFile
 from bench.accounting import processes
 from tests.conftest import nodes_of, sandbox_host_pids, zygote_family, zygote_pid
 
@@ -170,7 +170,7 @@ def test_digests_catch_a_changed_weight_and_swapped_rows():
     """What a GPU backbone uses to notice writes through its (writable) CUDA IPC mappings: a
     digest of the bytes, which a permutation changes too (swapping two rows of the output
     layer swaps two tokens' logits for every function; a sum of words would not change)."""
-    from runtime.weights import corrupted, digest
+    from runtime.backbone.weights import corrupted, digest
 
     tensors = {"w": torch.randn(1000, dtype=torch.bfloat16), "odd": torch.randn(3, dtype=torch.bfloat16),
                "b": torch.arange(10, dtype=torch.int64), "lm_head": torch.randn(64, 32)}

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime import frames
-from runtime.backbones import Backbone, BackboneRegistry
+from runtime.backbone.registry import Backbone, BackboneRegistry
 from runtime.isolation import Isolation
 from runtime.memory.usage import sandbox_bytes
 from runtime.procs import start_node_child, wait_or_kill

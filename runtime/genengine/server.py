@@ -556,8 +556,8 @@ def serve(control: socket.socket) -> int:
 
         from runtime.engine import enter_model_process
         from runtime.generation import GenRequest
-        from runtime.skeleton import bind_shared
-        from runtime.weights import backend_for
+        from runtime.backbone.skeleton import bind_shared
+        from runtime.backbone.weights import backend_for
 
         enter_model_process(request["isolation"], int(request["threads"]))
         # peft warns as it switches the active adapter when one is deleted: rows name theirs.

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from faas.logs import get_logger
-from runtime.backbones import BackboneRegistry
+from runtime.backbone.registry import BackboneRegistry
 from runtime.levels import Level, Profiles
 from runtime.memory.victims import Idle, victims
 from runtime.preload.plan import Budget

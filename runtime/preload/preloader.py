@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from faas.logs import get_logger
-from runtime.backbones import BackboneRegistry
+from runtime.backbone.registry import BackboneRegistry
 from runtime.genengine.registry import EngineRegistry
 from runtime.levels import GIB, Level, Profiles, engine_key, model_of
 from runtime.memory.usage import machine_budget

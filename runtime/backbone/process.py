@@ -1,7 +1,7 @@
 """The backbone process: loads one base model once, in its own dtype, on one device, and
-exports its weights for every sandbox of the node (see runtime/weights.py).
+exports its weights for every sandbox of the node (see runtime/backbone/weights.py).
 
-Started by the node as `python -m runtime.backbone --fd N --parent PID`. It receives a
+Started by the node as `python -m runtime.backbone.process --fd N --parent PID`. It receives a
 `load` frame, answers `ready` with the export's manifest and its file descriptors (or
 `error`), then: on CPU it exits (the node holds the shared file's descriptor, the sandboxes
 map it); on GPU it stays until the node closes the socket, since it owns the CUDA memory the
@@ -31,7 +31,7 @@ def serve(sock: socket.socket) -> int:
         from transformers import AutoModelForCausalLM
 
         from runtime.engine import enter_model_process
-        from runtime.weights import backend_for
+        from runtime.backbone.weights import backend_for
 
         enter_model_process(request["isolation"], int(request.get("threads", 1)))
         backend = backend_for(request["device"])
@@ -53,7 +53,7 @@ def serve(sock: socket.socket) -> int:
     if backend.keeps_process():
         # `model` must stay referenced: the sandboxes map its CUDA blocks. Those mappings are
         # writable (CUDA IPC), so the node asks now and then whether the weights changed.
-        from runtime.weights import corrupted, digest, unique_tensors
+        from runtime.backbone.weights import corrupted, digest, unique_tensors
 
         tensors, _ = unique_tensors(dict(model.state_dict()))
         baseline = {name: digest(t) for name, t in tensors.items()}
@@ -65,4 +65,4 @@ def serve(sock: socket.socket) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_node_child("python -m runtime.backbone", serve))
+    sys.exit(run_node_child("python -m runtime.backbone.process", serve))

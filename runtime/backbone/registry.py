@@ -122,7 +122,7 @@ class BackboneRegistry(KeptWarm[Backbone]):
 
     async def _start(self, model: str) -> Backbone:
         started = time.monotonic()
-        proc, ours = await start_node_child("runtime.backbone", self.threads, hub_token=True)
+        proc, ours = await start_node_child("runtime.backbone.process", self.threads, hub_token=True)
         try:
             request = {"type": "load", "model": model, "device": self.device,
                        "threads": self.threads, "isolation": self.isolation.to_dict()}
