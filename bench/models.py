@@ -35,7 +35,7 @@ def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from runtime.engine import quiet_transformers
-    from runtime.procs import open_to_others
+    from runtime.proc.children import open_to_others
     from runtime.modelzoo import build_tokenizer
 
     if model not in BENCH_MODELS:

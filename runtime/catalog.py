@@ -4,7 +4,7 @@ functions folders, without running any user code in the node.
 - The bundled models are built, and the platform is probed for namespaces, by small
   trusted subprocesses (the node itself imports no torch and forks nothing).
 - Each function file is imported by its own discovery subprocess, isolated like a sandbox
-  (runtime/isolation.py), one after another. Its answer is untrusted: only functions that
+  (runtime/proc/isolation.py), one after another. Its answer is untrusted: only functions that
   name that very file as their source are taken, and a name may be declared only once.
 - As root, functions get uids from `--sandbox-uids` (backbone loaders the first, discovery
   the last, function i by sorted name first + 1 + i); the range is locked, so two nodes on a
@@ -29,10 +29,10 @@ from faas.errors import FaasError
 from faas.logs import get_logger
 from faas.sdk import ENGINES
 from faas.protocol import valid_function_name, valid_subject
-from runtime.isolation import Isolation, reachable
 from runtime.loader import function_files
-from runtime.locks import hold
-from runtime.procs import child_environment, die_with_parent
+from runtime.proc.children import child_environment, die_with_parent
+from runtime.proc.isolation import Isolation, reachable
+from runtime.proc.locks import hold
 
 log = get_logger()
 
@@ -213,7 +213,7 @@ async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int],
     why neither was possible (the files then run with the deployer's rights, though never
     with its environment)."""
     if os.geteuid() == 0:
-        _, probe = await _run("runtime.isolation")
+        _, probe = await _run("runtime.proc.isolation")
         if probe.strip() == "ok":
             folder = _uid_locks()
             for first in range(_TOOL_UIDS[0], _TOOL_UIDS[1], _UID_BLOCK):
@@ -224,7 +224,7 @@ async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int],
                 return replace(_isolation(first, None, network=True), hide=hide), [fd], None
             return Isolation(), [], f"no free uid in {_TOOL_UIDS[0]}-{_TOOL_UIDS[1]}"
         return Isolation(), [], f"namespaces unavailable ({probe.strip()})"
-    _, probe = await _run("runtime.isolation", "--rootless")
+    _, probe = await _run("runtime.proc.isolation", "--rootless")
     if probe.strip() == "ok":
         return Isolation(rootless=True, network=True, expose=(str(faas_home()),), hide=hide), [], None
     return Isolation(), [], f"user namespaces unavailable ({probe.strip()})"
@@ -242,7 +242,7 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
     elif os.geteuid() != 0:
         uids, why_not = None, "off: the node is not root"
     else:
-        _, probe = await _run("runtime.isolation")
+        _, probe = await _run("runtime.proc.isolation")
         if probe.strip() != "ok":
             uids, why_not = None, f"refused: namespaces unavailable ({probe.strip()})"
     lock_fds = _lock_uids(uids) if uids else []

@@ -37,8 +37,8 @@ from faas.deploy import buckets, decode_record
 from faas.errors import FaasError
 from faas.logs import get_logger
 from runtime.catalog import Catalog, spec_problem
-from runtime.isolation import Isolation
-from runtime.locks import hold
+from runtime.proc.isolation import Isolation
+from runtime.proc.locks import hold
 
 AddFunction = Callable[[dict[str, Any], Isolation], Awaitable[None]]
 RemoveFunction = Callable[[str], Awaitable[None]]

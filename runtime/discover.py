@@ -2,7 +2,7 @@
 declares, as one JSON line.
 
 The node runs this once per file, in a subprocess isolated as the JSON says (see
-runtime/isolation.py) before the file is read, so importing user code never happens in the
+runtime/proc/isolation.py) before the file is read, so importing user code never happens in the
 node, nor with the node's rights. The output is untrusted: the node accepts only
 functions that name this file as their source. Prints `{"functions": [...]}`, or
 `{"error": "..."}` and exits 1.
@@ -16,8 +16,8 @@ import sys
 import traceback
 
 from faas.logs import configure_logging
-from runtime.isolation import Isolation
 from runtime.loader import load_file, specs_in
+from runtime.proc.isolation import Isolation
 
 
 def main(argv: list[str]) -> int:

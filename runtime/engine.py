@@ -29,9 +29,9 @@ def quiet_transformers() -> None:
 
 def enter_model_process(isolation: dict[str, Any], threads: int) -> None:
     """What a process that loads models for the node (a backbone loader, an engine) does
-    first: take the rights the node gave it (runtime/isolation.py), keep the HF stack quiet,
+    first: take the rights the node gave it (runtime/proc/isolation.py), keep the HF stack quiet,
     and use `threads` cores."""
-    from runtime.isolation import Isolation
+    from runtime.proc.isolation import Isolation
 
     Isolation.from_dict(isolation).enter()
     quiet_transformers()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, TINY_QWEN2, models_dir
 from faas.logs import get_logger
-from runtime.procs import open_to_others
+from runtime.proc.children import open_to_others
 from runtime.smollm2 import ensure_smollm2
 
 log = get_logger()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from faas.errors import FaasError
 from faas.logs import get_logger
-from runtime.procs import die_with_parent
+from runtime.proc.children import die_with_parent
 
 log = get_logger()
 

@@ -44,7 +44,6 @@ from runtime.deployed import Deployments, ModelFinder
 from runtime.events import EventConsumers, EventsConfig
 from runtime.genengine.registry import EngineRegistry
 from runtime.inflight import Flight, InFlight
-from runtime.isolation import Isolation
 from runtime.levels import GIB, Profiles
 from runtime.memory.guard import MemoryGuard
 from runtime.memory.usage import machine_budget
@@ -54,6 +53,7 @@ from runtime.pool import FunctionPool
 from runtime.preload.history import History
 from runtime.preload.plan import Budget
 from runtime.preload.preloader import PreloadConfig, Preloader
+from runtime.proc.isolation import Isolation
 from runtime.replies import answer
 from runtime.sandboxes import SandboxConfig, Zygote, maps_backbone
 from runtime.service import NodeService

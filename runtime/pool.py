@@ -27,9 +27,9 @@ from faas.sdk import DEFAULT_SLO_TTFT_S
 from runtime.backbone.registry import Backbone, BackboneRegistry
 from runtime.batching import BatchWindow, Contention, PrefillProfile
 from runtime.genengine.registry import Engine, EngineRegistry
-from runtime.isolation import Isolation
 from runtime.levels import Level, Profiles, engine_key
 from runtime.memory.guard import MemoryGuard
+from runtime.proc.isolation import Isolation
 from runtime.sandboxes import (
     ChunkSink,
     Sandbox,

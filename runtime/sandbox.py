@@ -31,11 +31,11 @@ from faas.protocol import MAX_ERROR_MESSAGE
 from faas.errors import BadRequest, Overloaded, SpecError
 from faas.logs import get_logger
 from faas.sdk import DEFAULT_SLO_TTFT_S, Context, EventInfo, FunctionSpec, Generation, use_node_models
-from runtime import frames
 from runtime.batching import turn_prefill_budget_s
 from runtime.levels import Level
 from runtime.loader import find_spec
 from runtime.memory.usage import device_bytes, give_back_heap
+from runtime.proc import frames
 
 
 # The exit code of a sandbox whose engine connection closed (the engine exited or cut it off).
@@ -117,7 +117,7 @@ class _Function:
 
     def step(self, level: Level, frame: dict[str, Any], fds: list[int]) -> None:
         """Do what reaching `level` takes. The zygote already isolated this process
-        (runtime/isolation.py): all of it runs with the function's rights only."""
+        (runtime/proc/isolation.py): all of it runs with the function's rights only."""
         if level == Level.STAGED and self.level == Level.LOADED:
             if self.engine is not None:
                 self.engine.unload()

@@ -16,12 +16,12 @@ from faas.errors import BadRequest, HandlerError, Overloaded
 from faas.logs import get_logger
 from faas.protocol import MAX_ERROR_MESSAGE
 from faas.sdk import DEFAULT_SLO_TTFT_S
-from runtime import frames
 from runtime.backbone.registry import Backbone
-from runtime.isolation import Isolation
 from runtime.levels import Level
 from runtime.memory.usage import sandbox_bytes
-from runtime.procs import renice_tree, start_node_child
+from runtime.proc import frames
+from runtime.proc.children import renice_tree, start_node_child
+from runtime.proc.isolation import Isolation
 
 
 # How long a frame to a sandbox may wait for room in its socket before the sandbox counts

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from faas.bundled import SMOLLM2, smollm2_unavailable_file
 from faas.logs import get_logger
-from runtime.procs import open_to_others
+from runtime.proc.children import open_to_others
 log = get_logger()
 
 # The example functions' adapters, trained on this model by `python -m training.train`.

@@ -25,9 +25,9 @@ import socket
 import sys
 
 from faas.logs import get_logger
-from runtime import frames
-from runtime.isolation import Isolation
-from runtime.procs import die_with_parent, run_node_child
+from runtime.proc import frames
+from runtime.proc.children import die_with_parent, run_node_child
+from runtime.proc.isolation import Isolation
 
 
 def _preload(light: bool) -> None:

@@ -374,7 +374,7 @@ def test_deploy_imports_files_without_credentials_environment_or_network(node, t
 async def test_a_deployer_that_is_not_root_imports_in_a_user_namespace(node, tmp_path, monkeypatch):
     """What `faas deploy` does for a user: the same walls, from a user namespace."""
     from runtime.catalog import discover_file
-    from runtime.isolation import Isolation
+    from runtime.proc.isolation import Isolation
 
     monkeypatch.setenv("DEPLOYER_SECRET", "top-secret")
     folder = _snoop(node, tmp_path / "snoop")
@@ -463,7 +463,7 @@ async def test_a_relayed_retry_hint_is_held_to_a_sane_range(client):
 
 @ROOT_ONLY
 async def test_a_function_cannot_run_the_host_out_of_processes(client):
-    from runtime.isolation import MAX_PROCESSES
+    from runtime.proc.isolation import MAX_PROCESSES
 
     started = (await client.invoke("threadbomb", {"most": 2 * MAX_PROCESSES}, timeout_s=60)).output["started"]
     assert 0 < started < MAX_PROCESSES
@@ -644,7 +644,7 @@ async def test_a_frame_announced_too_large_kills_only_its_sandbox(client):
 
 FLOOD = """
 import socket, sys
-from runtime import frames
+from runtime.proc import frames
 sock = socket.socket(fileno=int(sys.argv[1]))
 invoke = frames.recv_frame(sock)
 sock.sendall(frames.pack({"type": "started", "request_id": invoke["request_id"]}))

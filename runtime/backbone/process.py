@@ -16,8 +16,8 @@ import sys
 import time
 
 from faas.logs import get_logger
-from runtime import frames
-from runtime.procs import run_node_child
+from runtime.proc import frames
+from runtime.proc.children import run_node_child
 
 log = get_logger()
 

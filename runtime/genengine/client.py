@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from faas.errors import FaasError, Overloaded, error_for_code
 from faas.sdk import Generation
-from runtime import frames
+from runtime.proc import frames
 from runtime.usage import UsageMeter
 
 # Text delta and the token ids since the last one.

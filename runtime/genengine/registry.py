@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 from faas.errors import HandlerError
 from faas.logs import get_logger
-from runtime import frames
 from runtime.backbone.registry import Backbone, BackboneRegistry
-from runtime.isolation import Isolation
 from runtime.memory.usage import sandbox_bytes
-from runtime.procs import start_node_child, wait_or_kill
+from runtime.proc import frames
+from runtime.proc.children import start_node_child, wait_or_kill
+from runtime.proc.isolation import Isolation
 from runtime.warm import KeptWarm
 
 log = get_logger()

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from faas.logs import get_logger
-from runtime import frames
 from runtime.batching import turn_prefill_budget_s
-from runtime.procs import run_node_child
+from runtime.proc import frames
+from runtime.proc.children import run_node_child
 
 log = get_logger()
 

@@ -8,7 +8,7 @@ import sys
 
 from runtime.levels import GIB
 from runtime.preload.plan import Budget
-from runtime.procs import process_tree
+from runtime.proc.children import process_tree
 
 
 def private_dirty_bytes(pid: int | str = "self") -> int:

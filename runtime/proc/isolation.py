@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.procs import die_with_parent
+from runtime.proc.children import die_with_parent
 
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
 _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
@@ -253,5 +253,5 @@ def probe(rootless: bool = False) -> str | None:
 
 
 if __name__ == "__main__":
-    # `python -m runtime.isolation [--rootless]`: the probe, run in a small trusted process.
+    # `python -m runtime.proc.isolation [--rootless]`: the probe, run in a small trusted process.
     print(probe(rootless="--rootless" in sys.argv) or "ok")
