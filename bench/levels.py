@@ -28,7 +28,7 @@ from runtime.catalog import load_catalog
 from runtime.genengine.registry import EngineRegistry
 from runtime.levels import STEPS, Level, Profiles, engine_key
 from runtime.pool import FunctionPool
-from runtime.sandboxes import SandboxConfig, Zygote
+from runtime.sandbox.handles import SandboxConfig, Zygote
 
 
 @dataclass

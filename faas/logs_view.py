@@ -1,5 +1,5 @@
 """`faas logs FN [--follow]`: what a function's sandboxes printed and logged, on every node
-(the lines runtime/outputs.py publishes on `faas.logs.<fn>`, kept in JetStream)."""
+(the lines runtime/sandbox/outputs.py publishes on `faas.logs.<fn>`, kept in JetStream)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ from faas.streams import ensure_stream
 from runtime.inflight import InFlight
 from runtime.pool import FunctionPool
 from runtime.preload.history import History
-from runtime.sandboxes import OutputTooLarge
+from runtime.sandbox.handles import OutputTooLarge
 from runtime.stats import NodeStats, ttft_ms
 
 _WEEK_S = 7 * 86400

@@ -48,14 +48,14 @@ from runtime.levels import GIB, Profiles
 from runtime.memory.guard import MemoryGuard
 from runtime.memory.usage import machine_budget
 from runtime.metrics import NodeMetrics
-from runtime.outputs import FunctionOutputs
 from runtime.pool import FunctionPool
 from runtime.preload.history import History
 from runtime.preload.plan import Budget
 from runtime.preload.preloader import PreloadConfig, Preloader
 from runtime.proc.isolation import Isolation
 from runtime.replies import answer
-from runtime.sandboxes import SandboxConfig, Zygote, maps_backbone
+from runtime.sandbox.handles import SandboxConfig, Zygote, maps_backbone
+from runtime.sandbox.outputs import FunctionOutputs
 from runtime.service import NodeService
 from runtime.stats import NodeStats, ttft_ms
 

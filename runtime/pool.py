@@ -30,7 +30,7 @@ from runtime.genengine.registry import Engine, EngineRegistry
 from runtime.levels import Level, Profiles, engine_key
 from runtime.memory.guard import MemoryGuard
 from runtime.proc.isolation import Isolation
-from runtime.sandboxes import (
+from runtime.sandbox.handles import (
     ChunkSink,
     Sandbox,
     SandboxConfig,

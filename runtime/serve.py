@@ -27,7 +27,7 @@ from runtime.events import EventsConfig
 from runtime.natsd import EmbeddedNats
 from runtime.node import Node, NodeConfig, default_node_id
 from runtime.preload.preloader import PreloadConfig
-from runtime.sandboxes import SandboxConfig
+from runtime.sandbox.handles import SandboxConfig
 
 log = get_logger()
 

@@ -139,12 +139,12 @@ async def wait_for_state(node, function: str, **expected: int) -> None:
 def zygote_family() -> list[tuple[int, int, int]]:
     """(pid, ppid, real uid) of every zygote and sandbox process on the host (sandboxes are
     forked from the zygote and carry its command line)."""
-    return [(p.pid, p.ppid, p.uid) for p in processes() if b"runtime.zygote" in p.cmdline]
+    return [(p.pid, p.ppid, p.uid) for p in processes() if b"runtime.sandbox.zygote" in p.cmdline]
 
 
 def zygote_pid(node_pid: int, light: bool = False) -> int:
     """Host pid of a node's zygote (the light one's, which forks engine-path sandboxes)."""
-    (pid,) = [p.pid for p in processes() if b"runtime.zygote" in p.cmdline and p.ppid == node_pid
+    (pid,) = [p.pid for p in processes() if b"runtime.sandbox.zygote" in p.cmdline and p.ppid == node_pid
               and (b"--light" in p.cmdline) == light]
     return pid
 

@@ -90,7 +90,7 @@ async def test_real_model_answers_equal_transformers_peft_and_the_sql_parses(smo
                 if task == "sql":
                     assert METRICS["sql"](row["event"], row["answer"], answer), answer
         # Every function generates in the engine: the zygote with torch never started.
-        zygotes = [p.cmdline for p in processes() if b"runtime.zygote" in p.cmdline and p.ppid == node.proc.pid]
+        zygotes = [p.cmdline for p in processes() if b"runtime.sandbox.zygote" in p.cmdline and p.ppid == node.proc.pid]
         assert zygotes and all(b"--light" in cmdline for cmdline in zygotes)
 
 

@@ -485,7 +485,7 @@ class ForkedProcess:
 
 class Zygote:
     """The node's handle on the zygote process: forks sandboxes with torch, transformers
-    and peft already imported (runtime/zygote.py). Restarted as soon as it dies."""
+    and peft already imported (runtime/sandbox/zygote.py). Restarted as soon as it dies."""
 
     def __init__(self, threads: int, fork_timeout_s: float = 60.0, light: bool = False) -> None:
         self.threads = threads
@@ -512,7 +512,7 @@ class Zygote:
         started = time.monotonic()
         writer: asyncio.StreamWriter | None = None
         try:
-            self._proc, ours = await start_node_child("runtime.zygote", self.threads,
+            self._proc, ours = await start_node_child("runtime.sandbox.zygote", self.threads,
                                                       args=("--light",) if self.light else ())
             # A twin of our end for sendmsg with descriptors (asyncio's transport cannot
             # attach them); it shares asyncio's O_NONBLOCK, fine for the small fork frames.

@@ -1,6 +1,6 @@
 """The sandbox process: serves one function for the node agent, several requests at once.
 
-Forked by the zygote (runtime/zygote.py) with one end of a socketpair. It receives an
+Forked by the zygote (runtime/sandbox/zygote.py) with one end of a socketpair. It receives an
 `init` frame (which function) and answers `level` (SPAWNED). Then the node moves it up
 the levels of runtime/levels.py with one `step` frame each (the ATTACHED step carries the
 backbone's descriptors), each answered with `level` (its time and the memory the process

@@ -3,7 +3,7 @@ sandboxes on request, so a new sandbox skips the ~5 s of imports of a fresh inte
 A light zygote (`--light`) imports only the sandbox's own code: its sandboxes generate
 through the node's engine and never import torch unless their function's code does.
 
-The node starts each once (`python -m runtime.zygote [--light] --fd N --parent PID`, with
+The node starts each once (`python -m runtime.sandbox.zygote [--light] --fd N --parent PID`, with
 OMP thread counts set in its environment). It only imports: nothing in it runs a torch op,
 so no OpenMP pool exists to be broken by fork. Protocol on its socket (msgpack frames):
 
@@ -31,7 +31,7 @@ from runtime.proc.isolation import Isolation
 
 
 def _preload(light: bool) -> None:
-    import runtime.sandbox  # noqa: F401  (imports are the point: children inherit them)
+    import runtime.sandbox.server  # noqa: F401  (imports are the point: children inherit them)
 
     if light:  # its sandboxes generate through the engine: they import torch only if their code does
         import runtime.genengine.client  # noqa: F401
@@ -65,7 +65,7 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wake: tuple
         os.dup2(output_fd, 2)
         os.close(output_fd)
         Isolation.from_dict(isolation).enter()
-        from runtime.sandbox import serve
+        from runtime.sandbox.server import serve
 
         code = serve(socket.socket(fileno=sock_fd))
     except SystemExit as exc:  # a handler's sys.exit(n): report n, like a process would
@@ -125,4 +125,4 @@ if __name__ == "__main__":
     light = "--light" in sys.argv
     if light:
         sys.argv.remove("--light")
-    sys.exit(run_node_child("python -m runtime.zygote", lambda control: serve(control, light)))
+    sys.exit(run_node_child("python -m runtime.sandbox.zygote", lambda control: serve(control, light)))
