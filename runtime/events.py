@@ -239,6 +239,7 @@ class EventConsumers:
         try:
             event = _decode(msg)
         except BadRequest as err:  # it will never decode: retrying cannot help
+            self.stats.failed(name, err.code)  # as a request's body that does not decode
             await self._dead_letter(name, msg, info, err, log)
             return
         await self.history.record(name)  # demand, even when the queue is full (as a request's)

@@ -309,7 +309,8 @@ class Batcher:
 
     def _kv_wait_s(self, need: int, taken: list[GenRequest]) -> float:
         """Seconds until enough rows have finished for one of `need` tokens (each row at its
-        token limit, at the measured decode speed), at most a minute."""
+        token limit, at the measured decode speed); the node holds what reaches a caller to a
+        minute at most, where the hint enters it from the sandbox."""
         step = self.decode_s if self.decode_s is not None else 0.05
         left = sorted([*((row.request, row.request.max_new_tokens - len(row.ids)) for row in self._rows),
                        *((request, request.max_new_tokens) for request in taken)], key=lambda x: x[1])
@@ -317,8 +318,8 @@ class Batcher:
         for request, tokens in left:
             staying.remove(_need(request))
             if self._kv_fits([*staying, need]):
-                return min(60.0, max(0.1, tokens * step))
-        return min(60.0, max(0.1, max((tokens for _, tokens in left), default=1) * step))
+                return max(0.1, tokens * step)
+        return max(0.1, max((tokens for _, tokens in left), default=1) * step)
 
     def _receive(self, block: bool) -> bool:
         """Move what was submitted to the waiting list; False when closing."""
