@@ -33,7 +33,7 @@ from bench import write_result
 from faas import Client, protocol
 from faas.bundled import faas_home
 from faas.localnode import LocalNode, free_port
-from runtime.natsd import EmbeddedNats
+from runtime.node.natsd import EmbeddedNats
 
 FUNCTION = """import time
 

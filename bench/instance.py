@@ -39,11 +39,11 @@ def main() -> int:
     import torch
 
     from bench.models import prompt_of
-    from runtime.engine import load_engine
-    from runtime.usage import UsageMeter
+    from runtime.sandbox.model import load_lora_model
+    from runtime.sandbox.meter import UsageMeter
 
     torch.set_num_threads(1)
-    engine = load_engine(str(args.model), str(args.adapter))
+    engine = load_lora_model(str(args.model), str(args.adapter))
     for param in engine.model.parameters():
         param.data = param.data.clone()  # its own copy: instances share nothing
     print(json.dumps({"ready": True}), flush=True)

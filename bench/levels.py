@@ -24,10 +24,10 @@ from typing import Any, AsyncIterator
 from bench.models import build_model, write_functions
 from faas.bundled import faas_home
 from runtime.backbone.registry import BackboneRegistry
-from runtime.catalog import load_catalog
-from runtime.genengine.registry import EngineRegistry
-from runtime.levels import STEPS, Level, Profiles, engine_key
-from runtime.pool import FunctionPool
+from runtime.engine.registry import EngineRegistry
+from runtime.functions.catalog import load_catalog
+from runtime.pool.leases import FunctionPool
+from runtime.pool.levels import STEPS, Level, Profiles, engine_key
 from runtime.sandbox.handles import SandboxConfig, Zygote
 
 

@@ -184,7 +184,7 @@ def summary(records: list[dict[str, Any]]) -> str:
 def main() -> None:
     from bench.models import BENCH_MODELS, build_model
     from faas.bundled import faas_home
-    from runtime.engine import quiet_transformers
+    from runtime.models.hf import quiet_transformers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["m200", "smollm2"], choices=BENCH_MODELS)

@@ -34,9 +34,9 @@ def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from runtime.engine import quiet_transformers
+    from runtime.models.hf import quiet_transformers
     from runtime.proc.children import open_to_others
-    from runtime.modelzoo import build_tokenizer
+    from runtime.models.zoo import build_tokenizer
 
     if model not in BENCH_MODELS:
         raise ValueError(f"bench model {model!r}: expected one of {', '.join(BENCH_MODELS)}")
@@ -49,7 +49,7 @@ def build_model(root: Path, n_adapters: int, model: str = "smollm2") -> Path:
     quiet_transformers()
     if model == "smollm2":
         from faas.bundled import models_dir, smollm2_unavailable_file
-        from runtime.smollm2 import ensure_smollm2
+        from runtime.models.smollm2 import ensure_smollm2
 
         models_dir().mkdir(parents=True, exist_ok=True)
         source = ensure_smollm2(models_dir())

@@ -47,7 +47,7 @@ from bench.workloads import Request
 from faas import Client, FaasError, FunctionNotFound, Overloaded, protocol
 from faas.localnode import LocalNode, free_port
 from runtime.memory.usage import gpu_memory
-from runtime.natsd import EmbeddedNats
+from runtime.node.natsd import EmbeddedNats
 
 
 @dataclass(frozen=True)

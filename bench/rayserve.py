@@ -56,10 +56,10 @@ class LoraReplica:
     def __init__(self, model_dir: str, adapters: dict[str, str]) -> None:
         import torch
 
-        from runtime.engine import load_engine
+        from runtime.sandbox.model import load_lora_model
 
         torch.set_num_threads(1)
-        self.engine = load_engine(model_dir)
+        self.engine = load_lora_model(model_dir)
         self.adapters = adapters
         self.lock = asyncio.Lock()  # one model: loading and generating take turns
         self.served = 0  # a replica's first request waited for it to start: a cold start
@@ -85,7 +85,7 @@ class LoraReplica:
 
     def _generate(self, function: str, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
         from bench.models import prompt_of
-        from runtime.usage import UsageMeter
+        from runtime.sandbox.meter import UsageMeter
 
         self.engine.model.set_adapter(function)
         meter = UsageMeter()

@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from bench.frontdoor import answer, open_front_door
 from bench.models import adapters_of, prompt_of
 from faas import FunctionNotFound, protocol
-from runtime.engine import quiet_transformers
+from runtime.models.hf import quiet_transformers
 
 
 class FirstTokenClock(BaseStreamer):

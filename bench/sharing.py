@@ -42,10 +42,10 @@ _COPY_CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from runtime.engine import load_engine
-from runtime.usage import UsageMeter
+from runtime.sandbox.meter import UsageMeter
+from runtime.sandbox.model import load_lora_model
 backbone, adapter, spawned_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
-engine = load_engine(backbone, adapter)
+engine = load_lora_model(backbone, adapter)
 for p in engine.model.parameters():
     p.data = p.data.clone()   # a private copy, as in a separate container
 meter = UsageMeter()
@@ -71,7 +71,7 @@ async def run_shared(model_dir: Path, counts: list[int], workdir: Path, engine: 
                 if i + 1 in counts:
                     await asyncio.sleep(0.5)
                     tree = process_tree(node.proc.pid, skip=b"nats-server")
-                    engines = [p.pid for p in processes() if p.pid in tree and b"genengine" in p.cmdline]
+                    engines = [p.pid for p in processes() if p.pid in tree and b"runtime.engine.server" in p.cmdline]
                     points.append({"functions": i + 1, "pss_bytes": pss_bytes(tree),
                                    "engine_pss_bytes": pss_bytes(engines)})
                     print(f"{engine:<8}{i + 1:>3} functions: {points[-1]['pss_bytes'] / MIB:8.0f} MiB")

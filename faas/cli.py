@@ -45,9 +45,9 @@ def _fail(err: Exception) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from runtime.events import EventsConfig
+    from runtime.node.events import EventsConfig
     from runtime.preload.preloader import PreloadConfig
-    from runtime.serve import UpOptions, up
+    from runtime.node.up import UpOptions, up
 
     preload = PreloadConfig(enabled=not args.no_preload, predictor=args.predictor,
                             horizon_s=args.preload_horizon_s, host_budget_gib=args.preload_budget_gib,
@@ -217,8 +217,8 @@ async def _deploy(args: argparse.Namespace) -> int:
 
     from faas import deploy
     from faas.bundled import faas_home
-    from runtime.catalog import build_bundled_models, deploy_isolation, discover_file
-    from runtime.loader import function_files
+    from runtime.functions.catalog import build_bundled_models, deploy_isolation, discover_file
+    from runtime.functions.loader import function_files
 
     try:
         paths = [Path(p) for p in args.paths]

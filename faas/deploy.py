@@ -5,7 +5,7 @@ A deploy writes each function as one record in the JetStream key-value bucket
 `faas_artifacts`, one object per file named by the SHA-256 of its bytes (so a file shared
 by versions or functions is stored once, and a node checks what it downloads). Every put of
 a key is a new version; the bucket's history keeps the earlier ones, so a rollback puts an
-earlier record back. Nodes watch the bucket and serve what it holds (runtime/deployed.py).
+earlier record back. Nodes watch the bucket and serve what it holds (runtime/node/deployments.py).
 
 A record: `{"name", "version", "deployed_at", "spec": {timeouts, batching, triggers...},
 "code": {"file", "files": {name: digest}}, "backbone": {"fingerprint", "name", "path"} | None,

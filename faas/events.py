@@ -70,7 +70,7 @@ async def dead_letters(nc: NATS, function: str) -> list[dict[str, Any]]:
 
 
 def _letter(data: bytes) -> dict[str, Any] | None:
-    """A dead letter as nodes write it (runtime/events.py), or None for anything else."""
+    """A dead letter as nodes write it (runtime/node/events.py), or None for anything else."""
     try:
         letter = msgpack.unpackb(data, raw=False)
     except Exception:  # whatever the bytes are: not a letter

@@ -364,7 +364,7 @@ class Metrics:
     tokens_in: int = 0
     tokens_out: int = 0
     # What the request found: "loaded" (a warm sandbox), "cold" (it waited for one to
-    # start), or a level in between (runtime/levels.py).
+    # start), or a level in between (runtime/pool/levels.py).
     level: str | None = None
     batch: int = 0  # how many prompts its first prefill ran with (0: it did not generate)
 

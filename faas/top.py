@@ -1,5 +1,5 @@
 """`faas ping` and `faas top`: the cluster as the nodes' NATS micro service reports it
-(`$SRV.PING.faas-node`, `$SRV.STATS.faas-node`; see runtime/service.py)."""
+(`$SRV.PING.faas-node`, `$SRV.STATS.faas-node`; see runtime/node/service.py)."""
 
 from __future__ import annotations
 

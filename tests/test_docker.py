@@ -20,7 +20,7 @@ import yaml
 
 from faas.cli import build_parser
 from faas.client import Client
-from runtime.natsd import nats_server_binary
+from runtime.node.natsd import nats_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -14,10 +14,10 @@ from bench.accounting import processes
 from faas.bundled import TINY_QWEN2, adapter_path, model_path
 from faas.errors import BadRequest, Cancelled, FaasError, HandlerError, Overloaded
 from runtime.backbone.registry import BackboneRegistry
-from runtime.genengine.client import EngineConnection
-from runtime.genengine.registry import EngineRegistry
-from runtime.genengine.server import CHUNK_TOKENS
-from runtime.usage import UsageMeter
+from runtime.engine.client import EngineConnection
+from runtime.engine.registry import EngineRegistry
+from runtime.engine.server import CHUNK_TOKENS
+from runtime.sandbox.meter import UsageMeter
 from tests import reference
 from tests.conftest import nodes_of
 
@@ -117,7 +117,7 @@ async def test_a_full_kv_cache_answers_503_with_a_retry_hint_and_the_running_row
 
     from transformers import AutoModelForCausalLM
 
-    from runtime.genengine.server import kv_bytes_per_token
+    from runtime.engine.server import kv_bytes_per_token
 
     prompt_tokens = len(reference._load(model_path(), adapter_path("sql"))[0](PROMPTS["sql"])["input_ids"])
     budget = prompt_tokens + 600  # tokens: one row of 560 new ones, not two
@@ -183,7 +183,7 @@ async def engine_pid(node) -> int:
     its own dies with it), as `faas ls` lists it."""
     (listing,) = await nodes_of(node)
     (pid,) = [e["pid"] for e in listing["engines"] if e["model"] == model_path()]
-    assert any(p.pid == pid and b"runtime.genengine.server" in p.cmdline for p in processes())
+    assert any(p.pid == pid and b"runtime.engine.server" in p.cmdline for p in processes())
     return pid
 
 

@@ -38,7 +38,7 @@ async def over_nats(client, endpoint: str, body: dict) -> dict:
 def chat_prompt(messages: list[dict]) -> str:
     from transformers import AutoTokenizer
 
-    from runtime.engine import chat_prompt as template
+    from runtime.models.hf import chat_prompt as template
 
     return template(AutoTokenizer.from_pretrained(model_path()), messages)
 

@@ -3,8 +3,8 @@ data, checked without processes."""
 
 from __future__ import annotations
 
-from runtime.levels import Level
 from runtime.memory.victims import Idle, victims
+from runtime.pool.levels import Level
 
 MIB = 1 << 20
 

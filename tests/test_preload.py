@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runtime.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
+from runtime.pool.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
 from runtime.preload.plan import Budget, Demand, make_plan
 from runtime.preload.predict import HybridHistogram, RateEstimate, followers
 from tests.conftest import nodes_of
@@ -180,7 +180,7 @@ async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, pre
     which says what it found, and answers exactly like plain transformers + peft."""
     from bench.levels import node_parts, prepared
     from faas.bundled import adapter_path, model_path
-    from runtime.levels import Profiles
+    from runtime.pool.levels import Profiles
     from tests.conftest import EXAMPLES
     from tests.reference import example_prompt, greedy_token_ids
 
@@ -209,7 +209,7 @@ async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(model
     """The history is in JetStream: a node started again on the same server predicts from
     what the first one served, pre-loads it before any request, and `faas ls` says why."""
     from faas import Client
-    from runtime.levels import engine_key
+    from runtime.pool.levels import engine_key
     from tests.conftest import second_node
 
     event = {"text": "The parcel arrived.", "max_words": 5, "max_new_tokens": 4}
@@ -253,7 +253,7 @@ async def test_pool_prepares_burst_sandboxes_trims_extras_and_gives_up_after_a_f
     idle past their keep-alive and everything for COLD, and a function whose start failed
     is not pre-loaded again."""
     from bench.levels import node_parts
-    from runtime.pool import FunctionPool
+    from runtime.pool.leases import FunctionPool
     from tests.conftest import EXAMPLES, TEST_FUNCTIONS
 
     async def settled(pool: FunctionPool) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from faas import Context, SpecError, function
 from faas.bundled import adapter_path, model_path
 from faas.sdk import spec_of
-from runtime.loader import load_file
+from runtime.functions.loader import load_file
 
 
 def plain(event, ctx):

@@ -92,7 +92,7 @@ async def test_sandboxes_and_the_engine_map_one_shared_read_only_backbone(client
     (llama,) = [b for b in listing["backbones"] if b["model"] == model_path()]
     # The engine (serving summarize and sql) holds it, and so does writer-sandbox's sandbox.
     assert llama["users"] >= 2 and llama["backend"] == "cpu-shm"
-    engines = [p.pid for p in processes() if b"runtime.genengine.server" in p.cmdline]
+    engines = [p.pid for p in processes() if b"runtime.engine.server" in p.cmdline]
     for _ in range(100):  # the pre-loader may be replacing one: wait for it to map too
         by_inode = mappings_by_backbone([pid for pid, _, _ in zygote_family()] + engines)
         mapped = max(by_inode.values(), key=len)  # the Llama backbone: most processes map it

@@ -1,4 +1,4 @@
-"""The engine's mixed-adapter LoRA step (runtime/genengine/stacked.py) against peft: every
+"""The engine's mixed-adapter LoRA step (runtime/engine/stacked.py) against peft: every
 row of a mixed batch gets the logits peft gives for its own adapter alone."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from runtime.genengine.stacked import StackedLora
+from runtime.engine.stacked import StackedLora
 
 # Different ranks and targets: the stacks pad ranks, a layer some adapter skips adds nothing.
 ADAPTERS = {

@@ -1,4 +1,4 @@
-"""The contention-aware batch window (runtime/batching.py): at once without contention; under
+"""The contention-aware batch window (runtime/batching/window.py): at once without contention; under
 contention, requests collected within the TTFT SLO; competing windows smallest margin first."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from runtime.batching import BatchWindow, Contention, PrefillProfile
+from runtime.batching.window import BatchWindow, Contention, PrefillProfile
 
 
 def test_prefill_profile_fits_t0_and_the_cost_of_each_extra_prompt():

@@ -276,7 +276,7 @@ async def test_a_responder_that_never_acknowledges_gets_each_request_once(tmp_pa
     import subprocess
 
     from faas.localnode import free_port
-    from runtime.natsd import nats_server_binary
+    from runtime.node.natsd import nats_server_binary
 
     port = free_port()
     server = subprocess.Popen([nats_server_binary(), "-p", str(port)], stdout=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 """The example functions' adapters for the bundled SmolLM2: datasets written by a script with
 a fixed seed (`training.data`), LoRA training on CPU (`training.train`), held-out metrics
 against the bare backbone (`training.evaluate`). The trained adapters are written to
-`runtime/adapters/<function>/`: the runtime ships them and copies them beside the model."""
+`runtime/models/adapters/<function>/`: the runtime ships them and copies them beside the model."""
 
 from pathlib import Path
 

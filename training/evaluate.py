@@ -115,8 +115,8 @@ def evaluate(backbone: Path, adapters: Path, tasks: list[str], limit: int | None
 
 def main() -> None:
     from faas.bundled import SMOLLM2, models_dir
-    from runtime.engine import quiet_transformers
-    from runtime.smollm2 import ADAPTERS, ensure_smollm2
+    from runtime.models.hf import quiet_transformers
+    from runtime.models.smollm2 import ADAPTERS, ensure_smollm2
     from training.train import TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

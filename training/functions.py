@@ -18,7 +18,7 @@ def load(name: str) -> ModuleType:
     key = f"faas_example_{name}"
     if key not in sys.modules:
         from faas.bundled import MODEL_ENV, TINY_LLAMA, models_dir
-        from runtime.modelzoo import ensure_tiny_models
+        from runtime.models.zoo import ensure_tiny_models
 
         spec = importlib.util.spec_from_file_location(key, FUNCTIONS / f"{name}.py")
         if spec is None or spec.loader is None:

@@ -4,7 +4,7 @@
 Each example is the function's own chat prompt (`ctx.chat_prompt(messages_for(event))`,
 encoded as the runtime encodes it) followed by the answer and `<|im_end|>`; the loss counts
 the answer tokens only. Rank 8 on q_proj and v_proj, fixed seed, fp32. Writes
-`runtime/adapters/<task>/`, which the runtime ships and copies beside the model.
+`runtime/models/adapters/<task>/`, which the runtime ships and copies beside the model.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import random
 import time
 from pathlib import Path
 
+from runtime.models.smollm2 import ADAPTERS
 from runtime.procs import open_to_others
-from runtime.smollm2 import ADAPTERS
 from training.data import read
 from training.functions import messages
 
@@ -84,8 +84,8 @@ def train(backbone: Path, task: str, out: Path, epochs: int = 2, batch_size: int
 
 def main() -> None:
     from faas.bundled import SMOLLM2, models_dir
-    from runtime.engine import quiet_transformers
-    from runtime.smollm2 import ensure_smollm2
+    from runtime.models.hf import quiet_transformers
+    from runtime.models.smollm2 import ensure_smollm2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tasks", nargs="*", choices=[*TASKS, []], help="default: all")

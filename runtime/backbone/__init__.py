@@ -7,5 +7,7 @@ generates with it.
   keep-alive), and the device a node runs on;
 - `weights`: the export and attach per device (a sealed shared file on CPU, CUDA IPC on a
   GPU) and the digests that detect a changed weight;
-- `skeleton`: a model built on the `meta` device and bound to the shared tensors.
+- `skeleton`: a model built on the `meta` device and bound to the shared tensors;
+- `warm`: what backbones and engines have in common: one per model, started once, kept warm
+  for a while after the last user.
 """

@@ -30,7 +30,7 @@ def serve(sock: socket.socket) -> int:
     try:
         from transformers import AutoModelForCausalLM
 
-        from runtime.engine import enter_model_process
+        from runtime.models.hf import enter_model_process
         from runtime.backbone.weights import backend_for
 
         enter_model_process(request["isolation"], int(request.get("threads", 1)))

@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 from faas.errors import HandlerError
 from faas.logs import get_logger
+from runtime.backbone.warm import KeptWarm
 from runtime.proc import frames
 from runtime.proc.children import start_node_child, wait_or_kill
 from runtime.proc.isolation import Isolation
-from runtime.warm import KeptWarm
 
 log = get_logger()
 

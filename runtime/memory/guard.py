@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Callable
 
 from faas.logs import get_logger
 from runtime.backbone.registry import BackboneRegistry
-from runtime.levels import Level, Profiles
 from runtime.memory.victims import Idle, victims
+from runtime.pool.levels import Level, Profiles
 from runtime.preload.plan import Budget
 
 if TYPE_CHECKING:
-    from runtime.genengine.registry import EngineRegistry
-    from runtime.pool import FunctionPool, Slot
+    from runtime.engine.registry import EngineRegistry
+    from runtime.pool.leases import FunctionPool, Slot
 
 
 class MemoryGuard:

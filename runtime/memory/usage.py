@@ -6,7 +6,7 @@ import ctypes
 import os
 import sys
 
-from runtime.levels import GIB
+from runtime.pool.levels import GIB
 from runtime.preload.plan import Budget
 from runtime.proc.children import process_tree
 

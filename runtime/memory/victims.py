@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.levels import Level
+from runtime.pool.levels import Level
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from runtime.levels import GIB, STEPS, Level, LevelProfile
+from runtime.pool.levels import GIB, STEPS, Level, LevelProfile
 
 HOLD_BONUS = 2.0
 

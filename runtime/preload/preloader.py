@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 from faas.logs import get_logger
 from runtime.backbone.registry import BackboneRegistry
-from runtime.genengine.registry import EngineRegistry
-from runtime.levels import GIB, Level, Profiles, engine_key, model_of
+from runtime.engine.registry import EngineRegistry
 from runtime.memory.usage import machine_budget
-from runtime.pool import FunctionPool
+from runtime.pool.leases import FunctionPool
+from runtime.pool.levels import GIB, Level, Profiles, engine_key, model_of
 from runtime.preload.history import History
 from runtime.preload.plan import Demand, Plan, make_plan
 from runtime.preload.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
@@ -59,7 +59,7 @@ class Preloader:
                  share: Callable[[str], float] = lambda name: 1.0,
                  engines: EngineRegistry | None = None) -> None:
         self.pools = pools
-        # The part of each function's demand this node plans for (runtime/cluster.py:
+        # The part of each function's demand this node plans for (runtime/node/cluster.py:
         # one node of a cluster pre-loads a function, the others forward to it).
         self.share = share
         self.backbones = backbones

@@ -17,8 +17,8 @@ from faas.logs import get_logger
 from faas.protocol import MAX_ERROR_MESSAGE
 from faas.sdk import DEFAULT_SLO_TTFT_S
 from runtime.backbone.registry import Backbone
-from runtime.levels import Level
 from runtime.memory.usage import sandbox_bytes
+from runtime.pool.levels import Level
 from runtime.proc import frames
 from runtime.proc.children import renice_tree, start_node_child
 from runtime.proc.isolation import Isolation
@@ -174,7 +174,7 @@ class StepCost:
 
 class Sandbox:
     """One sandbox process leased to one function; climbs the levels one step at a time
-    (runtime/levels.py), then serves requests, several at once: one task reads every frame
+    (runtime/pool/levels.py), then serves requests, several at once: one task reads every frame
     and hands each to the step or the request it answers."""
 
     def __init__(self, function: str, proc: ForkedProcess, sock: socket.socket,

@@ -2,12 +2,12 @@
 
 Forked by the zygote (runtime/sandbox/zygote.py) with one end of a socketpair. It receives an
 `init` frame (which function) and answers `level` (SPAWNED). Then the node moves it up
-the levels of runtime/levels.py with one `step` frame each (the ATTACHED step carries the
+the levels of runtime/pool/levels.py with one `step` frame each (the ATTACHED step carries the
 backbone's descriptors), each answered with `level` (its time and the memory the process
 holds after it) or `init_error`; a `step` to STAGED sent to a LOADED sandbox moves it back
 down (its adapter leaves the device, or the engine's model: offloading). Once LOADED it acknowledges each `invoke` frame
 (`started`) and runs its handler on a worker thread of its own (up to the function's `max_batch` at once: their generations
-share one batch, runtime/generation.py), and answers with `chunk` frames (streamed text,
+share one batch, runtime/batching/batcher.py), and answers with `chunk` frames (streamed text,
 when the request asked for a stream) and then one `result` or `error` frame, each tagged
 with the request id; a `cancel` frame stops a request's generations. It exits when the
 socket closes, and the kernel kills it if the node dies.
@@ -31,10 +31,10 @@ from faas.protocol import MAX_ERROR_MESSAGE
 from faas.errors import BadRequest, Overloaded, SpecError
 from faas.logs import get_logger
 from faas.sdk import DEFAULT_SLO_TTFT_S, Context, EventInfo, FunctionSpec, Generation, use_node_models
-from runtime.batching import turn_prefill_budget_s
-from runtime.levels import Level
-from runtime.loader import find_spec
+from runtime.batching.window import turn_prefill_budget_s
+from runtime.functions.loader import find_spec
 from runtime.memory.usage import device_bytes, give_back_heap
+from runtime.pool.levels import Level
 from runtime.proc import frames
 
 
@@ -78,7 +78,7 @@ class _Call:
     """One request in this sandbox: its usage meter and where its stream goes."""
 
     def __init__(self, frame: dict[str, Any], wire: _Wire) -> None:
-        from runtime.usage import UsageMeter
+        from runtime.sandbox.meter import UsageMeter
 
         self.request_id: str = frame["request_id"]
         self.stream = bool(frame.get("stream"))
@@ -129,7 +129,7 @@ class _Function:
             raise RuntimeError(f"cannot step from {self.level.label} to {level.label}")
         init = self.init
         if level == Level.ATTACHED and init.get("engine") and init["backbone_path"] is not None:
-            from runtime.genengine.client import EngineConnection
+            from runtime.engine.client import EngineConnection
 
             if len(fds) != 1:
                 raise RuntimeError("the engine step carries one connection")
@@ -140,10 +140,10 @@ class _Function:
         elif level == Level.ATTACHED and init["backbone_path"] is not None:
             import torch
 
-            from runtime.engine import LoraEngine
+            from runtime.sandbox.model import LoraModel
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            self.engine = LoraEngine(init["backbone_path"], init["adapter"],
+            self.engine = LoraModel(init["backbone_path"], init["adapter"],
                                      int(init.get("max_batch", 1)), self._prefilled,
                                      turn_prefill_budget_s(float(init.get("slo_ttft_s", DEFAULT_SLO_TTFT_S))))
             shared = frame.get("backbone")
@@ -202,7 +202,7 @@ class _Function:
     def _chat_template(self, messages: list[dict[str, str]]) -> str:
         if self.conn is not None:
             return str(self.conn.chat_prompt(messages))
-        from runtime.engine import chat_prompt
+        from runtime.models.hf import chat_prompt
 
         engine = self.engine
         if engine is None or engine.tokenizer is None or engine.batcher is None:

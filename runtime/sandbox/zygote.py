@@ -34,14 +34,14 @@ def _preload(light: bool) -> None:
     import runtime.sandbox.server  # noqa: F401  (imports are the point: children inherit them)
 
     if light:  # its sandboxes generate through the engine: they import torch only if their code does
-        import runtime.genengine.client  # noqa: F401
+        import runtime.engine.client  # noqa: F401
         return
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import runtime.engine  # noqa: F401
+    import runtime.sandbox.model  # noqa: F401
     import runtime.backbone.skeleton  # noqa: F401
     import runtime.backbone.weights  # noqa: F401
 

@@ -2,7 +2,7 @@
 replacement.
 
 Sandboxes are leased to one function only and never reused for another. Each is a `Slot`
-from the moment its start is decided: it climbs the levels of runtime/levels.py in a task
+from the moment its start is decided: it climbs the levels of runtime/pool/levels.py in a task
 the pool owns, towards a target set by a request (LOADED) or by the pre-loader (any level).
 A request takes the free slot that is furthest up (a LOADED idle one at once; one below
 LOADED is finished for it, without the warm-up); when there is none and fewer than
@@ -25,10 +25,10 @@ from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Ov
 from faas.logs import get_logger
 from faas.sdk import DEFAULT_SLO_TTFT_S
 from runtime.backbone.registry import Backbone, BackboneRegistry
-from runtime.batching import BatchWindow, Contention, PrefillProfile
-from runtime.genengine.registry import Engine, EngineRegistry
-from runtime.levels import Level, Profiles, engine_key
+from runtime.batching.window import BatchWindow, Contention, PrefillProfile
+from runtime.engine.registry import Engine, EngineRegistry
 from runtime.memory.guard import MemoryGuard
+from runtime.pool.levels import Level, Profiles, engine_key
 from runtime.proc.isolation import Isolation
 from runtime.sandbox.handles import (
     ChunkSink,
@@ -686,7 +686,7 @@ class FunctionPool:
 
     @property
     def profile_key(self) -> str | None:
-        """Whose level costs its sandboxes share (runtime/levels.py): its backbone's, or its
+        """Whose level costs its sandboxes share (runtime/pool/levels.py): its backbone's, or its
         engine's (None: a plain function)."""
         backbone = self.spec["backbone"]
         return engine_key(backbone) if self._engines is not None else backbone

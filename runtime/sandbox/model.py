@@ -1,68 +1,26 @@
 """One LoRA function's model inside its sandbox: the backbone and the function's adapter
 loaded with transformers + peft (unmerged) one level at a time, and its generations run by
-the continuous batcher (runtime/generation.py)."""
+the continuous batcher (runtime/batching/batcher.py)."""
 
 from __future__ import annotations
 
 import gc
-import os
-import warnings
 from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from faas.errors import BadRequest, FaasError
 from faas.sdk import Generation
-from runtime.generation import Batcher, DeltaSink, GenRequest, Prefill
-from runtime.usage import UsageMeter
+from runtime.batching.batcher import Batcher, DeltaSink, GenRequest, Prefill
+from runtime.models.hf import quiet_transformers
+from runtime.sandbox.meter import UsageMeter
 
 
-def quiet_transformers() -> None:
-    """No progress bars or advisory warnings from the HF stack on our stderr."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def enter_model_process(isolation: dict[str, Any], threads: int) -> None:
-    """What a process that loads models for the node (a backbone loader, an engine) does
-    first: take the rights the node gave it (runtime/proc/isolation.py), keep the HF stack quiet,
-    and use `threads` cores."""
-    from runtime.proc.isolation import Isolation
-
-    Isolation.from_dict(isolation).enter()
-    quiet_transformers()
-    torch.set_num_threads(threads)
-
-
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text for chat `messages` in the tokenizer's chat template, ending where the
-    assistant's answer begins, for encoding as `tokenizer(text)` encodes it."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise BadRequest("the model's tokenizer has no chat template: use completions")
-    # A message may come from anyone: written into the prompt, `<|im_start|>system` would be
-    # encoded as the real control token and open a turn the caller does not own.
-    special = [t for t in tokenizer.all_special_tokens if t]
-    for message in messages:
-        found = min((t for t in special if t in message["content"]), key=message["content"].index, default=None)
-        if found is not None:
-            raise BadRequest(f"a {message['role']!r} message contains the model's control token {found!r}")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # Templates that write the BOS token (Llama 3, Mistral) and tokenizers that add it
-    # again when the prompt is encoded would give the model two.
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer("")["input_ids"]:
-        text = text[len(bos):]
-    return text
-
-
-class LoraEngine:
+class LoraModel:
     """A backbone with (optionally) one peft LoRA adapter on top, never merged, built in the
-    steps of runtime/levels.py: `attach` (the backbone), `stage` (the adapter's weights in
-    host memory), `load` (adapter on the device, tokenizer). `load_engine` does all three.
+    steps of runtime/pool/levels.py: `attach` (the backbone), `stage` (the adapter's weights in
+    host memory), `load` (adapter on the device, tokenizer). `load_lora_model` does all three.
 
     With `shared` (the backbone export the node passes to a sandbox), the weights are the
     backbone process's tensors, bound into a meta skeleton without a copy; without it the
@@ -181,10 +139,10 @@ class LoraEngine:
         return generation
 
 
-def load_engine(backbone: str, adapter: str | None = None,
-                shared: dict[str, Any] | None = None, max_batch: int = 1) -> LoraEngine:
-    """An engine with every step done."""
-    engine = LoraEngine(backbone, adapter, max_batch)
+def load_lora_model(backbone: str, adapter: str | None = None,
+                    shared: dict[str, Any] | None = None, max_batch: int = 1) -> LoraModel:
+    """A function's model with every step done."""
+    engine = LoraModel(backbone, adapter, max_batch)
     engine.attach(shared)
     engine.stage()
     engine.load()

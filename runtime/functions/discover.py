@@ -1,4 +1,4 @@
-"""`python -m runtime.discover --isolation JSON FILE`: print the specs one function file
+"""`python -m runtime.functions.discover --isolation JSON FILE`: print the specs one function file
 declares, as one JSON line.
 
 The node runs this once per file, in a subprocess isolated as the JSON says (see
@@ -16,12 +16,12 @@ import sys
 import traceback
 
 from faas.logs import configure_logging
-from runtime.loader import load_file, specs_in
+from runtime.functions.loader import load_file, specs_in
 from runtime.proc.isolation import Isolation
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.discover")
+    parser = argparse.ArgumentParser(prog="python -m runtime.functions.discover")
     parser.add_argument("file")
     parser.add_argument("--isolation", type=json.loads, required=True)
     args = parser.parse_args(argv)

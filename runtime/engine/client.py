@@ -1,4 +1,4 @@
-"""A sandbox's connection to its generation engine (runtime/genengine/server.py): what
+"""A sandbox's connection to its generation engine (runtime/engine/server.py): what
 `ctx.generate` and `ctx.chat_prompt` call when the function runs on the engine. Light: no
 torch; the sandbox reads its own adapter's files (with the function's rights, no more) and
 sends them to the engine as data."""
@@ -15,7 +15,7 @@ from typing import Any, Callable
 from faas.errors import FaasError, Overloaded, error_for_code
 from faas.sdk import Generation
 from runtime.proc import frames
-from runtime.usage import UsageMeter
+from runtime.sandbox.meter import UsageMeter
 
 # Text delta and the token ids since the last one.
 DeltaSink = Callable[[str, list[int]], None]

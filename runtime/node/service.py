@@ -13,7 +13,7 @@ The micro protocol is answered here rather than by `nats.micro`: that one echoes
 request header into its answer (a caller's 1 MiB header would push the answer over the max
 payload, and the server would close the node's connection) and answers whatever reply
 subject a request names, with the node's rights (a `$KV...` reply subject would write a
-bucket). Answers here carry no header and go through runtime/replies.py. The answers
+bucket). Answers here carry no header and go through runtime/node/replies.py. The answers
 themselves are nats.micro's own types, so every NATS tool reads them.
 """
 
@@ -34,10 +34,10 @@ from nats.nuid import NUID
 
 from faas import protocol
 from faas.logs import get_logger
-from runtime.replies import answer
+from runtime.node.replies import answer
 
 if TYPE_CHECKING:
-    from runtime.node import Node
+    from runtime.node.agent import Node
 
 _QUEUE_GROUP = "q"  # nats.micro's default for endpoints
 

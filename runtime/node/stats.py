@@ -9,8 +9,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from faas.errors import FaasError
+from faas.protocol import Metrics
+from runtime.node.invocation import Hook
+
 if TYPE_CHECKING:
-    from runtime.metrics import NodeMetrics
+    from runtime.node.metrics import NodeMetrics
 
 _WINDOW_S = 60.0
 
@@ -55,18 +59,10 @@ class FunctionStats:
                 "latency_p50_ms": _percentile(totals, 0.5), "latency_p99_ms": _percentile(totals, 0.99)}
 
 
-def ttft_ms(first_token_at: float | None, received: float) -> float | None:
-    """Milliseconds from receipt to the first token, from the sandbox's clock reading (held
-    within the request's span: the sandbox may lie)."""
-    if first_token_at is None:
-        return None
-    first = min(max(first_token_at, received), time.monotonic())
-    return round((first - received) * 1000, 3)
-
-
-class NodeStats:
+class NodeStats(Hook):
     """FunctionStats by function name (kept across redeploys of a function), and the
-    node's Prometheus metrics when it serves them: requests and events alike."""
+    node's Prometheus metrics when it serves them: a hook on the invocation path
+    (runtime/node/invocation.py), so requests and events alike."""
 
     def __init__(self, metrics: NodeMetrics | None = None) -> None:
         self.functions: dict[str, FunctionStats] = {}
@@ -75,12 +71,12 @@ class NodeStats:
     def __getitem__(self, name: str) -> FunctionStats:
         return self.functions.setdefault(name, FunctionStats())
 
-    def answered(self, function: str, ttft_ms: float | None, total_ms: float, level: str) -> None:
-        self[function].record(ttft_ms, total_ms)
+    def answered(self, function: str, metrics: Metrics) -> None:
+        self[function].record(metrics.ttft_ms, metrics.total_ms)
         if self.metrics is not None:
-            self.metrics.answered(function, ttft_ms, total_ms, level)
+            self.metrics.answered(function, metrics.ttft_ms, metrics.total_ms, metrics.level or "")
 
-    def failed(self, function: str, code: int) -> None:
-        self[function].record_error(code)
+    def failed(self, function: str, err: FaasError) -> None:
+        self[function].record_error(err.code)
         if self.metrics is not None:
-            self.metrics.failed(function, code)
+            self.metrics.failed(function, err.code)

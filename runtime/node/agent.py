@@ -21,43 +21,41 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 
 from faas import protocol
 from faas.bundled import faas_home
-from faas.client import node_alive
 from faas.errors import (
     BadRequest,
     DeadlineExceeded,
     FaasError,
     FunctionNotFound,
     HandlerError,
-    Overloaded,
 )
 from faas.logs import get_logger
-from faas.protocol import Encoding, Metrics
 from runtime.backbone.registry import BackboneRegistry
-from runtime.batching import Contention
-from runtime.catalog import Catalog
-from runtime.cluster import Cluster
-from runtime.deployed import Deployments, ModelFinder
-from runtime.events import EventConsumers, EventsConfig
-from runtime.genengine.registry import EngineRegistry
-from runtime.inflight import Flight, InFlight
-from runtime.levels import GIB, Profiles
+from runtime.batching.window import Contention
+from runtime.engine.registry import EngineRegistry
+from runtime.functions.catalog import Catalog
 from runtime.memory.guard import MemoryGuard
 from runtime.memory.usage import machine_budget
-from runtime.metrics import NodeMetrics
-from runtime.pool import FunctionPool
+from runtime.node.cluster import Cluster
+from runtime.node.deployments import Deployments, ModelFinder
+from runtime.node.events import EventConsumers, EventsConfig
+from runtime.node.forwarding import Forwarder
+from runtime.node.inflight import Flight, InFlight
+from runtime.node.invocation import Arrivals, Call, Invocations
+from runtime.node.metrics import NodeMetrics
+from runtime.node.replies import Reply, answer
+from runtime.node.service import NodeService
+from runtime.node.stats import NodeStats
+from runtime.pool.leases import FunctionPool
+from runtime.pool.levels import GIB, Profiles
 from runtime.preload.history import History
 from runtime.preload.plan import Budget
 from runtime.preload.preloader import PreloadConfig, Preloader
 from runtime.proc.isolation import Isolation
-from runtime.replies import answer
 from runtime.sandbox.handles import SandboxConfig, Zygote, maps_backbone
 from runtime.sandbox.outputs import FunctionOutputs
-from runtime.service import NodeService
-from runtime.stats import NodeStats, ttft_ms
 
 
 def default_node_id() -> str:
@@ -77,7 +75,7 @@ class NodeConfig:
     backbone_keep_alive_s: float = 300.0
     loader_isolation: Isolation = field(default_factory=Isolation)
     preload: PreloadConfig = field(default_factory=PreloadConfig)
-    # Batch windows under contention (runtime/batching.py); how many windows may prefill at
+    # Batch windows under contention (runtime/batching/window.py); how many windows may prefill at
     # once (None: one per core's worth of sandbox threads on CPU, 2 on a GPU).
     batch_windows: bool = True
     prefill_parallel: int | None = None
@@ -94,12 +92,8 @@ class NodeConfig:
     metrics_host: str = "127.0.0.1"
     # A caller that asked for acknowledgements gets one again this often while its request
     # runs: it keeps a reply route alive across NATS accounts (a service import forgets a
-    # stream of answers that stays silent for its response threshold; runtime/natsd.py).
+    # stream of answers that stays silent for its response threshold; runtime/node/natsd.py).
     ack_every_s: float = 30.0
-
-
-# How long past the request's deadline a forwarding node waits for its peer's 504.
-_FORWARD_GRACE_S = 5.0
 
 
 def _budget_s(request: protocol.RequestHeaders, spec: dict[str, Any]) -> float:
@@ -170,13 +164,16 @@ class Node:
         self.metrics = (NodeMetrics(self.node_id, self.guard.held, config.metrics_port, config.metrics_host)
                         if config.metrics_port else None)
         self.stats = NodeStats(self.metrics)
+        self.inflight = InFlight()  # every request held, whatever brought it
+        self.invocations = Invocations(self.pools, (Arrivals(self.history), self.stats), self.node_id)
+        self.forwarder = Forwarder(nc, self.node_id, self.cluster, self.inflight, self.stats,
+                                   self.invocations, lambda msg, flight: self._admit(msg, False, flight))
         self.service = NodeService(nc, self)
         if self.preloader is not None:  # it plans within what the node may hold
             planned = self.preloader.budget
             self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
                                            min(planned.device_bytes, budget.device_bytes))
-        self.inflight = InFlight()  # every request held, whatever brought it
-        self.events = EventConsumers(nc, self.pools, self.history, self.inflight, self.stats, config.events)
+        self.events = EventConsumers(nc, self.pools, self.invocations, self.inflight, config.events)
         self._tasks: set[asyncio.Task[None]] = set()
         self._reacking: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
@@ -305,8 +302,9 @@ class Node:
         try:
             request = protocol.parse_request_headers(msg.headers)
         except BadRequest as err:  # its id is not echoed: it may be what is wrong
-            await self._reply_error(msg.reply, function, err, encoding, protocol.new_request_id(), log,
-                                    protocol.wants_stream(msg.headers))
+            await self.invocations.refuse(function, err, Reply(
+                self.nc, msg.reply, encoding, protocol.new_request_id(), protocol.wants_stream(msg.headers),
+                log), log)
             return
         log = log.bind(req=request.request_id)
         acks = not forwarded and fallback is None
@@ -325,34 +323,36 @@ class Node:
                 flight = self.inflight.take(request.request_id, msg.reply, request.key, received,
                                             acks=request.ack and acks)
             except BadRequest as err:  # its replies and cancels would be ambiguous
-                await self._reply_error(msg.reply, function, err, encoding, request.request_id, log,
-                                        request.stream)
+                await self.invocations.refuse(function, err, Reply(
+                    self.nc, msg.reply, encoding, request.request_id, request.stream, log), log)
                 return
+        reply = Reply(self.nc, None, encoding, request.request_id, request.stream, log, flight)
         try:
             pool = self.pools.get(function)
             if acks and self.config.forwarding and (pool is None or not pool.warm_room):
                 peer = self.cluster.pick(function, served_here=pool is not None)
                 if peer is not None:
                     await self._ack(msg.reply, request, acks, log)
-                    self._own(self._forward(msg, request, peer, function, flight, log))
+                    self._own(self.forwarder.forward(msg, request, peer, function, flight, reply))
                     return
             if pool is None:
                 raise FunctionNotFound(f"no function named {function!r}"
                                        + self._why_not_here(function))
             event = protocol.decode_event(msg.data, encoding)
             deadline = received + _budget_s(request, pool.spec)
-            await self.history.record(function)  # demand, even when the queue is full
-            pool.admit()
         except Exception as exc:  # a bug of ours must still produce a reply, not silence
             self.inflight.release(request.request_id, flight)
             if not isinstance(exc, FaasError):
                 log.exception("admit_failed")
             err = exc if isinstance(exc, FaasError) else HandlerError("internal error in the node")
-            await self._reply_error(flight.reply, function, err, encoding, request.request_id, log,
-                                    request.stream)
+            await self.invocations.refuse(function, err, reply, log)
+            return
+        if not await self.invocations.admit(pool, reply, log):  # demand is recorded even so
+            self.inflight.release(request.request_id, flight)
             return
         await self._ack(msg.reply, request, acks, log)
-        self._own(self._serve(pool, event, encoding, request, received, deadline, flight))
+        self._own(self._serve(pool, Call(request.request_id, event, received, deadline, flight.cancel),
+                              reply, flight))
 
     async def _ack(self, reply: str, request: protocol.RequestHeaders, acks: bool, log: Any) -> None:
         """Tell a caller that asked which node holds its request (so it can retry elsewhere
@@ -378,68 +378,6 @@ class Node:
         why = self.deployments.unavailable.get(function)
         return f" on this node ({why})" if why else ""
 
-    async def _forward(self, msg: Msg, request: protocol.RequestHeaders, peer: str, function: str,
-                       flight: Flight, log: Any) -> None:
-        """Send the request to `peer` and relay what it answers (chunks, then the reply) to
-        the caller (where its retry moved it, if it did). When the peer is gone before its
-        reply (no responder, or its pings go unanswered) the request is served here
-        instead, unless chunks were relayed already: a stream cannot be replayed, so it
-        gets a 503. The request keeps its place in this node's in-flight table meanwhile."""
-        self.stats[function].forwarded += 1
-        log = log.bind(peer=peer)
-        encoding = protocol.request_encoding(msg.data, msg.headers)
-        handed_over = False
-
-        async def fail(err: FaasError) -> None:
-            await self._reply_error(flight.reply, function, err, encoding, request.request_id, log,
-                                    request.stream)
-
-        headers = {**request.forwarded(self.node_id, time.time() * 1000),
-                   protocol.HDR_CONTENT_TYPE: encoding.content_type}  # the peer answers in kind
-        deadline = int(headers[protocol.HDR_DEADLINE_MS]) / 1000 + _FORWARD_GRACE_S
-        relayed = silent = 0
-        sub = None
-        try:
-            sub = await self.nc.subscribe(self.nc.new_inbox())
-            await self.nc.publish(protocol.node_invoke_subject(peer, function), msg.data,
-                                  reply=sub.subject, headers=headers)
-            while time.time() < deadline:
-                try:
-                    reply = await sub.next_msg(timeout=1.0)
-                except NatsTimeout:
-                    alive = await node_alive(self.nc, peer)
-                    silent = 0 if alive else silent + 1
-                    if alive is False or silent >= 3:
-                        break
-                    continue
-                if (reply.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
-                    break
-                await answer(self.nc, flight.reply, reply.data, reply.headers, log)
-                relayed += 1
-                if not request.stream or protocol.is_final(reply.headers):
-                    return
-            if time.time() >= deadline:  # the peer lives but never answered (it lost the request)
-                await fail(DeadlineExceeded(f"node {peer} did not answer in time"))
-                return
-            self.cluster.forget(peer)
-            if relayed:
-                await fail(Overloaded(f"node {peer} stopped answering in the middle of the stream"))
-                return
-            log.warning("forward_failed_serving_here")
-            handed_over = True
-            await self._admit(msg, forwarded=False, fallback=flight)
-        except NatsError as exc:
-            log.warning("forward_error", error=f"{type(exc).__name__}: {exc}")
-            await fail(Overloaded(f"cannot forward: {exc}"))
-        finally:
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except NatsError:
-                    pass
-            if not handed_over:
-                self.inflight.release(request.request_id, flight)
-
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(protocol.CANCEL_PREFIX):]
         flight = self.inflight.get(request_id)
@@ -461,72 +399,11 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("task_failed", error=repr(task.exception()))
 
-    async def _serve(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
-                     request: protocol.RequestHeaders, received: float, deadline: float,
-                     flight: Flight) -> None:
-        log = self.log.bind(fn=pool.name, req=request.request_id)
+    async def _serve(self, pool: FunctionPool, call: Call, reply: Reply, flight: Flight) -> None:
         try:
-            await self._serve_one(pool, event, encoding, request, received, deadline, flight, log)
+            await self.invocations.serve(pool, call, reply, reply.log)
         finally:
-            self.inflight.release(request.request_id, flight)
-
-    async def _serve_one(self, pool: FunctionPool, event: dict[str, Any], encoding: Encoding,
-                         request: protocol.RequestHeaders, received: float, deadline: float,
-                         flight: Flight, log: Any) -> None:
-        request_id = request.request_id
-
-        async def send_chunk(chunk: dict[str, Any]) -> None:
-            await answer(self.nc, flight.reply, *protocol.chunk_message(chunk, encoding, request_id), log)
-
-        async def fail(err: FaasError) -> None:
-            await self._reply_error(flight.reply, pool.name, err, encoding, request_id, log, request.stream)
-
-        try:
-            served = await pool.serve(request_id, event, deadline, received=received, stream=request.stream,
-                                      on_chunk=send_chunk if request.stream else None, cancel=flight.cancel)
-        except FaasError as err:
-            await fail(err)
-            return
-        except asyncio.CancelledError:
-            await fail(Overloaded("the node shut down before the request completed"))
-            raise
-        except Exception:
-            log.exception("serve_failed")
-            await fail(HandlerError("internal error in the node"))
-            return
-        result = served.result
-        metrics = Metrics(request_id=request_id, node=self.node_id,
-                          queue_ms=round((served.leased_at - received) * 1000, 3),
-                          ttft_ms=ttft_ms(result.first_token_at, received),
-                          tokens_in=result.tokens_in, tokens_out=result.tokens_out,
-                          level=served.level.label, batch=result.batch)
-        metrics.total_ms = round((time.monotonic() - received) * 1000, 3)
-        try:
-            body, headers = protocol.ok_reply(result.output, metrics, encoding)
-        except (TypeError, ValueError) as exc:
-            await fail(HandlerError(f"output cannot be encoded as {encoding.value}: {exc}"))
-            return
-        if request.stream:
-            headers[protocol.HDR_FINAL] = "true"
-        size = protocol.wire_size(body, headers)
-        if size > self.nc.max_payload:
-            await fail(HandlerError(f"reply of {size} bytes exceeds the server's max payload "
-                                    f"of {self.nc.max_payload} bytes"))
-            return
-        await answer(self.nc, flight.reply, body, headers, log)
-        self.stats.answered(pool.name, metrics.ttft_ms, metrics.total_ms, served.level.label)
-        log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
-                 total_ms=metrics.total_ms, batch=result.batch)
-
-    async def _reply_error(self, to: str | None, function: str, err: FaasError, encoding: Encoding,
-                           request_id: str, log: Any, stream: bool) -> None:
-        log.warning("invoke_failed", code=err.code, error=err.message)
-        if function in self.pools:  # not for names nobody serves: no unbounded table
-            self.stats.failed(function, err.code)
-        body, headers = protocol.error_reply(err, encoding, request_id)
-        if stream:
-            headers[protocol.HDR_FINAL] = "true"
-        await answer(self.nc, to, body, headers, log)
+            self.inflight.release(call.request_id, flight)
 
     # --- introspection --------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The generation engine process: one per (base model, device), started by the node as
-`python -m runtime.genengine.server --fd N --parent PID`. It runs no user code.
+`python -m runtime.engine.server --fd N --parent PID`. It runs no user code.
 
 Control socket (from the node): a `load` frame with the backbone export's descriptors
 (the weights are mapped read-only, as sandboxes of the paper's path map them), answered
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from faas.logs import get_logger
-from runtime.batching import turn_prefill_budget_s
+from runtime.batching.window import turn_prefill_budget_s
 from runtime.proc import frames
 from runtime.proc.children import run_node_child
 
@@ -152,8 +152,8 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, device: str, max_rows: int,
                  kv_bytes: int | None = None) -> None:
-        from runtime.generation import Batcher
-        from runtime.genengine.stacked import StackedLora
+        from runtime.batching.batcher import Batcher
+        from runtime.engine.stacked import StackedLora
 
         self.device = device
         self.tokenizer = tokenizer
@@ -393,7 +393,7 @@ class Engine:
             self.lora.rebuild(model)
 
     def _gen(self, conn: _Conn, ident: int, frame: dict[str, Any]) -> None:
-        from runtime.generation import GenRequest
+        from runtime.batching.batcher import GenRequest
 
         options = _generation_options(frame)
         adapter = conn.adapter  # None: a function of the bare backbone
@@ -450,7 +450,7 @@ class Engine:
 
     def _chat(self, conn: _Conn, ident: int, frame: dict[str, Any]) -> None:
         from faas.errors import BadRequest
-        from runtime.engine import chat_prompt
+        from runtime.models.hf import chat_prompt
 
         messages = frame.get("messages")
         if not (isinstance(messages, list) and len(messages) <= MAX_MESSAGES and all(
@@ -554,8 +554,8 @@ def serve(control: socket.socket) -> int:
     try:
         from transformers import AutoTokenizer
 
-        from runtime.engine import enter_model_process
-        from runtime.generation import GenRequest
+        from runtime.models.hf import enter_model_process
+        from runtime.batching.batcher import GenRequest
         from runtime.backbone.skeleton import bind_shared
         from runtime.backbone.weights import backend_for
 
@@ -583,4 +583,4 @@ def serve(control: socket.socket) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_node_child("python -m runtime.genengine.server", serve))
+    sys.exit(run_node_child("python -m runtime.engine.server", serve))

@@ -5,8 +5,9 @@ event published before any function listens is kept) and the outcomes stream
 (`FAAS_OUTCOMES` over `faas.dlq.>` and `faas.results.>`) exist, and one durable pull
 consumer per function with triggers (`faas-<function>`, filtered on its triggers, shared by
 every node serving it). It fetches in batches no larger than the function has room for and
-hands each event to the same dispatch as a request (admission, the batch window, a
-sandbox, the budget of the function's `timeout_s`), then:
+hands each event to the path every request takes (runtime/node/invocation.py: admission,
+the history, the batch window, a sandbox, the stats; the budget of the function's
+`timeout_s`), then:
 
 - success: ack (after publishing the output on `faas.results.<fn>` when the function asks);
 - failure: `nak` with a delay that doubles with each delivery (a plain nak would redeliver
@@ -38,14 +39,14 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from faas import protocol
 from faas.connection import raise_if_cancelled
-from faas.errors import BadRequest, FaasError, HandlerError
+from faas.errors import BadRequest, FaasError
 from faas.logs import get_logger
+from faas.protocol import Metrics
 from faas.streams import ensure_stream
-from runtime.inflight import InFlight
-from runtime.pool import FunctionPool
-from runtime.preload.history import History
+from runtime.node.inflight import InFlight
+from runtime.node.invocation import Call, Invocations
+from runtime.pool.leases import FunctionPool
 from runtime.sandbox.handles import OutputTooLarge
-from runtime.stats import NodeStats, ttft_ms
 
 _WEEK_S = 7 * 86400
 
@@ -96,14 +97,15 @@ def dead_letter(function: str, data: bytes, headers: dict[str, str], info: dict[
 class EventConsumers:
     """The node's event loops, one per function with triggers."""
 
-    def __init__(self, nc: NATS, pools: dict[str, FunctionPool], history: History,
-                 inflight: InFlight, stats: NodeStats, config: EventsConfig) -> None:
+    def __init__(self, nc: NATS, pools: dict[str, FunctionPool], invocations: Invocations,
+                 inflight: InFlight, config: EventsConfig) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.pools = {name: pool for name, pool in pools.items() if pool.spec.get("triggers")}
-        self.history = history
-        self.inflight = inflight  # the node's: an event's id is never a request's
-        self.stats = stats  # the node's: `faas top`, $SRV.STATS and Prometheus count events too
+        # The node's: events are invocations like requests (the history, `faas top`,
+        # $SRV.STATS and Prometheus count them), and an event's id is never a request's.
+        self.invocations = invocations
+        self.inflight = inflight
         self.config = config
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._subs: dict[str, Any] = {}
@@ -230,63 +232,32 @@ class EventConsumers:
         info = {"subject": msg.subject, "sequence": meta.sequence.stream,
                 "msg_id": (msg.headers or {}).get(protocol.HDR_MSG_ID), "delivered": delivered}
         log = self.log.bind(fn=name, seq=info["sequence"], delivered=delivered)
+        outcome = _Outcome(self, name, pool, msg, info, log)
         max_deliver = int(pool.spec["max_deliver"])
         if delivered > max_deliver:  # its last attempt ended with its node (or was refused)
             err = FaasError(f"no outcome after {max_deliver} deliveries (the node serving the "
                             "last one went away, or refused it)")
-            await self._dead_letter(name, msg, info, err, log)
+            await self.dead_letter(name, msg, info, err, log)
             return
         try:
             event = _decode(msg)
-        except BadRequest as err:  # it will never decode: retrying cannot help
-            self.stats.failed(name, err.code)  # as a request's body that does not decode
-            await self._dead_letter(name, msg, info, err, log)
+        except BadRequest as err:  # as a request's body that does not decode
+            await self.invocations.refuse(name, err, outcome, log)
             return
-        await self.history.record(name)  # demand, even when the queue is full (as a request's)
-        try:
-            pool.admit()
-        except FaasError as err:  # refused (queue full, shutting down): the handler never ran
-            self.stats.failed(name, err.code)
-            await self._nak(msg, retry_delay_s(1, self.config), log)
+        if not await self.invocations.admit(pool, outcome, log):
             return
         # Unguessable, and held with the node's requests: nobody can cancel it, or take its
         # place (and its output) by sending a request under its id.
         request_id = protocol.new_request_id()
-        flight = self.inflight.take(request_id, None, None, time.monotonic())
+        flight = self.inflight.take(request_id, None, None, received)
         keep = asyncio.create_task(self._keep_alive(msg))
         try:
-            served = await pool.serve(request_id, event, time.monotonic() + float(pool.spec["timeout_s"]),
-                                      event_info=info)
-        except FaasError as err:
-            self.failed += 1
-            self.stats.failed(name, err.code)
-            # The handler judged the event itself bad (BadRequest), or returned more than an
-            # outcome may carry: retrying cannot help.
-            if delivered >= max_deliver or isinstance(err, (BadRequest, OutputTooLarge)):
-                await self._dead_letter(name, msg, info, err, log)
-            else:
-                log.warning("event_failed", code=err.code, error=err.message,
-                            retry_in_s=retry_delay_s(delivered, self.config))
-                await self._nak(msg, retry_delay_s(delivered, self.config), log)
-            return
+            await self.invocations.serve(pool, Call(request_id, event, received,
+                                                    received + float(pool.spec["timeout_s"]),
+                                                    event_info=info), outcome, log)
         finally:
             keep.cancel()
             self.inflight.release(request_id, flight)
-        self.stats.answered(name, ttft_ms(served.result.first_token_at, received),
-                            round((time.monotonic() - received) * 1000, 3), served.level.label)
-        if pool.spec.get("results"):
-            result = msgpack.packb({"output": served.result.output, "event": info}, use_bin_type=True)
-            if len(result) > self._room():  # it will never fit: running it again cannot help
-                err = HandlerError(f"the output takes {len(result)} bytes, over the {self._room()} a "
-                                   "result may carry: it is kept here instead of in the results")
-                await self._dead_letter(name, msg, info, err, log)
-                return
-            if not await self._publish(protocol.RESULTS_PREFIX + name, result,
-                                       f"result-{name}-{info['sequence']}", log):
-                await self._nak(msg, retry_delay_s(delivered, self.config), log)
-                return
-        await self._ack(msg, log)
-        self.processed += 1
 
     async def _keep_alive(self, msg: Msg) -> None:
         """In-progress acks while the handler runs: a slow one is not redelivered."""
@@ -297,20 +268,20 @@ class EventConsumers:
             except NatsError:
                 return
 
-    def _room(self) -> int:
+    def room(self) -> int:
         """The most bytes an outcome message may take (its Nats-Msg-Id header aside)."""
         return self.nc.max_payload - 1024
 
-    async def _dead_letter(self, name: str, msg: Msg, info: dict[str, Any], err: FaasError,
+    async def dead_letter(self, name: str, msg: Msg, info: dict[str, Any], err: FaasError,
                            log: Any) -> None:
         """Publish the event and why it failed on `faas.dlq.<fn>` (kept, replayable), then ack."""
         self.dead += 1
         log.error("event_dead_lettered", code=err.code, error=err.message)
-        letter = dead_letter(name, msg.data, dict(msg.headers or {}), info, err, self._room())
-        if await self._publish(protocol.DLQ_PREFIX + name, letter, f"dlq-{name}-{info['sequence']}", log):
-            await self._ack(msg, log)
+        letter = dead_letter(name, msg.data, dict(msg.headers or {}), info, err, self.room())
+        if await self.publish(protocol.DLQ_PREFIX + name, letter, f"dlq-{name}-{info['sequence']}", log):
+            await self.ack(msg, log)
 
-    async def _publish(self, subject: str, body: bytes, msg_id: str, log: Any) -> bool:
+    async def publish(self, subject: str, body: bytes, msg_id: str, log: Any) -> bool:
         try:
             await self.js.publish(subject, body, headers={protocol.HDR_MSG_ID: msg_id})
             return True
@@ -318,13 +289,13 @@ class EventConsumers:
             log.error("event_outcome_publish_failed", subject=subject, error=f"{type(exc).__name__}: {exc}")
             return False
 
-    async def _ack(self, msg: Msg, log: Any) -> None:
+    async def ack(self, msg: Msg, log: Any) -> None:
         try:
             await msg.ack()
         except NatsError as exc:  # redelivered later: at least once
             log.warning("event_ack_failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _nak(self, msg: Msg, delay_s: float, log: Any) -> None:
+    async def nak(self, msg: Msg, delay_s: float, log: Any) -> None:
         try:
             await msg.nak(delay=delay_s)
         except NatsError as exc:
@@ -344,3 +315,56 @@ class EventConsumers:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _Outcome:
+    """Where an event's outcome goes (runtime/node/invocation.py `Answer`): its output to the
+    results when its function asks, then an ack; a failure retried later (nak) or, when
+    retrying cannot help or this was its last delivery, a dead letter. A node shutting
+    down leaves it unacked: JetStream redelivers it."""
+
+    stream = False
+
+    def __init__(self, consumers: EventConsumers, name: str, pool: FunctionPool, msg: Msg,
+                 info: dict[str, Any], log: Any) -> None:
+        self.consumers = consumers
+        self.name = name
+        self.pool = pool
+        self.msg = msg
+        self.info = info
+        self.log = log
+
+    async def chunk(self, chunk: dict[str, Any]) -> None:
+        raise AssertionError("events do not stream")
+
+    async def output(self, output: Any, metrics: Metrics) -> None:
+        consumers, name, log = self.consumers, self.name, self.log
+        if self.pool.spec.get("results"):
+            result = msgpack.packb({"output": output, "event": self.info}, use_bin_type=True)
+            room = consumers.room()
+            if len(result) > room:  # it will never fit: running it again cannot help
+                raise OutputTooLarge(f"the output takes {len(result)} bytes, over the {room} a "
+                                     "result may carry: it is kept here instead of in the results")
+            if not await consumers.publish(protocol.RESULTS_PREFIX + name, result,
+                                           f"result-{name}-{self.info['sequence']}", log):
+                await consumers.nak(self.msg, retry_delay_s(self.info["delivered"], consumers.config), log)
+                return
+        await consumers.ack(self.msg, log)
+        consumers.processed += 1
+
+    async def error(self, err: FaasError, ran: bool) -> None:
+        consumers, delivered = self.consumers, self.info["delivered"]
+        if ran:
+            consumers.failed += 1
+        # The event itself is bad (it does not decode, or the handler judged it so), or its
+        # output is more than an outcome may carry, or this was its last try: a dead letter.
+        if isinstance(err, (BadRequest, OutputTooLarge)) or ran and delivered >= int(self.pool.spec["max_deliver"]):
+            await consumers.dead_letter(self.name, self.msg, self.info, err, self.log)
+            return
+        # Refused before it ran (queue full, shutting down): soon again. Failed: backing off.
+        delay = retry_delay_s(delivered if ran else 1, consumers.config)
+        self.log.warning("event_failed", code=err.code, error=err.message, retry_in_s=delay)
+        await consumers.nak(self.msg, delay, self.log)
+
+    async def shutdown(self) -> None:
+        return

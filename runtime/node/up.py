@@ -22,10 +22,10 @@ from faas.protocol import NODE_INBOX_PREFIX
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbone.registry import detect_device
-from runtime.catalog import Catalog, load_catalog
-from runtime.events import EventsConfig
-from runtime.natsd import EmbeddedNats
-from runtime.node import Node, NodeConfig, default_node_id
+from runtime.functions.catalog import Catalog, load_catalog
+from runtime.node.agent import Node, NodeConfig, default_node_id
+from runtime.node.events import EventsConfig
+from runtime.node.natsd import EmbeddedNats
 from runtime.preload.preloader import PreloadConfig
 from runtime.sandbox.handles import SandboxConfig
 

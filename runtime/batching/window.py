@@ -1,6 +1,6 @@
 """The contention-aware batch window: when a function's requests go to its sandbox.
 
-A sandbox batches whatever it is given (runtime/generation.py: requests join between decode
+A sandbox batches whatever it is given (runtime/batching/batcher.py: requests join between decode
 steps). What the node decides is *when* to hand requests over:
 
 - No contention: at once (window 0), for the lowest TTFT.

@@ -36,7 +36,7 @@ from faas.connection import raise_if_cancelled
 from faas.deploy import buckets, decode_record
 from faas.errors import FaasError
 from faas.logs import get_logger
-from runtime.catalog import Catalog, spec_problem
+from runtime.functions.catalog import Catalog, spec_problem
 from runtime.proc.isolation import Isolation
 from runtime.proc.locks import hold
 

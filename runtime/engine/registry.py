@@ -16,11 +16,11 @@ from typing import Any, Callable
 from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime.backbone.registry import Backbone, BackboneRegistry
+from runtime.backbone.warm import KeptWarm
 from runtime.memory.usage import sandbox_bytes
 from runtime.proc import frames
 from runtime.proc.children import start_node_child, wait_or_kill
 from runtime.proc.isolation import Isolation
-from runtime.warm import KeptWarm
 
 log = get_logger()
 
@@ -126,7 +126,7 @@ class EngineRegistry(KeptWarm[Engine]):
         started = time.monotonic()
         backbone = await self.backbones.acquire(model)
         try:
-            proc, ours = await start_node_child("runtime.genengine.server", self.threads)
+            proc, ours = await start_node_child("runtime.engine.server", self.threads)
         except BaseException:
             self.backbones.release(backbone)
             raise

@@ -1,0 +1,9 @@
+"""Functions: finding what a node serves, without running user code in the node.
+
+- `loader`: imports a function file by path and collects the specs it declares (only in
+  subprocesses);
+- `discover`: the isolated subprocess that does so for one file
+  (`python -m runtime.functions.discover`);
+- `catalog`: the node's functions and how each is isolated (uids, folders), decided at
+  start-up.
+"""
