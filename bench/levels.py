@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -46,8 +46,8 @@ class NodeParts:
              config: SandboxConfig | None = None, **overrides: Any) -> FunctionPool:
         """A pool of function `name` (its spec with `overrides`), generating in the engine
         or (not `engine`) in its own sandboxes, as a node would make it."""
-        spec = next(s for s in self.catalog.specs if s["name"] == name)
-        spec = {**spec, "engine": "shared" if engine else "sandbox", **overrides}
+        spec = next(s for s in self.catalog.specs if s.name == name)
+        spec = replace(spec, engine="shared" if engine else "sandbox", **overrides)
         return FunctionPool(spec, config or SandboxConfig(), self.light_zygote if engine else self.zygote,
                             self.backbones, self.catalog.isolation[name], profiles or Profiles(self.backbones.device),
                             keep_alive_s=None, engines=self.engines)
@@ -95,7 +95,7 @@ async def measure(device: str, repeat: int, prompt_tokens: int) -> dict[str, Any
             rows: dict[str, list[dict[str, Any]]] = {level.label: [] for level in Level}
             started = time.monotonic()
             # Warm for every level's runs: the backbone, and on the engine path the engine.
-            warm = await (parts.engines if path == "engine" else parts.backbones).acquire(spec["backbone"])
+            warm = await (parts.engines if path == "engine" else parts.backbones).acquire(spec.backbone)
             warm_s = time.monotonic() - started
             try:
                 for _ in range(repeat):
@@ -115,7 +115,7 @@ async def measure(device: str, repeat: int, prompt_tokens: int) -> dict[str, Any
                             await pool.close()
             finally:
                 (parts.engines if path == "engine" else parts.backbones).release(warm)  # type: ignore[arg-type]
-            profile = profiles.of(engine_key(spec["backbone"]) if path == "engine" else spec["backbone"])
+            profile = profiles.of(engine_key(spec.backbone) if path == "engine" else spec.backbone)
             result["paths"][path] = {
                 "warm_up_ms": warm_s * 1000,
                 "levels": {label: {"found": sorted({r["found"] for r in runs}),

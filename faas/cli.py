@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,34 +46,32 @@ def _fail(err: Exception) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from runtime.node.events import EventsConfig
-    from runtime.preload.preloader import PreloadConfig
     from runtime.node.up import UpOptions, up
 
-    preload = PreloadConfig(enabled=not args.no_preload, predictor=args.predictor,
-                            horizon_s=args.preload_horizon_s, host_budget_gib=args.preload_budget_gib,
-                            device_budget_gib=args.preload_device_budget_gib,
-                            price_s_per_gib_s=args.preload_price,
-                            keep_alive_s=args.sandbox_keep_alive_s)
+    node = UpOptions().node
+    node = replace(
+        node, node_id=args.node_id or node.node_id, models_dirs=tuple(Path(m) for m in args.models or ()),
+        metrics_port=args.metrics_port, metrics_host=args.http_host, ack_every_s=args.ack_every_s,
+        sandbox=replace(node.sandbox, threads=args.sandbox_threads, keep_alive_s=args.sandbox_keep_alive_s,
+                        max_batch=args.max_batch),
+        backbone_keep_alive_s=args.backbone_keep_alive_s, batch_windows=not args.no_batch_window,
+        memory_budget_gib=args.memory_budget_gib, device_memory_budget_gib=args.device_memory_budget_gib,
+        engine_kv_gib=args.engine_kv_gib,
+        events=replace(node.events, enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s,
+                       subjects=tuple(args.events_subjects.split(","))),
+        preload=replace(node.preload, enabled=not args.no_preload, predictor=args.predictor,
+                        horizon_s=args.preload_horizon_s, host_budget_gib=args.preload_budget_gib,
+                        device_budget_gib=args.preload_device_budget_gib,
+                        price_s_per_gib_s=args.preload_price, keep_alive_s=args.sandbox_keep_alive_s))
     # With a cluster's NATS and no folder the node serves what is deployed; alone it
     # serves ./functions, as the demo does.
     folders = args.functions or ([] if args.nats else ["functions"])
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
-        credentials=auth.from_args(args), node_id=args.node_id, http_port=args.http,
-        http_host=args.http_host, http_timeout_s=args.http_timeout_s, metrics_port=args.metrics_port,
-        ack_every_s=args.ack_every_s,
-        models_dirs=tuple(Path(m) for m in args.models or ()),
-        state_dir=Path(args.state_dir) if args.state_dir else None,
-        sandbox_threads=args.sandbox_threads, max_batch=args.max_batch,
-        batch_windows=not args.no_batch_window, memory_budget_gib=args.memory_budget_gib,
-        device_memory_budget_gib=args.device_memory_budget_gib, device=args.device,
-        engine_kv_gib=args.engine_kv_gib,
-        events=EventsConfig(enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s,
-                            subjects=tuple(args.events_subjects.split(","))),
-        backbone_keep_alive_s=args.backbone_keep_alive_s,
-        sandbox_keep_alive_s=args.sandbox_keep_alive_s, preload=preload,
-        sandbox_uids=_uid_range(args.sandbox_uids), network_isolation=not args.no_network_isolation)))
+        credentials=auth.from_args(args), http_port=args.http, http_host=args.http_host,
+        http_timeout_s=args.http_timeout_s, state_dir=Path(args.state_dir) if args.state_dir else None,
+        device=args.device, sandbox_uids=_uid_range(args.sandbox_uids),
+        network_isolation=not args.no_network_isolation, node=node)))
 
 
 def _positive(text: str) -> float:
@@ -371,8 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from runtime.node.up import UpOptions  # the node's options default to its configs: one source
+
+    o = UpOptions()
+    n = o.node
     up = sub.add_parser("up", help="run a node (and an embedded nats-server unless --nats)")
-    up.add_argument("--port", type=int, default=4222, help="embedded nats-server port")
+    up.add_argument("--port", type=int, default=o.port, help="embedded nats-server port")
     _nats_options(up, "NATS URL(s), comma-separated; no embedded server is started")
     up.add_argument("--functions", action="append", metavar="DIR",
                     help="folder of function files (repeatable; default ./functions without "
@@ -382,17 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "up by fingerprint (repeatable; $FAAS_HOME/models always)")
     up.add_argument("--http", type=int, metavar="PORT", default=None,
                     help="also run the OpenAI-compatible HTTP gateway (faas gateway) on PORT")
-    up.add_argument("--http-host", default="127.0.0.1",
+    up.add_argument("--http-host", default=o.http_host,
                     help="address the gateway and --metrics-port listen on (0.0.0.0: all)")
-    up.add_argument("--http-timeout-s", type=_positive, default=120.0,
+    up.add_argument("--http-timeout-s", type=_positive, default=o.http_timeout_s,
                     help="the gateway's budget per request (the function's timeout_s caps it)")
     up.add_argument("--metrics-port", type=int, metavar="PORT", default=None,
                     help="serve this node's Prometheus metrics on http://HOST:PORT/metrics")
     up.add_argument("--node-id", type=_node_id, default=None,
                     help="this node's name in the cluster (default: HOSTNAME-<6 hex>)")
     up.add_argument("--state-dir", help="embedded server data and log (default $FAAS_HOME/nats)")
-    up.add_argument("--sandbox-threads", type=int, default=1, help="torch threads per sandbox")
-    up.add_argument("--max-batch", type=_count, default=64,
+    up.add_argument("--sandbox-threads", type=_count, default=n.sandbox.threads, help="torch threads per sandbox")
+    up.add_argument("--max-batch", type=_count, default=n.sandbox.max_batch,
                     help="cap on every function's max_batch: requests one sandbox generates for "
                          "at once (1: no batching)")
     up.add_argument("--no-batch-window", action="store_true",
@@ -406,40 +409,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each generation engine's KV cache (default: 1 GiB on a CPU, half the "
                          "GPU memory free after the backbone); a request it has no room for "
                          "within its TTFT SLO gets 503 with Retry-After")
-    up.add_argument("--ack-every-s", type=_positive, default=30.0,
+    up.add_argument("--ack-every-s", type=_positive, default=n.ack_every_s,
                     help="while a request that asked for acknowledgements runs, acknowledge it "
                          "again this often (below any NATS service import's response threshold "
                          "on its way: 2 minutes on the embedded server)")
-    up.add_argument("--event-ack-wait-s", type=_positive, default=30.0,
+    up.add_argument("--event-ack-wait-s", type=_positive, default=n.events.ack_wait_s,
                     help="how long an event may go unacknowledged before JetStream redelivers "
                          "it (a running handler renews it every third)")
-    up.add_argument("--events-subjects", default="events.>",
+    up.add_argument("--events-subjects", default=",".join(n.events.subjects),
                     help="what the events stream FAAS_EVENTS stores (comma-separated subjects); "
                          "every trigger must fall within them")
     up.add_argument("--no-events", action="store_true",
                     help="do not consume events for functions with triggers")
-    up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    up.add_argument("--device", default=o.device, choices=("auto", "cpu", "cuda"),
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
-    up.add_argument("--backbone-keep-alive-s", type=_positive, default=300.0,
+    up.add_argument("--backbone-keep-alive-s", type=_positive, default=n.backbone_keep_alive_s,
                     help="with --no-preload: how long an unused backbone stays loaded")
-    up.add_argument("--sandbox-keep-alive-s", type=_positive, default=600.0,
+    up.add_argument("--sandbox-keep-alive-s", type=_positive, default=n.sandbox.keep_alive_s,
                     help="with --no-preload: how long an idle sandbox is kept for its function's "
                          "next request; with pre-loading, the keep-alive of functions with too "
                          "little history and of the extra sandboxes a burst started")
     up.add_argument("--no-preload", action="store_true",
                     help="no predictive pre-loading: sandboxes and backbones start on demand "
                          "and live for their keep-alives")
-    up.add_argument("--predictor", default="histogram", choices=("histogram", "rate"),
+    up.add_argument("--predictor", default=n.preload.predictor, choices=("histogram", "rate"),
                     help="how the pre-loader predicts invocations (default: hybrid histogram)")
-    up.add_argument("--preload-horizon-s", type=_positive, default=5.0,
+    up.add_argument("--preload-horizon-s", type=_positive, default=n.preload.horizon_s,
                     help="the pre-loader plans for invocations within this long")
     up.add_argument("--preload-budget-gib", type=_positive, default=None,
                     help="host memory the pre-loader may fill (default: a quarter of the machine's)")
     up.add_argument("--preload-device-budget-gib", type=_positive, default=None,
                     help="device memory the pre-loader may fill (default: half the GPU's)")
-    up.add_argument("--preload-price", type=_positive, default=0.1,
+    up.add_argument("--preload-price", type=_positive, default=n.preload.price_s_per_gib_s,
                     help="seconds of expected TTFT saved that justify holding 1 GiB for 1 s")
-    up.add_argument("--sandbox-uids", default="61000-61999", metavar="FIRST-LAST|off",
+    up.add_argument("--sandbox-uids", default="-".join(map(str, o.sandbox_uids)) if o.sandbox_uids else "off", metavar="FIRST-LAST|off",
                     help="when run as root: one unprivileged uid per function from this range")
     up.add_argument("--no-network-isolation", action="store_true",
                     help="let sandboxes use the network (default: an empty network namespace)")

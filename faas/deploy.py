@@ -7,9 +7,7 @@ by versions or functions is stored once, and a node checks what it downloads). E
 a key is a new version; the bucket's history keeps the earlier ones, so a rollback puts an
 earlier record back. Nodes watch the bucket and serve what it holds (runtime/node/deployments.py).
 
-A record: `{"name", "version", "deployed_at", "spec": {timeouts, batching, triggers...},
-"code": {"file", "files": {name: digest}}, "backbone": {"fingerprint", "name", "path"} | None,
-"adapter": {"files": {relative path: digest}} | None}`.
+A deployment's record (what the bucket holds) is faas/record.py's `decode_deployment`.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from nats.js.errors import (
 from faas import protocol, streams
 from faas.artifacts import adapter_problems, model_fingerprint
 from faas.errors import BadRequest, FunctionNotFound, Overloaded
+from faas.record import FunctionRecord, decode_deployment
 
 # Versions kept per function (the most a JetStream KV bucket keeps).
 HISTORY = 64
@@ -57,11 +56,11 @@ def inside_folder(path: Path, folder: Path | None = None) -> Path:
     return resolved
 
 
-def package(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+def package(spec: FunctionRecord) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The record of one discovered function spec and the files it needs (by digest).
     Raises BadRequest when its adapter cannot be deployed for its backbone, or when a file
     it would ship is a link to something outside its folder."""
-    source = Path(spec["source_file"])
+    source = Path(spec.source_file)
     blobs: dict[str, bytes] = {}
 
     def add(path: Path, folder: Path) -> str:
@@ -72,23 +71,23 @@ def package(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
     # The whole folder's Python files: a function file may import its siblings.
     code = {p.name: add(p, source.parent) for p in sorted(source.parent.glob("*.py"))}
     record: dict[str, Any] = {
-        "name": spec["name"],
-        "spec": {k: v for k, v in spec.items() if k not in _LOCAL_FIELDS},
+        "name": spec.name,
+        "spec": {k: v for k, v in spec.to_dict().items() if k not in _LOCAL_FIELDS},
         "code": {"file": source.name, "files": code},
         "backbone": None, "adapter": None,
     }
-    if spec["backbone"] is not None:
-        backbone = Path(spec["backbone"])
+    if spec.backbone is not None:
+        backbone = Path(spec.backbone)
         if not (backbone / "config.json").is_file():
-            raise BadRequest(f"{spec['name']}: backbone {spec['backbone']!r} is not a local model "
+            raise BadRequest(f"{spec.name}: backbone {spec.backbone!r} is not a local model "
                              "folder: a deploy names its base model by the fingerprint of its config")
         record["backbone"] = {"fingerprint": model_fingerprint(backbone), "name": backbone.name,
                               "path": str(backbone)}
-    if spec["adapter"] is not None:
-        adapter = Path(spec["adapter"])
-        problems = adapter_problems(adapter, Path(spec["backbone"]))
+    if spec.adapter is not None:
+        adapter = Path(spec.adapter)
+        problems = adapter_problems(adapter, Path(spec.backbone))
         if problems:
-            raise BadRequest(f"{spec['name']}: adapter {str(adapter)!r} cannot be deployed: "
+            raise BadRequest(f"{spec.name}: adapter {str(adapter)!r} cannot be deployed: "
                              + "; ".join(problems))
         record["adapter"] = {"files": {str(p.relative_to(adapter)): add(p, adapter)
                                        for p in sorted(adapter.rglob("*")) if p.is_file()}}
@@ -106,37 +105,6 @@ async def buckets(nc: NATS) -> tuple[Any, Any]:
     js = nc.jetstream()
     kv = await streams.key_value(js, "functions", protocol.FUNCTIONS_BUCKET, history=HISTORY)
     return kv, await streams.object_store(js)
-
-
-def decode_record(value: bytes) -> dict[str, Any]:
-    """A record from the bucket, checked for the shape nodes rely on (the bucket may hold
-    anything someone with write access to it put there). ValueError otherwise."""
-    record = json.loads(value)
-    if not (isinstance(record, dict) and isinstance(record.get("name"), str)
-            and type(record.get("version")) is int and record["version"] >= 1
-            and isinstance(record.get("spec"), dict) and isinstance(record.get("code"), dict)
-            and isinstance(record["code"].get("files"), dict)
-            and record["code"].get("file") in record["code"]["files"]
-            and all(_plain_path(p) and _digest_like(d) for p, d in record["code"]["files"].items())
-            and all("/" not in p for p in record["code"]["files"])
-            and (record.get("adapter") is None
-                 or isinstance(record["adapter"], dict) and isinstance(record["adapter"].get("files"), dict)
-                 and all(_plain_path(p) and _digest_like(d) for p, d in record["adapter"]["files"].items()))
-            and (record.get("backbone") is None
-                 or isinstance(record["backbone"], dict)
-                 and isinstance(record["backbone"].get("fingerprint"), str))):
-        raise ValueError("not a function record")
-    return record
-
-
-def _plain_path(path: object) -> bool:
-    """A relative path inside its folder: no absolute path, no `..`, no empty part."""
-    return (isinstance(path, str) and 0 < len(path) < 512 and not path.startswith("/")
-            and all(part not in ("", ".", "..") for part in path.split("/")))
-
-
-def _digest_like(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 async def _versions(kv: Any, name: str) -> tuple[list[dict[str, Any] | None], int]:
@@ -163,7 +131,7 @@ async def _versions(kv: Any, name: str) -> tuple[list[dict[str, Any] | None], in
             versions.append(None)
             continue
         try:
-            versions.append(decode_record(entry.value))
+            versions.append(decode_deployment(entry.value))
         except ValueError:
             continue
     return versions, entries[-1].revision
@@ -255,7 +223,7 @@ async def deployed(nc: NATS) -> list[dict[str, Any]]:
     records = []
     for name in sorted(names):
         try:
-            records.append(decode_record((await kv.get(name)).value))
+            records.append(decode_deployment((await kv.get(name)).value))
         except (KeyNotFoundError, ValueError):
             continue
     return records

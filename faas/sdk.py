@@ -5,7 +5,6 @@ by the runtime through the context."""
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from faas.artifacts import shared_backbone_problem
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.protocol import valid_function_name, valid_subject
+from faas.record import DEFAULT_SLO_TTFT_S, ENGINES, FunctionRecord, count, positive_seconds
 
 SPEC_ATTR = "__faas_spec__"
 
@@ -108,10 +108,6 @@ class Context:
 
 
 Handler = Callable[[dict, Context], Any]
-# Where a function's generations run (FunctionSpec.engine).
-ENGINES = ("shared", "sandbox")
-# The time to first token a function is batched under, unless it says otherwise.
-DEFAULT_SLO_TTFT_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,7 @@ class FunctionSpec:
             raise SpecError(f"{self.name}: setup must be callable")
         for attr in ("timeout_s", "start_timeout_s", "slo_ttft_s"):
             value = getattr(self, attr)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not positive_seconds(value):
                 raise SpecError(f"{self.name}: {attr} must be a positive number, got {value!r}")
         if self.max_batch is None:
             object.__setattr__(self, "max_batch", 32 if self.backbone is not None else 1)
@@ -179,8 +175,8 @@ class FunctionSpec:
                                 "(dot-separated tokens; '*' a token, '>' the last)")
         for attr in ("max_queue", "max_instances", "max_batch", "max_deliver"):
             value = getattr(self, attr)
-            if not isinstance(value, int) or value < 1:
-                raise SpecError(f"{self.name}: {attr} must be an integer >= 1, got {value!r}")
+            if not count(value):
+                raise SpecError(f"{self.name}: {attr} must be an integer from 1 to 100000, got {value!r}")
         if self.adapter is not None and self.backbone is None:
             raise SpecError(f"{self.name}: an adapter needs a backbone")
         if self.engine not in ENGINES:
@@ -205,27 +201,16 @@ class FunctionSpec:
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
 
-    def describe(self) -> dict[str, Any]:
-        """The serialisable part of the spec (what discovery reports and `faas ls` shows)."""
-        return {
-            "name": self.name,
-            "backbone": self.backbone,
-            "adapter": self.adapter,
-            "timeout_s": float(self.timeout_s),
-            "max_queue": self.max_queue,
-            "max_instances": self.max_instances,
-            "start_timeout_s": float(self.start_timeout_s),
-            "source_file": self.source_file,
-            "handler": self.handler.__name__,
-            "has_setup": self.setup is not None,
-            "slo_ttft_s": float(self.slo_ttft_s),
-            "max_batch": self.max_batch,
-            "triggers": list(self.triggers),
-            "max_deliver": self.max_deliver,
-            "results": bool(self.results),
-            "openai": self.openai is not False,
-            "engine": self.engine,
-        }
+    def record(self) -> FunctionRecord:
+        """The function as plain data (what discovery reports, a deploy stores and the node
+        serves)."""
+        return FunctionRecord(
+            name=self.name, source_file=self.source_file, handler=self.handler.__name__,
+            has_setup=self.setup is not None, backbone=self.backbone, adapter=self.adapter,
+            timeout_s=float(self.timeout_s), max_queue=self.max_queue, max_instances=self.max_instances,
+            start_timeout_s=float(self.start_timeout_s), slo_ttft_s=float(self.slo_ttft_s),
+            max_batch=self.max_batch, triggers=self.triggers, max_deliver=self.max_deliver,
+            results=bool(self.results), openai=self.openai is not False, engine=self.engine)
 
 
 def _defining_file(fn: Callable[..., Any]) -> str:

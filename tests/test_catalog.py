@@ -4,13 +4,13 @@ shares a host with other nodes."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 from faas import FaasError
+from faas.errors import SpecError
+from faas.record import FunctionRecord
 from faas.localnode import LocalNode
-from runtime.functions.catalog import _valid
 from tests.conftest import TEST_FUNCTIONS
 
 GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "max_queue": 4,
@@ -20,7 +20,8 @@ GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "m
 
 
 def test_a_well_formed_answer_is_accepted():
-    assert _valid(GOOD, Path("/f/fn.py"))
+    record = FunctionRecord.from_untrusted(GOOD, source_file="/f/fn.py")
+    assert record.to_dict() == GOOD and record.deployed is None
 
 
 @pytest.mark.parametrize("change", [
@@ -32,11 +33,20 @@ def test_a_well_formed_answer_is_accepted():
     {"backbone": 42},
     {"extra": 1}, {"openai": "yes"}, {"engine": "gpu"}, {"engine": None},
 ], ids=str)
-def test_malformed_or_forged_answers_are_refused(change):
-    assert not _valid({**GOOD, **change}, Path("/f/fn.py"))
+def test_malformed_or_forged_answers_are_refused_naming_the_field(change):
+    with pytest.raises(SpecError, match=repr(next(iter(change)))):
+        FunctionRecord.from_untrusted({**GOOD, **change}, source_file="/f/fn.py")
+
+
+def test_a_missing_field_or_a_deployed_version_from_outside_is_refused():
     missing = dict(GOOD)
     missing.pop("backbone")
-    assert not _valid(missing, Path("/f/fn.py"))
+    with pytest.raises(SpecError, match="'backbone' is missing"):
+        FunctionRecord.from_untrusted(missing)
+    with pytest.raises(SpecError, match="unknown field 'deployed'"):  # only the node sets it
+        FunctionRecord.from_untrusted({**GOOD, "deployed": 3})
+    with pytest.raises(SpecError, match="a map"):
+        FunctionRecord.from_untrusted([GOOD])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are used by root nodes only")

@@ -101,7 +101,7 @@ async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
         try:
             await prepared(pool, Level.STAGED)
             await serves_staged_like_the_reference(pool, "gpu-staged")
-            assert profiles.of(spec["backbone"]).steps[Level.LOADED].device_bytes > 0
+            assert profiles.of(spec.backbone).steps[Level.LOADED].device_bytes > 0
         finally:
             await pool.close()
 

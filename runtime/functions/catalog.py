@@ -22,13 +22,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from faas.bundled import faas_home
-from faas.errors import FaasError
+from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
-from faas.sdk import ENGINES
-from faas.protocol import valid_function_name, valid_subject
+from faas.record import FunctionRecord
 from runtime.functions.loader import function_files
 from runtime.proc.children import child_environment, die_with_parent
 from runtime.proc.isolation import Isolation, reachable
@@ -50,7 +48,7 @@ def _isolation(uid: int | None, folder: Path | None, network: bool,
 
 @dataclass
 class Catalog:
-    specs: list[dict[str, Any]]
+    specs: list[FunctionRecord]
     isolation: dict[str, Isolation]
     loader_isolation: Isolation  # for backbone loaders
     protections: dict[str, str]
@@ -118,7 +116,7 @@ async def build_bundled_models() -> None:
         raise FaasError("building the bundled models failed (see the log)")
 
 
-async def discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any]]:
+async def discover_file(path: Path, isolation: Isolation) -> list[FunctionRecord]:
     code, out = await _run("runtime.functions.discover", "--isolation", json.dumps(isolation.to_dict()),
                            str(path))
     try:
@@ -128,49 +126,13 @@ async def discover_file(path: Path, isolation: Isolation) -> list[dict[str, Any]
     if not isinstance(result, dict) or "error" in result:
         raise FaasError(f"cannot load {path}: {result.get('error') if isinstance(result, dict) else result}")
     specs = result.get("functions")
-    if not isinstance(specs, list) or not all(_valid(s, path) for s in specs):
+    if not isinstance(specs, list):
         raise FaasError(f"discovery of {path} answered something its functions cannot be")
-    return specs
-
-
-def spec_problem(spec: object, path: Path) -> str | None:
-    """Why an untrusted spec (from discovery or a deployed record) is not one, or None."""
-    if _valid(spec, path):
-        return None
-    return "its fields are missing, extra or out of range"
-
-
-def _valid(spec: object, path: Path) -> bool:
-    """The checks the SDK made at declaration, again: the answer came from user code."""
-    def positive(key: str) -> bool:
-        value = spec.get(key)  # type: ignore[union-attr]
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9
-
-    def count(key: str) -> bool:
-        value = spec.get(key)  # type: ignore[union-attr]
-        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100_000
-
-    def path_or_none(key: str) -> bool:
-        value = spec.get(key)  # type: ignore[union-attr]
-        return value is None or isinstance(value, str) and 0 < len(value) < 4096
-
-    return (isinstance(spec, dict) and set(spec) == _SPEC_KEYS
-            and spec["source_file"] == str(path)
-            and isinstance(spec["name"], str) and valid_function_name(spec["name"])
-            and isinstance(spec["handler"], str) and isinstance(spec["has_setup"], bool)
-            and path_or_none("backbone") and path_or_none("adapter")
-            and (spec["adapter"] is None or spec["backbone"] is not None)
-            and positive("timeout_s") and positive("start_timeout_s") and positive("slo_ttft_s")
-            and count("max_queue") and count("max_instances") and count("max_batch")
-            and count("max_deliver") and isinstance(spec["results"], bool)
-            and isinstance(spec["openai"], bool) and spec["engine"] in ENGINES
-            and isinstance(spec["triggers"], list)
-            and all(valid_subject(t) for t in spec["triggers"]))
-
-
-_SPEC_KEYS = {"name", "backbone", "adapter", "timeout_s", "max_queue", "max_instances",
-              "start_timeout_s", "source_file", "handler", "has_setup", "slo_ttft_s", "max_batch",
-              "triggers", "max_deliver", "results", "openai", "engine"}
+    try:  # the answer came from user code: the SDK's checks, again
+        return [FunctionRecord.from_untrusted(spec, source_file=str(path)) for spec in specs]
+    except SpecError as err:
+        raise FaasError(f"discovery of {path} answered something its functions cannot be: "
+                        f"{err.message}") from None
 
 
 _UID_BLOCK = 100
@@ -252,16 +214,16 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         return _isolation(uids[0] + uid_offset if uids else None, folder, network, models)
 
     try:
-        specs: list[dict[str, Any]] = []
+        specs: list[FunctionRecord] = []
         seen: dict[str, str] = {}
         for path in files:
             # Imported as a sandbox would run it, seeing its folder and the state folder only.
             for spec in await discover_file(path, _isolation(uids[1] if uids else None, path.parent,
                                                              network_isolation)):
-                if spec["name"] in seen:
-                    raise FaasError(f"function {spec['name']!r} is declared twice: in "
-                                    f"{seen[spec['name']]} and {path}")
-                seen[spec["name"]] = str(path)
+                if spec.name in seen:
+                    raise FaasError(f"function {spec.name!r} is declared twice: in "
+                                    f"{seen[spec.name]} and {path}")
+                seen[spec.name] = str(path)
                 specs.append(spec)
         names = sorted(seen)
         if uids is not None and len(names) > uids[1] - uids[0] - 1:
@@ -270,9 +232,9 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         for fd in lock_fds:
             os.close(fd)
         raise
-    by_name = {spec["name"]: spec for spec in specs}
+    by_name = {spec.name: spec for spec in specs}
     isolation = {name: isolated(1 + i, Path(seen[name]).parent, network_isolation,
-                                (by_name[name]["backbone"], by_name[name]["adapter"]))
+                                (by_name[name].backbone, by_name[name].adapter))
                  for i, name in enumerate(names)}
     protections = {
         # Functions deployed later take the next ones.
@@ -282,6 +244,6 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         "cpu_backbone": "sealed read-only memfd",
     }
     # Deployed functions' backbones are found in the models folders: loaders may read them.
-    loader_models = (*(spec["backbone"] for spec in specs), *(str(d.resolve()) for d in models_dirs))
+    loader_models = (*(spec.backbone for spec in specs), *(str(d.resolve()) for d in models_dirs))
     return Catalog(specs, isolation, isolated(0, None, False, loader_models), protections, uids,
                    network_isolation, (uids[0] + 1 + len(names)) if uids else 0, lock_fds)

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     configure_logging()
     try:
         Isolation.from_dict(args.isolation).enter()
-        specs = [spec.describe() for spec in specs_in(load_file(args.file))]
+        specs = [spec.record().to_dict() for spec in specs_in(load_file(args.file))]
     except Exception as exc:  # any failure of user code is reported, not raised
         traceback.print_exc()
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), file=real_stdout)

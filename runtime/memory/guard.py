@@ -70,7 +70,7 @@ class MemoryGuard:
     def _need(self, pool: FunctionPool, have: Level, target: Level) -> tuple[int, int]:
         """What moving one of `pool`'s sandboxes from `have` to `target` adds, with its
         backbone when that is not loaded yet."""
-        model = pool.spec["backbone"]
+        model = pool.spec.backbone
         profile = self.profiles.of(pool.profile_key)
         host, device = profile.held(target)
         had_host, had_device = profile.held(have) if have > Level.COLD else (0, 0)

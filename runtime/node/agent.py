@@ -32,6 +32,7 @@ from faas.errors import (
     HandlerError,
 )
 from faas.logs import get_logger
+from faas.record import FunctionRecord
 from runtime.backbone.registry import BackboneRegistry
 from runtime.batching.window import Contention
 from runtime.engine.registry import EngineRegistry
@@ -54,7 +55,7 @@ from runtime.preload.history import History
 from runtime.preload.plan import Budget
 from runtime.preload.preloader import PreloadConfig, Preloader
 from runtime.proc.isolation import Isolation
-from runtime.sandbox.handles import SandboxConfig, Zygote, maps_backbone
+from runtime.sandbox.handles import SandboxConfig, Zygote
 from runtime.sandbox.outputs import FunctionOutputs
 
 
@@ -96,11 +97,11 @@ class NodeConfig:
     ack_every_s: float = 30.0
 
 
-def _budget_s(request: protocol.RequestHeaders, spec: dict[str, Any]) -> float:
+def _budget_s(request: protocol.RequestHeaders, spec: FunctionRecord) -> float:
     """The request's budget: the caller's `Faas-Timeout-Ms` and `Faas-Deadline-Ms` (Unix
     time), capped by the function's `timeout_s` (the function's own limit wins, so a caller
     cannot pin a sandbox longer). DeadlineExceeded when the deadline has passed already."""
-    budget = float(spec["timeout_s"])
+    budget = spec.timeout_s
     if request.timeout_ms is not None:
         budget = min(budget, request.timeout_ms / 1000)
     if request.deadline_ms is not None:
@@ -139,7 +140,7 @@ class Node:
             max(1, (os.cpu_count() or 1) // config.sandbox.threads) if config.device == "cpu" else 2)
         self.contention = Contention(config.device, parallel,
                                      lambda: sum(1 for pool in self.pools.values() if pool.serving))
-        self.history = History(nc, self.node_id, {spec["name"] for spec in specs},
+        self.history = History(nc, self.node_id, {spec.name for spec in specs},
                                on_arrival=self._on_history)
         self.cluster = Cluster(nc, self.node_id, self.warm_state)
         # The pre-loader and the memory guard see the pools as they come and go.
@@ -156,7 +157,7 @@ class Node:
                                  self.engines)
         for spec in specs:
             # Fails closed: a function without an isolation decision is a bug, not root access.
-            self.pools[spec["name"]] = self._pool(spec, catalog.isolation[spec["name"]])
+            self.pools[spec.name] = self._pool(spec, catalog.isolation[spec.name])
         self.deployments = Deployments(
             nc, catalog, ModelFinder((*config.models_dirs, faas_home() / "models")),
             self.add_function, self.remove_function, local=set(self.pools),
@@ -180,10 +181,10 @@ class Node:
         self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
 
-    def _zygote_of(self, spec: dict[str, Any]) -> Zygote:
-        return self.zygote if maps_backbone(spec) else self.light_zygote
+    def _zygote_of(self, spec: FunctionRecord) -> Zygote:
+        return self.zygote if spec.maps_backbone else self.light_zygote
 
-    def _pool(self, spec: dict[str, Any], isolation: Isolation) -> FunctionPool:
+    def _pool(self, spec: FunctionRecord, isolation: Isolation) -> FunctionPool:
         return FunctionPool(
             spec, self.sandbox_config, self._zygote_of(spec),
             self.backbones, isolation, self.profiles,
@@ -224,10 +225,10 @@ class Node:
         self.log.info("node_started", functions=sorted(self.pools),
                       preload=self.config.preload.predictor if self.preloader else "off")
 
-    async def add_function(self, spec: dict[str, Any], isolation: Isolation) -> None:
+    async def add_function(self, spec: FunctionRecord, isolation: Isolation) -> None:
         """Serve `spec` from now on (a deploy); a version served before stops taking
         requests and ends once those it holds are answered."""
-        name = spec["name"]
+        name = spec.name
         old = self.pools.get(name)
         self.pools[name] = self._pool(spec, isolation)
         self._zygote_of(spec).start()  # its first sandbox need not wait for the imports
@@ -418,11 +419,11 @@ class Node:
                 "deployed": {"serving": self.deployments.versions,
                              "unavailable": self.deployments.unavailable},
                 "functions": [
-            {"name": name, "backbone": pool.spec["backbone"], "adapter": pool.spec["adapter"],
-             "timeout_s": pool.spec["timeout_s"], "max_queue": pool.spec["max_queue"],
+            {"name": name, "backbone": pool.spec.backbone, "adapter": pool.spec.adapter,
+             "timeout_s": pool.spec.timeout_s, "max_queue": pool.spec.max_queue,
              "max_batch": pool.max_batch, "window": pool.window.state() if pool.window else None,
-             "triggers": pool.spec.get("triggers", []), "version": pool.spec.get("deployed"),
-             "openai": pool.spec.get("openai", False),
+             "triggers": list(pool.spec.triggers), "version": pool.spec.deployed,
+             "openai": pool.spec.openai,
              "stats": self.stats[name].summary(),
              **pool.state(), **(preloader.describe(name) if preloader else {})}
             for name, pool in sorted(self.pools.items())]}

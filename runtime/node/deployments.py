@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -33,14 +34,15 @@ from nats.errors import TimeoutError as NatsTimeout
 from faas import protocol
 from faas.artifacts import PICKLE_SUFFIXES, model_fingerprint
 from faas.connection import raise_if_cancelled
-from faas.deploy import buckets, decode_record
-from faas.errors import FaasError
+from faas.deploy import buckets
+from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
-from runtime.functions.catalog import Catalog, spec_problem
+from faas.record import FunctionRecord, decode_deployment
+from runtime.functions.catalog import Catalog
 from runtime.proc.isolation import Isolation
 from runtime.proc.locks import hold
 
-AddFunction = Callable[[dict[str, Any], Isolation], Awaitable[None]]
+AddFunction = Callable[[FunctionRecord, Isolation], Awaitable[None]]
 RemoveFunction = Callable[[str], Awaitable[None]]
 
 
@@ -143,13 +145,13 @@ class Deployments:
                     await self._remove(name)
                     self.log.info("deploy_removed", fn=name)
                 return
-            record = decode_record(entry.value)
+            record = decode_deployment(entry.value)
             if self.versions.get(name) == record["version"]:
                 return
             spec, isolation = await self._materialize(name, record, entry.value)
             await self._add(spec, isolation)
             self.versions[name] = record["version"]
-            self.log.info("deploy_served", fn=name, version=record["version"], backbone=spec["backbone"])
+            self.log.info("deploy_served", fn=name, version=record["version"], backbone=spec.backbone)
         except Exception as exc:  # whatever the record holds, the watch goes on
             why = exc.message if isinstance(exc, FaasError) else f"{type(exc).__name__}: {exc}"
             self._unserved[name] = (why, entry)
@@ -157,7 +159,7 @@ class Deployments:
             self.log.error("deploy_not_served", fn=name, error=why, still_serving=self.versions.get(name))
 
     async def _materialize(self, name: str, record: dict[str, Any],
-                           raw: bytes) -> tuple[dict[str, Any], Isolation]:
+                           raw: bytes) -> tuple[FunctionRecord, Isolation]:
         if record.get("name") != name:
             raise FaasError(f"record of {name!r} names {record.get('name')!r}")
         backbone = None
@@ -171,12 +173,13 @@ class Deployments:
         folder = self.root / name / f"v{record['version']}-{hashlib.sha256(raw).hexdigest()[:12]}"
         adapter = folder / "adapter" if record["adapter"] is not None else None
         # Records deployed before functions had an `engine` ran in their sandboxes' models.
-        spec = {"engine": "sandbox", **record["spec"], "name": name,
+        try:
+            spec = FunctionRecord.from_untrusted({
+                "engine": "sandbox", **record["spec"], "name": name,
                 "source_file": str(folder / record["code"]["file"]),
-                "backbone": backbone, "adapter": str(adapter) if adapter else None}
-        problem = spec_problem(spec, Path(spec["source_file"]))
-        if problem:
-            raise FaasError(f"deployed record of {name!r} is not a valid function: {problem}")
+                "backbone": backbone, "adapter": str(adapter) if adapter else None})
+        except SpecError as err:
+            raise FaasError(f"deployed record of {name!r} is not a valid function: {err.message}") from None
         pickled = [p for p in (record["adapter"] or {"files": {}})["files"] if p.endswith(PICKLE_SUFFIXES)]
         if pickled:
             raise FaasError(f"deployed adapter carries pickle files {pickled[:2]}: only safetensors")
@@ -185,7 +188,7 @@ class Deployments:
         isolation = self.catalog.isolation_for(self._uids[name], self.root / name, (backbone,))
         if not (folder / ".complete").exists():
             await self._download(folder, record, isolation.uid)
-        return {**spec, "deployed": record["version"]}, isolation
+        return replace(spec, deployed=record["version"]), isolation
 
     async def _download(self, folder: Path, record: dict[str, Any], uid: int | None) -> None:
         store = await self.nc.jetstream().object_store(protocol.ARTIFACTS_BUCKET)
@@ -195,7 +198,7 @@ class Deployments:
                  **{f"adapter/{path}": key for path, key in (record["adapter"] or {"files": {}})["files"].items()}}
         for relative, key in files.items():
             target = (partial / relative).resolve()
-            if not target.is_relative_to(partial.resolve()):  # decode_record refused these already
+            if not target.is_relative_to(partial.resolve()):  # decode_deployment refused these already
                 raise FaasError(f"deployed file {relative!r} points outside its folder")
             data = (await store.get(key)).data or b""
             if hashlib.sha256(data).hexdigest() != key:
@@ -237,11 +240,11 @@ class Deployments:
             os.close(fd)
             self.log.info("orphan_files_removed", folder=str(folder))
 
-    def remove_version(self, spec: dict[str, Any]) -> None:
+    def remove_version(self, spec: FunctionRecord) -> None:
         """The files of a deployed version no sandbox runs any more (the node serves another
         version, or none): a rollback to it downloads them again."""
-        folder = Path(spec["source_file"]).parent
-        if spec.get("deployed") is not None and folder.is_relative_to(self.root):
+        folder = Path(spec.source_file).parent
+        if spec.deployed is not None and folder.is_relative_to(self.root):
             shutil.rmtree(folder, ignore_errors=True)
 
     def remove_files(self) -> None:

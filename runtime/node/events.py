@@ -101,7 +101,7 @@ class EventConsumers:
                  inflight: InFlight, config: EventsConfig) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.pools = {name: pool for name, pool in pools.items() if pool.spec.get("triggers")}
+        self.pools = {name: pool for name, pool in pools.items() if pool.spec.triggers}
         # The node's: events are invocations like requests (the history, `faas top`,
         # $SRV.STATS and Prometheus count them), and an event's id is never a request's.
         self.invocations = invocations
@@ -133,7 +133,7 @@ class EventConsumers:
         """Consume the events of `name` (a function added or replaced while the node runs:
         its durable consumer keeps its place, with the new version's triggers)."""
         await self.remove(name)
-        if not self.config.enabled or not pool.spec.get("triggers"):
+        if not self.config.enabled or not pool.spec.triggers:
             return
         try:
             await self._ensure_streams()
@@ -169,11 +169,11 @@ class EventConsumers:
             self._streams = True
 
     async def _consumer(self, name: str, pool: FunctionPool) -> Any:
-        triggers = list(pool.spec["triggers"])
+        triggers = list(pool.spec.triggers)
         durable = protocol.consumer_name(name)
         config = ConsumerConfig(
             durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW,
-            ack_wait=self.config.ack_wait_s, max_deliver=int(pool.spec["max_deliver"]) + 1,
+            ack_wait=self.config.ack_wait_s, max_deliver=pool.spec.max_deliver + 1,
             filter_subjects=triggers if len(triggers) > 1 else None,
             filter_subject=triggers[0] if len(triggers) == 1 else None,
             max_ack_pending=max(64, self.capacity(pool) * 4))
@@ -192,7 +192,7 @@ class EventConsumers:
     @staticmethod
     def capacity(pool: FunctionPool) -> int:
         """How many events of a function may be in flight on this node at once."""
-        return pool.max_batch * int(pool.spec["max_instances"])
+        return pool.max_batch * pool.spec.max_instances
 
     async def _fetch(self, name: str, pool: FunctionPool, psub: Any) -> None:
         """Fetch `name`'s events while this task is its loop (`remove` ends it, also should
@@ -233,7 +233,7 @@ class EventConsumers:
                 "msg_id": (msg.headers or {}).get(protocol.HDR_MSG_ID), "delivered": delivered}
         log = self.log.bind(fn=name, seq=info["sequence"], delivered=delivered)
         outcome = _Outcome(self, name, pool, msg, info, log)
-        max_deliver = int(pool.spec["max_deliver"])
+        max_deliver = pool.spec.max_deliver
         if delivered > max_deliver:  # its last attempt ended with its node (or was refused)
             err = FaasError(f"no outcome after {max_deliver} deliveries (the node serving the "
                             "last one went away, or refused it)")
@@ -253,7 +253,7 @@ class EventConsumers:
         keep = asyncio.create_task(self._keep_alive(msg))
         try:
             await self.invocations.serve(pool, Call(request_id, event, received,
-                                                    received + float(pool.spec["timeout_s"]),
+                                                    received + pool.spec.timeout_s,
                                                     event_info=info), outcome, log)
         finally:
             keep.cancel()
@@ -339,7 +339,7 @@ class _Outcome:
 
     async def output(self, output: Any, metrics: Metrics) -> None:
         consumers, name, log = self.consumers, self.name, self.log
-        if self.pool.spec.get("results"):
+        if self.pool.spec.results:
             result = msgpack.packb({"output": output, "event": self.info}, use_bin_type=True)
             room = consumers.room()
             if len(result) > room:  # it will never fit: running it again cannot help
@@ -358,7 +358,7 @@ class _Outcome:
             consumers.failed += 1
         # The event itself is bad (it does not decode, or the handler judged it so), or its
         # output is more than an outcome may carry, or this was its last try: a dead letter.
-        if isinstance(err, (BadRequest, OutputTooLarge)) or ran and delivered >= int(self.pool.spec["max_deliver"]):
+        if isinstance(err, (BadRequest, OutputTooLarge)) or ran and delivered >= self.pool.spec.max_deliver:
             await consumers.dead_letter(self.name, self.msg, self.info, err, self.log)
             return
         # Refused before it ran (queue full, shutting down): soon again. Failed: backing off.

@@ -69,7 +69,7 @@ class NodeService:
         """The functions this node serves, in its INFO/PING metadata (comma-separated)."""
         self.metadata["functions"] = ",".join(sorted(self.node.pools))
         # What `faas gateway` offers as OpenAI models.
-        self.metadata["openai"] = ",".join(sorted(n for n, p in self.node.pools.items() if p.spec.get("openai")))
+        self.metadata["openai"] = ",".join(sorted(n for n, p in self.node.pools.items() if p.spec.openai))
 
     async def start(self) -> None:
         verbs: dict[str, Callable[[], dict[str, Any]]] = {
@@ -114,7 +114,7 @@ class NodeService:
         functions = {}
         for name, pool in sorted(node.pools.items()):
             state = pool.state()
-            functions[name] = {"level": pool.held_level.label, "version": pool.spec.get("deployed"),
+            functions[name] = {"level": pool.held_level.label, "version": pool.spec.deployed,
                                "idle": state["idle"], "busy": state["busy"], "active": state["active"],
                                "starting": state["starting"], "queued": state["queued"],
                                **node.stats[name].summary()}

@@ -8,7 +8,7 @@ import asyncio
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -23,45 +23,35 @@ from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbone.registry import detect_device
 from runtime.functions.catalog import Catalog, load_catalog
-from runtime.node.agent import Node, NodeConfig, default_node_id
-from runtime.node.events import EventsConfig
+from runtime.node.agent import Node, NodeConfig
 from runtime.node.natsd import EmbeddedNats
-from runtime.preload.preloader import PreloadConfig
-from runtime.sandbox.handles import SandboxConfig
 
 log = get_logger()
 
 
 @dataclass(frozen=True)
 class UpOptions:
-    functions_dirs: tuple[Path, ...]
+    """What `faas up` is given: its function folders, NATS (none: an embedded server on
+    `port`), the gateway beside the node, how sandboxes are isolated, and the node's own
+    configuration. `node` is the one source of the node's defaults (the CLI's options
+    default to it); its device, loaders' isolation and sandbox priority are settled at
+    start, from `device` and what the host allows."""
+
+    functions_dirs: tuple[Path, ...] = ()
     nats_url: str | None = None
     credentials: Credentials = field(default_factory=Credentials)
-    node_id: str | None = None
-    models_dirs: tuple[Path, ...] = ()
+    port: int = 4222
+    state_dir: Path | None = None
     http_port: int | None = None  # the OpenAI gateway beside the node
     http_host: str = "127.0.0.1"
     http_timeout_s: float = 120.0
-    metrics_port: int | None = None
-    ack_every_s: float = 30.0
-    port: int = 4222
-    state_dir: Path | None = None
-    sandbox_threads: int = 1
-    max_batch: int = 64
-    batch_windows: bool = True
-    memory_budget_gib: float | None = None
-    device_memory_budget_gib: float | None = None
-    engine_kv_gib: float | None = None
-    events: EventsConfig = field(default_factory=EventsConfig)
     bundled_models: bool = True
     device: str = "auto"
-    backbone_keep_alive_s: float = 300.0
-    sandbox_keep_alive_s: float = 600.0
-    preload: PreloadConfig = field(default_factory=PreloadConfig)
     # When the node runs as root: discovery runs as the first uid, function i (by sorted
     # name) as first + 1 + i. None: sandboxes keep the node's uid.
     sandbox_uids: tuple[int, int] | None = (61000, 61999)
     network_isolation: bool = True
+    node: NodeConfig = field(default_factory=NodeConfig)
 
 
 async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable[None]],
@@ -144,28 +134,15 @@ async def up(options: UpOptions) -> int:
             credentials = {"user": server.node_user, "password": server.node_password}
         catalog = await load_catalog(options.functions_dirs, options.sandbox_uids,
                                      options.network_isolation, options.bundled_models,
-                                     options.models_dirs)
+                                     options.node.models_dirs)
         log.info("protections", **catalog.protections,
                  nats=("embedded server: nodes in account FAAS; clients without credentials "
                        "in PRODUCERS, which may only invoke, cancel, publish events and "
                        "discover nodes") if server else "external server")
         device = detect_device(options.device)
-        config = NodeConfig(node_id=options.node_id or default_node_id(), models_dirs=options.models_dirs,
-                            metrics_port=options.metrics_port, metrics_host=options.http_host,
-                            ack_every_s=options.ack_every_s,
-                            sandbox=SandboxConfig(threads=options.sandbox_threads,
-                                                  keep_alive_s=options.sandbox_keep_alive_s,
-                                                  max_batch=options.max_batch,
-                                                  prefill_priority=(device == "cpu" and os.geteuid() == 0)),
-                            loader_isolation=catalog.loader_isolation,
-                            device=device,
-                            backbone_keep_alive_s=options.backbone_keep_alive_s,
-                            batch_windows=options.batch_windows,
-                            memory_budget_gib=options.memory_budget_gib,
-                            device_memory_budget_gib=options.device_memory_budget_gib,
-                            engine_kv_gib=options.engine_kv_gib,
-                            events=options.events,
-                            preload=options.preload)
+        config = replace(options.node, device=device, loader_isolation=catalog.loader_isolation,
+                         sandbox=replace(options.node.sandbox,
+                                         prefill_priority=device == "cpu" and os.geteuid() == 0))
         nc = await connect_node(url, config.node_id, on_closed, credentials)
         node = Node(nc, catalog, config)
         await node.start()

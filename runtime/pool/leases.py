@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Overloaded
 from faas.logs import get_logger
-from faas.sdk import DEFAULT_SLO_TTFT_S
+from faas.record import FunctionRecord
 from runtime.backbone.registry import Backbone, BackboneRegistry
 from runtime.batching.window import BatchWindow, Contention, PrefillProfile
 from runtime.engine.registry import Engine, EngineRegistry
@@ -41,7 +41,6 @@ from runtime.sandbox.handles import (
     Zygote,
     fork_sandbox,
     max_batch,
-    runs_on_engine,
 )
 
 
@@ -81,19 +80,19 @@ class Slot:
 class FunctionPool:
     """The sandboxes of one function on this node."""
 
-    def __init__(self, spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
+    def __init__(self, spec: FunctionRecord, config: SandboxConfig, zygote: Zygote,
                  backbones: BackboneRegistry, isolation: Isolation, profiles: Profiles,
                  keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None,
                  contention: Contention | None = None, engines: EngineRegistry | None = None,
                  guard: MemoryGuard | None = None) -> None:
         self.spec = spec
-        self.name: str = spec["name"]
+        self.name: str = spec.name
         self._config = config
         self._zygote = zygote
         self.isolation = isolation
         self._backbones = backbones
         # Where its generations run: the node's engine for its backbone, or its own sandbox.
-        self._engines = engines if runs_on_engine(spec) else None
+        self._engines = engines if spec.on_engine else None
         self._profiles = profiles
         self._keep_alive_s = keep_alive_s
         self._on_change = on_change
@@ -108,7 +107,7 @@ class FunctionPool:
         self.guard = guard  # the node's (None: nothing bounds what this pool holds)
         self.service_s = 1.0  # a request's time in a sandbox (moving average): retry hints
         # On the engine, its admission batches across functions under each one's SLO.
-        self.window = (BatchWindow(self.name, float(spec.get("slo_ttft_s", DEFAULT_SLO_TTFT_S)), self.max_batch,
+        self.window = (BatchWindow(self.name, spec.slo_ttft_s, self.max_batch,
                                    contention) if contention is not None and self._engines is None else None)
         self.log = get_logger(fn=self.name)
 
@@ -120,9 +119,9 @@ class FunctionPool:
         every admitted request must then be passed to `serve`."""
         if self._closed:
             raise Overloaded(f"function {self.name!r} is shutting down on this node")
-        if self._waiting >= self.spec["max_queue"]:
+        if self._waiting >= self.spec.max_queue:
             raise Overloaded(f"function {self.name!r} has {self._waiting} requests queued "
-                             f"(max_queue={self.spec['max_queue']})", retry_after_s=self.service_s)
+                             f"(max_queue={self.spec.max_queue})", retry_after_s=self.service_s)
         self._waiting += 1
 
     @property
@@ -147,7 +146,7 @@ class FunctionPool:
     @property
     def load(self) -> float:
         """Requests held (in batches and queued) per place in this node's batches."""
-        places = self.max_batch * int(self.spec["max_instances"])
+        places = self.max_batch * self.spec.max_instances
         return (sum(s.active for s in self._slots) + self._waiting) / places
 
     def state(self) -> dict[str, Any]:
@@ -345,7 +344,7 @@ class FunctionPool:
                     raise self._last_failure
                 if self._closed:
                     raise Overloaded(f"function {self.name!r} is shutting down on this node")
-                if self.instances < self.spec["max_instances"]:
+                if self.instances < self.spec.max_instances:
                     if self.guard is None or self.guard.admit(self, None):
                         slot = Slot()
                         self._slots.append(slot)
@@ -436,7 +435,7 @@ class FunctionPool:
             await self._steps(slot)
         except TimeoutError:
             failure = HandlerError(f"sandbox of {self.name!r} did not load within "
-                                   f"start_timeout_s={self.spec['start_timeout_s']:g}")
+                                   f"start_timeout_s={self.spec.start_timeout_s:g}")
         except FaasError as exc:
             failure = exc
         except asyncio.CancelledError:  # close(): the pool is going away
@@ -498,12 +497,12 @@ class FunctionPool:
                      "warm_up": slot.waiter is None}  # nobody waiting: pay first-call costs now
             connection = None
             if level == Level.ATTACHED and self._engines is not None:
-                engine = await self._engines.acquire(self.spec["backbone"])
+                engine = await self._engines.acquire(self.spec.backbone)
                 sandbox.hold(self._engine_release(engine, slot))
-                connection = await engine.connect(self.name, self.max_batch, float(self.spec["slo_ttft_s"]))
+                connection = await engine.connect(self.name, self.max_batch, self.spec.slo_ttft_s)
                 step = sandbox.step(frame, fds=[connection.fileno()])
-            elif level == Level.ATTACHED and self.spec["backbone"] is not None:
-                backbone = await self._backbones.acquire(self.spec["backbone"])
+            elif level == Level.ATTACHED and self.spec.backbone is not None:
+                backbone = await self._backbones.acquire(self.spec.backbone)
                 sandbox.hold(self._backbone_release(backbone, sandbox))
                 step = sandbox.step(frame, backbone)
             else:
@@ -529,7 +528,7 @@ class FunctionPool:
     async def _within_start_timeout(self, slot: Slot, step: Any) -> Any:
         started = time.monotonic()
         try:
-            return await asyncio.wait_for(step, max(0.0, self.spec["start_timeout_s"] - slot.load_s))
+            return await asyncio.wait_for(step, max(0.0, self.spec.start_timeout_s - slot.load_s))
         finally:
             slot.load_s += time.monotonic() - started
 
@@ -664,7 +663,7 @@ class FunctionPool:
                 break
             if i < len(free):
                 started += self._raise_target(free[i], target)
-            elif self.instances < self.spec["max_instances"]:
+            elif self.instances < self.spec.max_instances:
                 slot = Slot()
                 self._slots.append(slot)
                 started += self._raise_target(slot, target)
@@ -688,7 +687,7 @@ class FunctionPool:
     def profile_key(self) -> str | None:
         """Whose level costs its sandboxes share (runtime/pool/levels.py): its backbone's, or its
         engine's (None: a plain function)."""
-        backbone = self.spec["backbone"]
+        backbone = self.spec.backbone
         return engine_key(backbone) if self._engines is not None else backbone
 
     def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:

@@ -126,7 +126,7 @@ class Preloader:
     def _demand(self, name: str, pool: FunctionPool) -> Demand:
         chance = self.predictions[name].chance * self.share(name)
         bursts = followers(self.history.arrivals.get(name, []), self.config.horizon_s,
-                           pool.spec["max_instances"] - 1, per=pool.max_batch)
+                           pool.spec.max_instances - 1, per=pool.max_batch)
         return Demand(name, pool.profile_key, chance, pool.busy, pool.held_level,
                       tuple(chance * share for share in bursts))
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from faas.errors import BadRequest, HandlerError, Overloaded
 from faas.logs import get_logger
 from faas.protocol import MAX_ERROR_MESSAGE
-from faas.sdk import DEFAULT_SLO_TTFT_S
+from faas.record import FunctionRecord
 from runtime.backbone.registry import Backbone
 from runtime.memory.usage import sandbox_bytes
 from runtime.pool.levels import Level
@@ -130,21 +130,9 @@ def _checked(frame: dict[str, Any]) -> dict[str, Any]:
     return frame
 
 
-def runs_on_engine(spec: dict[str, Any]) -> bool:
-    """Whether the function's generations run in the node's engine (the default for a
-    function with a backbone) rather than in its own sandbox (`engine="sandbox"`)."""
-    return spec["backbone"] is not None and spec.get("engine", "shared") == "shared"
-
-
-def maps_backbone(spec: dict[str, Any]) -> bool:
-    """Whether the function's sandboxes map the backbone and generate themselves (the
-    paper's path): they fork from the zygote that imported torch."""
-    return spec["backbone"] is not None and not runs_on_engine(spec)
-
-
-def max_batch(spec: dict[str, Any], config: SandboxConfig) -> int:
+def max_batch(spec: FunctionRecord, config: SandboxConfig) -> int:
     """How many requests one sandbox of this function serves at once."""
-    return max(1, min(int(spec.get("max_batch", 1)), config.max_batch))
+    return max(1, min(spec.max_batch, config.max_batch))
 
 
 @dataclass
@@ -602,7 +590,7 @@ class Zygote:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygote,
+async def fork_sandbox(spec: FunctionRecord, config: SandboxConfig, zygote: Zygote,
                        isolation: Isolation, engine: bool = False) -> tuple[Sandbox, StepCost]:
     """Fork a sandbox for the function described by `spec` and tell it which function it
     serves (and, with `engine`, that it will generate through a connection to the node's
@@ -628,12 +616,12 @@ async def fork_sandbox(spec: dict[str, Any], config: SandboxConfig, zygote: Zygo
         os.close(output_r)
         ours.close()
         raise
-    sandbox = Sandbox(spec["name"], proc, ours, reader, writer, config)
-    init = {"type": "init", "name": spec["name"], "source_file": spec["source_file"],
-            "threads": config.threads, "backbone_path": spec["backbone"], "adapter": spec["adapter"],
-            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.get("slo_ttft_s", DEFAULT_SLO_TTFT_S),
+    sandbox = Sandbox(spec.name, proc, ours, reader, writer, config)
+    init = {"type": "init", "name": spec.name, "source_file": spec.source_file,
+            "threads": config.threads, "backbone_path": spec.backbone, "adapter": spec.adapter,
+            "max_batch": max_batch(spec, config), "slo_ttft_s": spec.slo_ttft_s,
             "max_frame_bytes": config.max_frame_bytes,
-            "node_models": spec.get("deployed") is not None, "engine": engine}
+            "node_models": spec.deployed is not None, "engine": engine}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)

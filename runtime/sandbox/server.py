@@ -30,7 +30,8 @@ from faas import openai_api
 from faas.protocol import MAX_ERROR_MESSAGE
 from faas.errors import BadRequest, Overloaded, SpecError
 from faas.logs import get_logger
-from faas.sdk import DEFAULT_SLO_TTFT_S, Context, EventInfo, FunctionSpec, Generation, use_node_models
+from faas.record import DEFAULT_SLO_TTFT_S
+from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime.batching.window import turn_prefill_budget_s
 from runtime.functions.loader import find_spec
 from runtime.memory.usage import device_bytes, give_back_heap

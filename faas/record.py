@@ -1,0 +1,163 @@
+"""The function record: a function as the platform passes it around, as plain data.
+
+The SDK's `FunctionSpec` (which holds the handler itself) makes one with `record()`;
+discovery prints it, a deploy stores it (less the paths that are local to the deployer), and
+the catalog, the node, its pools and sandboxes serve from it. Whatever crosses a process
+boundary comes back through `FunctionRecord.from_untrusted`, which checks again what the
+SDK checked at declaration (the answer may come from user code, or from anyone who can
+write the functions bucket) and names the first bad field.
+
+A deployment (what `faas deploy` puts in the functions bucket, faas/deploy.py): `{"name",
+"version", "deployed_at", "spec": {the function record less its local paths},
+"code": {"file", "files": {name: digest}}, "backbone": {"fingerprint", "name", "path"} | None,
+"adapter": {"files": {relative path: digest}} | None}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from faas.errors import SpecError
+from faas.protocol import valid_function_name, valid_subject
+
+# Where a function's generations run (README: "Where generation runs").
+ENGINES = ("shared", "sandbox")
+# The time-to-first-token a function promises unless it says otherwise.
+DEFAULT_SLO_TTFT_S = 2.5
+
+_MAX_PATH = 4096
+_MAX_COUNT = 100_000
+_MAX_SECONDS = 1e9
+
+
+def positive_seconds(value: object) -> bool:
+    """A finite number of seconds above zero (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 < value < _MAX_SECONDS)
+
+
+def count(value: object) -> bool:
+    """An integer of at least one (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_COUNT
+
+
+def _path_or_none(value: object) -> bool:
+    return value is None or isinstance(value, str) and 0 < len(value) < _MAX_PATH
+
+
+@dataclass(frozen=True)
+class FunctionRecord:
+    """One function (the fields are `FunctionSpec`'s; see its docstring), plus where its code
+    is (`source_file`, `handler`, `has_setup`) and, when a node serves it from a deploy, the
+    deployed version (`deployed`)."""
+
+    name: str
+    source_file: str
+    handler: str
+    has_setup: bool
+    backbone: str | None
+    adapter: str | None
+    timeout_s: float
+    max_queue: int
+    max_instances: int
+    start_timeout_s: float
+    slo_ttft_s: float
+    max_batch: int
+    triggers: tuple[str, ...]
+    max_deliver: int
+    results: bool
+    openai: bool
+    engine: str
+    deployed: int | None = None
+
+    @property
+    def maps_backbone(self) -> bool:
+        """Whether its sandboxes map the backbone (the paper's path) rather than generating
+        in the node's engine or having no model."""
+        return self.backbone is not None and self.engine == "sandbox"
+
+    @property
+    def on_engine(self) -> bool:
+        """Whether its generations run in the node's generation engine for its backbone."""
+        return self.backbone is not None and self.engine == "shared"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain data (JSON and msgpack), without `deployed`: what discovery
+        prints and `from_untrusted` reads back."""
+        data = asdict(self)
+        del data["deployed"]
+        data["triggers"] = list(self.triggers)
+        return data
+
+    @classmethod
+    def from_untrusted(cls, data: object, source_file: str | None = None) -> FunctionRecord:
+        """The record `data` describes, checked field by field; SpecError naming the first
+        field that is missing, extra or out of range. With `source_file`, the record must
+        say that it is declared there (discovery of one file may not claim another's)."""
+        if not isinstance(data, dict):
+            raise SpecError(f"a function record is a map, not {type(data).__name__}")
+        expected = {f.name for f in fields(cls)} - {"deployed"}
+        extra = sorted(str(k)[:64] for k in set(data) - expected)
+        if extra:
+            raise SpecError(f"unknown field {extra[0]!r}")
+        missing = sorted(expected - set(data))
+        if missing:
+            raise SpecError(f"field {missing[0]!r} is missing")
+        checks = {
+            "name": lambda v: isinstance(v, str) and valid_function_name(v),
+            "source_file": lambda v: isinstance(v, str) and 0 < len(v) < _MAX_PATH
+            and (source_file is None or v == source_file),
+            "handler": lambda v: isinstance(v, str) and 0 < len(v) < 256,
+            "has_setup": lambda v: isinstance(v, bool),
+            "backbone": _path_or_none,
+            "adapter": _path_or_none,
+            "timeout_s": positive_seconds, "start_timeout_s": positive_seconds, "slo_ttft_s": positive_seconds,
+            "max_queue": count, "max_instances": count, "max_batch": count, "max_deliver": count,
+            "triggers": lambda v: isinstance(v, (list, tuple)) and len(v) <= 64
+            and all(isinstance(t, str) and valid_subject(t) for t in v),
+            "results": lambda v: isinstance(v, bool), "openai": lambda v: isinstance(v, bool),
+            "engine": lambda v: isinstance(v, str) and v in ENGINES,
+        }
+        for key, valid in checks.items():
+            if not valid(data[key]):
+                raise SpecError(f"field {key!r} is out of range: {str(data[key])[:100]!r}")
+        if data["adapter"] is not None and data["backbone"] is None:
+            raise SpecError("field 'adapter' needs a field 'backbone' (an adapter adapts a model)")
+        return cls(**{**data, "triggers": tuple(data["triggers"]),
+                      "timeout_s": float(data["timeout_s"]), "start_timeout_s": float(data["start_timeout_s"]),
+                      "slo_ttft_s": float(data["slo_ttft_s"])})
+
+
+def decode_deployment(value: bytes) -> dict[str, Any]:
+    """A deployment's record from the functions bucket (its function record, less the
+    deployer's local paths, is `spec`), checked for the shape nodes rely on (the bucket may hold
+    anything someone with write access to it put there). ValueError otherwise."""
+    record = json.loads(value)
+    if not (isinstance(record, dict) and isinstance(record.get("name"), str)
+            and type(record.get("version")) is int and record["version"] >= 1
+            and isinstance(record.get("spec"), dict) and isinstance(record.get("code"), dict)
+            and isinstance(record["code"].get("files"), dict)
+            and record["code"].get("file") in record["code"]["files"]
+            and all(_plain_path(p) and _digest_like(d) for p, d in record["code"]["files"].items())
+            and all("/" not in p for p in record["code"]["files"])
+            and (record.get("adapter") is None
+                 or isinstance(record["adapter"], dict) and isinstance(record["adapter"].get("files"), dict)
+                 and all(_plain_path(p) and _digest_like(d) for p, d in record["adapter"]["files"].items()))
+            and (record.get("backbone") is None
+                 or isinstance(record["backbone"], dict)
+                 and isinstance(record["backbone"].get("fingerprint"), str))):
+        raise ValueError("not a function record")
+    return record
+
+
+def _plain_path(path: object) -> bool:
+    """A relative path inside its folder: no absolute path, no `..`, no empty part."""
+    return (isinstance(path, str) and 0 < len(path) < 512 and not path.startswith("/")
+            and all(part not in ("", ".", "..") for part in path.split("/")))
+
+
+def _digest_like(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
