@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GIB = 1024 ** 3
+from runtime.proc.usage import GIB
+
 BILLING = ("serverless", "serverful")
 
 

@@ -27,8 +27,9 @@ from runtime.backbone.registry import BackboneRegistry
 from runtime.engine.registry import EngineRegistry
 from runtime.functions.catalog import load_catalog
 from runtime.pool.leases import FunctionPool
-from runtime.pool.levels import STEPS, Level, Profiles, engine_key
-from runtime.sandbox.handles import SandboxConfig, Zygote
+from runtime.sandbox.handles import SandboxConfig
+from runtime.sandbox.levels import STEPS, Level, Profiles, engine_key
+from runtime.sandbox.spawn import Zygote
 
 
 @dataclass

@@ -46,8 +46,8 @@ from bench.models import adapters_of, write_functions
 from bench.workloads import Request
 from faas import Client, FaasError, FunctionNotFound, Overloaded, protocol
 from faas.localnode import LocalNode, free_port
-from runtime.memory.usage import gpu_memory
 from runtime.node.natsd import EmbeddedNats
+from runtime.proc.usage import gpu_memory
 
 
 @dataclass(frozen=True)

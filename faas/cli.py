@@ -2,7 +2,9 @@
 bench, demo.
 
 `up` and `demo` run the runtime; they import it inside the command so that the SDK and
-the client commands stay light (no torch).
+the client commands stay light (no torch; the parser reads `up`'s defaults from the node's
+configuration, which imports none). Longer than most modules: one parser for every
+command, each command a short function.
 """
 
 from __future__ import annotations

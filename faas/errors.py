@@ -1,5 +1,8 @@
-"""One error tree for the project: every error the SDK raises to its caller, and every error
-a node answers with, derives from FaasError (the engine's own protocol errors never leave it).
+"""One error tree for the project: every error a node answers with, every failure of an
+invocation the client raises, and every function declaration the SDK refuses derives from
+FaasError (the engine's own protocol errors never leave it). A call that misuses the API
+itself (a negative timeout, a prompt that is not text) raises TypeError or ValueError, as
+Python's own functions do.
 
 Each subclass carries the wire code that travels in the NATS micro error headers
 (`Nats-Service-Error-Code`), so a caller catches exactly the failure it means.

@@ -15,6 +15,9 @@ It holds no model and no state of its own: every request becomes one invocation 
 Errors are OpenAI error objects with the matching status: 400 invalid request, 404 unknown
 model, 503 overloaded (with Retry-After), 504 deadline, 500 the function failed. A client
 that disconnects cancels its request (`faas.cancel.<id>`): its generation stops.
+
+Longer than most modules: a small HTTP/1.1 server (no framework dependency) and the mapping of
+OpenAI's API onto invocations, which share every request's limits.
 """
 
 from __future__ import annotations

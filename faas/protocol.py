@@ -7,6 +7,9 @@ Request: a msgpack map or a JSON object on `faas.invoke.<function>` (empty body 
 Reply:   `{"output": ..., "metrics": {...}}`, or `{"error": {"code", "message"}}` with the
 NATS micro error headers. A request sent as JSON (by header or by body) is answered in
 JSON, anything else in msgpack.
+
+Longer than most modules: it is the whole wire (subjects, headers, envelopes and the checks
+of what a caller sends), in one place that every client and the node share.
 """
 
 from __future__ import annotations
@@ -364,7 +367,7 @@ class Metrics:
     tokens_in: int = 0
     tokens_out: int = 0
     # What the request found: "loaded" (a warm sandbox), "cold" (it waited for one to
-    # start), or a level in between (runtime/pool/levels.py).
+    # start), or a level in between (runtime/sandbox/levels.py).
     level: str | None = None
     batch: int = 0  # how many prompts its first prefill ran with (0: it did not generate)
 

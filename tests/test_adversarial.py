@@ -662,7 +662,8 @@ async def test_frames_waiting_for_a_slow_caller_are_bounded_by_bytes(tmp_path):
     (4 MiB here) of its frames, plus one, and the sandbox waits; every chunk still arrives."""
     import socket
 
-    from runtime.sandbox.handles import ForkedProcess, Sandbox, SandboxConfig
+    from runtime.sandbox.handles import Sandbox, SandboxConfig
+    from runtime.sandbox.spawn import ForkedProcess
 
     ours, theirs = socket.socketpair()
     child = subprocess.Popen([sys.executable, "-c", FLOOD, str(theirs.fileno())], pass_fds=[theirs.fileno()])

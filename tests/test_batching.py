@@ -367,7 +367,7 @@ async def test_a_sandbox_offloaded_to_staged_comes_back_and_matches(models, path
     after it, and its next request reloads the adapter and answers exactly like
     transformers + peft."""
     from bench.levels import node_parts, prepared
-    from runtime.pool.levels import Level
+    from runtime.sandbox.levels import Level
 
     async with node_parts(EXAMPLES, "cpu") as parts:
         pool = parts.pool("summarize", engine=path == "engine")

@@ -37,7 +37,7 @@ async def serves_staged_like_the_reference(pool, request_id: str) -> None:
     the device, and answers like the CUDA reference."""
     import time
 
-    from runtime.pool.levels import Level
+    from runtime.sandbox.levels import Level
 
     event = {"message": "Where is my parcel?", "max_new_tokens": 16}
     pool.admit()
@@ -92,7 +92,7 @@ async def test_cuda_sandbox_prepared_to_staged_finishes_on_the_device(models):
     the reference; the profile records the device memory a loaded sandbox holds."""
 
     from bench.levels import node_parts, prepared
-    from runtime.pool.levels import Level, Profiles
+    from runtime.sandbox.levels import Level, Profiles
 
     async with node_parts(EXAMPLES, "cuda") as parts:  # the paper's path: the sandbox on the GPU
         profiles = Profiles("cuda")
@@ -134,7 +134,7 @@ async def test_cuda_offload_moves_the_adapter_to_host_and_back(models):
     the device and matches the reference."""
 
     from bench.levels import node_parts, prepared
-    from runtime.pool.levels import Level, Profiles
+    from runtime.sandbox.levels import Level, Profiles
 
     async with node_parts(EXAMPLES, "cuda") as parts:
         pool = parts.pool("support", Profiles("cuda"), engine=False)

@@ -55,3 +55,32 @@ def test_no_module_imports_itself_through_others_and_the_sdk_never_imports_the_r
 
     for name in sorted(graph):
         walk(name, [])
+
+
+def test_the_runtime_sub_packages_import_one_way():
+    """Each sub-package of runtime/ imports only those below it: none reaches back up
+    (runtime/__init__.py gives the order)."""
+    modules = _modules()
+    packages: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        if name.count(".") < 2 or not name.startswith("runtime."):
+            continue
+        package = name.split(".")[1]
+        packages.setdefault(package, set()).update(
+            dep.split(".")[1] for dep in _imports(path, modules) if dep.startswith("runtime.") and dep.count(".") >= 2)
+    assert {"node", "preload", "pool", "memory", "sandbox", "engine", "batching", "backbone", "proc"} <= set(packages)
+    below: dict[str, set[str]] = {}
+
+    def reach(package: str, path: list[str]) -> set[str]:
+        if package in path:
+            raise AssertionError(f"sub-packages import each other: {' -> '.join(path[path.index(package):] + [package])}")
+        if package not in below:
+            below[package] = set()
+            for other in sorted(packages.get(package, set()) - {package}):
+                below[package] |= {other} | reach(other, [*path, package])
+        return below[package]
+
+    for package in sorted(packages):
+        reach(package, [])
+    assert "node" not in below["preload"] | below["pool"] | below["sandbox"]
+

@@ -4,7 +4,7 @@ data, checked without processes."""
 from __future__ import annotations
 
 from runtime.memory.victims import Idle, victims
-from runtime.pool.levels import Level
+from runtime.sandbox.levels import Level
 
 MIB = 1 << 20
 

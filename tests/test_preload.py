@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from runtime.pool.levels import GIB, MIB, STEPS, Cost, Level, LevelProfile
-from runtime.preload.plan import Budget, Demand, make_plan
+from runtime.memory.budget import Budget
+from runtime.preload.plan import Demand, make_plan
 from runtime.preload.predict import HybridHistogram, RateEstimate, followers
+from runtime.proc.usage import GIB, MIB
+from runtime.sandbox.levels import STEPS, Cost, Level, LevelProfile
 from tests.conftest import nodes_of
 
 PERIOD = 60.0
@@ -180,7 +182,7 @@ async def test_a_request_finds_the_level_its_sandbox_was_prepared_to(models, pre
     which says what it found, and answers exactly like plain transformers + peft."""
     from bench.levels import node_parts, prepared
     from faas.bundled import adapter_path, model_path
-    from runtime.pool.levels import Profiles
+    from runtime.sandbox.levels import Profiles
     from tests.conftest import EXAMPLES
     from tests.reference import example_prompt, greedy_token_ids
 
@@ -209,7 +211,7 @@ async def test_a_restarted_node_pre_loads_what_the_shared_history_predicts(model
     """The history is in JetStream: a node started again on the same server predicts from
     what the first one served, pre-loads it before any request, and `faas ls` says why."""
     from faas import Client
-    from runtime.pool.levels import engine_key
+    from runtime.sandbox.levels import engine_key
     from tests.conftest import second_node
 
     event = {"text": "The parcel arrived.", "max_words": 5, "max_new_tokens": 4}

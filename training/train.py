@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from runtime.models.smollm2 import ADAPTERS
-from runtime.procs import open_to_others
+from runtime.proc.children import open_to_others
 from training.data import read
 from training.functions import messages
 

@@ -19,6 +19,10 @@ A row leaves the batch when it reaches EOS,
 its token limit or a stop string, or when it is cancelled; the others go on. In fp32,
 greedy rows produce the tokens they would produce alone (padding is masked; PLATFORM.md:
 bf16 can differ).
+
+Longer than most modules: `Batcher` is one thread's state (the rows, their KV cache, the
+prefills in progress), and every turn must keep the cache and its rows in step; split, that
+invariant would live in several files.
 """
 
 from __future__ import annotations

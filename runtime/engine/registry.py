@@ -17,10 +17,10 @@ from faas.errors import HandlerError
 from faas.logs import get_logger
 from runtime.backbone.registry import Backbone, BackboneRegistry
 from runtime.backbone.warm import KeptWarm
-from runtime.memory.usage import sandbox_bytes
 from runtime.proc import frames
 from runtime.proc.children import start_node_child, wait_or_kill
 from runtime.proc.isolation import Isolation
+from runtime.proc.usage import sandbox_bytes
 
 log = get_logger()
 

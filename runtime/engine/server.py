@@ -20,6 +20,10 @@ Connection (from a sandbox; every frame has an `id` its answer carries):
 - `chat {messages}`: the prompt for chat messages in the model's template -> `chat {text}`.
 Errors are `error {id, code, message}` (HTTP-like codes). A connection that breaks the
 protocol or stops reading is closed: its generations end, nobody else's change.
+
+Longer than most modules: this is one trust boundary (every frame from a sandbox is checked
+here, against the state it may touch), kept in one file so that none of its checks is
+somewhere else.
 """
 
 from __future__ import annotations

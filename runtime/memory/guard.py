@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Callable
 
 from faas.logs import get_logger
 from runtime.backbone.registry import BackboneRegistry
+from runtime.memory.budget import Budget
 from runtime.memory.victims import Idle, victims
-from runtime.pool.levels import Level, Profiles
-from runtime.preload.plan import Budget
+from runtime.sandbox.levels import Level, Profiles
 
 if TYPE_CHECKING:
     from runtime.engine.registry import EngineRegistry
-    from runtime.pool.leases import FunctionPool, Slot
+    from runtime.pool.leases import FunctionPool
+    from runtime.pool.slots import Slot
 
 
 class MemoryGuard:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.pool.levels import Level
+from runtime.sandbox.levels import Level
 
 
 @dataclass(frozen=True)

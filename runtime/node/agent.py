@@ -2,7 +2,10 @@
 leases a sandbox of its function, and replies exactly once (output or error).
 
 It runs no user code and imports no torch: specs come from a discovery subprocess and
-handlers run in sandbox processes.
+handlers run in sandbox processes. What every invocation goes through is
+runtime/node/invocation.py; this module wires the node's parts together (the longest part of
+it), takes requests off NATS (their reply subject, headers, retries and acknowledgements),
+lists the node for `faas ls` and drains it.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from runtime.backbone.registry import BackboneRegistry
 from runtime.batching.window import Contention
 from runtime.engine.registry import EngineRegistry
 from runtime.functions.catalog import Catalog
+from runtime.memory.budget import Budget, machine_budget
 from runtime.memory.guard import MemoryGuard
-from runtime.memory.usage import machine_budget
 from runtime.node.cluster import Cluster
 from runtime.node.deployments import Deployments, ModelFinder
 from runtime.node.events import EventConsumers, EventsConfig
@@ -50,13 +53,14 @@ from runtime.node.replies import Reply, answer
 from runtime.node.service import NodeService
 from runtime.node.stats import NodeStats
 from runtime.pool.leases import FunctionPool
-from runtime.pool.levels import GIB, Profiles
 from runtime.preload.history import History
-from runtime.preload.plan import Budget
 from runtime.preload.preloader import PreloadConfig, Preloader
 from runtime.proc.isolation import Isolation
-from runtime.sandbox.handles import SandboxConfig, Zygote
+from runtime.proc.usage import GIB
+from runtime.sandbox.handles import SandboxConfig
+from runtime.sandbox.levels import Profiles
 from runtime.sandbox.outputs import FunctionOutputs
+from runtime.sandbox.spawn import Zygote
 
 
 def default_node_id() -> str:

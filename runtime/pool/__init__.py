@@ -1,7 +1,7 @@
-"""The pools: each function's sandboxes, and how far each is loaded.
+"""The pools: each function's sandboxes, leased to its requests.
 
-- `levels`: the loading levels of a sandbox (cold, spawned, attached, staged, loaded) and
-  what each step costs, measured per model (the pre-loader's profile);
+- `slots`: a function's sandboxes as a state machine (climbing, parked, offloaded, stopped);
 - `leases`: a function's pool, which admits requests, leases them a sandbox (joining a
-  running batch, or climbing one to loaded) and serves them within their deadline.
+  running batch, or climbing one to loaded) and serves them within their deadline;
+- `racing`: a request's work against its deadline and its caller's cancel.
 """

@@ -1,10 +1,9 @@
-"""Per-function sandbox pool: admission (bounded queue), leasing, climbing the levels,
-replacement.
+"""Per-function sandbox pool: admission (bounded queue), leasing, replacement.
 
 Sandboxes are leased to one function only and never reused for another. Each is a `Slot`
-from the moment its start is decided: it climbs the levels of runtime/pool/levels.py in a task
-the pool owns, towards a target set by a request (LOADED) or by the pre-loader (any level).
-A request takes the free slot that is furthest up (a LOADED idle one at once; one below
+(runtime/pool/slots.py) from the moment its start is decided: it climbs the levels in a
+task the pool owns, towards a target set by a request (LOADED) or by the pre-loader (any
+level). A request takes the free slot that is furthest up (a LOADED idle one at once; one below
 LOADED is finished for it, without the warm-up); when there is none and fewer than
 `max_instances` exist, it starts one (the cold start). A request that gives up leaves the
 climb to finish and the sandbox to the next request. A sandbox that dies, or that is killed
@@ -18,30 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from faas.errors import Cancelled, DeadlineExceeded, FaasError, HandlerError, Overloaded
-from faas.logs import get_logger
+from faas.errors import FaasError, Overloaded
 from faas.record import FunctionRecord
-from runtime.backbone.registry import Backbone, BackboneRegistry
-from runtime.batching.window import BatchWindow, Contention, PrefillProfile
-from runtime.engine.registry import Engine, EngineRegistry
+from runtime.backbone.registry import BackboneRegistry
+from runtime.batching.window import BatchWindow, Contention
+from runtime.engine.registry import EngineRegistry
 from runtime.memory.guard import MemoryGuard
-from runtime.pool.levels import Level, Profiles, engine_key
+from runtime.pool.racing import bounded, race
+from runtime.pool.slots import Sandboxes, Slot
 from runtime.proc.isolation import Isolation
-from runtime.sandbox.handles import (
-    ChunkSink,
-    Sandbox,
-    SandboxConfig,
-    SandboxDied,
-    SandboxGone,
-    SandboxResult,
-    StepCost,
-    Zygote,
-    fork_sandbox,
-    max_batch,
-)
+from runtime.sandbox.handles import ChunkSink, SandboxConfig, SandboxDied, SandboxGone, SandboxResult
+from runtime.sandbox.levels import Level, Profiles
+from runtime.sandbox.spawn import Zygote
 
 
 @dataclass
@@ -53,66 +43,24 @@ class Served:
     level: Level  # what the request found: the level of the sandbox it got, COLD if none
 
 
-@dataclass(eq=False)
-class Slot:
-    """One sandbox of the function, from the moment its start is decided."""
-
-    sandbox: Sandbox | None = None
-    level: Level = Level.COLD  # reached
-    target: Level = Level.COLD  # climbing towards
-    climb: asyncio.Task[None] | None = None
-    waiter: asyncio.Future[None] | None = None  # a request's, resolved when it may use the slot
-    active: int = 0  # requests it is serving (a batch)
-    retiring: bool = False  # a handler would not stop, or its engine died: no new requests, stopped once drained
-    joining: int = 0  # requests waiting for its climb to join its first one
-    idle_since: float = field(default_factory=time.monotonic)
-    expiry: asyncio.TimerHandle | None = None
-    load_s: float = 0.0  # spent in its own steps (what start_timeout_s bounds)
-    host_bytes: int = 0  # what it reported holding after its last step
-    device_bytes: int = 0
-
-    @property
-    def free(self) -> bool:
-        """Neither serving nor promised to a request."""
-        return self.active == 0 and self.waiter is None and self.joining == 0
-
-
-class FunctionPool:
-    """The sandboxes of one function on this node."""
+class FunctionPool(Sandboxes):
+    """The sandboxes of one function on this node, leased to its requests."""
 
     def __init__(self, spec: FunctionRecord, config: SandboxConfig, zygote: Zygote,
                  backbones: BackboneRegistry, isolation: Isolation, profiles: Profiles,
                  keep_alive_s: float | None, on_change: Callable[[], None] = lambda: None,
                  contention: Contention | None = None, engines: EngineRegistry | None = None,
                  guard: MemoryGuard | None = None) -> None:
-        self.spec = spec
-        self.name: str = spec.name
-        self._config = config
-        self._zygote = zygote
-        self.isolation = isolation
-        self._backbones = backbones
-        # Where its generations run: the node's engine for its backbone, or its own sandbox.
-        self._engines = engines if spec.on_engine else None
-        self._profiles = profiles
-        self._keep_alive_s = keep_alive_s
-        self._on_change = on_change
-        self._slots: list[Slot] = []
+        super().__init__(spec, config, zygote, backbones, isolation, profiles, keep_alive_s, on_change,
+                         engines)
         self._waiting = 0
-        self._failures = 0
-        self._last_failure: FaasError | None = None
-        self._start_failed = False  # the last start failed: pre-load again only after one succeeds
-        self._cond = asyncio.Condition()
-        self._stopping: set[asyncio.Task[None]] = set()  # stopped sandboxes; close() waits for them
-        self._closed = False
         self.guard = guard  # the node's (None: nothing bounds what this pool holds)
         self.service_s = 1.0  # a request's time in a sandbox (moving average): retry hints
         # On the engine, its admission batches across functions under each one's SLO.
-        self.window = (BatchWindow(self.name, spec.slo_ttft_s, self.max_batch,
-                                   contention) if contention is not None and self._engines is None else None)
-        self.log = get_logger(fn=self.name)
+        if contention is not None and self._engines is None:
+            self.window = BatchWindow(self.name, spec.slo_ttft_s, self.max_batch, contention)
 
-    # --- admission and state --------------------------------------------------------
-
+    # --- admission and state ------------------------------------------------------
     def admit(self) -> None:
         """Take a request into the queue, or raise Overloaded when `max_queue` requests are
         already waiting. Synchronous, so a burst of callbacks cannot overshoot the bound;
@@ -123,10 +71,6 @@ class FunctionPool:
             raise Overloaded(f"function {self.name!r} has {self._waiting} requests queued "
                              f"(max_queue={self.spec.max_queue})", retry_after_s=self.service_s)
         self._waiting += 1
-
-    @property
-    def instances(self) -> int:
-        return len(self._slots)
 
     @property
     def busy(self) -> bool:
@@ -156,9 +100,7 @@ class FunctionPool:
                 "starting": sum(1 for s in self._slots if s.climb is not None),
                 "queued": self._waiting,
                 "levels": [s.level.label for s in self._slots]}
-
-    # --- serving --------------------------------------------------------------------
-
+    # --- serving ------------------------------------------------------------------
     async def serve(self, request_id: str, event: dict[str, Any], deadline: float, *,
                     received: float | None = None, stream: bool = False,
                     on_chunk: ChunkSink | None = None, cancel: asyncio.Event | None = None,
@@ -175,7 +117,7 @@ class FunctionPool:
             if self.window is not None and any(s.level == Level.LOADED for s in self._slots):
                 hold = self.window.hold(time.monotonic() if received is None else received,
                                         self.serving > 0)
-                await self._bounded(hold, deadline, cancel, "in the batch window")
+                await bounded(hold, deadline, cancel, self.name, "in the batch window")
             slot, found = await self._leased(deadline, cancel)
         finally:
             self._waiting -= 1
@@ -201,7 +143,7 @@ class FunctionPool:
         call = asyncio.ensure_future(sandbox.invoke(request_id, event, stream, forward, event_info))
         settling = False
         try:
-            stopped = await self._race(call, deadline, cancel, "in the handler")
+            stopped = await race(call, deadline, cancel, self.name, "in the handler")
             if stopped is not None:
                 # The caller hears at once; the slot is free once the handler has stopped.
                 answered = True
@@ -252,49 +194,11 @@ class FunctionPool:
         finally:
             await self._release(slot)
 
-    async def _race(self, task: asyncio.Future[Any], deadline: float, cancel: asyncio.Event | None,
-                    where: str) -> FaasError | None:
-        """Wait for `task`; None when it finished, else why the request stopped first (the
-        task is left running)."""
-        waits: set[asyncio.Future[Any]] = {task}
-        stopper = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-        if stopper is not None:
-            waits.add(stopper)
-        try:
-            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if stopper is not None:
-                stopper.cancel()
-        if task.done():
-            return None
-        if cancel is not None and cancel.is_set():
-            return Cancelled(f"the caller cancelled the request {where}")
-        return DeadlineExceeded(f"function {self.name!r} ran out of budget {where}")
-
     async def _leased(self, deadline: float, cancel: asyncio.Event | None) -> tuple[Slot, Level]:
         """A sandbox within the request's budget; one leased just as the request stopped is
         given back."""
-        return await self._bounded(self._lease(), deadline, cancel, "waiting for a sandbox",
-                                   undo=lambda leased: self._release(leased[0]))
-
-    async def _bounded(self, aw: Any, deadline: float, cancel: asyncio.Event | None, where: str,
-                       undo: Callable[[Any], Any] | None = None) -> Any:
-        """`aw`'s result, or the error of the deadline or cancellation that came first (a
-        result that came with it anyway is passed to `undo`)."""
-        task = asyncio.ensure_future(aw)
-        try:
-            stopped = await self._race(task, deadline, cancel, where)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if stopped is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if undo is not None and not task.cancelled() and task.exception() is None:
-                await undo(task.result())
-            raise stopped
-        return task.result()
+        return await bounded(self._lease(), deadline, cancel, self.name, "waiting for a sandbox",
+                             undo=lambda leased: self._release(leased[0]))
 
     async def _lease(self) -> tuple[Slot, Level]:
         """A sandbox for one request and the level it found. When the sandbox it waited for
@@ -385,16 +289,6 @@ class FunctionPool:
         self._take(slot)
         return slot, found
 
-    @property
-    def max_batch(self) -> int:
-        return max_batch(self.spec, self._config)
-
-    def _take(self, slot: Slot) -> None:
-        slot.active += 1
-        if slot.expiry is not None:
-            slot.expiry.cancel()
-            slot.expiry = None
-
     def _drop_request(self, slot: Slot) -> None:
         """One request of `slot` is done (condition held): park it once it serves none."""
         slot.active -= 1
@@ -414,233 +308,7 @@ class FunctionPool:
         if stop and slot.sandbox is not None:
             await slot.sandbox.stop(self._config.stop_grace_s)
         self._on_change()
-
-    # --- climbing the levels --------------------------------------------------------
-
-    def _raise_target(self, slot: Slot, target: Level) -> bool:
-        """Make `slot` climb to at least `target` (call with the condition held); True when
-        that starts a climb."""
-        slot.target = max(slot.target, target)
-        if slot.expiry is not None:
-            slot.expiry.cancel()
-            slot.expiry = None
-        if slot.climb is None and slot.level < slot.target:
-            slot.climb = asyncio.create_task(self._climb(slot), name=f"climb-{self.name}")
-            return True
-        return False
-
-    async def _climb(self, slot: Slot) -> None:
-        failure: FaasError | None = None
-        try:
-            await self._steps(slot)
-        except TimeoutError:
-            failure = HandlerError(f"sandbox of {self.name!r} did not load within "
-                                   f"start_timeout_s={self.spec.start_timeout_s:g}")
-        except FaasError as exc:
-            failure = exc
-        except asyncio.CancelledError:  # close(): the pool is going away
-            failure = Overloaded(f"function {self.name!r} is shutting down on this node")
-        except Exception as exc:  # spawning itself failed (fork, exec, socket)
-            failure = HandlerError(f"could not start a sandbox for {self.name!r}: {exc}")
-        if failure is not None and slot.sandbox is not None:
-            await slot.sandbox.kill()
-        async with self._cond:
-            slot.climb = None
-            if failure is not None:
-                if not self._closed:
-                    self.log.error("sandbox_start_failed", error=failure.message)
-                self._slots.remove(slot)
-                self._failures += 1
-                self._last_failure = failure
-                self._start_failed = True
-                if slot.waiter is not None and not slot.waiter.done():
-                    slot.waiter.set_exception(failure)
-            elif self._closed:
-                self._slots.remove(slot)
-            elif slot.level < slot.target:  # the target was raised during the last step
-                slot.climb = asyncio.create_task(self._climb(slot), name=f"climb-{self.name}")
-            else:
-                self._start_failed = False
-                if slot.waiter is not None:
-                    self._take(slot)
-                    slot.waiter.set_result(None)
-                    slot.waiter = None
-                else:
-                    self._park(slot)
-            self._cond.notify_all()
-        if failure is None and self._closed and slot.sandbox is not None:
-            await slot.sandbox.stop(self._config.stop_grace_s)
-        self._on_change()
-
-    async def _steps(self, slot: Slot) -> None:
-        """Climb to the slot's target. `start_timeout_s` bounds the sandbox's own steps, all
-        climbs of the slot together; waiting for the zygote or a backbone load is not
-        counted (the backbone has its own limit)."""
-        started = time.monotonic()
-        if slot.sandbox is None:
-            await self._zygote.ready()
-            sandbox, cost = await self._within_start_timeout(
-                slot, fork_sandbox(self.spec, self._config, self._zygote, self.isolation,
-                                   engine=self._engines is not None))
-            slot.sandbox = sandbox
-            sandbox.proc.add_exit_callback(lambda code: self._exited(slot, code))
-            if self.window is not None:
-                sandbox.on_prefill = self._prefill_observer(sandbox, self.window.profile)
-            self._reached(slot, cost)
-        sandbox = slot.sandbox
-        if slot.target < slot.level:  # offloaded: the adapter leaves the device
-            cost = await sandbox.step({"type": "step", "level": int(slot.target)})
-            slot.level, slot.host_bytes, slot.device_bytes = cost.level, cost.host_bytes, cost.device_bytes
-        while slot.level < slot.target:
-            level = Level(slot.level + 1)
-            frame = {"type": "step", "level": int(level),
-                     "warm_up": slot.waiter is None}  # nobody waiting: pay first-call costs now
-            connection = None
-            if level == Level.ATTACHED and self._engines is not None:
-                engine = await self._engines.acquire(self.spec.backbone)
-                sandbox.hold(self._engine_release(engine, slot))
-                connection = await engine.connect(self.name, self.max_batch, self.spec.slo_ttft_s)
-                step = sandbox.step(frame, fds=[connection.fileno()])
-            elif level == Level.ATTACHED and self.spec.backbone is not None:
-                backbone = await self._backbones.acquire(self.spec.backbone)
-                sandbox.hold(self._backbone_release(backbone, sandbox))
-                step = sandbox.step(frame, backbone)
-            else:
-                step = sandbox.step(frame)
-            try:
-                self._reached(slot, await self._within_start_timeout(slot, step))
-            finally:
-                if connection is not None:  # the sandbox has its own copy (or is gone)
-                    connection.close()
-        sandbox.log.info("sandbox_climbed", level=slot.level.label,
-                         ms=round((time.monotonic() - started) * 1000, 1))
-
-    @staticmethod
-    def _prefill_observer(sandbox: Sandbox, profile: PrefillProfile) -> Callable[[dict[str, Any]], None]:
-        def observe(frame: dict[str, Any]) -> None:
-            # A sandbox's first prefill may pay first-call costs (kernels, allocator) when
-            # a request took it before its warm-up: not what the next ones will take.
-            if sandbox.prefills > 1:
-                profile.observe(int(frame["rows"]), frame["ms"] / 1000)
-
-        return observe
-
-    async def _within_start_timeout(self, slot: Slot, step: Any) -> Any:
-        started = time.monotonic()
-        try:
-            return await asyncio.wait_for(step, max(0.0, self.spec.start_timeout_s - slot.load_s))
-        finally:
-            slot.load_s += time.monotonic() - started
-
-    def _backbone_release(self, backbone: Backbone, sandbox: Sandbox) -> Callable[[], None]:
-        """What lets go of `backbone` once, however the sandbox ends; meanwhile the sandbox
-        is killed if the backbone's weights are found corrupted."""
-        kill = sandbox.proc.kill
-        backbone.on_corrupt.add(kill)
-
-        def release() -> None:
-            backbone.on_corrupt.discard(kill)
-            self._backbones.release(backbone)
-
-        return release
-
-    def _engine_release(self, engine: Engine, slot: Slot) -> Callable[[], None]:
-        """What lets go of `engine` once, however the sandbox ends. If the engine dies first,
-        the sandbox's connection is dead: it takes no new request and stops once the ones it
-        holds are answered (their generations fail at once, 503: worth a retry)."""
-        sandbox = slot.sandbox
-        assert sandbox is not None
-
-        def retire() -> None:
-            slot.retiring = True
-            if slot.active == 0:
-                sandbox.proc.kill()
-
-        engine.on_exit.add(retire)
-        engines = self._engines
-        assert engines is not None
-
-        def release() -> None:
-            engine.on_exit.discard(retire)
-            engines.release(engine)
-
-        return release
-
-    def _reached(self, slot: Slot, cost: StepCost) -> None:
-        slot.level = cost.level
-        slot.host_bytes, slot.device_bytes = cost.host_bytes, cost.device_bytes
-        self._profiles.observe(self.profile_key, cost.level, cost.seconds, cost.host_bytes,
-                               cost.device_bytes)
-
-    # --- idle sandboxes -------------------------------------------------------------
-
-    def _park(self, slot: Slot) -> None:
-        """Make a slot leasable; with a keep-alive, stop it if nobody leases it in time."""
-        slot.idle_since = time.monotonic()
-        if self._keep_alive_s is not None:
-            slot.expiry = asyncio.get_running_loop().call_later(self._keep_alive_s, self._expire, slot)
-
-    def _expire(self, slot: Slot) -> None:
-        slot.expiry = None
-        self.log.info("sandbox_expired", pid=slot.sandbox.proc.pid if slot.sandbox else None,
-                      keep_alive_s=self._keep_alive_s)
-        self._stop(slot)
-
-    def _stop(self, slot: Slot) -> None:
-        """Stop an idle slot in the background (close() waits for it)."""
-        self._slots.remove(slot)
-        if slot.sandbox is not None:
-            task = asyncio.create_task(slot.sandbox.stop(self._config.stop_grace_s))
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
-
-    def _exited(self, slot: Slot, code: int) -> None:
-        """A sandbox process ended. An idle one is dropped at once (its backbone use with
-        it); a busy or climbing one is handled by the request or the climb."""
-        if slot in self._slots and slot.free and slot.climb is None:
-            self._slots.remove(slot)
-            if slot.expiry is not None:
-                slot.expiry.cancel()
-            assert slot.sandbox is not None
-            slot.sandbox.discard()
-            self.log.warning("sandbox_exited_idle", pid=slot.sandbox.proc.pid, code=code)
-            self._on_change()
-
-    # --- memory: what it holds, offloading ---------------------------------------------
-
-    def slot_bytes(self, slot: Slot) -> tuple[int, int]:
-        """(host, device) bytes a sandbox holds: as it reported, or, while it climbs, what
-        its target costs."""
-        if slot.climb is not None and slot.target > slot.level:
-            host, device = self._profiles.of(self.profile_key).held(slot.target)
-            return max(host, slot.host_bytes), max(device, slot.device_bytes)
-        return slot.host_bytes, slot.device_bytes
-
-    def held_bytes(self) -> tuple[int, int]:
-        host = device = 0
-        for slot in self._slots:
-            h, d = self.slot_bytes(slot)
-            host, device = host + h, device + d
-        return host, device
-
-    def idle_slots(self) -> list[Slot]:
-        """Sandboxes that may be offloaded: neither serving, promised nor climbing."""
-        return [s for s in self._slots if s.free and s.climb is None and s.sandbox is not None]
-
-    def offload(self, slot: Slot, to: Level) -> None:
-        """Move an idle sandbox down: to STAGED (its adapter off the device) or COLD (stopped)."""
-        if slot.expiry is not None:
-            slot.expiry.cancel()
-            slot.expiry = None
-        if to == Level.COLD:
-            self._stop(slot)
-        else:
-            slot.target = to
-            slot.climb = asyncio.create_task(self._climb(slot), name=f"offload-{self.name}")
-        self._on_change()
-
-    # --- the pre-loader's handles ---------------------------------------------------
-
+    # --- the pre-loader's handles -------------------------------------------------
     def prepare(self, levels: list[Level], most: int) -> int:
         """Have sandboxes ready at these levels (the function's first, second...; a busy
         one covers the first): free ones climb, and new ones start while the function has
@@ -670,25 +338,9 @@ class FunctionPool:
         return started
 
     @property
-    def climbing(self) -> int:
-        return sum(1 for s in self._slots if s.climb is not None)
-
-    @property
     def serving(self) -> int:
         """How many of its sandboxes are serving requests."""
         return sum(1 for s in self._slots if s.active)
-
-    @property
-    def on_engine(self) -> bool:
-        """Whether its generations run in the node's engine (not in its sandboxes)."""
-        return self._engines is not None
-
-    @property
-    def profile_key(self) -> str | None:
-        """Whose level costs its sandboxes share (runtime/pool/levels.py): its backbone's, or its
-        engine's (None: a plain function)."""
-        backbone = self.spec.backbone
-        return engine_key(backbone) if self._engines is not None else backbone
 
     def trim(self, levels: list[Level], extra_keep_alive_s: float) -> int:
         """Stop idle sandboxes beyond the plan: every one when it plans none; else those

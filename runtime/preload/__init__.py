@@ -8,5 +8,6 @@ history predicts, and what the node therefore keeps warm.
   worth their memory, a knapsack over expected seconds saved per GiB-second;
 - `preloader`: the mechanism that re-plans and applies the plan to the pools.
 
-The package imports nothing from the node; the node and the memory guard import it.
+The package imports nothing from the node, which imports it; it applies its plan to the
+pools (runtime/pool/) within the node's budget (runtime/memory/).
 """

@@ -23,7 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from runtime.pool.levels import GIB, STEPS, Level, LevelProfile
+from runtime.memory.budget import Budget
+from runtime.proc.usage import GIB
+from runtime.sandbox.levels import STEPS, Level, LevelProfile
 
 HOLD_BONUS = 2.0
 
@@ -39,12 +41,6 @@ class Demand:
     held: Level = Level.COLD  # how far its idle sandbox is loaded now
     # Chances that a 2nd, 3rd... sandbox is needed at once within the horizon (bursts).
     extra: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class Budget:
-    host_bytes: int
-    device_bytes: int = 0
 
 
 @dataclass

@@ -19,12 +19,13 @@ from typing import Any, Callable
 from faas.logs import get_logger
 from runtime.backbone.registry import BackboneRegistry
 from runtime.engine.registry import EngineRegistry
-from runtime.memory.usage import machine_budget
+from runtime.memory.budget import machine_budget
 from runtime.pool.leases import FunctionPool
-from runtime.pool.levels import GIB, Level, Profiles, engine_key, model_of
 from runtime.preload.history import History
 from runtime.preload.plan import Demand, Plan, make_plan
 from runtime.preload.predict import HybridHistogram, Prediction, Predictor, RateEstimate, followers
+from runtime.proc.usage import GIB
+from runtime.sandbox.levels import Level, Profiles, engine_key, model_of
 
 
 @dataclass(frozen=True)

@@ -6,5 +6,6 @@
 - `isolation`: what keeps a function's code away from everything not its own (PID, mount
   and network namespaces, an unprivileged uid) and the probe that finds what this host
   allows (`python -m runtime.proc.isolation`);
-- `locks`: file locks the kernel releases when their holder dies.
+- `locks`: file locks the kernel releases when their holder dies;
+- `usage`: what a process holds (private pages, device memory) and the machine's memory.
 """

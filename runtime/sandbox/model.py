@@ -19,7 +19,7 @@ from runtime.sandbox.meter import UsageMeter
 
 class LoraModel:
     """A backbone with (optionally) one peft LoRA adapter on top, never merged, built in the
-    steps of runtime/pool/levels.py: `attach` (the backbone), `stage` (the adapter's weights in
+    steps of runtime/sandbox/levels.py: `attach` (the backbone), `stage` (the adapter's weights in
     host memory), `load` (adapter on the device, tokenizer). `load_lora_model` does all three.
 
     With `shared` (the backbone export the node passes to a sandbox), the weights are the

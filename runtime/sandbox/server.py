@@ -2,7 +2,7 @@
 
 Forked by the zygote (runtime/sandbox/zygote.py) with one end of a socketpair. It receives an
 `init` frame (which function) and answers `level` (SPAWNED). Then the node moves it up
-the levels of runtime/pool/levels.py with one `step` frame each (the ATTACHED step carries the
+the levels of runtime/sandbox/levels.py with one `step` frame each (the ATTACHED step carries the
 backbone's descriptors), each answered with `level` (its time and the memory the process
 holds after it) or `init_error`; a `step` to STAGED sent to a LOADED sandbox moves it back
 down (its adapter leaves the device, or the engine's model: offloading). Once LOADED it acknowledges each `invoke` frame
@@ -34,9 +34,9 @@ from faas.record import DEFAULT_SLO_TTFT_S
 from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
 from runtime.batching.window import turn_prefill_budget_s
 from runtime.functions.loader import find_spec
-from runtime.memory.usage import device_bytes, give_back_heap
-from runtime.pool.levels import Level
 from runtime.proc import frames
+from runtime.proc.usage import device_bytes, give_back_heap
+from runtime.sandbox.levels import Level
 
 
 # The exit code of a sandbox whose engine connection closed (the engine exited or cut it off).

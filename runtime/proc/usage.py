@@ -1,14 +1,15 @@
-"""What a process holds: the memory the pre-loader weighs each level by."""
+"""What a process holds (private pages, device memory), and the machine's memory: the
+measurements the pre-loader, the memory guard and the sandboxes' reports rest on."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
-from runtime.pool.levels import GIB
-from runtime.preload.plan import Budget
 from runtime.proc.children import process_tree
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 def private_dirty_bytes(pid: int | str = "self") -> int:
@@ -99,15 +100,3 @@ def gpu_memory() -> tuple[int, int]:
         return 0, 0
     finally:
         pynvml.nvmlShutdown()
-
-
-def machine_budget(host_gib: float | None, device_gib: float | None, device: str,
-                   host_share: float, device_share: float) -> Budget:
-    """A memory budget: `host_gib` / `device_gib` where given, else these shares of the
-    machine's memory and of the GPU's (none on a CPU node)."""
-    host = (host_gib * GIB if host_gib is not None
-            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * host_share)
-    if device == "cpu":
-        return Budget(int(host), 0)
-    dev = device_gib * GIB if device_gib is not None else gpu_memory()[0] * device_share
-    return Budget(int(host), int(dev))

@@ -25,6 +25,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from runtime.proc.usage import GIB, MIB
+
 
 class Level(IntEnum):
     COLD = 0
@@ -40,8 +42,6 @@ class Level(IntEnum):
 
 
 STEPS = (Level.SPAWNED, Level.ATTACHED, Level.STAGED, Level.LOADED)
-MIB = 1024 * 1024
-GIB = 1024 * MIB
 
 
 # A NUL ends no file path or hub id: a model's name cannot pass for an engine's key.
