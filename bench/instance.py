@@ -43,15 +43,15 @@ def main() -> int:
     from runtime.sandbox.meter import UsageMeter
 
     torch.set_num_threads(1)
-    engine = load_lora_model(str(args.model), str(args.adapter))
-    for param in engine.model.parameters():
+    model = load_lora_model(str(args.model), str(args.adapter))
+    for param in model.model.parameters():
         param.data = param.data.clone()  # its own copy: instances share nothing
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         event = json.loads(line)
         meter = UsageMeter()
         prompt = prompt_of(int(event["prompt_tokens"]))
-        result = engine.generate(prompt, meter, max_new_tokens=int(event["output_tokens"]),
+        result = model.generate(prompt, meter, max_new_tokens=int(event["output_tokens"]),
                                  ignore_eos=True)
         print(json.dumps({"first_token_at": meter.first_token_at,
                           "tokens": len(result.token_ids)}), flush=True)

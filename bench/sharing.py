@@ -45,11 +45,11 @@ torch.set_num_threads(1)
 from runtime.sandbox.meter import UsageMeter
 from runtime.sandbox.model import load_lora_model
 backbone, adapter, spawned_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
-engine = load_lora_model(backbone, adapter)
-for p in engine.model.parameters():
+lora = load_lora_model(backbone, adapter)
+for p in lora.model.parameters():
     p.data = p.data.clone()   # a private copy, as in a separate container
 meter = UsageMeter()
-engine.generate({prompt!r}, meter, max_new_tokens=1)
+lora.generate({prompt!r}, meter, max_new_tokens=1)
 print(json.dumps({{"ttft_ms": (meter.first_token_at - spawned_at) * 1000}}), flush=True)
 sys.stdin.read()
 """.format(prompt=PROMPT)

@@ -16,7 +16,6 @@ A deployment (what `faas deploy` puts in the functions bucket, faas/deploy.py): 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,8 +34,9 @@ _MAX_SECONDS = 1e9
 
 def positive_seconds(value: object) -> bool:
     """A finite number of seconds above zero (not a bool)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and 0 < value < _MAX_SECONDS)
+    # Compared, never converted: NaN fails both bounds, and an int too large for a float is
+    # refused without an OverflowError.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < _MAX_SECONDS
 
 
 def count(value: object) -> bool:
@@ -110,13 +110,13 @@ class FunctionRecord:
             "name": lambda v: isinstance(v, str) and valid_function_name(v),
             "source_file": lambda v: isinstance(v, str) and 0 < len(v) < _MAX_PATH
             and (source_file is None or v == source_file),
-            "handler": lambda v: isinstance(v, str) and 0 < len(v) < 256,
+            "handler": lambda v: isinstance(v, str) and 0 < len(v) < _MAX_PATH,
             "has_setup": lambda v: isinstance(v, bool),
             "backbone": _path_or_none,
             "adapter": _path_or_none,
             "timeout_s": positive_seconds, "start_timeout_s": positive_seconds, "slo_ttft_s": positive_seconds,
             "max_queue": count, "max_instances": count, "max_batch": count, "max_deliver": count,
-            "triggers": lambda v: isinstance(v, (list, tuple)) and len(v) <= 64
+            "triggers": lambda v: isinstance(v, (list, tuple))
             and all(isinstance(t, str) and valid_subject(t) for t in v),
             "results": lambda v: isinstance(v, bool), "openai": lambda v: isinstance(v, bool),
             "engine": lambda v: isinstance(v, str) and v in ENGINES,

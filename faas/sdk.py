@@ -197,10 +197,6 @@ class FunctionSpec:
     def source_file(self) -> str:
         return _defining_file(self.handler)
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.handler)
-
     def record(self) -> FunctionRecord:
         """The function as plain data (what discovery reports, a deploy stores and the node
         serves)."""

@@ -28,7 +28,7 @@ def test_a_well_formed_answer_is_accepted():
     {"source_file": "/f/other.py"},        # claims a function of another file
     {"name": "Not A Name"},
     {"max_queue": -5}, {"max_instances": 10**9}, {"max_queue": True},
-    {"timeout_s": 0}, {"start_timeout_s": "soon"},
+    {"timeout_s": 0}, {"start_timeout_s": "soon"}, {"timeout_s": 10**400}, {"slo_ttft_s": float("nan")},
     {"backbone": None},                    # an adapter without a backbone
     {"backbone": 42},
     {"extra": 1}, {"openai": "yes"}, {"engine": "gpu"}, {"engine": None},

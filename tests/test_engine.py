@@ -14,7 +14,7 @@ from bench.accounting import processes
 from faas.bundled import TINY_QWEN2, adapter_path, model_path
 from faas.errors import BadRequest, Cancelled, FaasError, HandlerError, Overloaded
 from runtime.backbone.registry import BackboneRegistry
-from runtime.engine.client import EngineConnection
+from runtime.sandbox.engine_client import EngineConnection
 from runtime.engine.registry import EngineRegistry
 from runtime.engine.server import CHUNK_TOKENS
 from runtime.sandbox.meter import UsageMeter

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from faas import Client
 from faas.protocol import HDR_MSG_ID
+from faas.top import answers
 from tests.conftest import nodes_of
 
 
@@ -72,9 +73,16 @@ async def _collect(nc: nats.NATS, subject: str, run: str, want: int, timeout_s: 
 
 
 async def _counted(node, function: str) -> tuple[dict, float]:
-    """The node's stats of `function` (`faas ls`, `faas top`, $SRV.STATS) and its answered
-    count in Prometheus."""
+    """The node's stats of `function` (`faas ls`; the same numbers as `faas top` reads from
+    $SRV.STATS, checked equal) and its answered count in Prometheus."""
     [stats] = [f["stats"] for n in await nodes_of(node) for f in n["functions"] if f["name"] == function]
+    nc = await nats.connect(node.url)
+    try:
+        [top] = [e["data"]["functions"][function] for a in await answers(nc, "STATS", 1.0)
+                 for e in a["endpoints"] if function in e["data"]["functions"]]
+    finally:
+        await nc.close()
+    assert (top["requests"], top["errors_by_code"]) == (stats["requests"], stats["errors_by_code"])
     async with httpx.AsyncClient() as http:
         text = (await http.get(node.metrics_url)).text
     answered = sum(s.value for family in text_string_to_metric_families(text) for s in family.samples

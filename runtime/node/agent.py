@@ -29,7 +29,6 @@ from faas import protocol
 from faas.bundled import faas_home
 from faas.errors import (
     BadRequest,
-    DeadlineExceeded,
     FaasError,
     FunctionNotFound,
     HandlerError,
@@ -47,7 +46,7 @@ from runtime.node.deployments import Deployments, ModelFinder
 from runtime.node.events import EventConsumers, EventsConfig
 from runtime.node.forwarding import Forwarder
 from runtime.node.inflight import Flight, InFlight
-from runtime.node.invocation import Arrivals, Call, Invocations
+from runtime.node.invocation import Arrivals, Call, Invocations, deadline_of
 from runtime.node.metrics import NodeMetrics
 from runtime.node.replies import Reply, answer
 from runtime.node.service import NodeService
@@ -99,21 +98,6 @@ class NodeConfig:
     # runs: it keeps a reply route alive across NATS accounts (a service import forgets a
     # stream of answers that stays silent for its response threshold; runtime/node/natsd.py).
     ack_every_s: float = 30.0
-
-
-def _budget_s(request: protocol.RequestHeaders, spec: FunctionRecord) -> float:
-    """The request's budget: the caller's `Faas-Timeout-Ms` and `Faas-Deadline-Ms` (Unix
-    time), capped by the function's `timeout_s` (the function's own limit wins, so a caller
-    cannot pin a sandbox longer). DeadlineExceeded when the deadline has passed already."""
-    budget = spec.timeout_s
-    if request.timeout_ms is not None:
-        budget = min(budget, request.timeout_ms / 1000)
-    if request.deadline_ms is not None:
-        left = request.deadline_ms / 1000 - time.time()
-        if left <= 0:
-            raise DeadlineExceeded(f"the request's deadline passed {-left:.3f}s before it arrived")
-        budget = min(budget, left)
-    return budget
 
 
 class Node:
@@ -344,7 +328,7 @@ class Node:
                 raise FunctionNotFound(f"no function named {function!r}"
                                        + self._why_not_here(function))
             event = protocol.decode_event(msg.data, encoding)
-            deadline = received + _budget_s(request, pool.spec)
+            deadline = deadline_of(pool.spec, received, request)
         except Exception as exc:  # a bug of ours must still produce a reply, not silence
             self.inflight.release(request.request_id, flight)
             if not isinstance(exc, FaasError):

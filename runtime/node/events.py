@@ -39,12 +39,12 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from faas import protocol
 from faas.connection import raise_if_cancelled
-from faas.errors import BadRequest, FaasError
+from faas.errors import BadRequest, FaasError, HandlerError
 from faas.logs import get_logger
 from faas.protocol import Metrics
 from faas.streams import ensure_stream
 from runtime.node.inflight import InFlight
-from runtime.node.invocation import Call, Invocations
+from runtime.node.invocation import Call, Invocations, deadline_of
 from runtime.pool.leases import FunctionPool
 from runtime.sandbox.handles import OutputTooLarge
 
@@ -252,8 +252,7 @@ class EventConsumers:
         flight = self.inflight.take(request_id, None, None, received)
         keep = asyncio.create_task(self._keep_alive(msg))
         try:
-            await self.invocations.serve(pool, Call(request_id, event, received,
-                                                    received + pool.spec.timeout_s,
+            await self.invocations.serve(pool, Call(request_id, event, received, deadline_of(pool.spec, received),
                                                     event_info=info), outcome, log)
         finally:
             keep.cancel()
@@ -343,8 +342,10 @@ class _Outcome:
             result = msgpack.packb({"output": output, "event": self.info}, use_bin_type=True)
             room = consumers.room()
             if len(result) > room:  # it will never fit: running it again cannot help
-                raise OutputTooLarge(f"the output takes {len(result)} bytes, over the {room} a "
-                                     "result may carry: it is kept here instead of in the results")
+                err = HandlerError(f"the output takes {len(result)} bytes, over the {room} a result "
+                                   "may carry: it is kept here instead of in the results")
+                await consumers.dead_letter(name, self.msg, self.info, err, log)
+                return
             if not await consumers.publish(protocol.RESULTS_PREFIX + name, result,
                                            f"result-{name}-{self.info['sequence']}", log):
                 await consumers.nak(self.msg, retry_delay_s(self.info["delivered"], consumers.config), log)
@@ -366,5 +367,5 @@ class _Outcome:
         self.log.warning("event_failed", code=err.code, error=err.message, retry_in_s=delay)
         await consumers.nak(self.msg, delay, self.log)
 
-    async def shutdown(self) -> None:
-        return
+    async def shutdown(self) -> FaasError | None:
+        return None

@@ -65,18 +65,18 @@ class Forwarder:
                                   reply=sub.subject, headers=headers)
             while time.time() < deadline:
                 try:
-                    reply = await sub.next_msg(timeout=1.0)
+                    got = await sub.next_msg(timeout=1.0)
                 except NatsTimeout:
                     alive = await node_alive(self.nc, peer)
                     silent = 0 if alive else silent + 1
                     if alive is False or silent >= 3:
                         break
                     continue
-                if (reply.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
+                if (got.headers or {}).get("Status") == "503":  # nobody subscribes: it is gone
                     break
-                await answer(self.nc, flight.reply, reply.data, reply.headers, log)
+                await answer(self.nc, flight.reply, got.data, got.headers, log)
                 relayed += 1
-                if not request.stream or protocol.is_final(reply.headers):
+                if not request.stream or protocol.is_final(got.headers):
                     return
             if time.time() >= deadline:  # the peer lives but never answered (it lost the request)
                 await fail(DeadlineExceeded(f"node {peer} did not answer in time"))

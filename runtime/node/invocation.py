@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from faas.errors import FaasError, HandlerError
+from faas import protocol
+from faas.errors import DeadlineExceeded, FaasError, HandlerError
 from faas.protocol import Metrics
+from faas.record import FunctionRecord
 from runtime.pool.leases import FunctionPool
 from runtime.preload.history import History
 
@@ -30,9 +32,26 @@ def ttft_ms(first_token_at: float | None, received: float) -> float | None:
     return round((first - received) * 1000, 3)
 
 
+def deadline_of(spec: FunctionRecord, received: float, request: protocol.RequestHeaders | None = None) -> float:
+    """When an invocation that arrived at `received` (time.monotonic()) must end: its
+    function's `timeout_s` later, or sooner where its caller asks (`Faas-Timeout-Ms`,
+    `Faas-Deadline-Ms` in Unix time; the function's own limit wins, so a caller cannot pin a
+    sandbox longer). DeadlineExceeded when the caller's deadline has passed already."""
+    budget = spec.timeout_s
+    if request is not None and request.timeout_ms is not None:
+        budget = min(budget, request.timeout_ms / 1000)
+    if request is not None and request.deadline_ms is not None:
+        left = request.deadline_ms / 1000 - time.time()
+        if left <= 0:
+            raise DeadlineExceeded(f"the request's deadline passed {-left:.3f}s before it arrived")
+        budget = min(budget, left)
+    return received + budget
+
+
 class Hook:
     """Sees every invocation of a function this node serves. Each method does nothing
-    unless overridden; none may raise (an invocation is never refused by a hook)."""
+    unless overridden. A hook never refuses an invocation: what one raises is logged and the
+    invocation goes on."""
 
     async def admitting(self, function: str) -> None:
         """An invocation of `function` asks to be admitted (demand, even when refused)."""
@@ -69,8 +88,9 @@ class Answer(Protocol):
     async def error(self, err: FaasError, ran: bool) -> None:
         """The invocation failed; `ran`: it was admitted (its handler may have run)."""
 
-    async def shutdown(self) -> None:
-        """The node is shutting down before the invocation got its outcome."""
+    async def shutdown(self) -> FaasError | None:
+        """The node is shutting down before the invocation got its outcome: the error it was
+        answered with, if any (an event is left for JetStream to deliver again)."""
 
 
 @dataclass(frozen=True)
@@ -96,14 +116,19 @@ class Invocations:
         self.node_id = node_id
 
     async def refuse(self, function: str, err: FaasError, answer: Answer, log: Any) -> None:
-        """An invocation refused before admission (its headers, its body, its function)."""
+        """An invocation that ends with `err` without being served here: refused before
+        admission (its headers, its body, its function), or forwarded to a peer that
+        failed it."""
         await self._fail(function, err, answer, False, log)
 
     async def admit(self, pool: FunctionPool, answer: Answer, log: Any) -> bool:
         """Record the demand, then take the invocation into `pool`'s queue; False (and the
         refusal answered) when the pool refuses it (full, shutting down)."""
         for hook in self.hooks:
-            await hook.admitting(pool.name)
+            try:
+                await hook.admitting(pool.name)
+            except Exception:
+                log.exception("hook_failed", hook=type(hook).__name__)
         try:
             pool.admit()
         except FaasError as err:
@@ -122,7 +147,9 @@ class Invocations:
             await self._fail(pool.name, err, answer, True, log)
             return
         except asyncio.CancelledError:
-            await answer.shutdown()
+            told = await answer.shutdown()
+            if told is not None:
+                self._count(pool.name, told, log)
             raise
         except Exception:
             log.exception("serve_failed")
@@ -141,14 +168,23 @@ class Invocations:
             await self._fail(pool.name, err, answer, True, log)
             return
         for hook in self.hooks:
-            hook.answered(pool.name, metrics)
+            try:
+                hook.answered(pool.name, metrics)
+            except Exception:
+                log.exception("hook_failed", hook=type(hook).__name__)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
 
     async def _fail(self, function: str, err: FaasError, answer: Answer, ran: bool, log: Any) -> None:
+        self._count(function, err, log)
+        await answer.error(err, ran)
+
+    def _count(self, function: str, err: FaasError, log: Any) -> None:
         log.warning("invoke_failed", code=err.code, error=err.message)
         if function in self.pools:  # not for names nobody serves: no unbounded table
             for hook in self.hooks:
-                hook.failed(function, err)
-        await answer.error(err, ran)
+                try:
+                    hook.failed(function, err)
+                except Exception:
+                    log.exception("hook_failed", hook=type(hook).__name__)
 

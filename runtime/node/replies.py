@@ -77,8 +77,10 @@ class Reply:
         self._mark_final(headers)
         await answer(self.nc, self.to, body, headers, self.log)
 
-    async def shutdown(self) -> None:
-        await self.error(Overloaded("the node shut down before the request completed"), True)
+    async def shutdown(self) -> FaasError:
+        err = Overloaded("the node shut down before the request completed")
+        await self.error(err, True)
+        return err
 
     def _mark_final(self, headers: dict[str, str]) -> None:
         if self.stream:

@@ -43,7 +43,7 @@ class UpOptions:
     port: int = 4222
     state_dir: Path | None = None
     http_port: int | None = None  # the OpenAI gateway beside the node
-    http_host: str = "127.0.0.1"
+    http_host: str = NodeConfig.metrics_host  # the gateway and the metrics listen on one address
     http_timeout_s: float = 120.0
     bundled_models: bool = True
     device: str = "auto"

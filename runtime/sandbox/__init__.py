@@ -9,6 +9,8 @@
 - `model`: the function's own model in a sandbox of the paper's path (the shared backbone
   mapped, its adapter on top with peft, its generations batched);
 - `meter`: what one request's generations used (tokens, the first token's time);
+- `engine_client`: a sandbox's connection to the generation engine (light: no torch), behind
+  `ctx.generate` for functions that generate in the engine;
 - `handles`: the node's handle on each sandbox, and the checks on every frame a sandbox
   sends (it may be hostile);
 - `outputs`: what functions print and log, published per function on NATS (`faas logs`).

@@ -142,8 +142,8 @@ class LoraModel:
 def load_lora_model(backbone: str, adapter: str | None = None,
                     shared: dict[str, Any] | None = None, max_batch: int = 1) -> LoraModel:
     """A function's model with every step done."""
-    engine = LoraModel(backbone, adapter, max_batch)
-    engine.attach(shared)
-    engine.stage()
-    engine.load()
-    return engine
+    model = LoraModel(backbone, adapter, max_batch)
+    model.attach(shared)
+    model.stage()
+    model.load()
+    return model

@@ -105,7 +105,7 @@ class _Function:
         self.init = init
         self.wire = wire
         self.level = Level.SPAWNED
-        self.engine: Any = None  # the model in this process (the paper's path)
+        self.model: Any = None  # the model in this process (the paper's path)
         self.conn: Any = None  # or the connection to the node's generation engine
         self.spec: FunctionSpec | None = None
         self.state: dict[str, Any] = {}
@@ -120,8 +120,8 @@ class _Function:
         """Do what reaching `level` takes. The zygote already isolated this process
         (runtime/proc/isolation.py): all of it runs with the function's rights only."""
         if level == Level.STAGED and self.level == Level.LOADED:
-            if self.engine is not None:
-                self.engine.unload()
+            if self.model is not None:
+                self.model.unload()
             elif self.conn is not None and self.init["adapter"] is not None:
                 self.conn.unload()
             self.level = level
@@ -130,7 +130,7 @@ class _Function:
             raise RuntimeError(f"cannot step from {self.level.label} to {level.label}")
         init = self.init
         if level == Level.ATTACHED and init.get("engine") and init["backbone_path"] is not None:
-            from runtime.engine.client import EngineConnection
+            from runtime.sandbox.engine_client import EngineConnection
 
             if len(fds) != 1:
                 raise RuntimeError("the engine step carries one connection")
@@ -144,15 +144,15 @@ class _Function:
             from runtime.sandbox.model import LoraModel
 
             torch.set_num_threads(int(init.get("threads", 1)))
-            self.engine = LoraModel(init["backbone_path"], init["adapter"],
+            self.model = LoraModel(init["backbone_path"], init["adapter"],
                                      int(init.get("max_batch", 1)), self._prefilled,
                                      turn_prefill_budget_s(float(init.get("slo_ttft_s", DEFAULT_SLO_TTFT_S))))
             shared = frame.get("backbone")
             if shared is not None:
                 shared["fds"] = fds
-            self.engine.attach(shared)
-        elif level == Level.STAGED and self.engine is not None:
-            self.engine.stage()
+            self.model.attach(shared)
+        elif level == Level.STAGED and self.model is not None:
+            self.model.stage()
         elif level == Level.LOADED:
             self._load(warm_up=bool(frame.get("warm_up")))
         self.level = level
@@ -163,8 +163,8 @@ class _Function:
 
     def _load(self, warm_up: bool) -> None:
         init = self.init
-        if self.engine is not None:
-            self.engine.load()
+        if self.model is not None:
+            self.model.load()
         elif self.conn is not None and init["adapter"] is not None:
             self.conn.load()
         if self.spec is None:  # back from an offload: the handler module and setup stay
@@ -176,16 +176,16 @@ class _Function:
                                 "(backbone or adapter differ): restart the node")
             if self.spec.setup is not None:
                 self._call(self.spec.setup, Context(self.spec.name, None, self.state, None), loop=self.loop)
-        if self.engine is not None and warm_up:
-            self.engine.warm_up()
+        if self.model is not None and warm_up:
+            self.model.warm_up()
 
     def _generator(self, call: _Call) -> Callable[..., Generation] | None:
-        engine = self.engine if self.engine is not None else self.conn
-        if engine is None:
+        model = self.model if self.model is not None else self.conn
+        if model is None:
             return None
 
         def generate(prompt: str, *, stream: bool, **options: Any) -> Generation:
-            return engine.generate(prompt, call.meter, on_delta=call.delta if stream and call.stream
+            return model.generate(prompt, call.meter, on_delta=call.delta if stream and call.stream
                                    else None, on_first=call.first, **options)
 
         return generate
@@ -205,11 +205,11 @@ class _Function:
             return str(self.conn.chat_prompt(messages))
         from runtime.models.hf import chat_prompt
 
-        engine = self.engine
-        if engine is None or engine.tokenizer is None or engine.batcher is None:
+        model = self.model
+        if model is None or model.tokenizer is None or model.batcher is None:
             raise BadRequest("the model is not loaded")
-        with engine.batcher.tokenizer_lock:  # the fast tokenizer is not thread-safe
-            return chat_prompt(engine.tokenizer, messages)
+        with model.batcher.tokenizer_lock:  # the fast tokenizer is not thread-safe
+            return chat_prompt(model.tokenizer, messages)
 
     def invoke(self, frame: dict[str, Any]) -> None:
         """Run one request's handler on a worker thread; its frames go to the node."""
@@ -247,7 +247,7 @@ class _Function:
         if self.spec is None:
             return {"type": "error", **tag, "error": {
                 "type": "RuntimeError", "message": "the sandbox is not loaded"}}
-        has_model = self.engine is not None or self.conn is not None
+        has_model = self.model is not None or self.conn is not None
         ctx = Context(self.spec.name, call.request_id, self.state, self._generator(call),
                       call.event_info, self._chat_template if has_model else None)
         handler = self.spec.handler

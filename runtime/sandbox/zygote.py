@@ -34,7 +34,7 @@ def _preload(light: bool) -> None:
     import runtime.sandbox.server  # noqa: F401  (imports are the point: children inherit them)
 
     if light:  # its sandboxes generate through the engine: they import torch only if their code does
-        import runtime.engine.client  # noqa: F401
+        import runtime.sandbox.engine_client  # noqa: F401
         return
     import peft  # noqa: F401
     import torch  # noqa: F401

@@ -15,7 +15,7 @@ from faas.bundled import adapter_path, model_path
 
 
 def _connection():
-    from runtime.engine.client import EngineConnection
+    from runtime.sandbox.engine_client import EngineConnection
 
     return next(o for o in gc.get_objects() if isinstance(o, EngineConnection))
 
