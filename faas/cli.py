@@ -98,13 +98,15 @@ def _count(text: str) -> int:
     return value
 
 
-def _uid_range(text: str) -> tuple[int, int] | None:
+def _uid_range(text: str) -> tuple[int, int] | str | None:
     if text == "off":
         return None
+    if text == "auto":
+        return text
     try:
         first, last = (int(part) for part in text.split("-"))
     except ValueError:
-        raise SystemExit(f"faas up: --sandbox-uids wants FIRST-LAST or off, got {text!r}") from None
+        raise SystemExit(f"faas up: --sandbox-uids wants FIRST-LAST, auto or off, got {text!r}") from None
     if not 0 < first < last:
         raise SystemExit(f"faas up: --sandbox-uids {text!r} is not a range of positive uids")
     return first, last
@@ -444,8 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device memory the pre-loader may fill (default: half the GPU's)")
     up.add_argument("--preload-price", type=_positive, default=n.preload.price_s_per_gib_s,
                     help="seconds of expected TTFT saved that justify holding 1 GiB for 1 s")
-    up.add_argument("--sandbox-uids", default="-".join(map(str, o.sandbox_uids)) if o.sandbox_uids else "off", metavar="FIRST-LAST|off",
-                    help="when run as root: one unprivileged uid per function from this range")
+    up.add_argument("--sandbox-uids", metavar="FIRST-LAST|auto|off",
+                    default=(o.sandbox_uids if isinstance(o.sandbox_uids, str)
+                             else "-".join(map(str, o.sandbox_uids)) if o.sandbox_uids else "off"),
+                    help="when run as root: one unprivileged uid per function from this range "
+                         "(auto: the first of 61000-61999, 62000-62999... that no other node on "
+                         "this host holds)")
     up.add_argument("--no-network-isolation", action="store_true",
                     help="let sandboxes use the network (default: an empty network namespace)")
     up.set_defaults(run=_cmd_up)

@@ -156,13 +156,13 @@ def sandbox_host_pids(uid: int) -> list[int]:
 
 def second_node(tmp_path: Path, *options: str):
     """A node of the test's own (its server state in tmp_path/nats, its log in
-    tmp_path/node.log), beside the session's: it needs a uid range of its own (the first
-    one is locked)."""
+    tmp_path/node.log), beside the session's, started as a user would: with no uid range
+    (it takes the next one free on this host)."""
     from faas.localnode import LocalNode
 
     with open(tmp_path / "node.log", "ab") as log:
         node = LocalNode(EXAMPLES, TEST_FUNCTIONS, stderr=log.fileno(), state_dir=tmp_path / "nats",
-                         extra_args=("--sandbox-uids", "62000-62999", *options))
+                         extra_args=options)
         node.start()
     return node
 

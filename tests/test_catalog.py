@@ -3,6 +3,7 @@ shares a host with other nodes."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,7 +12,7 @@ from faas import FaasError
 from faas.errors import SpecError
 from faas.record import FunctionRecord
 from faas.localnode import LocalNode
-from tests.conftest import TEST_FUNCTIONS
+from tests.conftest import TEST_FUNCTIONS, second_node
 
 GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "max_queue": 4,
         "max_instances": 1, "start_timeout_s": 60.0, "source_file": "/f/fn.py",
@@ -47,6 +48,19 @@ def test_a_missing_field_or_a_deployed_version_from_outside_is_refused():
         FunctionRecord.from_untrusted({**GOOD, "deployed": 3})
     with pytest.raises(SpecError, match="a map"):
         FunctionRecord.from_untrusted([GOOD])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are used by root nodes only")
+def test_a_second_node_with_no_flags_takes_the_next_free_uid_range(node, tmp_path):
+    """The session node holds the first range (61000-61999): a second one started with no
+    flags serves from the next, and the two never share a uid."""
+    second = second_node(tmp_path)
+    try:
+        protections = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
+                       if '"protections"' in line]
+        assert protections and protections[0]["sandbox_uids"].startswith("62001-62998,")
+    finally:
+        second.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are used by root nodes only")

@@ -138,6 +138,10 @@ async def discover_file(path: Path, isolation: Isolation) -> list[FunctionRecord
 _UID_BLOCK = 100
 # Where one-shot tools (a deploy's discovery) take a uid: blocks no node's default range has.
 _TOOL_UIDS = (60000, 60999)
+# `--sandbox-uids auto` (the default): the first of these ranges no other node on the host
+# holds, so nodes on one host (a laptop cluster, tests, blue/green) start without flags.
+AUTO_UIDS = "auto"
+_AUTO_RANGES = tuple((first, first + 999) for first in range(61000, 70000, 1000))
 
 
 def _uid_locks() -> Path:
@@ -166,6 +170,17 @@ def _lock_uids(uids: tuple[int, int]) -> list[int]:
     return fds
 
 
+def _lock_free_uids() -> tuple[tuple[int, int], list[int]]:
+    """The first range of `_AUTO_RANGES` no other node on this host holds, locked."""
+    for uids in _AUTO_RANGES:
+        try:
+            return uids, _lock_uids(uids)
+        except FaasError:
+            continue
+    raise FaasError(f"every sandbox uid range in {_AUTO_RANGES[0][0]}-{_AUTO_RANGES[-1][1]} is held by "
+                    "another node on this host: give this one a --sandbox-uids range")
+
+
 async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int], str | None]:
     """How `faas deploy` imports the files it deploys, which may be anyone's code: as root,
     as the node's discovery does, under a uid of a block no node holds (locked meanwhile:
@@ -192,9 +207,12 @@ async def deploy_isolation(hide: tuple[str, ...]) -> tuple[Isolation, list[int],
     return Isolation(), [], f"user namespaces unavailable ({probe.strip()})"
 
 
-async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | None,
+async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | str | None,
                        network_isolation: bool, bundled_models: bool,
                        models_dirs: tuple[Path, ...] = ()) -> Catalog:
+    """What the node serves from `dirs`, each function isolated. `sandbox_uids`: the uid
+    range of a root node's sandboxes, `AUTO_UIDS` for the first one free on this host, or
+    None for none (sandboxes keep the node's uid)."""
     if bundled_models:
         await build_bundled_models()
     files = function_files(list(dirs))
@@ -207,7 +225,10 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | N
         _, probe = await _run("runtime.proc.isolation")
         if probe.strip() != "ok":
             uids, why_not = None, f"refused: namespaces unavailable ({probe.strip()})"
-    lock_fds = _lock_uids(uids) if uids else []
+    if uids == AUTO_UIDS:
+        uids, lock_fds = _lock_free_uids()
+    else:
+        lock_fds = _lock_uids(uids) if uids else []
 
     def isolated(uid_offset: int, folder: Path | None, network: bool,
                  models: tuple[str | None, ...] = ()) -> Isolation:

@@ -22,7 +22,7 @@ from faas.protocol import NODE_INBOX_PREFIX
 from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbone.registry import detect_device
-from runtime.functions.catalog import Catalog, load_catalog
+from runtime.functions.catalog import AUTO_UIDS, Catalog, load_catalog
 from runtime.node.agent import Node, NodeConfig
 from runtime.node.natsd import EmbeddedNats
 
@@ -48,8 +48,9 @@ class UpOptions:
     bundled_models: bool = True
     device: str = "auto"
     # When the node runs as root: discovery runs as the first uid, function i (by sorted
-    # name) as first + 1 + i. None: sandboxes keep the node's uid.
-    sandbox_uids: tuple[int, int] | None = (61000, 61999)
+    # name) as first + 1 + i; AUTO_UIDS: the first range free on this host. None: sandboxes
+    # keep the node's uid.
+    sandbox_uids: tuple[int, int] | str | None = AUTO_UIDS
     network_isolation: bool = True
     node: NodeConfig = field(default_factory=NodeConfig)
 
