@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,19 @@ def _uid_range(text: str) -> tuple[int, int] | str | None:
 
 
 def _event(args: argparse.Namespace) -> Any:
-    """The EVENT argument parsed as JSON, or None after saying why it is not."""
+    """The EVENT argument parsed as JSON (`-`: read from stdin, `@FILE`: from a file), or
+    None after saying why it is not."""
+    text = args.event
     try:
-        return json.loads(args.event)
+        if text == "-":
+            text = sys.stdin.read()
+        elif text.startswith("@"):
+            text = Path(text[1:]).read_text()
+    except OSError as exc:
+        print(f"error: cannot read EVENT from {args.event[1:]}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    try:
+        return json.loads(text)
     except ValueError as exc:
         print(f"error: EVENT is not JSON: {exc}", file=sys.stderr)
         return None
@@ -370,8 +381,17 @@ def _admin_options(parser: argparse.ArgumentParser, url: bool = True) -> None:
                         "for the node's credentials (default $FAAS_HOME/nats)")
 
 
+def _version() -> str:
+    """The installed package's version (a source tree that was never installed has none)."""
+    try:
+        return metadata.version("faas-lora")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
+    parser.add_argument("--version", action="version", version=f"faas {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from runtime.node.up import UpOptions  # the node's options default to its configs: one source
@@ -458,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")
     invoke.add_argument("function")
-    invoke.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
+    invoke.add_argument("event", nargs="?", default="{}",
+                        help="the event, a JSON object (-: read it from stdin, @FILE: from a file)")
     _nats_options(invoke)
     invoke.add_argument("--timeout-s", type=_positive, default=60.0)
     invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
@@ -481,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="publish an event to JetStream for triggered functions")
     publish.add_argument("subject", help="e.g. events.orders.created")
-    publish.add_argument("event", nargs="?", default="{}", help="the event, a JSON object")
+    publish.add_argument("event", nargs="?", default="{}",
+                         help="the event, a JSON object (-: read it from stdin, @FILE: from a file)")
     publish.add_argument("--msg-id", help="de-duplication id (default: a new one)")
     _nats_options(publish)
     publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))

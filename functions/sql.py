@@ -1,6 +1,6 @@
 """Text-to-SQL from a LoRA adapter: a question and a schema in, one SQLite query out."""
 
-from faas import function
+from faas import BadRequest, function
 from faas.bundled import adapter_path, model_path
 
 SYSTEM = "Translate the question into one SQLite query over the schema. Answer with the query only."
@@ -9,7 +9,7 @@ SYSTEM = "Translate the question into one SQLite query over the schema. Answer w
 def messages_for(event: dict) -> list[dict[str, str]]:
     question = str(event.get("question", "")).strip()
     if not question:
-        raise ValueError("event needs a non-empty 'question'")
+        raise BadRequest("event needs a non-empty 'question'")
     schema = str(event.get("schema", "")).strip()
     return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"Schema: {schema}\nQuestion: {question}"}]

@@ -1,6 +1,6 @@
 """One-sentence summaries from a LoRA adapter."""
 
-from faas import function
+from faas import BadRequest, function
 from faas.bundled import adapter_path, model_path
 
 SYSTEM = "Summarize the text in one short sentence."
@@ -9,7 +9,7 @@ SYSTEM = "Summarize the text in one short sentence."
 def messages_for(event: dict) -> list[dict[str, str]]:
     text = str(event.get("text", "")).strip()
     if not text:
-        raise ValueError("event needs a non-empty 'text'")
+        raise BadRequest("event needs a non-empty 'text'")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
 
 

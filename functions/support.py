@@ -1,7 +1,7 @@
 """Customer-support replies from a LoRA adapter, grounded in a FAQ that `setup` loads once per
 sandbox: the entries a message is about go into the prompt, and the reply uses them."""
 
-from faas import function
+from faas import BadRequest, function
 from faas.bundled import adapter_path, model_path
 
 # topic -> (words that show a message is about it, the answer the agent gives)
@@ -36,7 +36,7 @@ def facts_for(message: str, faq: dict) -> list[str]:
 
 def messages_for(message: str, facts: list[str]) -> list[dict[str, str]]:
     if not message.strip():
-        raise ValueError("event needs a non-empty 'message'")
+        raise BadRequest("event needs a non-empty 'message'")
     known = " ".join(facts) if facts else "None: offer to pass the question to a colleague."
     return [{"role": "system", "content": f"{SYSTEM}\nFacts: {known}"},
             {"role": "user", "content": message.strip()}]

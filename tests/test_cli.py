@@ -26,9 +26,28 @@ def test_invoke_error_exits_1_with_the_code(node):
     assert out.stdout == ""
 
 
+def test_invoke_reads_the_event_from_stdin_or_a_file(node, tmp_path):
+    piped = subprocess.run([sys.executable, "-m", "faas.cli", "invoke", "echo", "-", "--nats", node.url],
+                           input='{"q": "piped"}', capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["echo"] == {"q": "piped"}
+    (tmp_path / "event.json").write_text('{"q": "filed"}')
+    filed = faas("invoke", "echo", f"@{tmp_path / 'event.json'}", "--nats", node.url)
+    assert filed.returncode == 0 and json.loads(filed.stdout)["echo"] == {"q": "filed"}
+    missing = faas("invoke", "echo", f"@{tmp_path / 'nope.json'}", "--nats", node.url)
+    assert missing.returncode == 2 and "cannot read EVENT" in missing.stderr
+
+
 def test_invoke_rejects_a_non_json_event(node):
     out = faas("invoke", "echo", "{not json", "--nats", node.url)
     assert out.returncode == 2 and "not JSON" in out.stderr
+
+
+def test_version_is_the_installed_package_s():
+    from importlib import metadata
+
+    out = faas("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"faas {metadata.version('faas-lora')}"
 
 
 def test_invoke_without_a_server_fails_cleanly():

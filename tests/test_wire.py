@@ -12,7 +12,7 @@ import msgpack
 import nats
 import pytest
 
-from faas import Client, DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
+from faas import BadRequest, Client, DeadlineExceeded, FunctionNotFound, HandlerError, Overloaded
 from faas.protocol import HDR_REQUEST_ID, HDR_TIMEOUT_MS
 from tests.conftest import (assert_still_serving, error_of, nodes_of, sandbox_host_pids, wait_all_gone,
                             wait_for_state, zygote_pid)
@@ -85,8 +85,9 @@ async def test_500_handler_exception_carries_type_and_message(client):
     await assert_still_serving(client)
 
 
-async def test_500_handler_input_error_in_lora_function(client):
-    with pytest.raises(HandlerError, match="non-empty 'message'"):
+async def test_400_a_caller_mistake_in_a_lora_function_and_the_sandbox_goes_on(client):
+    """The examples judge their events as a handler should: a caller's mistake is a 400."""
+    with pytest.raises(BadRequest, match="non-empty 'message'"):
         await client.invoke("support", {}, timeout_s=120)
     ok = await client.invoke("support", {"message": "hi", "max_new_tokens": 2}, timeout_s=120)
     assert len(ok.output["token_ids"]) <= 2
