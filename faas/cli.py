@@ -389,16 +389,9 @@ def _version() -> str:
         return "(not installed)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
-    parser.add_argument("--version", action="version", version=f"faas {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    from runtime.node.up import UpOptions  # the node's options default to its configs: one source
-
-    o = UpOptions()
+def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
+    """`faas up`'s options, their defaults read from `o` (an UpOptions) and its node config."""
     n = o.node
-    up = sub.add_parser("up", help="run a node (and an embedded nats-server unless --nats)")
     up.add_argument("--port", type=int, default=o.port, help="embedded nats-server port")
     _nats_options(up, "NATS URL(s), comma-separated; no embedded server is started")
     up.add_argument("--functions", action="append", metavar="DIR",
@@ -475,6 +468,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-network-isolation", action="store_true",
                     help="let sandboxes use the network (default: an empty network namespace)")
     up.set_defaults(run=_cmd_up)
+
+
+def _needs_runtime(command: str, exc: ModuleNotFoundError) -> int:
+    print(f"error: faas {command} needs the runtime (no module named {exc.name!r}): "
+          "pip install 'faas-lora[runtime]'", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
+    parser.add_argument("--version", action="version", version=f"faas {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a node (and an embedded nats-server unless --nats)")
+    try:
+        from runtime.node.up import UpOptions  # the node's options default to its configs: one source
+    except ModuleNotFoundError as exc:  # the base install: the SDK and the client commands
+        up.add_argument("options", nargs=argparse.REMAINDER)
+        up.set_defaults(run=lambda _args, missing=exc: _needs_runtime("up", missing))
+    else:
+        _up_arguments(up, UpOptions())
 
     invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")
     invoke.add_argument("function")
@@ -562,7 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its options belong to the benchmark program
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ModuleNotFoundError as exc:  # a command that runs the runtime, on the base install
+        if exc.name and exc.name.split(".")[0] in ("faas", "runtime", "bench", "training"):
+            raise
+        return _needs_runtime(args.command, exc)
 
 
 if __name__ == "__main__":
