@@ -113,17 +113,25 @@ def _uid_range(text: str) -> tuple[int, int] | str | None:
     return first, last
 
 
+# The most NATS lets a server carry in one message.
+_MAX_EVENT_BYTES = 64 << 20
+
+
 def _event(args: argparse.Namespace) -> Any:
     """The EVENT argument parsed as JSON (`-`: read from stdin, `@FILE`: from a file), or
     None after saying why it is not."""
     text = args.event
     try:
         if text == "-":
-            text = sys.stdin.read()
+            text = sys.stdin.buffer.read(_MAX_EVENT_BYTES + 1)
         elif text.startswith("@"):
-            text = Path(text[1:]).read_text()
+            with open(text[1:], "rb") as f:
+                text = f.read(_MAX_EVENT_BYTES + 1)
     except OSError as exc:
         print(f"error: cannot read EVENT from {args.event[1:]}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    if len(text) > _MAX_EVENT_BYTES:  # no message could carry it: do not read on (/dev/zero)
+        print(f"error: EVENT takes more than {_MAX_EVENT_BYTES} bytes", file=sys.stderr)
         return None
     try:
         return json.loads(text)

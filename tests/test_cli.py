@@ -36,6 +36,8 @@ def test_invoke_reads_the_event_from_stdin_or_a_file(node, tmp_path):
     assert filed.returncode == 0 and json.loads(filed.stdout)["echo"] == {"q": "filed"}
     missing = faas("invoke", "echo", f"@{tmp_path / 'nope.json'}", "--nats", node.url)
     assert missing.returncode == 2 and "cannot read EVENT" in missing.stderr
+    endless = faas("invoke", "echo", "@/dev/zero", "--nats", node.url)
+    assert endless.returncode == 2 and "more than 67108864 bytes" in endless.stderr
 
 
 def test_invoke_rejects_a_non_json_event(node):

@@ -11,6 +11,7 @@ so no entry point can skip one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -124,11 +125,7 @@ class Invocations:
     async def admit(self, pool: FunctionPool, answer: Answer, log: Any) -> bool:
         """Record the demand, then take the invocation into `pool`'s queue; False (and the
         refusal answered) when the pool refuses it (full, shutting down)."""
-        for hook in self.hooks:
-            try:
-                await hook.admitting(pool.name)
-            except Exception:
-                log.exception("hook_failed", hook=type(hook).__name__)
+        await self._notify(log, "admitting", pool.name)
         try:
             pool.admit()
         except FaasError as err:
@@ -149,7 +146,7 @@ class Invocations:
         except asyncio.CancelledError:
             told = await answer.shutdown()
             if told is not None:
-                self._count(pool.name, told, log)
+                await self._count(pool.name, told, log)
             raise
         except Exception:
             log.exception("serve_failed")
@@ -167,24 +164,26 @@ class Invocations:
         except FaasError as err:
             await self._fail(pool.name, err, answer, True, log)
             return
-        for hook in self.hooks:
-            try:
-                hook.answered(pool.name, metrics)
-            except Exception:
-                log.exception("hook_failed", hook=type(hook).__name__)
+        await self._notify(log, "answered", pool.name, metrics)
         log.info("invoked", found=served.level.label, queue_ms=metrics.queue_ms, ttft_ms=metrics.ttft_ms,
                  total_ms=metrics.total_ms, batch=result.batch)
 
     async def _fail(self, function: str, err: FaasError, answer: Answer, ran: bool, log: Any) -> None:
-        self._count(function, err, log)
+        await self._count(function, err, log)
         await answer.error(err, ran)
 
-    def _count(self, function: str, err: FaasError, log: Any) -> None:
+    async def _count(self, function: str, err: FaasError, log: Any) -> None:
         log.warning("invoke_failed", code=err.code, error=err.message)
         if function in self.pools:  # not for names nobody serves: no unbounded table
-            for hook in self.hooks:
-                try:
-                    hook.failed(function, err)
-                except Exception:
-                    log.exception("hook_failed", hook=type(hook).__name__)
+            await self._notify(log, "failed", function, err)
+
+    async def _notify(self, log: Any, event: str, *args: Any) -> None:
+        """Tell every hook of `event`; one that raises is logged, and the invocation goes on."""
+        for hook in self.hooks:
+            try:
+                told = getattr(hook, event)(*args)
+                if inspect.isawaitable(told):
+                    await told
+            except Exception:
+                log.exception("hook_failed", hook=type(hook).__name__, hook_event=event)
 
