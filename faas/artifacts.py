@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -52,6 +53,34 @@ def model_shapes(model: Path) -> dict[str, list[int]]:
     if not files:
         raise ValueError(f"{model} has no safetensors weights")
     return {name: meta["shape"] for f in files for name, meta in safetensors_header(f).items()}
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a model reference is a folder on this machine (else a hub id, `org/model`)."""
+    return ref.startswith(("/", ".", "~")) or os.path.exists(ref)
+
+
+def declared_models_problem(backbone: str | None, adapter: str | None) -> str | None:
+    """Why the model folders a function declares cannot be served, or None. Checked by the
+    SDK at declaration and, for the functions a node serves, by the node itself (its
+    discovery runs where those folders may be hidden)."""
+    try:
+        if backbone is not None and looks_local(backbone):
+            if not os.path.isdir(backbone):
+                return f"backbone folder {backbone!r} does not exist"
+            if not (Path(backbone) / "config.json").is_file():
+                return f"backbone folder {backbone!r} has no config.json"
+        if adapter is not None:
+            if not os.path.isdir(adapter):
+                return f"adapter folder {adapter!r} does not exist"
+            problem = shared_backbone_problem(Path(adapter))
+            if problem:
+                return f"adapter {adapter!r} {problem}"
+    except PermissionError as exc:
+        return f"cannot read {exc.filename!r}: permission denied for uid {os.geteuid()}"
+    except ValueError as exc:  # a config that is not JSON, a safetensors header that is not
+        return f"model files are not readable as a model: {exc}"
+    return None
 
 
 def shared_backbone_problem(adapter: Path) -> str | None:

@@ -5,12 +5,11 @@ by the runtime through the context."""
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from faas.artifacts import shared_backbone_problem
+from faas.artifacts import declared_models_problem
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.protocol import valid_function_name, valid_subject
@@ -185,13 +184,9 @@ class FunctionSpec:
             raise SpecError(f"{self.name}: openai must be True or a postprocess(text, request, ctx)")
         if self.openai is not False and self.backbone is None and not _NODE_MODELS:
             raise SpecError(f"{self.name}: openai=... needs a backbone to generate with")
-        if self.backbone is not None and _looks_local(self.backbone):
-            if not (Path(self.backbone) / "config.json").is_file():
-                raise SpecError(f"{self.name}: backbone folder {self.backbone!r} has no config.json")
-        if self.adapter is not None:
-            problem = shared_backbone_problem(Path(self.adapter))
-            if problem:
-                raise SpecError(f"{self.name}: adapter {self.adapter!r} {problem}")
+        problem = declared_models_problem(self.backbone, self.adapter) if _CHECK_MODELS else None
+        if problem:
+            raise SpecError(f"{self.name}: {problem}")
 
     @property
     def source_file(self) -> str:
@@ -213,10 +208,6 @@ def _defining_file(fn: Callable[..., Any]) -> str:
     """The file a function was compiled from (also when that file is no longer readable)."""
     code = getattr(inspect.unwrap(fn), "__code__", None)
     return code.co_filename if code is not None else ""
-
-
-def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", ".", "~")) or os.path.exists(ref)
 
 
 def _resolve(path: str | None, base: Path) -> str | None:
@@ -255,7 +246,7 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
 
     def decorate(handler: Handler) -> Handler:
         base = Path(_defining_file(handler) or ".").resolve().parent
-        if _NODE_MODELS:  # a deployed file: the node resolved the models of the one it serves;
+        if _NODE_MODELS:  # in a sandbox: the node resolved the models of the one it serves;
             # the others declared beside it are not served by this process
             models = _NODE_MODELS.get(name, (None, None))
         else:
@@ -273,14 +264,27 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
     return decorate
 
 
-# Deployed functions: the node resolved their models (the backbone by fingerprint, the
-# adapter from the deploy), so the paths written in their code are not used there.
+# Discovery runs in a namespace that may hide the model folders (a private /tmp, closed
+# folders covered): the node checks them itself, from outside, and makes them readable.
+_CHECK_MODELS = True
+
+
+def defer_model_checks() -> None:
+    """Skip the checks of model folders at declaration (in the node's discovery, which
+    checks them from outside the namespace that runs it)."""
+    global _CHECK_MODELS
+    _CHECK_MODELS = False
+
+
+# In a sandbox the node's models are used, not the paths written in the code: a deployed
+# function's backbone is found by fingerprint and its adapter comes from the deploy, and a
+# declared folder the sandbox's uid may not read is served from a staged copy.
 _NODE_MODELS: dict[str, tuple[str | None, str | None]] = {}
 
 
 def use_node_models(name: str, backbone: str | None, adapter: str | None) -> None:
-    """Make the declaration of `name` use these model folders (set by the runtime before it
-    imports a deployed function's file, whose own paths are the deployer's)."""
+    """Make the declaration of `name` use these model folders (set by the runtime before a
+    sandbox imports its function's file)."""
     _NODE_MODELS[name] = (backbone, adapter)
 
 

@@ -26,16 +26,19 @@ def plain(event, ctx):
     ({"name": "ok", "timeout_s": float("nan")}, "timeout_s"),
     ({"name": "ok", "max_queue": 0}, "max_queue"),
     ({"name": "ok", "adapter": "/nonexistent"}, "needs a backbone"),
-    ({"name": "ok", "backbone": "/nonexistent/model"}, "no config.json"),
+    ({"name": "ok", "backbone": "/nonexistent/model"}, "'/nonexistent/model' does not exist"),
+    ({"name": "ok", "backbone": "/"}, "no config.json"),
 ])
 def test_bad_declarations_fail_at_import(kwargs, match):
     with pytest.raises(SpecError, match=match):
         function(**kwargs)(plain)
 
 
-def test_missing_adapter_folder(models):
-    with pytest.raises(SpecError, match="adapter_config.json"):
+def test_missing_adapter_folder(models, tmp_path):
+    with pytest.raises(SpecError, match="adapter folder '/nonexistent/adapter' does not exist"):
         function(name="x", backbone=model_path(), adapter="/nonexistent/adapter")(plain)
+    with pytest.raises(SpecError, match="has no adapter_config.json"):
+        function(name="x", backbone=model_path(), adapter=str(tmp_path))(plain)
 
 
 def test_relative_paths_resolve_from_the_declaring_file(models, tmp_path, monkeypatch):
@@ -52,7 +55,7 @@ def test_relative_paths_resolve_from_the_declaring_file(models, tmp_path, monkey
         "from faas import function\n"
         f"@function(name='bad', backbone={model_path()!r}, adapter='./missing')\n"
         "def bad(event, ctx):\n    return event\n")
-    with pytest.raises(SpecError, match="adapter_config.json"):
+    with pytest.raises(SpecError, match=f"adapter folder '{tmp_path / 'missing'}' does not exist"):
         load_file(tmp_path / "bad.py")
 
 

@@ -83,8 +83,8 @@ class BackboneRegistry(KeptWarm[Backbone]):
         self.threads = threads
         self.load_timeout_s = load_timeout_s
         self.verify_interval_s = verify_interval_s
-        # Loaders read only what the least privileged runtime uid may read: a function
-        # cannot get a root-only model mapped by naming it as its backbone.
+        # Loaders see only what their namespace shows: the backbones the node made readable
+        # to them (runtime/functions/readable.py), never a root-only folder a function names.
         self.isolation = isolation or Isolation()
 
     def state(self) -> list[dict[str, Any]]:

@@ -24,26 +24,50 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from faas.bundled import faas_home
+from faas.artifacts import declared_models_problem, looks_local
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.record import FunctionRecord
 from runtime.functions.loader import function_files
 from runtime.proc.children import child_environment, die_with_parent
-from runtime.proc.isolation import Isolation, reachable
+from runtime.functions.readable import model_view
+from runtime.proc.isolation import Isolation
 from runtime.proc.locks import hold
 
 log = get_logger()
 
 
 def _isolation(uid: int | None, folder: Path | None, network: bool,
-               models: tuple[str | None, ...] = ()) -> Isolation:
+               models: tuple[str, ...] = ()) -> Isolation:
+    """`models`: what runtime/functions/readable.py made readable, shown where it is."""
     if uid is None:
         return Isolation()
-    # Declared models are re-exposed only where anyone could walk to them anyway
-    # (e.g. under the covered /tmp), never from inside a folder closed to others.
-    expose = (str(faas_home()), *((str(folder),) if folder else ()),
-              *(m for m in models if m and os.path.isabs(m) and reachable(m)))
-    return Isolation(uid=uid, network=network, expose=expose)
+    return Isolation(uid=uid, network=network,
+                     expose=(str(faas_home()), *((str(folder),) if folder else ()), *models))
+
+
+def _staged() -> Path:
+    return faas_home() / "staged"
+
+
+async def readable_models(record: FunctionRecord, uid: int | None, loader_uid: int | None,
+                          adapter: bool = True) -> tuple[FunctionRecord, tuple[str, ...], tuple[str, ...]]:
+    """The record with the model folders its sandboxes and backbone loader will load
+    (declared, or staged copies), and the paths their namespaces must show: the backbone's
+    (the loader's and the sandboxes'), the adapter's (the sandboxes' only). `adapter`: also
+    make the adapter readable (a deployed one is staged for its function's group already)."""
+    if uid is None or loader_uid is None:
+        return record, (), ()
+    backbone, served_adapter = record.backbone, record.adapter
+    shown_backbone: tuple[str, ...] = ()
+    shown_adapter: tuple[str, ...] = ()
+    if backbone is not None and looks_local(backbone):
+        view = await asyncio.to_thread(model_view, backbone, (loader_uid, uid), _staged(), None, "backbones")
+        backbone, shown_backbone = view.path, view.expose
+    if adapter and served_adapter is not None:
+        view = await asyncio.to_thread(model_view, served_adapter, (uid,), _staged(), uid, record.name)
+        served_adapter, shown_adapter = view.path, view.expose
+    return replace(record, backbone=backbone, adapter=served_adapter), shown_backbone, shown_adapter
 
 
 @dataclass
@@ -67,7 +91,11 @@ class Catalog:
         self._next_uid += 1
         return self._next_uid - 1
 
-    def isolation_for(self, uid: int | None, folder: Path, models: tuple[str | None, ...]) -> Isolation:
+    @property
+    def loader_uid(self) -> int | None:
+        return self.uids[0] if self.uids else None
+
+    def isolation_for(self, uid: int | None, folder: Path, models: tuple[str, ...]) -> Isolation:
         """The isolation of a deployed function: as for the functions folders' ones."""
         return _isolation(uid, folder, self.network_isolation, models)
 
@@ -231,7 +259,7 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
         lock_fds = _lock_uids(uids) if uids else []
 
     def isolated(uid_offset: int, folder: Path | None, network: bool,
-                 models: tuple[str | None, ...] = ()) -> Isolation:
+                 models: tuple[str, ...] = ()) -> Isolation:
         return _isolation(uids[0] + uid_offset if uids else None, folder, network, models)
 
     try:
@@ -249,14 +277,25 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
         names = sorted(seen)
         if uids is not None and len(names) > uids[1] - uids[0] - 1:
             raise FaasError(f"{len(names)} functions need more uids than {uids[0]}-{uids[1]}")
+        by_name = {spec.name: spec for spec in specs}
+        isolation: dict[str, Isolation] = {}
+        backbones: list[str] = []  # what the loaders must see
+        for i, name in enumerate(names):
+            # Discovery did not check the model folders (its namespace may hide them): here,
+            # from outside, where a problem names its real cause.
+            problem = declared_models_problem(by_name[name].backbone, by_name[name].adapter)
+            if problem:
+                raise FaasError(f"function {name!r} ({seen[name]}): {problem}")
+            by_name[name], backbone, adapter = await readable_models(
+                by_name[name], uids[0] + 1 + i if uids else None, uids[0] if uids else None)
+            isolation[name] = isolated(1 + i, Path(seen[name]).parent, network_isolation,
+                                       (*backbone, *adapter))
+            backbones += backbone
+        specs = [by_name[spec.name] for spec in specs]
     except BaseException:
         for fd in lock_fds:
             os.close(fd)
         raise
-    by_name = {spec.name: spec for spec in specs}
-    isolation = {name: isolated(1 + i, Path(seen[name]).parent, network_isolation,
-                                (by_name[name].backbone, by_name[name].adapter))
-                 for i, name in enumerate(names)}
     protections = {
         # Functions deployed later take the next ones.
         "sandbox_uids": f"{uids[0] + 1}-{uids[1] - 1}, {len(names)} taken" if uids else why_not,
@@ -265,6 +304,7 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
         "cpu_backbone": "sealed read-only memfd",
     }
     # Deployed functions' backbones are found in the models folders: loaders may read them.
-    loader_models = (*(spec.backbone for spec in specs), *(str(d.resolve()) for d in models_dirs))
+    loader_models = (*backbones,
+                     *(str(d.resolve()) for d in models_dirs if d.is_dir()))
     return Catalog(specs, isolation, isolated(0, None, False, loader_models), protections, uids,
                    network_isolation, (uids[0] + 1 + len(names)) if uids else 0, lock_fds)

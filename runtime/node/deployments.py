@@ -38,8 +38,8 @@ from faas.deploy import buckets
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.record import FunctionRecord, decode_deployment
-from runtime.functions.catalog import Catalog
-from runtime.proc.isolation import Isolation
+from runtime.functions.catalog import Catalog, readable_models
+from runtime.proc.isolation import Isolation, reachable
 from runtime.proc.locks import hold
 
 AddFunction = Callable[[FunctionRecord, Isolation], Awaitable[None]]
@@ -60,6 +60,10 @@ class ModelFinder:
             except (OSError, ValueError):
                 return None
         return self._known[model]
+
+    def configured(self, model: Path) -> bool:
+        """Whether `model` is directly under one of the configured folders."""
+        return any(model.parent.resolve() == folder.resolve() for folder in self.folders)
 
     def find(self, fingerprint: str, hint: str | None) -> Path | None:
         """The deployer's own path first (mounted at the same place), then every model
@@ -185,7 +189,14 @@ class Deployments:
             raise FaasError(f"deployed adapter carries pickle files {pickled[:2]}: only safetensors")
         if name not in self._uids:
             self._uids[name] = self.catalog.new_uid()
-        isolation = self.catalog.isolation_for(self._uids[name], self.root / name, (backbone,))
+        uid = self._uids[name]
+        if backbone is not None and self.models.configured(Path(backbone)):
+            # One of the operator's --models folders: made readable to this function's
+            # uids as the functions folders' models are (staged when they may not read it).
+            spec, shown, _ = await readable_models(spec, uid, self.catalog.loader_uid, adapter=False)
+        else:  # the deployer's own path: only what any uid may reach already
+            shown = (backbone,) if backbone is not None and reachable(backbone) else ()
+        isolation = self.catalog.isolation_for(uid, self.root / name, shown)
         if not (folder / ".complete").exists():
             await self._download(folder, record, isolation.uid)
         return replace(spec, deployed=record["version"]), isolation

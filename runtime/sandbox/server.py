@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from faas import openai_api
 from faas.protocol import MAX_ERROR_MESSAGE
-from faas.errors import BadRequest, Overloaded, SpecError
+from faas.errors import BadRequest, Overloaded
 from faas.logs import get_logger
 from faas.record import DEFAULT_SLO_TTFT_S
 from faas.sdk import Context, EventInfo, FunctionSpec, Generation, use_node_models
@@ -168,12 +168,10 @@ class _Function:
         elif self.conn is not None and init["adapter"] is not None:
             self.conn.load()
         if self.spec is None:  # back from an offload: the handler module and setup stay
-            if init.get("node_models"):  # deployed: its code names the deployer's paths
-                use_node_models(init["name"], init["backbone_path"], init["adapter"])
+            # The node resolved the models: a deployed file names its deployer's paths, and
+            # a declared folder this uid may not read was staged as a copy.
+            use_node_models(init["name"], init["backbone_path"], init["adapter"])
             self.spec = find_spec(init["source_file"], init["name"])
-            if (self.spec.backbone, self.spec.adapter) != (init["backbone_path"], init["adapter"]):
-                raise SpecError(f"{init['source_file']} changed since the node loaded it "
-                                "(backbone or adapter differ): restart the node")
             if self.spec.setup is not None:
                 self._call(self.spec.setup, Context(self.spec.name, None, self.state, None), loop=self.loop)
         if self.model is not None and warm_up:

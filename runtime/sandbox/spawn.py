@@ -204,7 +204,7 @@ async def fork_sandbox(spec: FunctionRecord, config: SandboxConfig, zygote: Zygo
             "threads": config.threads, "backbone_path": spec.backbone, "adapter": spec.adapter,
             "max_batch": max_batch(spec, config), "slo_ttft_s": spec.slo_ttft_s,
             "max_frame_bytes": config.max_frame_bytes,
-            "node_models": spec.deployed is not None, "engine": engine}
+            "engine": engine}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)
