@@ -39,6 +39,7 @@ from bench.workloads import (
     time_scale,
 )
 from faas import FaasError
+from faas.cli import DefaultsHelpFormatter
 from faas.bundled import faas_home
 
 
@@ -234,7 +235,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="faas bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="faas bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     add_workload_arguments(parser, default="trace")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="start measuring at once; by default each mode first serves, "

