@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -41,7 +42,16 @@ async def _through_the_gateway(http_url: str, served: list[str]) -> str:
     """One OpenAI chat completion through the gateway, as any OpenAI client would send it."""
     import httpx
 
-    models = [m["id"] for m in (await _get_json(http_url + "/v1/models"))["data"] if m["id"] in served]
+    # The gateway learns the models from the nodes' INFO every 2 s (a 503 until it heard
+    # one): a quick demo may ask before that.
+    for _ in range(20):
+        listing = await _get_json(http_url + "/v1/models")
+        if "data" in listing:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        return f"GET {http_url}/v1/models -> {_clip(listing, 200)}"
+    models = [m["id"] for m in listing["data"] if m["id"] in served]
     if not models:
         return ""
     # What a chat client of the support model sends: its system prompt with the facts the

@@ -59,8 +59,11 @@ class LocalNode:
             args += ["--port", str(free_port())]
         if self.state_dir:
             args += ["--state-dir", str(self.state_dir)]
+        env = {**os.environ, **(self.env or {})}
+        if not self.nats_url:  # an embedded server: `faas up` would take $FAAS_NATS_URL for another
+            env.pop("FAAS_NATS_URL", None)
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **(self.env or {})})
+                                     stdin=subprocess.DEVNULL, env=env)
         assert self.proc.stdout is not None
         line = _readline(self.proc.stdout, ready_timeout_s)
         if not line.startswith("ready "):

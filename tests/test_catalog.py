@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from faas import FaasError
+from faas import Client, FaasError
 from faas.errors import SpecError
 from faas.record import FunctionRecord
 from faas.localnode import LocalNode
@@ -51,14 +51,17 @@ def test_a_missing_field_or_a_deployed_version_from_outside_is_refused():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are used by root nodes only")
-def test_a_second_node_with_no_flags_takes_the_next_free_uid_range(node, tmp_path):
+async def test_a_second_node_with_no_flags_takes_the_next_free_uid_range(node, client, tmp_path):
     """The session node holds the first range (61000-61999): a second one started with no
-    flags serves from the next, and the two never share a uid."""
+    flags serves from the next, and the two never share a uid; both serve."""
     second = second_node(tmp_path)
     try:
         protections = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
                        if '"protections"' in line]
         assert protections and protections[0]["sandbox_uids"].startswith("62001-62998,")
+        async with Client(second.url) as other:
+            for caller in (client, other):
+                assert (await caller.invoke("echo", {"text": "hi"})).output["echo"] == {"text": "hi"}
     finally:
         second.stop()
 
