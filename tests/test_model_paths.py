@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from faas import Client
+from faas import Client, FaasError
 from faas.artifacts import declared_models_problem
 from faas.bundled import TINY_LLAMA
 from faas.localnode import LocalNode
+from runtime.functions.readable import model_view
 from tests.reference import greedy_token_ids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are used by root nodes only")
@@ -118,3 +119,54 @@ async def test_a_node_refuses_to_start_naming_a_declared_folder_that_does_not_ex
             node.start(ready_timeout_s=60)
     assert f"function 'f' ({tmp_path / 'functions' / 'f.py'}): backbone folder {str(missing)!r} does not exist" \
         in (tmp_path / "node.log").read_text()
+
+
+def _adapter(where: Path, mode: int = 0o644) -> Path:
+    where.mkdir(parents=True)
+    (where / "adapter_config.json").write_text("{}")
+    (where / "adapter_model.safetensors").write_bytes(b"weights")
+    for file in where.iterdir():
+        file.chmod(mode)
+    return where
+
+
+def test_a_copy_is_staged_once_for_its_function_s_group_and_again_when_the_source_changes(tmp_path):
+    source = _adapter(tmp_path / "adapter", mode=0o600)
+    staged = tmp_path / "staged"
+    view = model_view(str(source), (61999,), staged, 61999, "fn", lender=0)
+    copy = Path(view.path)
+    assert copy.parent == staged and view.expose == (str(copy),)
+    weights = copy / "adapter_model.safetensors"
+    info = weights.stat()
+    assert weights.read_bytes() == b"weights" and (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, 61999, 0o640)
+    assert (source / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # the source is untouched
+    assert model_view(str(source), (61999,), staged, 61999, "fn", lender=0).path == view.path
+    assert weights.stat().st_ino == info.st_ino  # reused, not copied again
+    (source / "adapter_model.safetensors").write_bytes(b"retrained")
+    model_view(str(source), (61999,), staged, 61999, "fn", lender=0)
+    assert weights.read_bytes() == b"retrained"
+
+
+def test_the_node_lends_its_rights_over_nothing_a_function_should_not_read(tmp_path, faas_home):
+    staged = tmp_path / "staged"
+    escaping = _adapter(tmp_path / "escaping")
+    (escaping / "extra").symlink_to("/etc/shadow")
+    with pytest.raises(FaasError, match="leads to /etc/shadow, outside"):
+        model_view(str(escaping), (61999,), staged, 61999, "fn", lender=0)
+    # Root's 0600 adapter, declared by a function whose file someone else owns.
+    with pytest.raises(FaasError, match="belongs to uid 0, not to uid 1234"):
+        model_view(str(_adapter(tmp_path / "roots", mode=0o600)), (61999,), staged, 61999, "fn", lender=1234)
+    # A readable adapter in a folder closed to others: the same.
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    with pytest.raises(FaasError, match="belongs to uid 0, not to uid 1234"):
+        model_view(str(_adapter(closed / "a")), (61999,), staged, 61999, "fn", lender=1234)
+    assert model_view(str(closed / "a"), (61999,), staged, 61999, "fn", lender=0).expose == (str(closed / "a"),)
+    # Another function's deployed adapter in the state folder.
+    deployed = _adapter(faas_home / "deployed-test" / "victim" / "adapter", mode=0o640)
+    try:
+        with pytest.raises(FaasError, match="state folder"):
+            model_view(str(deployed), (61999,), staged, 61999, "fn", lender=0)
+    finally:
+        shutil.rmtree(faas_home / "deployed-test")
+    assert not staged.exists() or not [p for p in staged.iterdir() if not p.name.endswith(".lock")]

@@ -51,21 +51,26 @@ def _staged() -> Path:
 
 
 async def readable_models(record: FunctionRecord, uid: int | None, loader_uid: int | None,
-                          adapter: bool = True) -> tuple[FunctionRecord, tuple[str, ...], tuple[str, ...]]:
+                          lender: int | None, adapter: bool = True,
+                          ) -> tuple[FunctionRecord, tuple[str, ...], tuple[str, ...]]:
     """The record with the model folders its sandboxes and backbone loader will load
     (declared, or staged copies), and the paths their namespaces must show: the backbone's
     (the loader's and the sandboxes'), the adapter's (the sandboxes' only). `adapter`: also
-    make the adapter readable (a deployed one is staged for its function's group already)."""
+    make the adapter readable (a deployed one is staged for its function's group already).
+    `lender`: whose files the node may lend its rights over (runtime/functions/readable.py):
+    the owner of the function's file, or None for the operator's --models folders."""
     if uid is None or loader_uid is None:
         return record, (), ()
     backbone, served_adapter = record.backbone, record.adapter
     shown_backbone: tuple[str, ...] = ()
     shown_adapter: tuple[str, ...] = ()
     if backbone is not None and looks_local(backbone):
-        view = await asyncio.to_thread(model_view, backbone, (loader_uid, uid), _staged(), None, "backbones")
+        view = await asyncio.to_thread(model_view, backbone, (loader_uid, uid), _staged(), None,
+                                       "backbones", lender)
         backbone, shown_backbone = view.path, view.expose
     if adapter and served_adapter is not None:
-        view = await asyncio.to_thread(model_view, served_adapter, (uid,), _staged(), uid, record.name)
+        view = await asyncio.to_thread(model_view, served_adapter, (uid,), _staged(), uid, record.name,
+                                       lender)
         served_adapter, shown_adapter = view.path, view.expose
     return replace(record, backbone=backbone, adapter=served_adapter), shown_backbone, shown_adapter
 
@@ -287,7 +292,8 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
             if problem:
                 raise FaasError(f"function {name!r} ({seen[name]}): {problem}")
             by_name[name], backbone, adapter = await readable_models(
-                by_name[name], uids[0] + 1 + i if uids else None, uids[0] if uids else None)
+                by_name[name], uids[0] + 1 + i if uids else None, uids[0] if uids else None,
+                lender=os.stat(seen[name]).st_uid)
             isolation[name] = isolated(1 + i, Path(seen[name]).parent, network_isolation,
                                        (*backbone, *adapter))
             backbones += backbone

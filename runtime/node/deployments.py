@@ -193,7 +193,8 @@ class Deployments:
         if backbone is not None and self.models.configured(Path(backbone)):
             # One of the operator's --models folders: made readable to this function's
             # uids as the functions folders' models are (staged when they may not read it).
-            spec, shown, _ = await readable_models(spec, uid, self.catalog.loader_uid, adapter=False)
+            spec, shown, _ = await readable_models(spec, uid, self.catalog.loader_uid, lender=None,
+                                                   adapter=False)
         else:  # the deployer's own path: only what any uid may reach already
             shown = (backbone,) if backbone is not None and reachable(backbone) else ()
         isolation = self.catalog.isolation_for(uid, self.root / name, shown)
