@@ -9,6 +9,7 @@ file of its functions folder, and `faas deploy` ships them all.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from string import Template
 
@@ -49,6 +50,7 @@ Run:  pytest $folder/tests
 """
 
 import asyncio
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -97,12 +99,16 @@ def create(name: str, parent: Path) -> list[Path]:
     if not valid_function_name(name):
         raise ValueError(f"invalid function name {name!r}: use lower-case letters, digits, '_' "
                          "and '-', starting with a letter (at most 63 characters)")
+    module = name.replace("-", "_")  # importable, unless the name is a keyword
+    if importlib.util.find_spec(module) is not None:
+        # The node puts the folder first on sys.path: NAME.py would replace that module.
+        raise ValueError(f"{module!r} is the name of an installed module ({module}.py would "
+                         "shadow it): choose another name")
     folder = parent / name
     try:
         folder.mkdir(parents=True)  # fails on anything already there, also a link
     except FileExistsError:
         raise ValueError(f"{folder} exists: faas new only writes a new folder") from None
-    module = name.replace("-", "_")  # importable, unless the name is a keyword
     fields = {"name": name, "folder": str(folder)}
     files = {folder / f"{module}.py": _FUNCTION.substitute(fields),
              folder / "tests" / f"test_{module}.py": _TEST.substitute(fields)}

@@ -219,7 +219,8 @@ def _resolve(path: str | None, base: Path) -> str | None:
     if expanded.is_absolute():
         return str(expanded)
     candidate = base / expanded
-    if path.startswith(".") or candidate.exists():
+    # A link counts even when its target is hidden (discovery's namespace may hide it).
+    if path.startswith(".") or candidate.exists() or candidate.is_symlink():
         return str(candidate.resolve())
     return path
 

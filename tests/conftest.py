@@ -167,6 +167,16 @@ def second_node(tmp_path: Path, *options: str):
     return node
 
 
+def uid_range(log: Path) -> tuple[int, int]:
+    """The sandbox uids a node logged it took (its `protections` event): its functions'
+    first and last, discovery's being last + 1 and the loaders' first - 1."""
+    for line in log.read_text().splitlines():
+        if '"protections"' in line:
+            first, last = json.loads(line)["sandbox_uids"].split(",")[0].split("-")
+            return int(first), int(last)
+    raise AssertionError(f"{log} has no protections event")
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

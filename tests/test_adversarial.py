@@ -23,7 +23,7 @@ import pytest
 
 from faas import BadRequest, Cancelled, Client, HandlerError, Overloaded, protocol
 from faas.protocol import HDR_REQUEST_ID, HDR_REQUEST_KEY, HDR_RETRY
-from tests.conftest import assert_still_serving, error_of, nodes_of, second_node
+from tests.conftest import assert_still_serving, error_of, nodes_of, second_node, uid_range
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="a node that is not root isolates nothing")
 
@@ -406,7 +406,8 @@ async def test_discovery_runs_with_the_allowed_environment_and_its_own_uid(clien
     if os.geteuid() == 0:
         lines = [json.loads(line) for line in (faas_home / "node.log").read_text().splitlines()
                  if '"helper_output"' in line and "hostile.py imported by uid" in line]
-        assert {line["line"] for line in lines} == {"hostile.py imported by uid 61999"}
+        discovery_uid = uid_range(faas_home / "node.log")[1] + 1
+        assert {line["line"] for line in lines} == {f"hostile.py imported by uid {discovery_uid}"}
 
 
 # --- 6. the GPU weight checksum missed permutations ---------------------------------------------

@@ -3,7 +3,6 @@ shares a host with other nodes."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -12,7 +11,7 @@ from faas import Client, FaasError
 from faas.errors import SpecError
 from faas.record import FunctionRecord
 from faas.localnode import LocalNode
-from tests.conftest import TEST_FUNCTIONS, second_node
+from tests.conftest import TEST_FUNCTIONS, second_node, uid_range
 
 GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "max_queue": 4,
         "max_instances": 1, "start_timeout_s": 60.0, "source_file": "/f/fn.py",
@@ -51,14 +50,15 @@ def test_a_missing_field_or_a_deployed_version_from_outside_is_refused():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sandbox uids are used by root nodes only")
-async def test_a_second_node_with_no_flags_takes_the_next_free_uid_range(node, client, tmp_path):
-    """The session node holds the first range (61000-61999): a second one started with no
-    flags serves from the next, and the two never share a uid; both serve."""
+async def test_a_second_node_with_no_flags_takes_the_next_free_uid_range(node, client, tmp_path, faas_home):
+    """The session node holds a range of 61000-69999 (the first free, 61000-61999 on a
+    quiet host): a second one started with no flags serves from another, and the two never
+    share a uid; both serve."""
     second = second_node(tmp_path)
     try:
-        protections = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
-                       if '"protections"' in line]
-        assert protections and protections[0]["sandbox_uids"].startswith("62001-62998,")
+        ours, theirs = uid_range(faas_home / "node.log"), uid_range(tmp_path / "node.log")
+        assert theirs[0] % 1000 == 1 and theirs[1] - theirs[0] == 997 and 61000 < theirs[0] < 70000
+        assert theirs[1] < ours[0] - 1 or theirs[0] > ours[1] + 1  # no uid in common
         async with Client(second.url) as other:
             for caller in (client, other):
                 assert (await caller.invoke("echo", {"text": "hi"})).output["echo"] == {"text": "hi"}

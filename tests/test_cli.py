@@ -285,6 +285,8 @@ def test_new_refuses_a_bad_name_or_an_existing_folder(tmp_path):
     assert out.returncode == 2
     assert out.stderr == f"error: {tmp_path / 'taken'} exists: faas new only writes a new folder\n"
     assert list((tmp_path / "taken").iterdir()) == []
+    out = faas("new", "json", "--dir", str(tmp_path))  # json.py would shadow the module
+    assert out.returncode == 2 and "is the name of an installed module" in out.stderr
 
 
 def test_top_and_ls_fit_80_columns(scaffolded):

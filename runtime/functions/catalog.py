@@ -30,7 +30,7 @@ from faas.logs import get_logger
 from faas.record import FunctionRecord
 from runtime.functions.loader import function_files
 from runtime.proc.children import child_environment, die_with_parent
-from runtime.functions.readable import model_view
+from runtime.functions.readable import lending_roots, model_view, sweep_staged
 from runtime.proc.isolation import Isolation
 from runtime.proc.locks import hold
 
@@ -46,32 +46,34 @@ def _isolation(uid: int | None, folder: Path | None, network: bool,
                      expose=(str(faas_home()), *((str(folder),) if folder else ()), *models))
 
 
-def _staged() -> Path:
-    return faas_home() / "staged"
-
-
 async def readable_models(record: FunctionRecord, uid: int | None, loader_uid: int | None,
-                          lender: int | None, adapter: bool = True,
+                          lender: int | None, roots: tuple[Path, ...], held: list[int],
+                          adapter: bool = True,
                           ) -> tuple[FunctionRecord, tuple[str, ...], tuple[str, ...]]:
     """The record with the model folders its sandboxes and backbone loader will load
     (declared, or staged copies), and the paths their namespaces must show: the backbone's
     (the loader's and the sandboxes'), the adapter's (the sandboxes' only). `adapter`: also
     make the adapter readable (a deployed one is staged for its function's group already).
-    `lender`: whose files the node may lend its rights over (runtime/functions/readable.py):
-    the owner of the function's file, or None for the operator's --models folders."""
+    `lender` and `roots`: whose files, and where, the node may lend its rights over
+    (runtime/functions/readable.py); the locks that keep staged copies go to `held`."""
     if uid is None or loader_uid is None:
         return record, (), ()
     backbone, served_adapter = record.backbone, record.adapter
     shown_backbone: tuple[str, ...] = ()
     shown_adapter: tuple[str, ...] = ()
-    if backbone is not None and looks_local(backbone):
-        view = await asyncio.to_thread(model_view, backbone, (loader_uid, uid), _staged(), None,
-                                       "backbones", lender)
-        backbone, shown_backbone = view.path, view.expose
-    if adapter and served_adapter is not None:
-        view = await asyncio.to_thread(model_view, served_adapter, (uid,), _staged(), uid, record.name,
-                                       lender)
-        served_adapter, shown_adapter = view.path, view.expose
+    try:
+        if backbone is not None and looks_local(backbone):
+            view = await asyncio.to_thread(model_view, "backbone", backbone, (loader_uid, uid), None,
+                                           "backbone", lender, roots)
+            held += [view.lock] if view.lock is not None else []
+            backbone, shown_backbone = view.path, view.expose
+        if adapter and served_adapter is not None:
+            view = await asyncio.to_thread(model_view, "adapter", served_adapter, (uid,), uid,
+                                           f"adapter:{record.name}", lender, roots)
+            held += [view.lock] if view.lock is not None else []
+            served_adapter, shown_adapter = view.path, view.expose
+    except FaasError as err:
+        raise FaasError(f"function {record.name!r} ({record.source_file}): {err.message}") from None
     return replace(record, backbone=backbone, adapter=served_adapter), shown_backbone, shown_adapter
 
 
@@ -84,7 +86,8 @@ class Catalog:
     uids: tuple[int, int] | None = None
     network_isolation: bool = True
     _next_uid: int = 0  # the next uid for a function deployed later
-    _lock_fds: list[int] = field(default_factory=list, repr=False)
+    # Held while the node lives: its uid blocks and its staged model copies.
+    held: list[int] = field(default_factory=list, repr=False)
 
     def new_uid(self) -> int | None:
         """A uid from the range never handed out before (for a function deployed while the
@@ -105,9 +108,9 @@ class Catalog:
         return _isolation(uid, folder, self.network_isolation, models)
 
     def close(self) -> None:
-        for fd in self._lock_fds:
+        for fd in self.held:
             os.close(fd)
-        self._lock_fds = []
+        self.held = []
 
 
 _MAX_OUTPUT_BYTES = 1 << 20
@@ -293,11 +296,14 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
                 raise FaasError(f"function {name!r} ({seen[name]}): {problem}")
             by_name[name], backbone, adapter = await readable_models(
                 by_name[name], uids[0] + 1 + i if uids else None, uids[0] if uids else None,
-                lender=os.stat(seen[name]).st_uid)
+                lender=os.stat(seen[name]).st_uid, roots=lending_roots(Path(seen[name]).parent, models_dirs),
+                held=lock_fds)
             isolation[name] = isolated(1 + i, Path(seen[name]).parent, network_isolation,
                                        (*backbone, *adapter))
             backbones += backbone
         specs = [by_name[spec.name] for spec in specs]
+        if uids:  # this node holds its copies now: the others nobody holds are stale
+            await asyncio.to_thread(sweep_staged, faas_home() / "staged")
     except BaseException:
         for fd in lock_fds:
             os.close(fd)

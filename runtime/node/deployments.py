@@ -39,6 +39,7 @@ from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.record import FunctionRecord, decode_deployment
 from runtime.functions.catalog import Catalog, readable_models
+from runtime.functions.readable import lending_roots
 from runtime.proc.isolation import Isolation, reachable
 from runtime.proc.locks import hold
 
@@ -193,8 +194,10 @@ class Deployments:
         if backbone is not None and self.models.configured(Path(backbone)):
             # One of the operator's --models folders: made readable to this function's
             # uids as the functions folders' models are (staged when they may not read it).
-            spec, shown, _ = await readable_models(spec, uid, self.catalog.loader_uid, lender=None,
-                                                   adapter=False)
+            spec, shown, _ = await readable_models(
+                spec, uid, self.catalog.loader_uid, lender=None,
+                roots=lending_roots(Path(backbone).parent, self.models.folders), held=self.catalog.held,
+                adapter=False)
         else:  # the deployer's own path: only what any uid may reach already
             shown = (backbone,) if backbone is not None and reachable(backbone) else ()
         isolation = self.catalog.isolation_for(uid, self.root / name, shown)
