@@ -122,6 +122,8 @@ class BackboneRegistry(KeptWarm[Backbone]):
 
     async def _start(self, model: str) -> Backbone:
         started = time.monotonic()
+        # Seconds to minutes (a large model, a first fetch): say so before, not only after.
+        log.info("backbone_loading", model=model, device=self.device, timeout_s=self.load_timeout_s)
         proc, ours = await start_node_child("runtime.backbone.process", self.threads, hub_token=True)
         try:
             request = {"type": "load", "model": model, "device": self.device,
