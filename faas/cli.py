@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -183,15 +184,19 @@ async def _print_stream(client: Client, function: str, event: Any,
 
 async def _ls(args: argparse.Namespace) -> int:
     from faas.client import listing
+    from faas.deploy import deployed
 
     try:
         nc = await _admin(args)  # the listing names paths: an operator's view
         try:
             nodes = await listing(nc)
+            records = await deployed(nc) if args.deployed else []
         finally:
             await nc.drain()
     except (FaasError, nats.errors.Error) as err:
         return _fail(err)
+    if args.deployed:
+        return _print_deployed(records, nodes, args.json)
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0
@@ -209,6 +214,30 @@ async def _ls(args: argparse.Namespace) -> int:
                        drop=("WHY", "BACKBONE", "ADAPTER", "CHANCE", "PLANNED", "LEVELS", "STARTING")))
     if not nodes:
         print("(no node answered)", file=sys.stderr)
+    return 0
+
+
+def _print_deployed(records: list[dict[str, Any]], nodes: list[dict[str, Any]], as_json: bool) -> int:
+    """Every deployed function: its live version, the nodes serving it (at which version),
+    and why the others do not."""
+    rows = []
+    for record in records:
+        name = record["name"]
+        serving = {n["node"]: n.get("deployed", {}).get("serving", {}).get(name) for n in nodes}
+        why_not = {n["node"]: n.get("deployed", {}).get("unavailable", {}).get(name) for n in nodes}
+        rows.append({"function": name, "version": record["version"],
+                     "serving": {node: v for node, v in serving.items() if v is not None},
+                     "not_serving": {node: why for node, why in why_not.items() if why}})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("FUNCTION", "VERSION", "SERVED BY", "WHY NOT")]
+    for row in rows:
+        served = ",".join(f"{node}@v{v}" for node, v in sorted(row["serving"].items())) or "-"
+        why = "; ".join(f"{node}: {why}" for node, why in sorted(row["not_serving"].items()))
+        table.append((row["function"], row["version"], served,
+                      why or ("-" if row["serving"] else "no node answered" if not nodes else "no node serves it")))
+    print(format_table(table, table_width(), squeeze={"FUNCTION": 12, "SERVED BY": 16, "WHY NOT": 16}))
     return 0
 
 
@@ -298,7 +327,7 @@ async def _deploy(args: argparse.Namespace) -> int:
         _print_files(records)
         nc = await _admin(args)
         try:
-            rows = await deploy.deploy(nc, records)
+            rows = await deploy.deploy(nc, records, deploy.deployer(auth.from_args(args).user))
         finally:
             await nc.drain()
     except (FaasError, nats.errors.Error, OSError) as err:
@@ -354,13 +383,45 @@ async def _rm_or_rollback(args: argparse.Namespace) -> int:
                 await deploy.remove(nc, args.function)
                 print(f"removed {args.function}")
             else:
-                record = await deploy.rollback(nc, args.function)
+                record = await deploy.rollback(nc, args.function, args.to,
+                                               deploy.deployer(auth.from_args(args).user))
                 print(f"{args.function}: version {record['version']} again")
         finally:
             await nc.drain()
     except (FaasError, nats.errors.Error) as err:
         return _fail(err)
     return 0
+
+
+async def _versions(args: argparse.Namespace) -> int:
+    from faas import deploy
+
+    try:
+        nc = await _admin(args)
+        try:
+            rows = await deploy.versions(nc, args.function)
+        finally:
+            await nc.drain()
+    except (FaasError, nats.errors.Error) as err:
+        return _fail(err)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    table = [("VERSION", "DEPLOYED", "BY", "DIGEST", "LIVE")]
+    for row in rows:
+        live = ("live" + (f" (rollback {_when(row['rolled_back_at'])})" if row["rolled_back_at"] else "")
+                if row["live"] else "")
+        table.append((row["version"], _when(row["deployed_at"]), row["deployed_by"] or "-", row["digest"], live))
+    print(format_table(table, table_width(), squeeze={"BY": 16}))
+    return 0
+
+
+def _when(timestamp: float | None) -> str:
+    """A time as UTC, to the second (what a version listing needs)."""
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 async def _ping(args: argparse.Namespace) -> int:
@@ -698,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(ls)
     ls.add_argument("--json", action="store_true",
                     help="print JSON, with budgets, level profiles, batch windows and memory")
+    ls.add_argument("--deployed", action="store_true",
+                    help="every deployed function instead: its live version, the nodes serving it, "
+                         "and why the others do not")
     ls.set_defaults(run=lambda a: asyncio.run(_ls(a)))
 
     events = _command(sub, "events", help="pending events per function, dead letters, replay",
@@ -731,8 +795,16 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rollback", "serve a deployed function's previous version again")):
         cmd = _command(sub, name, help=what)
         cmd.add_argument("function")
+        if name == "rollback":
+            cmd.add_argument("--to", type=_count, metavar="N", help="this version (see faas versions)")
         _admin_options(cmd)
         cmd.set_defaults(run=lambda a: asyncio.run(_rm_or_rollback(a)))
+
+    versions = _command(sub, "versions", help="the versions of a deployed function, and which is live")
+    versions.add_argument("function")
+    versions.add_argument("--json", action="store_true", help="one JSON object a version")
+    _admin_options(versions)
+    versions.set_defaults(run=lambda a: asyncio.run(_versions(a)))
 
     ping = _command(sub, "ping", help="list the nodes answering $SRV.PING; exit 1 if none")
     ping.add_argument("--node", help="only nodes whose id starts with this (a health check)")

@@ -13,8 +13,11 @@ A deployment's record (what the bucket holds) is faas/record.py's `decode_deploy
 from __future__ import annotations
 
 import asyncio
+import getpass
 import hashlib
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +99,8 @@ def package(spec: FunctionRecord) -> tuple[dict[str, Any], dict[str, bytes]]:
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def content(r: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in r.items() if k not in ("version", "deployed_at", "rolled_back_from")}
+        return {k: v for k, v in r.items()
+                if k not in ("version", "deployed_at", "deployed_by", "rolled_back_from")}
     return content(a) == content(b)
 
 
@@ -149,9 +153,28 @@ async def _put(kv: Any, name: str, record: dict[str, Any], revision: int) -> Non
         raise Overloaded(f"{name} was deployed by someone else meanwhile: try again") from None
 
 
-async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]]) -> list[dict[str, Any]]:
+def deployer(login_user: str | None) -> str:
+    """Who deploys, as a version records it: the NATS login's user where there is one, else
+    the local user, at this host."""
+    try:
+        local = getpass.getuser()
+    except (KeyError, OSError):  # a uid without a name (a container)
+        local = f"uid {os.getuid()}"
+    return f"{login_user or local}@{socket.gethostname()}"
+
+
+def record_digest(record: dict[str, Any]) -> str:
+    """What a version is made of, in 12 hex digits: its settings and the SHA-256 of each of
+    its files (the same code and adapter give the same digest, whoever deployed them)."""
+    content = {k: record.get(k) for k in ("spec", "code", "adapter", "backbone")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]],
+                 deployed_by: str | None = None) -> list[dict[str, Any]]:
     """Store the files, then put each record as a new version (skipped when it equals the
-    current one). Returns one row per function: name, version, changed."""
+    current one), noting `deployed_by`. Returns one row per function: name, version,
+    changed."""
     kv, store = await buckets(nc)
     for _record, blobs in records:
         for key, data in blobs.items():
@@ -167,7 +190,8 @@ async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]
             rows.append({"name": record["name"], "version": current["version"], "changed": False})
             continue
         version = 1 + max((v["version"] for v in versions if v), default=0)
-        await _put(kv, record["name"], {**record, "version": version, "deployed_at": time.time()}, revision)
+        await _put(kv, record["name"], {**record, "version": version, "deployed_at": time.time(),
+                                        **({"deployed_by": deployed_by} if deployed_by else {})}, revision)
         rows.append({"name": record["name"], "version": version, "changed": True})
     return rows
 
@@ -188,16 +212,25 @@ async def remove(nc: NATS, name: str) -> None:
         pass
 
 
-async def rollback(nc: NATS, name: str) -> dict[str, Any]:
-    """Serve the version before the current one again (after a removal: the last one
-    served). Returns the record now current."""
+async def rollback(nc: NATS, name: str, to: int | None = None,
+                   deployed_by: str | None = None) -> dict[str, Any]:
+    """Serve version `to` again, by default the one before the current one (after a
+    removal: the last one served). Returns the record now current."""
     kv, _ = await buckets(nc)
     versions, revision = await _versions(kv, name)
     kept = [v for v in versions if v]
     if not kept:
         raise FunctionNotFound(f"no deployed function named {name!r}")
     current = versions[-1]
-    if current is None:
+    if to is not None:
+        chosen = [v for v in kept if v["version"] == to]
+        if not chosen:
+            raise BadRequest(f"{name} has no version {to} (kept: "
+                             f"{', '.join(map(str, sorted({v['version'] for v in kept})))})")
+        if current is not None and current["version"] == to:
+            raise BadRequest(f"version {to} of {name} is live already")
+        earlier = chosen[-1]
+    elif current is None:
         earlier = kept[-1]
     else:
         older = [v for v in kept if v["version"] < current["version"]]
@@ -205,9 +238,30 @@ async def rollback(nc: NATS, name: str) -> dict[str, Any]:
             raise BadRequest(f"{name} has no version before {current['version']}")
         earlier = max(older, key=lambda v: v["version"])
     record = {**earlier, "deployed_at": time.time(),
-              "rolled_back_from": current["version"] if current else None}
+              "rolled_back_from": current["version"] if current else None,
+              **({"deployed_by": deployed_by} if deployed_by else {})}
     await _put(kv, name, record, revision)
     return record
+
+
+async def versions(nc: NATS, name: str) -> list[dict[str, Any]]:
+    """The versions of `name` the bucket keeps, oldest first: number, when it was first
+    deployed and by whom (where known), its digest, whether it is live, and when it was
+    last made live by a rollback."""
+    kv, _ = await buckets(nc)
+    history, _ = await _versions(kv, name)
+    if not any(history):
+        raise FunctionNotFound(f"no deployed function named {name!r}")
+    live = history[-1]["version"] if history[-1] else None
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in filter(None, history):
+        row = rows.setdefault(entry["version"], {
+            "version": entry["version"], "deployed_at": entry.get("deployed_at"),
+            "deployed_by": entry.get("deployed_by"), "digest": record_digest(entry),
+            "live": entry["version"] == live, "rolled_back_at": None})
+        if "rolled_back_from" in entry:  # made live again by a rollback
+            row["rolled_back_at"] = entry.get("deployed_at")
+    return [rows[v] for v in sorted(rows)]
 
 
 async def deployed(nc: NATS) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -177,6 +178,26 @@ async def test_redeploy_rollback_and_rm_are_picked_up_live(cluster):
         # A removed function comes back with a rollback (its last version).
         assert faas_cli("rollback", "greeter", "--nats", url).returncode == 0
         await until(lambda: _eq(version(), 1), what="greeter back after the rollback")
+        # What was deployed, when, by whom, and which version is live; a rollback to any.
+        out = faas_cli("versions", "greeter", "--json", "--nats", url)
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [(r["version"], r["live"]) for r in rows] == [(1, True), (2, False)], out.stdout
+        assert rows[1]["deployed_by"].endswith("@" + socket.gethostname()) and rows[1]["deployed_at"]
+        assert rows[0]["rolled_back_at"] and rows[0]["digest"] != rows[1]["digest"]
+        assert faas_cli("rollback", "greeter", "--to", "1", "--nats", url).returncode == 1  # live already
+        out = faas_cli("rollback", "greeter", "--to", "9", "--nats", url)
+        assert out.returncode == 1 and "has no version 9 (kept: 1, 2)" in out.stderr
+        assert faas_cli("rollback", "greeter", "--to", "2", "--nats", url).returncode == 0
+        await until(lambda: _eq(version(), 2), what="the rollback to version 2")
+        listing = faas_cli("versions", "greeter", "--nats", url).stdout.splitlines()
+        assert listing[0].split() == ["VERSION", "DEPLOYED", "BY", "DIGEST", "LIVE"]
+        assert listing[2].split()[0] == "2" and "live (rollback" in listing[2]
+
+        async def both_serve_2() -> bool:
+            out = faas_cli("ls", "--deployed", "--json", "--nats", url)
+            greeter = next(r for r in json.loads(out.stdout) if r["function"] == "greeter")
+            return greeter["version"] == 2 and sorted(greeter["serving"].values()) == [2, 2]
+        await until(both_serve_2, what="both nodes to report version 2 of greeter")
 
 
 async def _eq(value_coro, expected) -> bool:
