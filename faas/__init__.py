@@ -40,9 +40,10 @@ from faas.errors import (
 )
 from faas.protocol import Chunk, Invocation
 from faas.sdk import Context, FunctionSpec, Generation, function
+from faas.sync import SyncClient
 
 __all__ = [
     "BadRequest", "Cancelled", "Chunk", "Client", "Context", "DeadlineExceeded", "FaasError", "FunctionNotFound",
     "FunctionSpec", "Generation", "HandlerError", "Invocation", "Overloaded", "PayloadTooLarge", "SpecError",
-    "function",
+    "SyncClient", "function",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import nats
@@ -128,6 +129,24 @@ class Client:
             self._keys.pop(request_id, None)
             await sub.unsubscribe()
         raise DeadlineExceeded(f"no reply from {function!r} within {timeout_s}s")
+
+    async def map(self, function: str, events: Iterable[dict[str, Any] | None], *,
+                  concurrency: int = 8, timeout_s: float = 60.0) -> list[Invocation | FaasError]:
+        """Call `function` once per event, at most `concurrency` at a time, and return the
+        results in the events' order: each an `Invocation`, or the `FaasError` its call
+        raised (one failing event does not stop the others; `timeout_s` is each call's)."""
+        if not (isinstance(concurrency, int) and concurrency >= 1):
+            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(event: dict[str, Any] | None) -> Invocation | FaasError:
+            async with slots:
+                try:
+                    return await self.invoke(function, event, timeout_s=timeout_s)
+                except FaasError as err:
+                    return err
+
+        return list(await asyncio.gather(*(one(event) for event in events)))
 
     def _hold(self, request_id: str) -> str:
         """A new key for a request id this client sends (one request per id at a time)."""
