@@ -77,7 +77,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         credentials=auth.from_args(args), http_port=args.http, http_host=args.http_host,
         http_timeout_s=args.http_timeout_s, state_dir=Path(args.state_dir) if args.state_dir else None,
         device=args.device, sandbox_uids=_uid_range(args.sandbox_uids),
-        network_isolation=not args.no_network_isolation, node=node)))
+        network_isolation=not args.no_network_isolation, reload=args.reload, node=node)))
 
 
 def _positive(text: str) -> float:
@@ -683,6 +683,8 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
                          "this host holds)")
     up.add_argument("--no-network-isolation", action="store_true",
                     help="let sandboxes use the network (default: an empty network namespace)")
+    up.add_argument("--reload", action="store_true",
+                    help="serve changes to the functions folders as they are saved (development)")
     up.set_defaults(run=_cmd_up)
 
 

@@ -77,6 +77,21 @@ async def readable_models(record: FunctionRecord, uid: int | None, loader_uid: i
     return replace(record, backbone=backbone, adapter=served_adapter), shown_backbone, shown_adapter
 
 
+async def _prepare(record: FunctionRecord, path: Path, uid: int | None, loader_uid: int | None,
+                   network: bool, models_dirs: tuple[Path, ...], held: list[int],
+                   ) -> tuple[FunctionRecord, Isolation, tuple[str, ...]]:
+    """A discovered function made ready to serve: its model folders checked (discovery did
+    not: its namespace may hide them; here, from outside, a problem names its real cause)
+    and made readable, its isolation. Also returns what the backbone loader must see."""
+    problem = declared_models_problem(record.backbone, record.adapter)
+    if problem:
+        raise FaasError(f"function {record.name!r} ({path}): {problem}")
+    record, backbone, adapter = await readable_models(
+        record, uid, loader_uid, lender=os.stat(path).st_uid,
+        roots=lending_roots(path.parent, models_dirs), held=held)
+    return record, _isolation(uid, path.parent, network, (*backbone, *adapter)), backbone
+
+
 @dataclass
 class Catalog:
     specs: list[FunctionRecord]
@@ -86,6 +101,10 @@ class Catalog:
     uids: tuple[int, int] | None = None
     network_isolation: bool = True
     _next_uid: int = 0  # the next uid for a function deployed later
+    models_dirs: tuple[Path, ...] = ()
+    # As discovery answered, before their model paths were made readable (`--reload`
+    # compares what discovery answers again with these).
+    declared: dict[str, FunctionRecord] = field(default_factory=dict)
     # Held while the node lives: its uid blocks and its staged model copies.
     held: list[int] = field(default_factory=list, repr=False)
 
@@ -102,6 +121,18 @@ class Catalog:
     @property
     def loader_uid(self) -> int | None:
         return self.uids[0] if self.uids else None
+
+    def discovery_isolation(self, path: Path) -> Isolation:
+        """How the function file `path` is imported to learn what it declares: as a sandbox
+        would run it, seeing its folder and the state folder only, under discovery's uid."""
+        return _isolation(self.uids[1] if self.uids else None, path.parent, self.network_isolation)
+
+    async def prepare(self, record: FunctionRecord, path: Path, uid: int | None,
+                      ) -> tuple[FunctionRecord, Isolation, tuple[str, ...]]:
+        """A function of the functions folders discovered after start (`faas up --reload`),
+        made ready as those found at start were; also what the backbone loader must see."""
+        return await _prepare(record, path, uid, self.loader_uid, self.network_isolation,
+                              self.models_dirs, self.held)
 
     def isolation_for(self, uid: int | None, folder: Path, models: tuple[str, ...]) -> Isolation:
         """The isolation of a deployed function: as for the functions folders' ones."""
@@ -266,10 +297,6 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
     else:
         lock_fds = _lock_uids(uids) if uids else []
 
-    def isolated(uid_offset: int, folder: Path | None, network: bool,
-                 models: tuple[str, ...] = ()) -> Isolation:
-        return _isolation(uids[0] + uid_offset if uids else None, folder, network, models)
-
     try:
         specs: list[FunctionRecord] = []
         seen: dict[str, str] = {}
@@ -286,20 +313,13 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
         if uids is not None and len(names) > uids[1] - uids[0] - 1:
             raise FaasError(f"{len(names)} functions need more uids than {uids[0]}-{uids[1]}")
         by_name = {spec.name: spec for spec in specs}
+        declared = dict(by_name)
         isolation: dict[str, Isolation] = {}
         backbones: list[str] = []  # what the loaders must see
         for i, name in enumerate(names):
-            # Discovery did not check the model folders (its namespace may hide them): here,
-            # from outside, where a problem names its real cause.
-            problem = declared_models_problem(by_name[name].backbone, by_name[name].adapter)
-            if problem:
-                raise FaasError(f"function {name!r} ({seen[name]}): {problem}")
-            by_name[name], backbone, adapter = await readable_models(
-                by_name[name], uids[0] + 1 + i if uids else None, uids[0] if uids else None,
-                lender=os.stat(seen[name]).st_uid, roots=lending_roots(Path(seen[name]).parent, models_dirs),
-                held=lock_fds)
-            isolation[name] = isolated(1 + i, Path(seen[name]).parent, network_isolation,
-                                       (*backbone, *adapter))
+            by_name[name], isolation[name], backbone = await _prepare(
+                by_name[name], Path(seen[name]), uids[0] + 1 + i if uids else None,
+                uids[0] if uids else None, network_isolation, models_dirs, lock_fds)
             backbones += backbone
         specs = [by_name[spec.name] for spec in specs]
         if uids:  # this node holds its copies now: the others nobody holds are stale
@@ -318,5 +338,6 @@ async def load_catalog(dirs: tuple[Path, ...], sandbox_uids: tuple[int, int] | s
     # Deployed functions' backbones are found in the models folders: loaders may read them.
     loader_models = (*backbones,
                      *(str(d.resolve()) for d in models_dirs if d.is_dir()))
-    return Catalog(specs, isolation, isolated(0, None, False, loader_models), protections, uids,
-                   network_isolation, (uids[0] + 1 + len(names)) if uids else 0, lock_fds)
+    return Catalog(specs, isolation, _isolation(uids[0] if uids else None, None, False, loader_models),
+                   protections, uids, network_isolation, (uids[0] + 1 + len(names)) if uids else 0,
+                   tuple(models_dirs), declared, lock_fds)

@@ -227,6 +227,20 @@ class Node:
         self.service.refresh()
         self._on_pool_change()
 
+    async def serve_local(self, spec: FunctionRecord, isolation: Isolation, backbone: tuple[str, ...]) -> None:
+        """Serve a function of the functions folders found or changed after start
+        (`faas up --reload`): as a deploy would, its backbone's paths shown to the loaders."""
+        for registry in (self.backbones, self.engines):
+            shown = registry.isolation
+            registry.isolation = replace(shown, expose=(*shown.expose, *(p for p in backbone if p not in shown.expose)))
+        self.deployments.local.add(spec.name)
+        await self.add_function(spec, isolation)
+
+    async def unserve_local(self, name: str) -> None:
+        """Stop serving a function no longer declared in the functions folders."""
+        self.deployments.local.discard(name)
+        await self.remove_function(name)
+
     async def remove_function(self, name: str) -> None:
         """Stop serving `name` (removed from the cluster): new requests get a 404 (or go to
         a node still serving it), those in flight are answered."""

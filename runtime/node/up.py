@@ -23,6 +23,7 @@ from faas.errors import FaasError
 from faas.logs import configure_logging, get_logger
 from runtime.backbone.registry import detect_device
 from runtime.functions.catalog import AUTO_UIDS, Catalog, load_catalog
+from runtime.node.reload import Reloader
 from runtime.node.agent import Node, NodeConfig
 from runtime.node.natsd import EmbeddedNats
 
@@ -52,6 +53,7 @@ class UpOptions:
     # keep the node's uid.
     sandbox_uids: tuple[int, int] | str | None = AUTO_UIDS
     network_isolation: bool = True
+    reload: bool = False  # serve the functions folders' changes as they are saved
     node: NodeConfig = field(default_factory=NodeConfig)
 
 
@@ -152,9 +154,17 @@ async def up(options: UpOptions) -> int:
             http = f" http=http://{options.http_host}:{http_sock.getsockname()[1]}"
             gateway = await _start_gateway(url, credentials, http_sock, options.http_timeout_s, stop)
             http_sock = None
+        reloader = None
+        if options.reload and options.functions_dirs:
+            reloader = asyncio.create_task(Reloader(
+                catalog, tuple(d.resolve() for d in options.functions_dirs), catalog.declared,
+                node.serve_local, node.unserve_local).run(), name="reload")
         print(f"ready {url} functions={len(node.pools)} node={config.node_id}"
               + (http if gateway else ""), flush=True)
         await stop.wait()
+        if reloader is not None:
+            reloader.cancel()
+            await asyncio.gather(reloader, return_exceptions=True)
         if gateway is not None:  # its streams end (or get a grace) before the node drains
             await asyncio.gather(gateway, return_exceptions=True)
         # Without a connection no reply can reach anyone: stop at once, exit non-zero, and
