@@ -271,9 +271,9 @@ async def _events(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    rows = [("FUNCTION", "TRIGGERS", "PENDING", "ACK_PENDING", "REDELIVERED", "DEAD_LETTERS")]
+    rows = [("FUNCTION", "TRIGGERS", "PENDING", "ACK_PENDING", "REDELIVERED", "DEAD_LETTERS", "NEXT_RUN")]
     rows += [(r["function"], ",".join(r["triggers"]), r["pending"], r["ack_pending"],
-              r["redelivered"], r["dead_letters"]) for r in table]
+              r["redelivered"], r["dead_letters"], r["next_run"] or "-") for r in table]
     print(format_table(rows))
     return 0
 

@@ -13,6 +13,7 @@ readable (a local admin), else connects as given.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import msgpack
@@ -22,7 +23,8 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from faas import protocol
-from faas.errors import FaasError
+from faas.errors import FaasError, SpecError
+from faas.schedule import Cron
 
 
 async def pending(nc: NATS) -> list[dict[str, Any]]:
@@ -40,8 +42,20 @@ async def pending(nc: NATS) -> list[dict[str, Any]]:
         triggers = config.filter_subjects or ([config.filter_subject] if config.filter_subject else [])
         rows.append({"function": name, "triggers": triggers, "pending": info.num_pending,
                      "ack_pending": info.num_ack_pending, "redelivered": info.num_redelivered,
-                     "dead_letters": len(await dead_letters(nc, name))})
+                     "dead_letters": len(await dead_letters(nc, name)),
+                     "next_run": _next_run(config.description)})
     return sorted(rows, key=lambda row: row["function"])
+
+
+def _next_run(description: str | None) -> str | None:
+    """When a scheduled function runs next (UTC, ISO 8601), from its consumer's description
+    (`schedule CRON`, set by the node), or None."""
+    if not description or not description.startswith("schedule "):
+        return None
+    try:
+        return Cron.parse(description.removeprefix("schedule ")).next_after(datetime.now(timezone.utc)).isoformat()
+    except SpecError:
+        return None
 
 
 async def dead_letters(nc: NATS, function: str) -> list[dict[str, Any]]:

@@ -187,6 +187,11 @@ def function_from_subject(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
 
 
+def schedule_subject(function: str) -> str:
+    """Where a scheduled function's ticks are published (an event subject it is triggered by)."""
+    return f"events.schedule.{function}"
+
+
 def consumer_name(function: str) -> str:
     """The durable consumer of the events stream that feeds `function` (shared by its nodes)."""
     return f"faas-{function}"

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from faas.errors import SpecError
+from faas.schedule import Cron
 from faas.protocol import valid_function_name, valid_subject
 
 # Where a function's generations run (README: "Where generation runs").
@@ -71,6 +72,7 @@ class FunctionRecord:
     results: bool
     openai: bool
     engine: str
+    schedule: str | None = None
     deployed: int | None = None
 
     @property
@@ -103,7 +105,7 @@ class FunctionRecord:
         extra = sorted(str(k)[:64] for k in set(data) - expected)
         if extra:
             raise SpecError(f"unknown field {extra[0]!r}")
-        missing = sorted(expected - set(data))
+        missing = sorted(expected - set(data) - {"schedule"})  # records from before schedules
         if missing:
             raise SpecError(f"field {missing[0]!r} is missing")
         checks = {
@@ -120,9 +122,10 @@ class FunctionRecord:
             and all(isinstance(t, str) and valid_subject(t) for t in v),
             "results": lambda v: isinstance(v, bool), "openai": lambda v: isinstance(v, bool),
             "engine": lambda v: isinstance(v, str) and v in ENGINES,
+            "schedule": _schedule_or_none,
         }
         for key, valid in checks.items():
-            if not valid(data[key]):
+            if not valid(data.get(key)):
                 raise SpecError(f"field {key!r} is out of range: {str(data[key])[:100]!r}")
         if data["adapter"] is not None and data["backbone"] is None:
             raise SpecError("field 'adapter' needs a field 'backbone' (an adapter adapts a model)")
@@ -151,6 +154,16 @@ def decode_deployment(value: bytes) -> dict[str, Any]:
                  and isinstance(record["backbone"].get("fingerprint"), str))):
         raise ValueError("not a function record")
     return record
+
+
+def _schedule_or_none(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        Cron.parse(value)  # type: ignore[arg-type]
+    except SpecError:
+        return False
+    return True
 
 
 def _plain_path(path: object) -> bool:

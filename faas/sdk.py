@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from faas.artifacts import declared_models_problem
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
-from faas.protocol import valid_function_name, valid_subject
+from faas.schedule import Cron
+from faas.protocol import schedule_subject, valid_function_name, valid_subject
 from faas.record import DEFAULT_SLO_TTFT_S, ENGINES, FunctionRecord, count, positive_seconds
 
 SPEC_ATTR = "__faas_spec__"
@@ -133,7 +135,10 @@ class FunctionSpec:
     generation engine for its backbone, batched with every other function's requests, while
     the handler runs in the function's sandbox without the model; "sandbox", the paper's
     path, in the function's own sandbox with the backbone mapped into it, for code that
-    needs the model itself (README: "Where generation runs").
+    needs the model itself (README: "Where generation runs"). `schedule`, a cron
+    expression in UTC (faas/schedule.py), runs the function on time: once per tick however
+    many nodes serve it, as an event on `events.schedule.<name>` (added to its triggers),
+    with the events' retries and dead letters.
     """
 
     name: str
@@ -152,6 +157,7 @@ class FunctionSpec:
     results: bool = False
     openai: bool | Callable[[str, dict, Context], str] = field(default=False, compare=False)
     engine: str = "shared"
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -168,6 +174,13 @@ class FunctionSpec:
         if self.max_batch is None:
             object.__setattr__(self, "max_batch", 32 if self.backbone is not None else 1)
         object.__setattr__(self, "triggers", tuple(self.triggers))
+        if self.schedule is not None:
+            try:
+                Cron.parse(self.schedule).next_after(datetime.now(timezone.utc))
+            except SpecError as err:
+                raise SpecError(f"{self.name}: {err.message}") from None
+            if schedule_subject(self.name) not in self.triggers:
+                object.__setattr__(self, "triggers", (*self.triggers, schedule_subject(self.name)))
         for subject in self.triggers:
             if not valid_subject(subject):
                 raise SpecError(f"{self.name}: trigger {subject!r} is not a NATS subject "
@@ -201,7 +214,8 @@ class FunctionSpec:
             timeout_s=float(self.timeout_s), max_queue=self.max_queue, max_instances=self.max_instances,
             start_timeout_s=float(self.start_timeout_s), slo_ttft_s=float(self.slo_ttft_s),
             max_batch=self.max_batch, triggers=self.triggers, max_deliver=self.max_deliver,
-            results=bool(self.results), openai=self.openai is not False, engine=self.engine)
+            results=bool(self.results), openai=self.openai is not False, engine=self.engine,
+            schedule=self.schedule)
 
 
 def _defining_file(fn: Callable[..., Any]) -> str:
@@ -232,7 +246,7 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
              triggers: list[str] | tuple[str, ...] = (), max_deliver: int = 5,
              results: bool = False,
              openai: bool | Callable[[str, dict, Context], str] = False,
-             engine: str = "shared") -> Callable[[Handler], Handler]:
+             engine: str = "shared", schedule: str | None = None) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
@@ -258,7 +272,7 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
                             start_timeout_s=start_timeout_s, setup=setup,
                             slo_ttft_s=slo_ttft_s, max_batch=max_batch,
                             triggers=tuple(triggers), max_deliver=max_deliver, results=results,
-                            openai=openai, engine=engine)
+                            openai=openai, engine=engine, schedule=schedule)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

@@ -25,8 +25,10 @@ the history, the batch window, a sandbox, the stats; the budget of the function'
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import msgpack
@@ -42,6 +44,7 @@ from faas.connection import raise_if_cancelled
 from faas.errors import BadRequest, FaasError, HandlerError
 from faas.logs import get_logger
 from faas.protocol import Metrics
+from faas.schedule import Cron
 from faas.streams import ensure_stream
 from runtime.node.inflight import InFlight
 from runtime.node.invocation import Call, Invocations, deadline_of
@@ -112,6 +115,7 @@ class EventConsumers:
         self._events: set[asyncio.Task[None]] = set()
         self._running: dict[str, int] = {name: 0 for name in self.pools}
         self._streams = False
+        self._ticks: asyncio.Task[None] | None = None
         self.processed = self.failed = self.dead = 0
         self.log = get_logger(component="events")
 
@@ -125,6 +129,8 @@ class EventConsumers:
                 self.log.warning("events_unavailable", error=f"{type(exc).__name__}: {exc}")
         for name, pool in list(self.pools.items()):
             await self.add(name, pool)
+        if self.config.enabled:
+            self._ticks = asyncio.create_task(self._tick(), name="schedules")
         if self._loops:
             self.log.info("events_consuming", functions=sorted(self._loops),
                           ack_wait_s=self.config.ack_wait_s)
@@ -176,7 +182,9 @@ class EventConsumers:
             ack_wait=self.config.ack_wait_s, max_deliver=pool.spec.max_deliver + 1,
             filter_subjects=triggers if len(triggers) > 1 else None,
             filter_subject=triggers[0] if len(triggers) == 1 else None,
-            max_ack_pending=max(64, self.capacity(pool) * 4))
+            max_ack_pending=max(64, self.capacity(pool) * 4),
+            # What `faas events` shows of a schedule (its next run): JetStream keeps it.
+            description=f"schedule {pool.spec.schedule}" if pool.spec.schedule else None)
         try:
             info = await self.js.consumer_info(protocol.EVENTS_STREAM, durable)
         except NotFoundError:
@@ -304,9 +312,37 @@ class EventConsumers:
         return {"functions": sorted(self.pools), "in_flight": dict(self._running),
                 "processed": self.processed, "failed": self.failed, "dead_lettered": self.dead}
 
+    async def _tick(self) -> None:
+        """Publish each scheduled function's ticks as events. Every node serving it does,
+        with the same `Nats-Msg-Id` per tick: the stream keeps one (its duplicate window is
+        two minutes), so a tick runs once per cluster, at least once, as any event."""
+        while True:
+            now = datetime.now(timezone.utc)
+            due = {name: Cron.parse(pool.spec.schedule).next_after(now)
+                   for name, pool in self.pools.items() if pool.spec.schedule}
+            wait_s = min([(t - now).total_seconds() for t in due.values()] + [1.0])
+            await asyncio.sleep(max(wait_s, 0.0))  # at most a second: functions come and go
+            now = datetime.now(timezone.utc)
+            for name, tick in due.items():
+                if tick <= now:
+                    await self._publish_tick(name, tick)
+
+    async def _publish_tick(self, name: str, tick: datetime) -> None:
+        event = {"scheduled_for": tick.isoformat()}
+        headers = {protocol.HDR_MSG_ID: f"schedule-{name}-{int(tick.timestamp())}",
+                   protocol.HDR_CONTENT_TYPE: "application/json"}
+        try:
+            await self.js.publish(protocol.schedule_subject(name), json.dumps(event).encode(), headers=headers)
+        except NatsError as exc:  # another node may publish it; the next tick comes anyway
+            self.log.warning("schedule_tick_failed", fn=name, tick=event["scheduled_for"],
+                             error=f"{type(exc).__name__}: {exc}")
+
     async def close(self, timeout_s: float) -> None:
         """Stop fetching; events in flight get `timeout_s` to finish, the rest are left
         unacked (JetStream redelivers them)."""
+        if self._ticks is not None:
+            self._ticks.cancel()
+            await asyncio.gather(self._ticks, return_exceptions=True)
         for name in list(self._loops):
             await self.remove(name)
         if self._events:
