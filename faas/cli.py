@@ -393,6 +393,37 @@ async def _rm_or_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _secret(args: argparse.Namespace) -> int:
+    from faas import secrets
+
+    try:
+        if args.action == "set":
+            if (args.value is None) == (args.from_file is None):
+                raise FaasError("give the value, - (stdin) or --from-file FILE: one of them")
+            if args.from_file is not None:
+                value = Path(args.from_file).read_bytes()[:secrets.MAX_VALUE_BYTES + 1]
+            elif args.value == "-":
+                value = sys.stdin.buffer.read(secrets.MAX_VALUE_BYTES + 1)
+            else:
+                value = args.value.encode()
+        nc = await _admin(args)
+        try:
+            if args.action == "set":
+                await secrets.set_secret(nc, args.name, value)
+                print(f"set {args.name}")
+            elif args.action == "rm":
+                await secrets.remove_secret(nc, args.name)
+                print(f"removed {args.name}")
+            else:
+                for name in await secrets.secret_names(nc):
+                    print(name)
+        finally:
+            await nc.drain()
+    except (FaasError, nats.errors.Error, OSError) as err:
+        return _fail(err)
+    return 0
+
+
 async def _versions(args: argparse.Namespace) -> int:
     from faas import deploy
 
@@ -801,6 +832,21 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--to", type=_count, metavar="N", help="this version (see faas versions)")
         _admin_options(cmd)
         cmd.set_defaults(run=lambda a: asyncio.run(_rm_or_rollback(a)))
+
+    secret = _command(sub, "secret", help="set, list and remove the secrets functions declare")
+    secret_sub = secret.add_subparsers(dest="action", required=True)
+    secret_set = _command(secret_sub, "set", help="store a secret (its value from the argument, "
+                          "--from-file, or stdin)")
+    secret_set.add_argument("name")
+    secret_set.add_argument("value", nargs="?", help="the value (-: read it from stdin; omitted: "
+                            "--from-file); an argument shows in the shell's history")
+    secret_set.add_argument("--from-file", metavar="FILE", help="read the value from FILE")
+    _command(secret_sub, "ls", help="the names of the secrets set (never their values)")
+    secret_rm = _command(secret_sub, "rm", help="remove a secret")
+    secret_rm.add_argument("name")
+    for cmd in secret_sub.choices.values():  # after the action: `faas secret ls --nats URL`
+        _admin_options(cmd)
+    secret.set_defaults(run=lambda a: asyncio.run(_secret(a)))
 
     versions = _command(sub, "versions", help="the versions of a deployed function, and which is live")
     versions.add_argument("function")

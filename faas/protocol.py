@@ -54,6 +54,7 @@ CANCEL_WILDCARD = CANCEL_PREFIX + "*"
 FUNCTIONS_BUCKET = "faas_functions"
 ARTIFACTS_BUCKET = "faas_artifacts"
 NODES_BUCKET = "faas_nodes"
+SECRETS_BUCKET = "faas_secrets"
 # Each node's own subjects: requests forwarded to it by another node, and a liveness ping.
 NODE_PREFIX = "faas.node."
 # What functions print and log (faas logs), kept a day in a stream.

@@ -21,6 +21,7 @@ from typing import Any
 
 from faas.errors import SpecError
 from faas.schedule import Cron
+from faas.secrets import valid_name
 from faas.protocol import valid_function_name, valid_subject
 
 # Where a function's generations run (README: "Where generation runs").
@@ -73,6 +74,9 @@ class FunctionRecord:
     openai: bool
     engine: str
     schedule: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # settings, as environment variables of its sandboxes
+    secrets: tuple[str, ...] = ()  # names of secrets its sandboxes get (faas/secrets.py)
+    network: bool = False  # its sandboxes may use the network
     deployed: int | None = None
 
     @property
@@ -92,6 +96,8 @@ class FunctionRecord:
         data = asdict(self)
         del data["deployed"]
         data["triggers"] = list(self.triggers)
+        data["env"] = dict(self.env)
+        data["secrets"] = list(self.secrets)
         return data
 
     @classmethod
@@ -105,7 +111,7 @@ class FunctionRecord:
         extra = sorted(str(k)[:64] for k in set(data) - expected)
         if extra:
             raise SpecError(f"unknown field {extra[0]!r}")
-        missing = sorted(expected - set(data) - {"schedule"})  # records from before schedules
+        missing = sorted(expected - set(data) - set(_LATER))  # records from before those fields
         if missing:
             raise SpecError(f"field {missing[0]!r} is missing")
         checks = {
@@ -123,13 +129,18 @@ class FunctionRecord:
             "results": lambda v: isinstance(v, bool), "openai": lambda v: isinstance(v, bool),
             "engine": lambda v: isinstance(v, str) and v in ENGINES,
             "schedule": _schedule_or_none,
+            "env": valid_env, "secrets": lambda v: isinstance(v, (list, tuple)) and len(v) <= 256
+            and all(valid_name(s) for s in v),
+            "network": lambda v: isinstance(v, bool),
         }
+        data = {**_LATER, **data}
         for key, valid in checks.items():
-            if not valid(data.get(key)):
+            if not valid(data[key]):
                 raise SpecError(f"field {key!r} is out of range: {str(data[key])[:100]!r}")
         if data["adapter"] is not None and data["backbone"] is None:
             raise SpecError("field 'adapter' needs a field 'backbone' (an adapter adapts a model)")
-        return cls(**{**data, "triggers": tuple(data["triggers"]),
+        return cls(**{**data, "triggers": tuple(data["triggers"]), "env": tuple(sorted(data["env"].items())),
+                      "secrets": tuple(data["secrets"]),
                       "timeout_s": float(data["timeout_s"]), "start_timeout_s": float(data["start_timeout_s"]),
                       "slo_ttft_s": float(data["slo_ttft_s"])})
 
@@ -154,6 +165,17 @@ def decode_deployment(value: bytes) -> dict[str, Any]:
                  and isinstance(record["backbone"].get("fingerprint"), str))):
         raise ValueError("not a function record")
     return record
+
+
+# Fields added after records were first deployed: absent, they take these values.
+_LATER: dict[str, Any] = {"schedule": None, "env": {}, "secrets": [], "network": False}
+_MAX_ENV_BYTES = 64 << 10
+
+
+def valid_env(value: object) -> bool:
+    """Settings as environment variables: names as `valid_name`, text values, 64 KiB in all."""
+    return (isinstance(value, dict) and all(valid_name(k) and isinstance(v, str) for k, v in value.items())
+            and sum(len(k) + len(v) for k, v in value.items()) <= _MAX_ENV_BYTES)
 
 
 def _schedule_or_none(value: object) -> bool:

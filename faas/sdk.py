@@ -14,8 +14,9 @@ from faas.artifacts import declared_models_problem
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.schedule import Cron
+from faas.secrets import valid_name
 from faas.protocol import schedule_subject, valid_function_name, valid_subject
-from faas.record import DEFAULT_SLO_TTFT_S, ENGINES, FunctionRecord, count, positive_seconds
+from faas.record import DEFAULT_SLO_TTFT_S, ENGINES, FunctionRecord, count, positive_seconds, valid_env
 
 SPEC_ATTR = "__faas_spec__"
 
@@ -138,7 +139,10 @@ class FunctionSpec:
     needs the model itself (README: "Where generation runs"). `schedule`, a cron
     expression in UTC (faas/schedule.py), runs the function on time: once per tick however
     many nodes serve it, as an event on `events.schedule.<name>` (added to its triggers),
-    with the events' retries and dead letters.
+    with the events' retries and dead letters. `env` (settings) and `secrets` (names of
+    secrets set with `faas secret set`) become environment variables of its sandboxes, and
+    of no other process; `network=True` gives its sandboxes the network (the others stay
+    without).
     """
 
     name: str
@@ -158,6 +162,9 @@ class FunctionSpec:
     openai: bool | Callable[[str, dict, Context], str] = field(default=False, compare=False)
     engine: str = "shared"
     schedule: str | None = None
+    env: dict[str, str] = field(default_factory=dict, hash=False)
+    secrets: tuple[str, ...] = ()
+    network: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not valid_function_name(self.name):
@@ -174,6 +181,19 @@ class FunctionSpec:
         if self.max_batch is None:
             object.__setattr__(self, "max_batch", 32 if self.backbone is not None else 1)
         object.__setattr__(self, "triggers", tuple(self.triggers))
+        object.__setattr__(self, "secrets", tuple(self.secrets))
+        if not valid_env(self.env):
+            raise SpecError(f"{self.name}: env must map names (upper-case letters, digits, '_') to "
+                            "text, 64 KiB in all")
+        bad = next((s for s in self.secrets if not valid_name(s)), None)
+        if bad is not None or len(self.secrets) > 256:
+            raise SpecError(f"{self.name}: secret name {str(bad)[:64]!r}: upper-case letters, digits "
+                            "and '_', not a digit first")
+        if set(self.env) & set(self.secrets):
+            raise SpecError(f"{self.name}: {sorted(set(self.env) & set(self.secrets))[0]} is both a "
+                            "setting (env) and a secret")
+        if not isinstance(self.network, bool):
+            raise SpecError(f"{self.name}: network must be True or False")
         if self.schedule is not None:
             try:
                 Cron.parse(self.schedule).next_after(datetime.now(timezone.utc))
@@ -215,7 +235,8 @@ class FunctionSpec:
             start_timeout_s=float(self.start_timeout_s), slo_ttft_s=float(self.slo_ttft_s),
             max_batch=self.max_batch, triggers=self.triggers, max_deliver=self.max_deliver,
             results=bool(self.results), openai=self.openai is not False, engine=self.engine,
-            schedule=self.schedule)
+            schedule=self.schedule, env=tuple(sorted(self.env.items())), secrets=self.secrets,
+            network=self.network)
 
 
 def _defining_file(fn: Callable[..., Any]) -> str:
@@ -246,7 +267,9 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
              triggers: list[str] | tuple[str, ...] = (), max_deliver: int = 5,
              results: bool = False,
              openai: bool | Callable[[str, dict, Context], str] = False,
-             engine: str = "shared", schedule: str | None = None) -> Callable[[Handler], Handler]:
+             engine: str = "shared", schedule: str | None = None,
+             env: dict[str, str] | None = None, secrets: list[str] | tuple[str, ...] = (),
+             network: bool = False) -> Callable[[Handler], Handler]:
     """Declare a function served by faas.
 
     ```python
@@ -272,7 +295,8 @@ def function(name: str, *, backbone: str | None = None, adapter: str | None = No
                             start_timeout_s=start_timeout_s, setup=setup,
                             slo_ttft_s=slo_ttft_s, max_batch=max_batch,
                             triggers=tuple(triggers), max_deliver=max_deliver, results=results,
-                            openai=openai, engine=engine, schedule=schedule)
+                            openai=openai, engine=engine, schedule=schedule, env=dict(env or {}),
+                            secrets=tuple(secrets), network=network)
         setattr(handler, SPEC_ATTR, spec)
         return handler
 

@@ -30,7 +30,7 @@ from faas import protocol
 
 _MIB = 1 << 20
 DEFAULT_MAX_MIB = {"events": 1024, "outcomes": 256, "history": 64, "logs": 512, "functions": 64,
-                   "artifacts": 4096, "nodes": 16}
+                   "artifacts": 4096, "nodes": 16, "secrets": 16}
 _DISCARD = {"events": DiscardPolicy.NEW, "outcomes": DiscardPolicy.OLD, "history": DiscardPolicy.OLD,
             "logs": DiscardPolicy.OLD}
 

@@ -89,7 +89,7 @@ async def _prepare(record: FunctionRecord, path: Path, uid: int | None, loader_u
     record, backbone, adapter = await readable_models(
         record, uid, loader_uid, lender=os.stat(path).st_uid,
         roots=lending_roots(path.parent, models_dirs), held=held)
-    return record, _isolation(uid, path.parent, network, (*backbone, *adapter)), backbone
+    return record, _isolation(uid, path.parent, network and not record.network, (*backbone, *adapter)), backbone
 
 
 @dataclass
@@ -134,9 +134,10 @@ class Catalog:
         return await _prepare(record, path, uid, self.loader_uid, self.network_isolation,
                               self.models_dirs, self.held)
 
-    def isolation_for(self, uid: int | None, folder: Path, models: tuple[str, ...]) -> Isolation:
+    def isolation_for(self, record: FunctionRecord, uid: int | None, folder: Path,
+                      models: tuple[str, ...]) -> Isolation:
         """The isolation of a deployed function: as for the functions folders' ones."""
-        return _isolation(uid, folder, self.network_isolation, models)
+        return _isolation(uid, folder, self.network_isolation and not record.network, models)
 
     def close(self) -> None:
         for fd in self.held:

@@ -35,6 +35,7 @@ from faas.errors import (
 )
 from faas.logs import get_logger
 from faas.record import FunctionRecord
+from faas.secrets import secret_values
 from runtime.backbone.registry import BackboneRegistry
 from runtime.batching.window import Contention
 from runtime.engine.registry import EngineRegistry
@@ -122,7 +123,8 @@ class Node:
         self.light_zygote = Zygote(config.sandbox.threads, light=True)
         self.outputs = FunctionOutputs(nc, self.node_id)
         self.sandbox_config = replace(config.sandbox, on_output=self.outputs.add,
-                                      max_frame_bytes=nc.max_payload + (64 << 10))
+                                      max_frame_bytes=nc.max_payload + (64 << 10),
+                                      environment=self._environment)
         self.profiles = Profiles(config.device)
         parallel = config.prefill_parallel or (
             max(1, (os.cpu_count() or 1) // config.sandbox.threads) if config.device == "cpu" else 2)
@@ -168,6 +170,11 @@ class Node:
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
         self._control: list[Subscription] = []  # cancels and pings: kept until those are answered
         self.log = get_logger(node=self.node_id)
+
+    async def _environment(self, spec: FunctionRecord) -> dict[str, str]:
+        """A sandbox's environment: its function's settings and secrets (read from NATS as
+        the sandbox starts, so a changed secret reaches the next one)."""
+        return {**dict(spec.env), **await secret_values(self.nc, spec.secrets, spec.name)}
 
     def _zygote_of(self, spec: FunctionRecord) -> Zygote:
         return self.zygote if spec.maps_backbone else self.light_zygote

@@ -200,7 +200,7 @@ class Deployments:
                 adapter=False)
         else:  # the deployer's own path: only what any uid may reach already
             shown = (backbone,) if backbone is not None and reachable(backbone) else ()
-        isolation = self.catalog.isolation_for(uid, self.root / name, shown)
+        isolation = self.catalog.isolation_for(spec, uid, self.root / name, shown)
         if not (folder / ".complete").exists():
             await self._download(folder, record, isolation.uid)
         return replace(spec, deployed=record["version"]), isolation

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
 from faas.errors import BadRequest, HandlerError, Overloaded
@@ -72,6 +73,9 @@ class SandboxConfig:
     # Each line a sandbox prints: (function, request id or None, line); the node publishes
     # them for `faas logs`.
     on_output: Callable[[str, str | None, str], None] | None = field(default=None, compare=False)
+    # A function's environment for its next sandbox (its settings and secrets), read when
+    # the sandbox starts; None: its settings only.
+    environment: Callable[[FunctionRecord], Awaitable[dict[str, str]]] | None = field(default=None, compare=False)
 
 
 def _request_of(line: str) -> tuple[str | None, str]:

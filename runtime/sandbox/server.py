@@ -359,6 +359,9 @@ def serve(sock: socket.socket) -> int:
     if init is None:
         return 0
     log = get_logger(fn=init["name"])
+    # The function's settings and secrets, sent by the node to its sandboxes only: before
+    # its code is imported, as its environment.
+    os.environ.update({str(k): str(v) for k, v in (init.get("env") or {}).items()})
     wire = _Wire(sock)
     function = _Function(init, wire)
     wire.send(_level_frame(Level.SPAWNED, 0.0))

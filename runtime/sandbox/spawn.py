@@ -180,6 +180,8 @@ async def fork_sandbox(spec: FunctionRecord, config: SandboxConfig, zygote: Zygo
     engine): a SPAWNED sandbox, nothing loaded yet. Its cost is timed from the fork (not
     from waiting for a zygote that is still starting)."""
     await zygote.ready()
+    # First: a secret not set fails the start before any process exists.
+    env = await config.environment(spec) if config.environment is not None else dict(spec.env)
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     output_r, output_w = os.pipe()
@@ -204,7 +206,7 @@ async def fork_sandbox(spec: FunctionRecord, config: SandboxConfig, zygote: Zygo
             "threads": config.threads, "backbone_path": spec.backbone, "adapter": spec.adapter,
             "max_batch": max_batch(spec, config), "slo_ttft_s": spec.slo_ttft_s,
             "max_frame_bytes": config.max_frame_bytes,
-            "engine": engine}
+            "engine": engine, "env": env}
     try:
         await sandbox.forward_output(output_r)
         cost = await sandbox.step(init)
