@@ -75,6 +75,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
         credentials=auth.from_args(args), http_port=args.http, http_host=args.http_host,
+        http_api_keys=args.http_api_keys,
         http_timeout_s=args.http_timeout_s, state_dir=Path(args.state_dir) if args.state_dir else None,
         device=args.device, sandbox_uids=_uid_range(args.sandbox_uids),
         network_isolation=not args.no_network_isolation, reload=args.reload, node=node)))
@@ -482,8 +483,11 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from faas.gateway import run_gateway
 
     try:
+        from faas.apikeys import ApiKeys
+
+        keys = ApiKeys.load(args.api_keys) if args.api_keys else None
         return asyncio.run(run_gateway(args.nats or DEFAULT_URL, auth.from_args(args).options(),
-                                       args.host, args.port, args.timeout_s))
+                                       args.host, args.port, args.timeout_s, api_keys=keys))
     except FaasError as err:
         return _fail(err)
 
@@ -651,6 +655,9 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
                     help="also run the OpenAI-compatible HTTP gateway (faas gateway) on PORT")
     up.add_argument("--http-host", default=o.http_host,
                     help="address the gateway and --metrics-port listen on (0.0.0.0: all)")
+    up.add_argument("--http-api-keys", metavar="FILE", type=Path, default=None,
+                    help="the gateway's API keys (faas gateway --api-keys); without, it listens on "
+                         "loopback addresses only")
     up.add_argument("--http-timeout-s", type=_positive, default=o.http_timeout_s,
                     help="the gateway's budget per request (the function's timeout_s caps it)")
     up.add_argument("--metrics-port", type=int, metavar="PORT", default=None,
@@ -867,7 +874,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = _command(sub, "gateway", help="an OpenAI-compatible HTTP gateway over NATS")
     gateway.add_argument("--port", type=int, default=8080, help="port to listen on")
-    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    gateway.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (0.0.0.0: all, with --api-keys only)")
+    gateway.add_argument("--api-keys", metavar="FILE", type=Path, default=None,
+                         help="JSON: {\"keys\": [{\"name\", \"key\", \"functions\": [NAME or *]}]}; "
+                              "callers send Authorization: Bearer KEY (without: open, on loopback only)")
     gateway.add_argument("--timeout-s", type=_positive, default=120.0,
                          help="the budget of each request (the function's timeout_s caps it)")
     _nats_options(gateway)

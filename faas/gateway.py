@@ -23,6 +23,7 @@ OpenAI's API onto invocations, which share every request's limits.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import socket
@@ -36,13 +37,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from faas import openai_api, protocol
+from faas.apikeys import ApiKey, ApiKeys, Forbidden
 from faas.client import Client
 from faas.connection import raise_if_cancelled
 from faas.errors import BadRequest, FaasError, FunctionNotFound, HandlerError, Overloaded, PayloadTooLarge
 from faas.logs import get_logger
 from faas.top import served
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error", 499: "cancelled",
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+          404: "invalid_request_error", 413: "invalid_request_error", 499: "cancelled",
           503: "server_error", 504: "timeout", 500: "server_error"}
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -66,7 +69,8 @@ def error_response(err: FaasError, model: str | None = None) -> JSONResponse:
     code = 404 if isinstance(err, FunctionNotFound) else err.code
     body = {"error": {"message": err.message, "type": _TYPES.get(code, "server_error"),
                       "param": "model" if code == 404 else None,
-                      "code": "model_not_found" if code == 404 and model else None}}
+                      "code": ("model_not_found" if code == 404 and model else
+                               "invalid_api_key" if code == 401 else None)}}
     return JSONResponse(body, status_code=code, headers=_retry_after(err))
 
 
@@ -101,8 +105,10 @@ async def _disconnected(request: Request) -> None:
 
 
 class Gateway:
-    def __init__(self, client: Client, timeout_s: float = 120.0, models_every_s: float = 2.0) -> None:
+    def __init__(self, client: Client, timeout_s: float = 120.0, models_every_s: float = 2.0,
+                 api_keys: ApiKeys | None = None) -> None:
         self.client = client
+        self.api_keys = api_keys  # None: open (only on a loopback address, see `bind`)
         self.timeout_s = timeout_s
         self.models_every_s = models_every_s
         self.models: set[str] = set()  # functions with openai=True on some node
@@ -182,16 +188,29 @@ class Gateway:
     async def prometheus(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _caller(self, request: Request, function: str | None = None) -> ApiKey | None:
+        """The caller's key (None when the gateway is open); Unauthorized without a known
+        one, Forbidden when it may not call `function`."""
+        if self.api_keys is None:
+            return None
+        key = self.api_keys.check(request.headers.get("authorization"))
+        if function is not None and not key.may_call(function):
+            raise Forbidden(f"this API key ({key.name}) may not call {function!r}")
+        return key
+
     async def list_models(self, request: Request) -> Response:
         try:
+            key = self._caller(request)
             await self._known()
         except FaasError as err:
             return error_response(err)
-        return JSONResponse({"object": "list", "data": [_model(name) for name in sorted(self.models)]})
+        return JSONResponse({"object": "list", "data": [_model(name) for name in sorted(self.models)
+                                                         if key is None or key.may_call(name)]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
         try:
+            self._caller(request, name)
             if not await self._known(name):
                 return error_response(FunctionNotFound(f"The model '{name}' does not exist"), name)
         except FaasError as err:
@@ -226,9 +245,11 @@ class Gateway:
         started = time.monotonic()
         model = None
         try:
+            self._caller(request)  # before reading a body: a caller without a key gets nothing
             body = await self._body(request)
             model = body.get("model") if isinstance(body, dict) else None
             parsed = openai_api.parse_request(endpoint, body)
+            self._caller(request, parsed["model"])
             if not await self._known(parsed["model"]):
                 raise FunctionNotFound(f"The model '{parsed['model']}' does not exist (no function "
                                        "declared with openai=True has that name)")
@@ -323,6 +344,7 @@ class Gateway:
         try:
             if not protocol.valid_function_name(name):
                 raise FunctionNotFound(f"no function named {name!r}")
+            self._caller(request, name)
             event = await self._body(request)
             if not isinstance(event, dict):
                 raise BadRequest("the event must be a JSON object")
@@ -379,9 +401,14 @@ def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, api_keys: ApiKeys | None = None) -> socket.socket:
     """The gateway's listening socket, bound before anything else starts (a port in use is
-    a clear error at once; port 0 picks a free one: `sock.getsockname()`)."""
+    a clear error at once; port 0 picks a free one: `sock.getsockname()`). Without API keys
+    only a loopback address: an open gateway lets anyone who reaches it call every function."""
+    if api_keys is None and not ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host
+                                                     else host).is_loopback:
+        raise FaasError(f"the gateway would listen on {host} without API keys, open to anyone who "
+                        "reaches it: give it --api-keys FILE, or listen on 127.0.0.1")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted connections inherit it: without, a small response waits ~40 ms for the
@@ -397,7 +424,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, stop: asyncio.Event,
-                        grace_s: float = 10.0) -> None:
+                        grace_s: float = 10.0, api_keys: ApiKeys | None = None) -> None:
     """Serve HTTP on the bound `sock` until `stop` is set (the caller owns signals and the
     NATS connection); streams still open get `grace_s` to end."""
     import contextlib
@@ -411,7 +438,7 @@ async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, s
         def capture_signals(self) -> Any:
             yield
 
-    gateway = Gateway(client, timeout_s)
+    gateway = Gateway(client, timeout_s, api_keys=api_keys)
     host, port = sock.getsockname()[:2]
     try:
         await gateway.start()
@@ -419,7 +446,10 @@ async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, s
                                 timeout_graceful_shutdown=grace_s)
         server = EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        get_logger(component="gateway").info("gateway_started", url=f"http://{host}:{port}")
+        get_logger(component="gateway").info(
+            "gateway_started", url=f"http://{host}:{port}",
+            api_keys=f"{len(api_keys.keys)} keys" if api_keys else
+            "none: open to every local user of this machine (give --api-keys FILE to require keys)")
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -431,7 +461,7 @@ async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, s
 
 
 async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: int, timeout_s: float,
-                      connect_s: float = 15.0) -> int:
+                      connect_s: float = 15.0, api_keys: ApiKeys | None = None) -> int:
     """`faas gateway`: until SIGINT/SIGTERM."""
     import signal
 
@@ -442,7 +472,7 @@ async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sock = bind(host, port)
+    sock = bind(host, port, api_keys)
     client = Client(url, max_reconnect_attempts=-1, **credentials)
     try:
         await asyncio.wait_for(client.connect(), connect_s)
@@ -451,7 +481,7 @@ async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: in
         raise FaasError(f"cannot reach NATS at {url} within {connect_s:.0f}s") from None
     try:
         print(f"gateway http://{host}:{sock.getsockname()[1]} nats={url}", flush=True)
-        await serve_gateway(client, sock, timeout_s, stop)
+        await serve_gateway(client, sock, timeout_s, stop, api_keys=api_keys)
     finally:
         await client.close()
     return 0

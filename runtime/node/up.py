@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from faas.apikeys import ApiKeys
 from faas.auth import Credentials, servers
 from faas.bundled import faas_home
 from faas.connection import connect
@@ -45,6 +46,7 @@ class UpOptions:
     state_dir: Path | None = None
     http_port: int | None = None  # the OpenAI gateway beside the node
     http_host: str = NodeConfig.metrics_host  # the gateway and the metrics listen on one address
+    http_api_keys: Path | None = None  # the gateway's API keys (faas/apikeys.py); None: open, loopback only
     http_timeout_s: float = 120.0
     bundled_models: bool = True
     device: str = "auto"
@@ -85,7 +87,7 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
 
 
 async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.socket, timeout_s: float,
-                         stop: asyncio.Event) -> asyncio.Task[None]:
+                         stop: asyncio.Event, api_keys: ApiKeys | None) -> asyncio.Task[None]:
     """The gateway on its own NATS connection (it is a client like any other), until `stop`."""
     from faas.client import Client
     from faas.gateway import serve_gateway
@@ -95,7 +97,7 @@ async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.soc
 
     async def run() -> None:
         try:
-            await serve_gateway(client, sock, timeout_s, stop)
+            await serve_gateway(client, sock, timeout_s, stop, api_keys=api_keys)
         finally:
             await client.close()
 
@@ -127,7 +129,8 @@ async def up(options: UpOptions) -> int:
         if options.http_port is not None:  # first: a port in use fails before anything starts
             from faas.gateway import bind
 
-            http_sock = bind(options.http_host, options.http_port)
+            api_keys = ApiKeys.load(options.http_api_keys) if options.http_api_keys else None
+            http_sock = bind(options.http_host, options.http_port, api_keys)
         url = options.nats_url
         credentials = options.credentials.options()
         if url is None:
@@ -152,7 +155,7 @@ async def up(options: UpOptions) -> int:
         gateway = None
         if http_sock is not None:
             http = f" http=http://{options.http_host}:{http_sock.getsockname()[1]}"
-            gateway = await _start_gateway(url, credentials, http_sock, options.http_timeout_s, stop)
+            gateway = await _start_gateway(url, credentials, http_sock, options.http_timeout_s, stop, api_keys)
             http_sock = None
         reloader = None
         if options.reload and options.functions_dirs:

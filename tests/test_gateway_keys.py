@@ -1,0 +1,75 @@
+"""The gateway's API keys: `Authorization: Bearer KEY` as OpenAI clients send it; 401 without
+a known key, 403 for a function the key may not call; without keys, loopback only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from faas.localnode import free_port
+
+LIMITED, FULL = "sk-limited-0123456789abcdef", "sk-full-0123456789abcdef0123"
+
+
+def _gateway(node, *args: str) -> subprocess.Popen[str]:
+    login = node.node_credentials()
+    return subprocess.Popen([sys.executable, "-m", "faas.cli", "gateway", "--nats", node.url,
+                             "--user", login["user"], "--password", login["password"], *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture()
+def gateway(node, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "limited", "key": LIMITED, "functions": ["echo"]},
+                                         {"name": "full", "key": FULL, "functions": ["*"]}]}))
+    port = free_port()
+    proc = _gateway(node, "--port", str(port), "--api-keys", str(keys))
+    line = proc.stdout.readline()
+    assert line.startswith("gateway http://"), proc.stderr.read()
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(30)
+
+
+async def test_keys_are_required_and_bound_to_their_functions(gateway):
+    async with httpx.AsyncClient(base_url=gateway, timeout=60) as http:
+        for headers in ({}, {"Authorization": "Bearer sk-not-a-key-of-ours-000000"}, {"Authorization": LIMITED}):
+            refused = await http.post("/v1/functions/echo", json={"a": 1}, headers=headers)
+            assert refused.status_code == 401, refused.text
+        limited = {"Authorization": f"Bearer {LIMITED}"}
+        ok = await http.post("/v1/functions/echo", json={"a": 1}, headers=limited)
+        assert ok.status_code == 200 and ok.json()["output"]["echo"] == {"a": 1}
+        forbidden = await http.post("/v1/functions/boom", json={}, headers=limited)
+        assert forbidden.status_code == 403 and "may not call 'boom'" in forbidden.text
+        unauthorized = await http.get("/v1/models")
+        assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "invalid_api_key"
+        assert (await http.get("/v1/models", headers=limited)).json()["data"] == []
+        full = (await http.get("/v1/models", headers={"Authorization": f"Bearer {FULL}"})).json()["data"]
+        assert "support" in {m["id"] for m in full}
+    # The official client, as it sends keys.
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = openai.OpenAI(base_url=f"{gateway}/v1", api_key=FULL).chat.completions.create(
+        model="support", messages=messages, max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.PermissionDeniedError):
+        openai.OpenAI(base_url=f"{gateway}/v1", api_key=LIMITED).chat.completions.create(
+            model="support", messages=messages, max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{gateway}/v1", api_key="sk-wrong-000000000000000").chat.completions.create(
+            model="support", messages=messages, max_tokens=4)
+
+
+def test_an_open_gateway_listens_on_loopback_only(node, tmp_path):
+    proc = _gateway(node, "--port", str(free_port()), "--host", "0.0.0.0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "without API keys, open to anyone who reaches it" in err
+    (tmp_path / "bad.json").write_text(json.dumps({"keys": [{"key": "short", "functions": ["*"]}]}))
+    proc = _gateway(node, "--port", str(free_port()), "--api-keys", str(tmp_path / "bad.json"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "at least 16 characters" in err
