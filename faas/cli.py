@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from importlib import metadata
@@ -299,8 +300,19 @@ async def _deploy(args: argparse.Namespace) -> int:
     from runtime.functions.catalog import build_bundled_models, deploy_isolation, discover_file
     from runtime.functions.loader import function_files
 
+    scratch = tempfile.TemporaryDirectory(prefix="faas-deploy-")
     try:
         paths = [Path(p) for p in args.paths]
+        if (args.adapter is None) == (not paths):
+            raise FaasError("give DIR|FILE..., or --adapter DIR --name NAME --backbone MODEL")
+        if args.adapter is not None:
+            if args.name is None or args.backbone is None:
+                raise FaasError("--adapter needs --name and --backbone")
+            folder = Path(scratch.name)
+            folder.chmod(0o755)  # discovery reads it under a uid of its own
+            paths = [deploy.adapter_function(args.name, args.adapter, args.backbone, args.openai, folder)]
+            for path in [*paths, *paths[0].rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
         folders = [p for p in paths if p.is_dir()]
         for link in (f for folder in folders for f in folder.glob("*.py")):
             deploy.inside_folder(link)
@@ -333,6 +345,8 @@ async def _deploy(args: argparse.Namespace) -> int:
             await nc.drain()
     except (FaasError, nats.errors.Error, OSError) as err:
         return _fail(err)
+    finally:
+        scratch.cleanup()
     for row in rows:
         print(f"{row['name']}: version {row['version']}" + ("" if row["changed"] else " (unchanged)"))
     return 0
@@ -827,7 +841,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))
 
     deploy = _command(sub, "deploy", help="store functions (code, adapters) in NATS for every node")
-    deploy.add_argument("paths", nargs="+", metavar="DIR|FILE")
+    deploy.add_argument("paths", nargs="*", metavar="DIR|FILE")
+    as_data = deploy.add_argument_group("an adapter as data, with a default handler (no Python file)")
+    as_data.add_argument("--adapter", metavar="DIR", type=Path, help="a peft LoRA adapter folder")
+    as_data.add_argument("--name", help="the function's name")
+    as_data.add_argument("--backbone", metavar="MODEL", type=Path, help="its base model's folder")
+    as_data.add_argument("--openai", action="store_true", help="also an OpenAI model of the gateway")
     _admin_options(deploy)
     deploy.set_defaults(run=lambda a: asyncio.run(_deploy(a)))
 

@@ -17,6 +17,7 @@ import getpass
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -57,6 +58,41 @@ def inside_folder(path: Path, folder: Path | None = None) -> Path:
     if not resolved.is_relative_to(folder):
         raise BadRequest(f"{path} links outside {folder}: a deploy takes only files inside it")
     return resolved
+
+
+_ADAPTER_FUNCTION = '''"""{name}: a LoRA adapter deployed as data (`faas deploy --adapter`): its handler
+continues a prompt; with openai=True the gateway serves it as an OpenAI model too."""
+
+from faas import BadRequest, function
+
+
+@function(name={name!r}, backbone={backbone!r}, adapter="adapter", openai={openai!r})
+def handler(event: dict, ctx) -> dict:
+    prompt, max_tokens = event.get("prompt"), event.get("max_tokens", 64)
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("the event needs a 'prompt' (text)")
+    if type(max_tokens) is not int or not 1 <= max_tokens <= 4096:
+        raise BadRequest("'max_tokens' must be an integer from 1 to 4096")
+    r = ctx.generate(prompt, max_new_tokens=max_tokens, stream=True)
+    return {{"text": r.text, "finish_reason": r.finish_reason}}
+'''
+
+
+def adapter_function(name: str, adapter: Path, backbone: Path, openai: bool, into: Path) -> Path:
+    """A function folder (in `into`) serving the LoRA adapter folder `adapter` on `backbone`
+    with a default handler: what `faas deploy --adapter` deploys, no Python file needed."""
+    if not protocol.valid_function_name(name):
+        raise BadRequest(f"invalid function name {name!r}")
+    if not (backbone / "config.json").is_file():
+        raise BadRequest(f"backbone {str(backbone)!r} is not a model folder (no config.json)")
+    if not (adapter / "adapter_config.json").is_file():
+        raise BadRequest(f"adapter {str(adapter)!r} is not a peft adapter folder (no adapter_config.json)")
+    folder = into / name
+    folder.mkdir(parents=True)
+    shutil.copytree(adapter, folder / "adapter", symlinks=True)  # links are refused by package()
+    (folder / f"{name.replace('-', '_')}.py").write_text(
+        _ADAPTER_FUNCTION.format(name=name, backbone=str(backbone.resolve()), openai=openai))
+    return folder
 
 
 def package(spec: FunctionRecord) -> tuple[dict[str, Any], dict[str, bytes]]:

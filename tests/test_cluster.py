@@ -428,3 +428,25 @@ def test_one_node_owns_each_function_for_pre_loading():
     assert view("n1", {"n2": full}).pick("f", served_here=False) == "n2"
     assert view("n1", {"n2": {**warm, "overloaded": True}}).pick("f", served_here=True) is None
     assert view("n1", {"n2": warm}).pick("g", served_here=False) is None
+
+
+async def test_an_adapter_deployed_as_data_answers_as_the_reference_does(cluster, models):
+    """`faas deploy --adapter DIR --name NAME --backbone MODEL`: no Python file of the user's."""
+    from faas import BadRequest
+    from tests.reference import decode, greedy_token_ids
+
+    url, _, _ = cluster
+    backbone, adapter = models / "tiny-llama", models / "tiny-llama" / "adapters" / "sql"
+    out = faas_cli("deploy", "--adapter", str(adapter), "--name", "sql-as-data", "--backbone", str(backbone),
+                   "--openai", "--nats", url)
+    assert out.returncode == 0 and "sql-as-data: version 1" in out.stdout, out.stderr
+    async with Client(url) as c:
+        async def served() -> dict:
+            return (await c.invoke("sql-as-data", {"prompt": "SELECT name FROM", "max_tokens": 6}, timeout_s=60)).output
+        answer = await until(served, timeout_s=60, what="the adapter deployed as data")
+        expected = decode(str(backbone), str(adapter), greedy_token_ids(str(backbone), str(adapter), "SELECT name FROM", 6))
+        assert answer["text"] == expected
+        with pytest.raises(BadRequest, match="max_tokens"):
+            await c.invoke("sql-as-data", {"prompt": "x", "max_tokens": "many"}, timeout_s=60)
+    refused = faas_cli("deploy", "--adapter", str(adapter), "--name", "no-backbone", "--nats", url)
+    assert refused.returncode == 1 and "--adapter needs --name and --backbone" in refused.stderr
