@@ -16,7 +16,8 @@ from tests.conftest import TEST_FUNCTIONS, second_node, uid_range
 GOOD = {"name": "fn", "backbone": "/m", "adapter": "/m/a", "timeout_s": 10.0, "max_queue": 4,
         "max_instances": 1, "start_timeout_s": 60.0, "source_file": "/f/fn.py",
         "handler": "fn", "has_setup": False, "slo_ttft_s": 2.5, "max_batch": 8, "triggers": [],
-        "max_deliver": 5, "results": False, "openai": False, "engine": "shared", "schedule": None}
+        "max_deliver": 5, "results": False, "openai": False, "engine": "shared", "schedule": None,
+        "env": {}, "secrets": [], "network": False}
 
 
 def test_a_well_formed_answer_is_accepted():
