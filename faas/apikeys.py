@@ -1,7 +1,8 @@
 """API keys for the HTTP gateway (`faas gateway --api-keys FILE`).
 
 The file is JSON: `{"keys": [{"name": "team-a", "key": "sk-...", "functions": ["support",
-"sql"]}, {"name": "ops", "key": "...", "functions": ["*"]}]}`. A caller sends its key as
+"sql"]}, {"name": "ops", "key": "...", "functions": ["*"], "adapters": true}]}` (`adapters`:
+the key may load and unload LoRA adapters, vLLM's `/v1/load_lora_adapter`). A caller sends its key as
 OpenAI clients do (`Authorization: Bearer <key>`): no key or an unknown one is a 401, a
 function the key may not call a 403, as OpenAI's API answers them. Keys are compared by
 their SHA-256, in constant time.
@@ -37,6 +38,7 @@ class ApiKey:
     name: str
     digest: bytes
     functions: frozenset[str]  # "*": every function
+    adapters: bool = False  # may load and unload adapters (vLLM's dynamic LoRA API)
 
     def may_call(self, function: str) -> bool:
         return "*" in self.functions or function in self.functions
@@ -64,7 +66,8 @@ class ApiKeys:
                 raise FaasError(f"{path}: key {i + 1} needs a \"key\" of at least {_MIN_KEY} characters "
                                 "and a list of \"functions\" (\"*\": all)")
             keys.append(ApiKey(str(entry.get("name", f"key {i + 1}")),
-                               hashlib.sha256(entry["key"].encode()).digest(), frozenset(entry["functions"])))
+                               hashlib.sha256(entry["key"].encode()).digest(), frozenset(entry["functions"]),
+                               entry.get("adapters") is True))
         return cls(tuple(keys))
 
     def check(self, authorization: str | None) -> ApiKey:

@@ -501,7 +501,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
         keys = ApiKeys.load(args.api_keys) if args.api_keys else None
         return asyncio.run(run_gateway(args.nats or DEFAULT_URL, auth.from_args(args).options(),
-                                       args.host, args.port, args.timeout_s, api_keys=keys))
+                                       args.host, args.port, args.timeout_s, api_keys=keys,
+                                       adapter_backbone=args.adapter_backbone))
     except FaasError as err:
         return _fail(err)
 
@@ -898,6 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--api-keys", metavar="FILE", type=Path, default=None,
                          help="JSON: {\"keys\": [{\"name\", \"key\", \"functions\": [NAME or *]}]}; "
                               "callers send Authorization: Bearer KEY (without: open, on loopback only)")
+    gateway.add_argument("--adapter-backbone", metavar="MODEL", type=Path, default=None,
+                         help="the base model folder of adapters loaded through /v1/load_lora_adapter "
+                              "(by keys with \"adapters\": true); without, none are loaded")
     gateway.add_argument("--timeout-s", type=_positive, default=120.0,
                          help="the budget of each request (the function's timeout_s caps it)")
     _nats_options(gateway)

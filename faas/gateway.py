@@ -28,12 +28,13 @@ import json
 import math
 import socket
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from faas import openai_api, protocol
@@ -106,8 +107,9 @@ async def _disconnected(request: Request) -> None:
 
 class Gateway:
     def __init__(self, client: Client, timeout_s: float = 120.0, models_every_s: float = 2.0,
-                 api_keys: ApiKeys | None = None) -> None:
+                 api_keys: ApiKeys | None = None, adapter_backbone: Path | None = None) -> None:
         self.client = client
+        self.adapter_backbone = adapter_backbone  # what adapters loaded at run time adapt
         self.api_keys = api_keys  # None: open (only on a loopback address, see `bind`)
         self.timeout_s = timeout_s
         self.models_every_s = models_every_s
@@ -125,6 +127,8 @@ class Gateway:
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model}", self.get_model, methods=["GET"]),
             Route("/v1/functions/{function}", self.function, methods=["POST"]),
+            Route("/v1/load_lora_adapter", self.load_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
             Route("/healthz", self.health, methods=["GET"]),
         ], exception_handlers={Exception: self._internal_error})
@@ -359,6 +363,52 @@ class Gateway:
         return self._done(JSONResponse({"output": result.output, "metrics": result.metrics}),
                           name, "functions", started)
 
+    # --- vLLM's dynamic LoRA API: adapters deployed as data -------------------------
+
+    async def _adapter_request(self, request: Request) -> tuple[str, dict[str, Any]]:
+        """The `lora_name` and body of a load/unload request from a key that may."""
+        if self.api_keys is None:
+            raise Forbidden("this gateway has no API keys: it loads no adapters (give it --api-keys)")
+        key = self._caller(request)
+        if key is None or not key.adapters:
+            raise Forbidden(f"this API key ({key.name if key else '-'}) may not load or unload adapters")
+        if self.adapter_backbone is None:
+            raise BadRequest("this gateway loads no adapters: start it with --adapter-backbone MODEL")
+        body = await self._body(request)
+        name = body.get("lora_name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not protocol.valid_function_name(name):
+            raise BadRequest("'lora_name' must be a function name (lower-case letters, digits, '_', '-')")
+        return name, body
+
+    async def load_adapter(self, request: Request) -> Response:
+        """Deploy `lora_path` (a folder on this gateway's machine) as the model `lora_name`,
+        served by every node with the default handler (`faas deploy --adapter --openai`)."""
+        from faas import deploy
+
+        try:
+            name, body = await self._adapter_request(request)
+            path = body.get("lora_path")
+            if not isinstance(path, str) or not path:
+                raise BadRequest("'lora_path' must be the adapter's folder")
+            records = await asyncio.to_thread(_adapter_records, name, Path(path), self.adapter_backbone)
+            await deploy.deploy(self.client.nc, records, deploy.deployer(None))
+        except FaasError as err:
+            return error_response(err)
+        self.log.info("adapter_loaded", fn=name, path=path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_adapter(self, request: Request) -> Response:
+        """Stop serving the adapter `lora_name` everywhere (`faas rm`)."""
+        from faas import deploy
+
+        try:
+            name, _ = await self._adapter_request(request)
+            await deploy.remove(self.client.nc, name)
+        except FaasError as err:
+            return error_response(err, None)
+        self.log.info("adapter_unloaded", fn=name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
     # --- plumbing -------------------------------------------------------------------
 
     async def _unless_gone(self, request: Request, call: Any, request_id: str) -> Any:
@@ -393,6 +443,25 @@ class Gateway:
         return response
 
 
+def _adapter_records(name: str, adapter: Path, backbone: Path) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
+    """What `faas deploy --adapter ADAPTER --name NAME --backbone BACKBONE --openai` stores.
+    The handler is faas's own (faas/deploy.py), so its file is read here, not in isolation."""
+    import tempfile
+
+    from faas import deploy
+    from faas.sdk import spec_of
+
+    with tempfile.TemporaryDirectory(prefix="faas-adapter-") as scratch:
+        folder = deploy.adapter_function(name, adapter, backbone, True, Path(scratch))
+        source = next(folder.glob("*.py"))
+        namespace: dict[str, Any] = {"__file__": str(source), "__name__": f"faas_adapter_{name}"}
+        exec(compile(source.read_text(), str(source), "exec"), namespace)
+        spec = spec_of(namespace["handler"])
+        if spec is None:
+            raise HandlerError("the adapter's handler declared no function")
+        return [deploy.package(spec.record())]
+
+
 def _model(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "faas"}
 
@@ -424,7 +493,8 @@ def bind(host: str, port: int, api_keys: ApiKeys | None = None) -> socket.socket
 
 
 async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, stop: asyncio.Event,
-                        grace_s: float = 10.0, api_keys: ApiKeys | None = None) -> None:
+                        grace_s: float = 10.0, api_keys: ApiKeys | None = None,
+                        adapter_backbone: Path | None = None) -> None:
     """Serve HTTP on the bound `sock` until `stop` is set (the caller owns signals and the
     NATS connection); streams still open get `grace_s` to end."""
     import contextlib
@@ -438,7 +508,7 @@ async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, s
         def capture_signals(self) -> Any:
             yield
 
-    gateway = Gateway(client, timeout_s, api_keys=api_keys)
+    gateway = Gateway(client, timeout_s, api_keys=api_keys, adapter_backbone=adapter_backbone)
     host, port = sock.getsockname()[:2]
     try:
         await gateway.start()
@@ -461,7 +531,8 @@ async def serve_gateway(client: Client, sock: socket.socket, timeout_s: float, s
 
 
 async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: int, timeout_s: float,
-                      connect_s: float = 15.0, api_keys: ApiKeys | None = None) -> int:
+                      connect_s: float = 15.0, api_keys: ApiKeys | None = None,
+                      adapter_backbone: Path | None = None) -> int:
     """`faas gateway`: until SIGINT/SIGTERM."""
     import signal
 
@@ -481,7 +552,7 @@ async def run_gateway(url: str, credentials: dict[str, Any], host: str, port: in
         raise FaasError(f"cannot reach NATS at {url} within {connect_s:.0f}s") from None
     try:
         print(f"gateway http://{host}:{sock.getsockname()[1]} nats={url}", flush=True)
-        await serve_gateway(client, sock, timeout_s, stop, api_keys=api_keys)
+        await serve_gateway(client, sock, timeout_s, stop, api_keys=api_keys, adapter_backbone=adapter_backbone)
     finally:
         await client.close()
     return 0

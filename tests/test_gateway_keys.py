@@ -12,8 +12,10 @@ import openai
 import pytest
 
 from faas.localnode import free_port
+from tests.test_cluster import until
 
 LIMITED, FULL = "sk-limited-0123456789abcdef", "sk-full-0123456789abcdef0123"
+OPS = "sk-ops-may-load-adapters-0123456789"
 
 
 def _gateway(node, *args: str) -> subprocess.Popen[str]:
@@ -24,12 +26,14 @@ def _gateway(node, *args: str) -> subprocess.Popen[str]:
 
 
 @pytest.fixture()
-def gateway(node, tmp_path):
+def gateway(node, tmp_path, models):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "limited", "key": LIMITED, "functions": ["echo"]},
-                                         {"name": "full", "key": FULL, "functions": ["*"]}]}))
+                                         {"name": "full", "key": FULL, "functions": ["*"]},
+                                         {"name": "ops", "key": OPS, "functions": ["*"], "adapters": True}]}))
     port = free_port()
-    proc = _gateway(node, "--port", str(port), "--api-keys", str(keys))
+    proc = _gateway(node, "--port", str(port), "--api-keys", str(keys),
+                    "--adapter-backbone", str(models / "tiny-llama"))
     line = proc.stdout.readline()
     assert line.startswith("gateway http://"), proc.stderr.read()
     yield f"http://127.0.0.1:{port}"
@@ -63,6 +67,36 @@ async def test_keys_are_required_and_bound_to_their_functions(gateway):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gateway}/v1", api_key="sk-wrong-000000000000000").chat.completions.create(
             model="support", messages=messages, max_tokens=4)
+
+
+async def test_vllm_s_dynamic_lora_api_loads_and_unloads_adapters_for_the_right_key(gateway, models):
+    """Clients written for vLLM's `/v1/load_lora_adapter` work unchanged: the adapter is
+    deployed as data on every node, then removed."""
+    body = {"lora_name": "lora-dyn", "lora_path": str(models / "tiny-llama" / "adapters" / "summarize")}
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        for key in (LIMITED, FULL):  # keys without "adapters": true
+            refused = await http.post("/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert refused.status_code == 403, refused.text
+        assert (await http.post("/v1/load_lora_adapter", json=body)).status_code == 401
+        ops = {"Authorization": f"Bearer {OPS}"}
+        bad = await http.post("/v1/load_lora_adapter", json={**body, "lora_path": "/nonexistent"}, headers=ops)
+        assert bad.status_code == 400 and "not a peft adapter folder" in bad.text
+        loaded = await http.post("/v1/load_lora_adapter", json=body, headers=ops)
+        assert loaded.status_code == 200 and "lora-dyn" in loaded.text
+
+        async def listed() -> bool:
+            models = await http.get("/v1/models", headers=ops)
+            return "lora-dyn" in {m["id"] for m in models.json().get("data", [])}
+        await until(listed, timeout_s=60, what="the loaded adapter to be a model")
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=FULL)
+        reply = await client.completions.create(model="lora-dyn", prompt="Hello", max_tokens=4, temperature=0)
+        assert reply.choices[0].text is not None and reply.usage.completion_tokens >= 1
+        unloaded = await http.post("/v1/unload_lora_adapter", json={"lora_name": "lora-dyn"}, headers=ops)
+        assert unloaded.status_code == 200
+
+        async def gone() -> bool:
+            return (await http.post("/v1/functions/lora-dyn", json={"prompt": "x"}, headers=ops)).status_code == 404
+        await until(gone, timeout_s=60, what="the unloaded adapter to be gone")
 
 
 def test_an_open_gateway_listens_on_loopback_only(node, tmp_path):
