@@ -122,16 +122,22 @@ def _uid_range(text: str) -> tuple[int, int] | str | None:
 _MAX_EVENT_BYTES = 64 << 20
 
 
+def _read_input(where: str, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of stdin (`-`) or of the file `where`: one more than the
+    caller accepts says it is too large without reading on (/dev/zero)."""
+    if where == "-":
+        return sys.stdin.buffer.read(limit + 1)
+    with open(where, "rb") as f:
+        return f.read(limit + 1)
+
+
 def _event(args: argparse.Namespace) -> Any:
     """The EVENT argument parsed as JSON (`-`: read from stdin, `@FILE`: from a file), or
     None after saying why it is not."""
     text = args.event
     try:
-        if text == "-":
-            text = sys.stdin.buffer.read(_MAX_EVENT_BYTES + 1)
-        elif text.startswith("@"):
-            with open(text[1:], "rb") as f:
-                text = f.read(_MAX_EVENT_BYTES + 1)
+        if text == "-" or text.startswith("@"):
+            text = _read_input("-" if text == "-" else text[1:], _MAX_EVENT_BYTES)
     except OSError as exc:
         print(f"error: cannot read EVENT from {args.event[1:]}: {exc.strerror or exc}", file=sys.stderr)
         return None
@@ -415,10 +421,8 @@ async def _secret(args: argparse.Namespace) -> int:
         if args.action == "set":
             if (args.value is None) == (args.from_file is None):
                 raise FaasError("give the value, - (stdin) or --from-file FILE: one of them")
-            if args.from_file is not None:
-                value = Path(args.from_file).read_bytes()[:secrets.MAX_VALUE_BYTES + 1]
-            elif args.value == "-":
-                value = sys.stdin.buffer.read(secrets.MAX_VALUE_BYTES + 1)
+            if args.from_file is not None or args.value == "-":
+                value = _read_input(args.from_file or "-", secrets.MAX_VALUE_BYTES)
             else:
                 value = args.value.encode()
         nc = await _admin(args)
@@ -555,7 +559,9 @@ def format_table(rows: list[tuple[Any, ...]], width: int | None = None,
     the cells of the `squeeze` columns (header: narrowest width) are cut with an ellipsis,
     widest first; where that is not enough, the `drop` columns are left out, in that
     order, and a last line names them."""
-    cells = [[str(cell) for cell in row] for row in rows]
+    # Cells may hold what anyone who can write a bucket wrote (a version's deployer, a
+    # reason a node gives): never a terminal's control sequence.
+    cells = [["".join(c if c.isprintable() else "?" for c in str(cell)) for cell in row] for row in rows]
     header, squeeze = cells[0], squeeze or {}
     left_out: list[str] = []
     while True:

@@ -133,13 +133,6 @@ def package(spec: FunctionRecord) -> tuple[dict[str, Any], dict[str, bytes]]:
     return record, blobs
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    def content(r: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in r.items()
-                if k not in ("version", "deployed_at", "deployed_by", "rolled_back_from")}
-    return content(a) == content(b)
-
-
 async def buckets(nc: NATS) -> tuple[Any, Any]:
     """The functions bucket and the artifacts object store (created if missing)."""
     js = nc.jetstream()
@@ -222,7 +215,7 @@ async def deploy(nc: NATS, records: list[tuple[dict[str, Any], dict[str, bytes]]
     for record, _blobs in records:
         versions, revision = await _versions(kv, record["name"])
         current = versions[-1] if versions else None
-        if current is not None and _same(current, record):
+        if current is not None and record_digest(current) == record_digest(record):
             rows.append({"name": record["name"], "version": current["version"], "changed": False})
             continue
         version = 1 + max((v["version"] for v in versions if v), default=0)

@@ -454,6 +454,8 @@ def _adapter_records(name: str, adapter: Path, backbone: Path) -> list[tuple[dic
     with tempfile.TemporaryDirectory(prefix="faas-adapter-") as scratch:
         folder = deploy.adapter_function(name, adapter, backbone, True, Path(scratch))
         source = next(folder.glob("*.py"))
+        # Not runtime's loader: that keeps the module and puts its (temporary) folder on
+        # sys.path for good; this file is faas's template and imports nothing beside it.
         namespace: dict[str, Any] = {"__file__": str(source), "__name__": f"faas_adapter_{name}"}
         exec(compile(source.read_text(), str(source), "exec"), namespace)
         spec = spec_of(namespace["handler"])

@@ -16,12 +16,12 @@ A deployment (what `faas deploy` puts in the functions bucket, faas/deploy.py): 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from faas.errors import SpecError
 from faas.schedule import Cron
-from faas.secrets import valid_name
 from faas.protocol import valid_function_name, valid_subject
 
 # Where a function's generations run (README: "Where generation runs").
@@ -165,6 +165,15 @@ def decode_deployment(value: bytes) -> dict[str, Any]:
                  and isinstance(record["backbone"].get("fingerprint"), str))):
         raise ValueError("not a function record")
     return record
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+
+
+def valid_name(name: object) -> bool:
+    """A setting's or secret's name (an environment variable's): upper-case letters, digits
+    and `_`, not a digit first."""
+    return isinstance(name, str) and _ENV_NAME.fullmatch(name) is not None
 
 
 # Fields added after records were first deployed: absent, they take these values.

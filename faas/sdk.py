@@ -14,9 +14,9 @@ from faas.artifacts import declared_models_problem
 from faas.errors import FaasError, SpecError
 from faas.logs import get_logger
 from faas.schedule import Cron
-from faas.secrets import valid_name
 from faas.protocol import schedule_subject, valid_function_name, valid_subject
-from faas.record import DEFAULT_SLO_TTFT_S, ENGINES, FunctionRecord, count, positive_seconds, valid_env
+from faas.record import (DEFAULT_SLO_TTFT_S, ENGINES, FunctionRecord, count, positive_seconds, valid_env,
+                         valid_name)
 
 SPEC_ATTR = "__faas_spec__"
 

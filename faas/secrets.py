@@ -11,7 +11,6 @@ start, saying which to set.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -19,14 +18,9 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 
 from faas import protocol, streams
 from faas.errors import BadRequest, FunctionNotFound, HandlerError
+from faas.record import valid_name
 
-_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 MAX_VALUE_BYTES = 64 << 10
-
-
-def valid_name(name: object) -> bool:
-    """An environment variable's name: upper-case letters, digits and `_`, not a digit first."""
-    return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
 async def _bucket(nc: NATS) -> Any:

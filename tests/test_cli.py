@@ -349,3 +349,11 @@ def test_an_old_python_gets_one_line():
                           "import faas.cli"], capture_output=True, text=True, timeout=60)
     assert (old.returncode, old.stdout) == (1, "")
     assert old.stderr == "faas needs Python 3.11 or newer; this is 3.9\n"
+
+
+def test_tables_never_print_a_control_sequence():
+    """Cells may come from a bucket anyone with write access filled (a deployer's name)."""
+    from faas.cli import format_table
+
+    out = format_table([("BY", "X"), ("\x1b]0;pwned\x07evil\x1b[2J", "ok\nnext")])
+    assert "\x1b" not in out and "\x07" not in out and out.splitlines()[1].startswith("?]0;pwned?evil")

@@ -81,6 +81,12 @@ async def test_vllm_s_dynamic_lora_api_loads_and_unloads_adapters_for_the_right_
         ops = {"Authorization": f"Bearer {OPS}"}
         bad = await http.post("/v1/load_lora_adapter", json={**body, "lora_path": "/nonexistent"}, headers=ops)
         assert bad.status_code == 400 and "not a peft adapter folder" in bad.text
+        for hostile in ([body], {**body, "lora_name": "../../etc"}, {**body, "lora_name": "x" * 100},
+                        {**body, "lora_path": 42}, {"lora_path": body["lora_path"]}):
+            refused = await http.post("/v1/load_lora_adapter", json=hostile, headers=ops)
+            assert refused.status_code == 400, (hostile, refused.text)
+        not_json = await http.post("/v1/load_lora_adapter", content=b"\x00{", headers=ops)
+        assert not_json.status_code == 400
         loaded = await http.post("/v1/load_lora_adapter", json=body, headers=ops)
         assert loaded.status_code == 200 and "lora-dyn" in loaded.text
 

@@ -79,6 +79,12 @@ async def test_secrets_and_settings_reach_their_function_only(tmp_path, models):
         listed = faas("secret", "ls", *admin)
         assert listed.stdout.split() == ["API_KEY", "UNUSED"] and SECRET not in listed.stdout
         assert faas("secret", "set", "bad name", "x", *admin).returncode == 1
+        (tmp_path / "huge").write_bytes(b"x" * (64 << 10 | 1))
+        (tmp_path / "binary").write_bytes(b"\xff\xfe")
+        for hostile, why in ((tmp_path / "huge", "at most 65536"), (tmp_path / "binary", "not UTF-8"),
+                             ("/dev/zero", "at most 65536")):  # read no further than the limit
+            out = faas("secret", "set", "HOSTILE", "--from-file", str(hostile), *admin)
+            assert out.returncode == 1 and why in out.stderr, out.stderr
         async with Client(node.url) as client:
             keeper = (await client.invoke("keeper", {})).output
             assert (keeper["mode"], keeper["key"]) == ("strict", SECRET)
