@@ -97,33 +97,6 @@ def dead_letter(function: str, data: bytes, headers: dict[str, str], info: dict[
     return msgpack.packb(letter, use_bin_type=True)
 
 
-async def keep_alive(msg: Msg, ack_wait_s: float) -> None:
-    """In-progress acks while a handler runs (an event's, a job's): a slow one is not
-    handed out again."""
-    while True:
-        await asyncio.sleep(ack_wait_s / 3)
-        try:
-            await msg.in_progress()
-        except NatsError:
-            return
-
-
-async def ack(msg: Msg, log: Any, kind: str) -> None:
-    """Ack a JetStream message; one that fails is logged (the message comes back)."""
-    try:
-        await msg.ack()
-    except NatsError as exc:
-        log.warning(f"{kind}_ack_failed", error=f"{type(exc).__name__}: {exc}")
-
-
-async def nak(msg: Msg, delay_s: float, log: Any, kind: str) -> None:
-    """Hand a JetStream message back, to come again after `delay_s`."""
-    try:
-        await msg.nak(delay=delay_s)
-    except NatsError as exc:
-        log.warning(f"{kind}_nak_failed", error=f"{type(exc).__name__}: {exc}")
-
-
 class EventConsumers:
     """The node's event loops, one per function with triggers."""
 
@@ -285,13 +258,22 @@ class EventConsumers:
         # place (and its output) by sending a request under its id.
         request_id = protocol.new_request_id()
         flight = self.inflight.take(request_id, None, None, received)
-        keep = asyncio.create_task(keep_alive(msg, self.config.ack_wait_s))
+        keep = asyncio.create_task(self._keep_alive(msg))
         try:
             await self.invocations.serve(pool, Call(request_id, event, received, deadline_of(pool.spec, received),
                                                     event_info=info), outcome, log)
         finally:
             keep.cancel()
             self.inflight.release(request_id, flight)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """In-progress acks while the handler runs: a slow one is not redelivered."""
+        while True:
+            await asyncio.sleep(self.config.ack_wait_s / 3)
+            try:
+                await msg.in_progress()
+            except NatsError:
+                return
 
     def room(self) -> int:
         """The most bytes an outcome message may take (its Nats-Msg-Id header aside)."""
@@ -315,10 +297,16 @@ class EventConsumers:
             return False
 
     async def ack(self, msg: Msg, log: Any) -> None:
-        await ack(msg, log, "event")  # redelivered when it fails: at least once
+        try:
+            await msg.ack()
+        except NatsError as exc:  # redelivered later: at least once
+            log.warning("event_ack_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def nak(self, msg: Msg, delay_s: float, log: Any) -> None:
-        await nak(msg, delay_s, log, "event")
+        try:
+            await msg.nak(delay=delay_s)
+        except NatsError as exc:
+            log.warning("event_nak_failed", error=f"{type(exc).__name__}: {exc}")
 
     def state(self) -> dict[str, Any]:
         return {"functions": sorted(self.pools), "in_flight": dict(self._running),
