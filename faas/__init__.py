@@ -38,12 +38,13 @@ from faas.errors import (
     PayloadTooLarge,
     SpecError,
 )
+from faas.jobs import Job
 from faas.protocol import Chunk, Invocation
 from faas.sdk import Context, FunctionSpec, Generation, function
 from faas.sync import SyncClient
 
 __all__ = [
     "BadRequest", "Cancelled", "Chunk", "Client", "Context", "DeadlineExceeded", "FaasError", "FunctionNotFound",
-    "FunctionSpec", "Generation", "HandlerError", "Invocation", "Overloaded", "PayloadTooLarge", "SpecError",
+    "FunctionSpec", "Generation", "HandlerError", "Invocation", "Job", "Overloaded", "PayloadTooLarge", "SpecError",
     "SyncClient", "function",
 ]

@@ -1,4 +1,4 @@
-"""The `faas` command: up, new, invoke, publish, ls, ping, top, events, deploy, rm,
+"""The `faas` command: up, new, invoke, result, publish, ls, ping, top, events, deploy, rm,
 rollback, gateway, logs, bench, demo.
 
 `up` and `demo` run the runtime; they import it inside the command so that the SDK and
@@ -66,6 +66,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         engine_kv_gib=args.engine_kv_gib,
         events=replace(node.events, enabled=not args.no_events, ack_wait_s=args.event_ack_wait_s,
                        subjects=tuple(args.events_subjects.split(","))),
+        jobs=replace(node.jobs, retention_s=args.job_retention_s, concurrency=args.jobs_concurrency,
+                     ack_wait_s=args.event_ack_wait_s),
         preload=replace(node.preload, enabled=not args.no_preload, predictor=args.predictor,
                         horizon_s=args.preload_horizon_s, host_budget_gib=args.preload_budget_gib,
                         device_budget_gib=args.preload_device_budget_gib,
@@ -91,6 +93,22 @@ def _positive(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def _at_least(least: float) -> Any:
+    """argparse type: a number of seconds no smaller than `least`."""
+    def parse(text: str) -> float:
+        value = _positive(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds, zero or more."""
+    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
 
 
 def _count(text: str) -> int:
@@ -157,6 +175,11 @@ async def _invoke(args: argparse.Namespace) -> int:
     streamed = False
     try:
         async with _client(args) as client:
+            if args.submit:
+                job = await client.submit(args.function, event, timeout_s=args.timeout_s)
+                print(job.id)
+                print(f"job {job.request_id} queued: faas result {job.id}", file=sys.stderr)
+                return 0
             if args.stream:
                 result, streamed = await _print_stream(client, args.function, event, args.timeout_s)
             else:
@@ -165,6 +188,30 @@ async def _invoke(args: argparse.Namespace) -> int:
         return _fail(err)
     if not streamed:  # a plain function streams nothing: its output, as without --stream
         print(json.dumps(result.output, ensure_ascii=False, default=repr))
+    if args.metrics:
+        print(json.dumps(result.metrics), file=sys.stderr)
+    return 0
+
+
+async def _result(args: argparse.Namespace) -> int:
+    from faas import jobs
+
+    try:
+        if args.request_id:  # an operator: the bucket, by the id logs show
+            nc = await _admin(args)
+            try:
+                record = await jobs.read(nc, args.job)
+            finally:
+                await nc.close()
+            print(json.dumps({"request_id": args.job, "function": record.function, "state": record.state,
+                              "submitted": record.submitted, "node": record.node, "attempts": record.attempts,
+                              **(record.outcome or {})}, ensure_ascii=False, default=repr))
+            return 0
+        async with _client(args) as client:
+            result = await client.result(args.job, timeout_s=args.wait_s)
+    except FaasError as err:
+        return _fail(err)
+    print(json.dumps(result.output, ensure_ascii=False, default=repr))
     if args.metrics:
         print(json.dumps(result.metrics), file=sys.stderr)
     return 0
@@ -706,13 +753,20 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
                          "again this often (below any NATS service import's response threshold "
                          "on its way: 2 minutes on the embedded server)")
     up.add_argument("--event-ack-wait-s", type=_positive, default=n.events.ack_wait_s,
-                    help="how long an event may go unacknowledged before JetStream redelivers "
-                         "it (a running handler renews it every third)")
+                    help="how long an event or an async job may go unacknowledged before JetStream "
+                         "hands it out again (a running one is renewed every third; for jobs, set "
+                         "when the first node makes their consumer)")
     up.add_argument("--events-subjects", default=",".join(n.events.subjects),
                     help="what the events stream FAAS_EVENTS stores (comma-separated subjects); "
                          "every trigger must fall within them")
     up.add_argument("--no-events", action="store_true",
                     help="do not consume events for functions with triggers")
+    up.add_argument("--job-retention-s", type=_at_least(60), default=n.jobs.retention_s,
+                    help="how long an async job may wait to run, and its outcome is kept (set "
+                         "when the first node makes the jobs' stream and bucket)")
+    up.add_argument("--jobs-concurrency", type=_count, default=n.jobs.concurrency,
+                    help="how many async jobs this node runs at once (each is an invocation, "
+                         "served by whichever node the queue group picks)")
     up.add_argument("--device", default=o.device, choices=("auto", "cpu", "cuda"),
                     help="where backbones live (auto: cuda when NVML sees a GPU)")
     up.add_argument("--backbone-keep-alive-s", type=_positive, default=n.backbone_keep_alive_s,
@@ -814,7 +868,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "stream=True), then a newline; a function that streams nothing has its "
                              "output printed as JSON")
     invoke.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
+    invoke.add_argument("--submit", action="store_true",
+                        help="queue it as an async job and print the job's id at once (it reads the "
+                             "result: faas result ID); --timeout-s is then its budget once it runs")
     invoke.set_defaults(run=lambda a: asyncio.run(_invoke(a)))
+
+    result = _command(sub, "result", help="the output of an async job (faas invoke --submit)")
+    result.add_argument("job", help="the job's id (what submit printed), or with --request-id the "
+                                    "request id logs show")
+    result.add_argument("--wait-s", type=_seconds, default=60.0,
+                        help="how long to wait for a job still queued or running (0: ask once)")
+    result.add_argument("--metrics", action="store_true", help="print the metrics on stderr")
+    result.add_argument("--request-id", action="store_true",
+                        help="an operator's look at any job by its request id (its record, as JSON; "
+                             "needs an operator's login)")
+    _admin_options(result)
+    result.set_defaults(run=lambda a: asyncio.run(_result(a)))
 
     ls = _command(sub, "ls", help="list the functions every node serves, with their sandboxes")
     _admin_options(ls)

@@ -10,6 +10,10 @@ async with Client("nats://127.0.0.1:4222") as client:
             print(chunk.delta, end="", flush=True)
     print(stream.result.output)             # then the usual reply
 ```
+Async jobs: `job = await client.submit("support", event)` returns at once; `await
+client.result(job.id, timeout_s=600)` waits for its outcome, in this process or in any other
+given `job.id` (faas/jobs.py).
+
 Errors raise the FaasError subclass of the reply's code (BadRequest, FunctionNotFound,
 HandlerError, Overloaded, DeadlineExceeded).
 """
@@ -30,6 +34,7 @@ from faas import protocol
 from faas.auth import servers
 from faas.connection import connect, raise_if_cancelled
 from faas.errors import BadRequest, DeadlineExceeded, FaasError, Overloaded, PayloadTooLarge
+from faas.jobs import Job, request_id_of
 from faas.logs import get_logger
 from faas.protocol import Chunk, Encoding, Invocation
 
@@ -41,6 +46,8 @@ _ACK_WAIT_S = 3.0
 # within seconds. Any of these can be overridden through Client(url, **options).
 _CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 2, "reconnect_time_wait": 0.5,
                                      "max_reconnect_attempts": 10}
+# A node answers a job's submit, or a question about it, at once (a KV read or write).
+_JOB_ANSWER_S = 5.0
 
 
 class Client:
@@ -50,6 +57,7 @@ class Client:
         self.url = url
         self._connect_options = {"error_cb": self._on_error, **_CONNECT_DEFAULTS, **connect_options}
         self._nc: NATS | None = None
+        self._borrowed = False  # the connection is someone else's to close
         self._first_error: Exception | None = None  # what a failed connect reports
         # The secret of each request in flight from here: only it cancels or retries one.
         self._keys: dict[str, str] = {}
@@ -70,10 +78,18 @@ class Client:
             cause = f" ({self._first_error})" if self._first_error and self._first_error is not exc else ""
             raise Overloaded(f"cannot connect to NATS at {self.url}: {exc}{cause}") from None
 
+    @classmethod
+    def over(cls, nc: NATS) -> Client:
+        """A client on a connection made elsewhere (a node runs jobs through one, as any
+        caller would); `close()` leaves that connection open."""
+        client = cls()
+        client._nc, client._borrowed = nc, True
+        return client
+
     async def close(self) -> None:
-        if self._nc is not None:
+        if self._nc is not None and not self._borrowed:
             await self._nc.drain()
-            self._nc = None
+        self._nc = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -147,6 +163,64 @@ class Client:
                     return err
 
         return list(await asyncio.gather(*(one(event) for event in events)))
+
+    async def submit(self, function: str, event: dict[str, Any] | None = None, *,
+                     timeout_s: float | None = None, job_id: str | None = None) -> Job:
+        """Queue a call of `function` with `event` and return at once with its `Job`; a node
+        runs it (at least once) and keeps its outcome for `result`. `timeout_s`: its budget
+        once it runs (its function's `timeout_s` caps it; default an hour). `job_id`: an id
+        of yours (16-128 printable characters, secret: it reads the result), so a submit sent
+        again (a retry after a lost answer) queues one job."""
+        if not protocol.valid_function_name(function):
+            raise BadRequest(f"{function[:64]!r} is not a function name")
+        job_id = job_id or protocol.new_request_key()
+        if not protocol.valid_request_key(job_id):
+            raise ValueError("a job id is 16-128 printable ASCII characters")
+        headers = {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type, protocol.HDR_REQUEST_KEY: job_id}
+        if timeout_s is not None:
+            headers[protocol.HDR_TIMEOUT_MS] = str(int(_positive(timeout_s) * 1000))
+        body = _encode(event)
+        subject = protocol.JOBS_SUBMIT_PREFIX + function
+        try:
+            reply = await self.nc.request(subject, body, headers=headers, timeout=_JOB_ANSWER_S)
+        except nats.errors.MaxPayloadError:
+            raise self._too_large("job", body, headers) from None
+        except nats.errors.NoRespondersError:
+            raise Overloaded(f"no faas node takes jobs: nothing subscribes to {subject}") from None
+        except nats.errors.TimeoutError:
+            raise Overloaded(f"no node answered the submit within {_JOB_ANSWER_S:g}s") from None
+        protocol.raise_error(protocol.decode(reply.data, reply.headers), reply.headers or {})
+        return Job(id=job_id, function=function)
+
+    async def result(self, job: Job | str, *, timeout_s: float = 60.0) -> Invocation:
+        """The outcome of a submitted job (a `Job`, or its id, e.g. handed over by another
+        process): its Invocation once done, waiting for it up to `timeout_s` (0: ask once).
+        DeadlineExceeded when it is not done by then (it goes on: ask again later),
+        FunctionNotFound when no job of that id is kept (never submitted, or its result
+        expired), else the FaasError its run ended with."""
+        job_id = job.id if isinstance(job, Job) else job
+        if not protocol.valid_request_key(job_id):
+            raise BadRequest("a job id is 16-128 printable ASCII characters")
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + timeout_s, 0.05
+        while True:
+            try:
+                reply = await self.nc.request(protocol.JOBS_RESULT_SUBJECT, b"", timeout=_JOB_ANSWER_S,
+                                              headers={protocol.HDR_REQUEST_KEY: job_id})
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                reply = None  # no node answered this time: ask again while there is time
+            if reply is not None:
+                headers = reply.headers or {}
+                state = headers.get(protocol.HDR_JOB_STATE)
+                if state == "done" or protocol.HDR_ERROR_CODE in headers:
+                    return protocol.parse_reply(reply.data, headers)
+            left = deadline - loop.time()
+            if left <= 0:
+                where = f"still {state}" if reply is not None else "not answered by any node"
+                raise DeadlineExceeded(f"job {request_id_of(job_id)} is {where} after {timeout_s:g}s: "
+                                       "ask again later")
+            await asyncio.sleep(min(pause, left))
+            pause = min(2 * pause, 1.0)
 
     def _hold(self, request_id: str) -> str:
         """A new key for a request id this client sends (one request per id at a time)."""
@@ -290,9 +364,14 @@ def _encode(event: dict[str, Any] | None) -> bytes:
         raise BadRequest(f"the event cannot be sent as msgpack: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
-def _request_headers(timeout_s: float, request_id: str, key: str) -> dict[str, str]:
-    if timeout_s <= 0:
+def _positive(timeout_s: float) -> float:
+    if not 0 < timeout_s < float("inf"):
         raise ValueError("timeout_s must be positive")
+    return timeout_s
+
+
+def _request_headers(timeout_s: float, request_id: str, key: str) -> dict[str, str]:
+    _positive(timeout_s)
     if not protocol.valid_request_id(request_id):
         raise ValueError("a request id is 1-64 letters, digits, '-' or '_'")
     return {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type, protocol.HDR_REQUEST_ID: request_id,

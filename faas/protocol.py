@@ -48,6 +48,19 @@ HDR_MSG_ID = "Nats-Msg-Id"
 CANCEL_PREFIX = "faas.cancel."
 CANCEL_WILDCARD = CANCEL_PREFIX + "*"
 
+# Async jobs (faas/jobs.py): a producer submits on `faas.jobs.submit.<fn>` and reads the
+# outcome through `faas.jobs.result`, its job's id in `Faas-Request-Key`; nodes queue jobs in
+# a stream of their own and keep outcomes in a KV bucket, neither of which producers reach.
+JOBS_SUBMIT_PREFIX = "faas.jobs.submit."
+JOBS_SUBMIT_WILDCARD = JOBS_SUBMIT_PREFIX + "*"
+JOBS_RESULT_SUBJECT = "faas.jobs.result"
+JOBS_QUEUE_PREFIX = "faas.jobs.queue."
+JOBS_STREAM = "FAAS_JOBS"
+JOBS_BUCKET = "faas_jobs"
+JOBS_CONSUMER = "faas-jobs"
+# On a job's submit and result answers: queued, running or done.
+HDR_JOB_STATE = "Faas-Job-State"
+
 # Cluster state, all in JetStream: deployed functions (one key per function, its history
 # the versions), their code and adapter files (content-addressed), and what each node
 # holds warm (short-lived keys its node refreshes).
@@ -183,8 +196,9 @@ def invoke_subject(function: str) -> str:
 
 
 def function_from_subject(subject: str) -> str:
-    """The function name of an invocation subject (`faas.invoke.<fn>`, or a node's own
-    `faas.node.<node>.invoke.<fn>`): its last token, as names hold no dots."""
+    """The function name of an invocation subject (`faas.invoke.<fn>`, a node's own
+    `faas.node.<node>.invoke.<fn>`, a job's `faas.jobs.submit.<fn>`): its last token, as
+    names hold no dots."""
     return subject.rsplit(".", 1)[-1]
 
 
@@ -214,6 +228,11 @@ def wants_stream(headers: dict[str, str] | None) -> bool:
 def is_final(headers: dict[str, str] | None) -> bool:
     """Whether a message on a streamed request's reply subject is its last one."""
     return (headers or {}).get(HDR_FINAL, "").strip().lower() == "true" or HDR_ERROR_CODE in (headers or {})
+
+
+def valid_request_key(key: str) -> bool:
+    """A request's key, or a job's id: 16-128 printable ASCII characters."""
+    return isinstance(key, str) and bool(_KEY_RE.match(key))
 
 
 def new_request_key() -> str:
@@ -286,7 +305,7 @@ def parse_request_headers(headers: dict[str, str] | None) -> RequestHeaders:
     elif not valid_request_id(request_id):
         raise BadRequest(f"{HDR_REQUEST_ID} must be 1-64 letters, digits, '-' or '_'")
     key = headers.get(HDR_REQUEST_KEY)
-    if key is not None and not _KEY_RE.match(key):
+    if key is not None and not valid_request_key(key):
         raise BadRequest(f"{HDR_REQUEST_KEY} must be 16-128 printable ASCII characters")
     retry = headers.get(HDR_RETRY)
     if retry is not None and not (retry.isascii() and retry.isdigit() and len(retry) <= 3):
@@ -450,6 +469,14 @@ def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:
     """Turn a reply message into an Invocation, or raise the FaasError its code stands for."""
     headers = headers or {}
     body = decode(data, headers)
+    raise_error(body, headers)
+    if not isinstance(body, dict) or "output" not in body:
+        raise FaasError(f"malformed reply: {body!r:.200}")
+    return Invocation(output=body["output"], metrics=body.get("metrics", {}))
+
+
+def raise_error(body: Any, headers: dict[str, str]) -> None:
+    """Raise the FaasError an answer (decoded `body`, `headers`) carries, if it carries one."""
     if HDR_ERROR_CODE in headers or (isinstance(body, dict) and "error" in body):
         error = body.get("error", {}) if isinstance(body, dict) else {}
         code = int(error.get("code") or headers.get(HDR_ERROR_CODE, 500))
@@ -457,9 +484,6 @@ def parse_reply(data: bytes, headers: dict[str, str] | None) -> Invocation:
         if error.get("retry_after_ms") is not None:
             err.retry_after_s = float(error["retry_after_ms"]) / 1000
         raise err
-    if not isinstance(body, dict) or "output" not in body:
-        raise FaasError(f"malformed reply: {body!r:.200}")
-    return Invocation(output=body["output"], metrics=body.get("metrics", {}))
 
 
 def history_subject(function: str) -> str:

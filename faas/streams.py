@@ -6,6 +6,9 @@ its subjects, how many copies, how many bytes it may hold, and what goes when it
 | `events` (FAAS_EVENTS) | events, a week each, processed or not (one published before any function listens waits for it) | 1024 MiB | new events are refused: the publisher gets an error (nothing unprocessed is dropped); size it for a week of events |
 | `outcomes` (FAAS_OUTCOMES) | dead letters and results | 256 MiB | the oldest go |
 | `history` (FAAS_HISTORY) | invocation history | 64 MiB | the oldest go |
+| `secrets` (KV faas_secrets) | the functions' secrets (`faas secret set`) | 16 MiB | a `faas secret set` is refused |
+| `jobs` (FAAS_JOBS) | async jobs waiting to run (taken ones go), for the jobs' retention at most | 256 MiB | a submit is refused: the producer gets an error |
+| `job_results` (KV faas_jobs) | each job's state and outcome, for the jobs' retention (`faas up --job-retention-s`) | 256 MiB | a submit is refused, or a job's outcome is kept as an error saying so |
 | `logs` (FAAS_LOGS) | what functions print and log | 512 MiB | the oldest go |
 | `functions` (KV faas_functions) | deployed functions and their versions | 64 MiB | a deploy is refused |
 | `artifacts` (object store faas_artifacts) | deployed code and adapters | 4096 MiB | a deploy is refused |
@@ -30,9 +33,9 @@ from faas import protocol
 
 _MIB = 1 << 20
 DEFAULT_MAX_MIB = {"events": 1024, "outcomes": 256, "history": 64, "logs": 512, "functions": 64,
-                   "artifacts": 4096, "nodes": 16, "secrets": 16}
+                   "artifacts": 4096, "nodes": 16, "secrets": 16, "jobs": 256, "job_results": 256}
 _DISCARD = {"events": DiscardPolicy.NEW, "outcomes": DiscardPolicy.OLD, "history": DiscardPolicy.OLD,
-            "logs": DiscardPolicy.OLD}
+            "logs": DiscardPolicy.OLD, "jobs": DiscardPolicy.NEW}
 
 
 def js_replicas() -> int:

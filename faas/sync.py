@@ -8,6 +8,8 @@ with SyncClient("nats://127.0.0.1:4222") as client:
     for chunk in client.stream("hello", {"message": "Hi"}):
         print(chunk.delta, end="", flush=True)
     results = client.map("hello", [{"message": m} for m in ("Hi", "Hello")], concurrency=2)
+    job = client.submit("hello", {"message": "Later"})
+    print(client.result(job, timeout_s=60).output)
 ```
 It runs a `Client` on an event loop of its own, in a thread of its own, so it works where
 another loop already runs (a Jupyter notebook) as well as in a plain script.
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 
 from faas.client import Client
 from faas.errors import FaasError
+from faas.jobs import Job
 from faas.protocol import Chunk, Invocation
 
 T = TypeVar("T")
@@ -58,6 +61,14 @@ class SyncClient:
         """`Client.map`, blocking: one result per event, in order (an error is returned in
         its place, not raised)."""
         return self._run(self._client.map(function, list(events), **options))
+
+    def submit(self, function: str, event: dict[str, Any] | None = None, **options: Any) -> Job:
+        """`Client.submit`, blocking until a node queued the job (at once)."""
+        return self._run(self._client.submit(function, event, **options))
+
+    def result(self, job: Job | str, **options: Any) -> Invocation:
+        """`Client.result`, blocking: the job's outcome once done (up to `timeout_s`)."""
+        return self._run(self._client.result(job, **options))
 
     def publish(self, subject: str, event: dict[str, Any] | None = None, **options: Any) -> int:
         """`Client.publish`, blocking: the event's stream sequence."""

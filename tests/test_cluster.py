@@ -89,8 +89,9 @@ def cluster(models, tmp_path_factory):
     so which node holds a function warm is up to the requests alone."""
     folder = tmp_path_factory.mktemp("cluster")
     server, url = start_server(folder)
-    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log", None, "--no-preload"),
-             node_on(url, "node-b", "63100-63199", folder / "b.log", None, "--no-preload")]
+    # A job held by a node that dies is handed to another after the ack wait (5 s here).
+    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log", None, "--no-preload", "--event-ack-wait-s", "5"),
+             node_on(url, "node-b", "63100-63199", folder / "b.log", None, "--no-preload", "--event-ack-wait-s", "5")]
     yield url, nodes, folder
     for node in nodes:
         node.stop()
@@ -299,6 +300,8 @@ async def test_after_sigkill_of_a_node_the_other_serves_everything(cluster):
         # them from vanish and sends them again; every one is answered.
         slow = [asyncio.create_task(c.invoke("greeter", {"name": f"slow {i}", "sleep_s": 2}, timeout_s=60))
                 for i in range(6)]
+        # Jobs running when their node dies run again elsewhere (at least once).
+        jobs = [await c.submit("greeter", {"name": f"job {i}", "sleep_s": 3}) for i in range(6)]
         await asyncio.sleep(1.0)
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(10)
@@ -314,6 +317,8 @@ async def test_after_sigkill_of_a_node_the_other_serves_everything(cluster):
         assert time.monotonic() - started < 120
         pings = await _pings(c)
         assert pings == [survivor.node_id]
+        done = await asyncio.gather(*(c.result(job, timeout_s=60) for job in jobs))
+        assert [r.output["hello"] for r in done] == [f"job {i}" for i in range(6)]
 
 
 async def _pings(c: Client) -> list[str]:
@@ -343,6 +348,11 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
                           inbox_prefix="_INBOX_producer") as c:
             reply = await until(lambda: _invoke_or_none(c, "greeter"), what="greeter under auth")
             assert reply.output["version"] == 7 and reply.metrics["node"] == "node-auth"
+            # Async jobs pass the accounts too. A job's run is answered on the node's own
+            # _INBOX_faas_node inbox, as a forwarded request is: auth.conf let nodes read it
+            # but not answer on it, and forwarding between nodes failed under it.
+            job = await c.submit("greeter", {})
+            assert (await c.result(job, timeout_s=30)).output["version"] == 7
         with pytest.raises(nats.errors.Error, match="(?i)authorization"):
             await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
         # A producer cannot read other clients' replies (nor any faas subject).

@@ -46,6 +46,7 @@ from runtime.node.cluster import Cluster
 from runtime.node.deployments import Deployments, ModelFinder
 from runtime.node.events import EventConsumers, EventsConfig
 from runtime.node.forwarding import Forwarder
+from runtime.node.jobs import Jobs, JobsConfig
 from runtime.node.inflight import Flight, InFlight
 from runtime.node.invocation import Arrivals, Call, Invocations, deadline_of
 from runtime.node.metrics import NodeMetrics
@@ -89,6 +90,7 @@ class NodeConfig:
     device_memory_budget_gib: float | None = None
     engine_kv_gib: float | None = None  # each engine's KV cache (None: its default)
     events: EventsConfig = field(default_factory=EventsConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     # Where deployed functions' backbones are looked up by fingerprint ($FAAS_HOME/models too).
     models_dirs: tuple[Path, ...] = ()
     # Requests that would start cold here go to a node where their function is warm.
@@ -165,6 +167,7 @@ class Node:
             self.preloader.budget = Budget(min(planned.host_bytes, budget.host_bytes),
                                            min(planned.device_bytes, budget.device_bytes))
         self.events = EventConsumers(nc, self.pools, self.invocations, self.inflight, config.events)
+        self.jobs = Jobs(nc, self.node_id, self.knows, config.jobs)
         self._tasks: set[asyncio.Task[None]] = set()
         self._reacking: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []  # what brings requests: closed first on drain
@@ -214,6 +217,7 @@ class Node:
             protocol.INVOKE_WILDCARD, queue=protocol.NODE_QUEUE_GROUP, cb=self._on_invoke))
         await self.nc.flush()
         await self.events.start()
+        await self.jobs.start()
         await self.service.start()
         if self.preloader is not None:
             self.preloader.start()  # its first plan is the deploy's
@@ -384,6 +388,12 @@ class Node:
                 if flight.acks and now - flight.received >= self.config.ack_every_s:
                     await self._send_ack(flight.reply, self.log)
 
+    def knows(self, function: str) -> bool:
+        """Whether `function` is served here or by a live peer, or is deployed (a job for it
+        is taken: some node will run it)."""
+        return function in self.pools or function in self.deployments.unavailable \
+            or any(function in state.get("functions", {}) for state in self.cluster.live_peers().values())
+
     def _why_not_here(self, function: str) -> str:
         why = self.deployments.unavailable.get(function)
         return f" on this node ({why})" if why else ""
@@ -424,7 +434,7 @@ class Node:
         return {"node": self.node_id, "backbones": self.backbones.state(), "engines": self.engines.state(),
                 "preload": preloader.summary() if preloader else None,
                 "contention": self.contention.state(), "memory": self.guard.state(),
-                "events": self.events.state(), "cluster": {"peers": sorted(self.cluster.live_peers())},
+                "events": self.events.state(), "jobs": self.jobs.state(), "cluster": {"peers": sorted(self.cluster.live_peers())},
                 "deployed": {"serving": self.deployments.versions,
                              "unavailable": self.deployments.unavailable},
                 "functions": [
@@ -461,6 +471,7 @@ class Node:
         await self.deployments.close()
         await self._drain_subs(self._subs)
         await self.events.close(grace_s)  # no new event; those in flight end
+        await self.jobs.close(grace_s)  # no new job; those running end, or run elsewhere later
         if self.preloader is not None:  # nothing new starts ahead of requests from now on
             await self.preloader.close()
         await self.history.close()

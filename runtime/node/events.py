@@ -35,7 +35,6 @@ import msgpack
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -95,6 +94,51 @@ def dead_letter(function: str, data: bytes, headers: dict[str, str], info: dict[
     left = room - len(msgpack.packb(letter, use_bin_type=True)) - 8  # the bytes' own length prefix
     letter["data"] = data[:max(0, left)]
     return msgpack.packb(letter, use_bin_type=True)
+
+
+async def keep_alive(msg: Msg, ack_wait_s: float) -> None:
+    """In-progress acks while a handler runs (an event's, a job's): a slow one is not
+    handed out again."""
+    while True:
+        await asyncio.sleep(ack_wait_s / 3)
+        try:
+            await msg.in_progress()
+        except NatsError:
+            return
+
+
+async def fetch(psub: Any, batch: int, log: Any, kind: str) -> list[Msg]:
+    """Up to `batch` messages of a pull consumer, waiting at most a second (an event
+    loop's, the jobs'); none when none came or NATS failed (after a pause, logged). A cancel
+    is raised, also one nats-py swallowed: what was fetched comes back after the ack wait."""
+    try:
+        msgs = await psub.fetch(batch, timeout=1.0)
+    # nats-py raises asyncio's TimeoutError too (when its no-wait probe is answered late, as
+    # on a loaded machine), which is none of its own: caught apart, it ended the loop.
+    except (NatsError, TimeoutError) as exc:
+        raise_if_cancelled()
+        if not isinstance(exc, TimeoutError):
+            log.warning(f"{kind}_fetch_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(1.0)
+        return []
+    raise_if_cancelled()
+    return msgs
+
+
+async def ack(msg: Msg, log: Any, kind: str) -> None:
+    """Ack a JetStream message; one that fails is logged (the message comes back)."""
+    try:
+        await msg.ack()
+    except NatsError as exc:
+        log.warning(f"{kind}_ack_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+async def nak(msg: Msg, delay_s: float, log: Any, kind: str) -> None:
+    """Hand a JetStream message back, to come again after `delay_s`."""
+    try:
+        await msg.nak(delay=delay_s)
+    except NatsError as exc:
+        log.warning(f"{kind}_nak_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 class EventConsumers:
@@ -213,16 +257,7 @@ class EventConsumers:
                 room_freed.clear()
                 await room_freed.wait()
                 continue
-            try:
-                msgs = await psub.fetch(min(room, self.config.fetch_batch), timeout=1.0)
-            except NatsError as exc:
-                raise_if_cancelled()
-                if not isinstance(exc, NatsTimeout):
-                    self.log.warning("event_fetch_failed", fn=name, error=f"{type(exc).__name__}: {exc}")
-                    await asyncio.sleep(1.0)
-                continue
-            raise_if_cancelled()  # the events it fetched come back after the ack wait
-            for msg in msgs:
+            for msg in await fetch(psub, min(room, self.config.fetch_batch), self.log.bind(fn=name), "event"):
                 self._running[name] += 1
                 task = asyncio.create_task(self._handle(name, pool, msg))
                 self._events.add(task)
@@ -258,22 +293,13 @@ class EventConsumers:
         # place (and its output) by sending a request under its id.
         request_id = protocol.new_request_id()
         flight = self.inflight.take(request_id, None, None, received)
-        keep = asyncio.create_task(self._keep_alive(msg))
+        keep = asyncio.create_task(keep_alive(msg, self.config.ack_wait_s))
         try:
             await self.invocations.serve(pool, Call(request_id, event, received, deadline_of(pool.spec, received),
                                                     event_info=info), outcome, log)
         finally:
             keep.cancel()
             self.inflight.release(request_id, flight)
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        """In-progress acks while the handler runs: a slow one is not redelivered."""
-        while True:
-            await asyncio.sleep(self.config.ack_wait_s / 3)
-            try:
-                await msg.in_progress()
-            except NatsError:
-                return
 
     def room(self) -> int:
         """The most bytes an outcome message may take (its Nats-Msg-Id header aside)."""
@@ -297,16 +323,10 @@ class EventConsumers:
             return False
 
     async def ack(self, msg: Msg, log: Any) -> None:
-        try:
-            await msg.ack()
-        except NatsError as exc:  # redelivered later: at least once
-            log.warning("event_ack_failed", error=f"{type(exc).__name__}: {exc}")
+        await ack(msg, log, "event")  # redelivered when it fails: at least once
 
     async def nak(self, msg: Msg, delay_s: float, log: Any) -> None:
-        try:
-            await msg.nak(delay=delay_s)
-        except NatsError as exc:
-            log.warning("event_nak_failed", error=f"{type(exc).__name__}: {exc}")
+        await nak(msg, delay_s, log, "event")
 
     def state(self) -> dict[str, Any]:
         return {"functions": sorted(self.pools), "in_flight": dict(self._running),

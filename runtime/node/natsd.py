@@ -5,8 +5,8 @@ Authorization, in two NATS accounts. `FAAS` holds the nodes (login `faas-node`, 
 made at each start, kept in the node's memory and in `node-credentials`, mode 0600, for
 local admin tools) and all state: JetStream, KV buckets, object store, every faas subject.
 Clients without credentials land in `PRODUCERS`, which sees of `FAAS` only what it imports
-as services: invocations, cancels, pings of a node, event publishes and NATS micro
-discovery. So plain `nats req` works locally, and a producer cannot serve or watch faas
+as services: invocations, cancels, pings of a node, event publishes, async jobs' submits
+and results, and NATS micro discovery. So plain `nats req` works locally, and a producer cannot serve or watch faas
 subjects, read the nodes' replies and JetStream traffic (its `_INBOX.>` is its own
 account's), nor make anything in `FAAS` publish where it chooses: every reply subject it
 names is mapped by the server to a private one that leads back into `PRODUCERS` (a publish
@@ -69,7 +69,7 @@ class EmbeddedNats:
         # node answers discovery at once; an event publish gets JetStream's one ack. A route
         # costs the server ~1 KiB until then, so the thresholds are as short as they may be.
         services = {"faas.invoke.>": "2m", "faas.cancel.>": None, "faas.node.*.ping": None,
-                    "events.>": None, "$SRV.>": "5s"}
+                    "events.>": None, "$SRV.>": "5s", "faas.jobs.submit.*": None, "faas.jobs.result": None}
         config = {
             "accounts": {
                 _NODES_ACCOUNT: {

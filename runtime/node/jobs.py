@@ -1,0 +1,332 @@
+"""Async jobs on the node (faas/jobs.py says what a producer sees): taking submits, answering
+results, running queued jobs.
+
+- submit (`faas.jobs.submit.<fn>`, one queue group of every node): headers and body are
+  checked as an invocation's, the function must be known here (served here or by a live
+  peer, or deployed), then the job is recorded `queued` in `faas_jobs` and queued in
+  FAAS_JOBS, and the producer is answered at once. The same id submitted again is answered
+  as the first submit was, and queues nothing.
+- result (`faas.jobs.result`): the job's state, and its outcome once done, for whoever sends
+  the job's id (its request id, what logs show, reads nothing).
+- running: every node fetches from one durable consumer of FAAS_JOBS (a work queue: a job
+  goes once acked), at most `concurrency` jobs at a time, and invokes each through
+  `faas.invoke.<fn>` as any caller does (so it is forwarded to a warm node, retried when the
+  node serving it dies, batched and counted like a request), keeping it with in-progress
+  acks while it runs. The outcome goes into the record, then the ack: a node that dies
+  holding a job does not ack, and JetStream hands the job to a node after the ack wait (at
+  least once). A job refused for want of room (503) is tried again later, backing off; after
+  `max_attempts` takes its outcome is the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import msgpack
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from faas import jobs, protocol
+from faas.client import Client
+from faas.errors import BadRequest, FaasError, FunctionNotFound, Overloaded, PayloadTooLarge
+from faas.jobs import JobRecord
+from faas.logs import get_logger
+from faas.protocol import Encoding
+from faas.streams import ensure_stream, key_value
+from runtime.node.events import ack, fetch, keep_alive, nak
+from runtime.node.replies import answer
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """How a node takes and runs jobs. `retention_s`: how long a job may wait to run and its
+    outcome is kept (set when the bucket and stream are first made); `budget_s`: a job's
+    budget when its submit names none (its function's `timeout_s` caps it)."""
+
+    enabled: bool = True
+    retention_s: float = 86400.0
+    concurrency: int = 16
+    ack_wait_s: float = 30.0
+    max_attempts: int = 5
+    budget_s: float = 3600.0
+
+
+def retry_delay_s(attempt: int) -> float:
+    """How long a job refused for want of room waits before its next try: doubling, capped."""
+    return min(60.0, 2.0 ** (attempt - 1))
+
+
+def _error(err: FaasError) -> dict[str, Any]:
+    return {"error": {"code": err.code, "message": err.message[:protocol.MAX_ERROR_MESSAGE]}}
+
+
+class Jobs:
+    """The node's part of async jobs. `knows(fn)`: whether a submit for `fn` is taken."""
+
+    def __init__(self, nc: NATS, node_id: str, knows: Callable[[str], bool], config: JobsConfig) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.node_id = node_id
+        self.knows = knows
+        self.config = config
+        self.client = Client.over(nc)
+        self._kv: Any = None
+        self._subs: list[Subscription] = []
+        self._loop: asyncio.Task[None] | None = None
+        self._psub: Any = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._freed = asyncio.Event()
+        self.log = get_logger(component="jobs")
+
+    async def start(self) -> None:
+        """Make the stream and the bucket if they are missing, take submits and results, and
+        run queued jobs."""
+        if not self.config.enabled:
+            return
+        retention = self.config.retention_s
+        try:
+            await ensure_stream(self.js, "jobs", protocol.JOBS_STREAM, [protocol.JOBS_QUEUE_PREFIX + ">"],
+                                max_age=retention, retention=RetentionPolicy.WORK_QUEUE,
+                                duplicate_window=min(120.0, retention))
+            self._kv = await key_value(self.js, "job_results", protocol.JOBS_BUCKET, history=1, ttl=retention)
+            consumer = ConsumerConfig(durable_name=protocol.JOBS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+                                      ack_wait=self.config.ack_wait_s,
+                                      max_ack_pending=max(1024, self.config.concurrency * 8))
+            try:
+                await self.js.add_consumer(protocol.JOBS_STREAM, consumer)
+            except BadRequestError as exc:  # made by a node with other settings: it is shared
+                self.log.warning("jobs_consumer_kept", error=str(exc))
+            psub = await self.js.pull_subscribe_bind(durable=protocol.JOBS_CONSUMER, stream=protocol.JOBS_STREAM)
+        except (NatsError, TimeoutError) as exc:
+            self.log.warning("jobs_unavailable", error=f"{type(exc).__name__}: {exc}",
+                             hint="async jobs need a NATS server with JetStream")
+            return
+        self._subs = [
+            await self.nc.subscribe(protocol.JOBS_SUBMIT_WILDCARD, queue=protocol.NODE_QUEUE_GROUP,
+                                    cb=self._on_submit),
+            await self.nc.subscribe(protocol.JOBS_RESULT_SUBJECT, queue=protocol.NODE_QUEUE_GROUP,
+                                    cb=self._on_result)]
+        self._psub = psub
+        self._loop = asyncio.create_task(self._fetch(psub), name="jobs")
+        self._loop.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("jobs_loop_failed", error=repr(task.exception()))
+
+    # --- submits and results ----------------------------------------------------------
+
+    async def _on_submit(self, msg: Msg) -> None:
+        function = protocol.function_from_subject(msg.subject)
+        log = self.log.bind(fn=function[:64])
+        encoding = protocol.request_encoding(msg.data, msg.headers)
+        request_id = protocol.new_request_id()  # until the job's own is known
+        try:
+            request = protocol.parse_request_headers(msg.headers)
+            if request.key is None:
+                raise BadRequest(f"a job's id goes in {protocol.HDR_REQUEST_KEY}: 16-128 printable "
+                                 "characters, a secret of the producer's")
+            request_id = jobs.request_id_of(request.key)
+            log = log.bind(job=request_id)
+            if not self.knows(function):
+                raise FunctionNotFound(f"no function named {function[:64]!r}")
+            event = protocol.decode_event(msg.data, encoding)
+            budget_ms = min(request.timeout_ms or self.config.budget_s * 1000, self.config.budget_s * 1000)
+            state = await self._submit(function, request_id, event, budget_ms, log)
+        except FaasError as err:
+            log.warning("job_refused", code=err.code, error=err.message)
+            await answer(self.nc, msg.reply, *protocol.error_reply(err, encoding, request_id), log)
+            return
+        body = protocol.encode({"request_id": request_id, "function": function, "state": state}, encoding)
+        await answer(self.nc, msg.reply, body, {**protocol.reply_headers(encoding, request_id),
+                                                protocol.HDR_JOB_STATE: state}, log)
+
+    async def _submit(self, function: str, request_id: str, event: dict[str, Any], budget_ms: float,
+                      log: Any) -> str:
+        """Record and queue a job; its state (an id submitted before: as recorded then)."""
+        try:
+            await self._kv.create(request_id, jobs.queued(function).pack())
+        except KeyWrongLastSequenceError:  # the same id again (a producer's retry)
+            record = await self._record(request_id)
+            if record is None or record.function != function:
+                raise BadRequest("this job id was used for another job: make a new one") from None
+            return record.state
+        except NatsError as exc:
+            raise Overloaded(f"the job could not be recorded: {type(exc).__name__}: {exc}") from None
+        headers = {protocol.HDR_MSG_ID: request_id, protocol.HDR_REQUEST_ID: request_id,
+                   protocol.HDR_TIMEOUT_MS: str(int(budget_ms))}
+        try:
+            await self.js.publish(protocol.JOBS_QUEUE_PREFIX + function, msgpack.packb(event, use_bin_type=True),
+                                  headers=headers)
+        except (NatsError, TimeoutError) as exc:
+            try:
+                await self._kv.delete(request_id)
+            except NatsError:
+                pass
+            if isinstance(exc, MaxPayloadError):
+                raise PayloadTooLarge("the event does not fit a queued job beside its headers") from None
+            raise Overloaded(f"the job could not be queued: {type(exc).__name__}: {exc}") from None
+        log.info("job_queued")
+        return "queued"
+
+    async def _on_result(self, msg: Msg) -> None:
+        encoding = Encoding.JSON if protocol.request_encoding(b"", msg.headers) is Encoding.JSON \
+            else Encoding.MSGPACK
+        request_id = protocol.new_request_id()
+        try:
+            request = protocol.parse_request_headers(msg.headers)
+            if request.key is None:
+                raise BadRequest(f"send the job's id in {protocol.HDR_REQUEST_KEY}")
+            request_id = jobs.request_id_of(request.key)
+            record = await self._record(request_id)
+            if record is None:
+                raise FunctionNotFound("no such job: never submitted, or its result expired "
+                                       f"(results are kept {self.config.retention_s:g}s)")
+            headers = {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: record.state}
+            if record.state != "done":
+                body = protocol.encode({"state": record.state, "function": record.function,
+                                        "submitted": record.submitted}, encoding)
+            elif (stored := record.error()) is not None:
+                body, headers = protocol.error_reply(stored, encoding, request_id)
+                headers[protocol.HDR_JOB_STATE] = "done"
+            else:
+                try:
+                    body = protocol.encode({"output": record.outcome["output"],
+                                            "metrics": record.outcome.get("metrics", {})}, encoding)
+                except (TypeError, ValueError) as exc:
+                    raise BadRequest(f"the job's output cannot be sent as {encoding.value}: {exc}") from None
+        except FaasError as err:
+            body, headers = protocol.error_reply(err, encoding, request_id)
+        await answer(self.nc, msg.reply, body, headers, self.log)
+
+    async def _record(self, request_id: str) -> JobRecord | None:
+        try:
+            entry = await self._kv.get(request_id)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        try:
+            return JobRecord.unpack(entry.value)
+        except ValueError as exc:
+            self.log.error("job_record_malformed", job=request_id, error=str(exc))
+            raise FaasError(f"the job's record is malformed ({exc})") from None
+
+    # --- running ----------------------------------------------------------------------
+
+    async def _fetch(self, psub: Any) -> None:
+        while True:
+            room = self.config.concurrency - len(self._running)
+            if room <= 0:
+                self._freed.clear()
+                await self._freed.wait()
+                continue
+            for msg in await fetch(psub, room, self.log, "jobs"):
+                request_id = (msg.headers or {}).get(protocol.HDR_REQUEST_ID, "")
+                if request_id in self._running:  # taken again while it runs here: it is kept
+                    continue
+                task = self._running[request_id] = asyncio.create_task(self._run(request_id, msg))
+                task.add_done_callback(lambda _task, rid=request_id: self._done(rid))
+
+    def _done(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+        self._freed.set()
+
+    async def _run(self, request_id: str, msg: Msg) -> None:
+        function = msg.subject[len(protocol.JOBS_QUEUE_PREFIX):]
+        attempt = msg.metadata.num_delivered
+        log = self.log.bind(fn=function, job=request_id, attempt=attempt)
+        try:
+            record = await self._record(request_id)
+        except FaasError:
+            record = None
+        if record is not None and record.state == "done":  # its ack was lost: it ran
+            await ack(msg, log, "job")
+            return
+        base = record or jobs.queued(function)
+        if attempt > self.config.max_attempts:  # its last try ended with its node
+            await self._finish(msg, base, _error(Overloaded(
+                f"no outcome after {self.config.max_attempts} tries (the nodes running it went away)")), log)
+            return
+        await self._put(request_id, replace(base, state="running", node=self.node_id, attempts=attempt), log)
+        keep = asyncio.create_task(keep_alive(msg, self.config.ack_wait_s))
+        try:
+            event = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
+            budget_s = float((msg.headers or {}).get(protocol.HDR_TIMEOUT_MS, "0")) / 1000 or self.config.budget_s
+            result = await self.client.invoke(function, event, timeout_s=budget_s)
+            outcome: dict[str, Any] = {"output": result.output, "metrics": result.metrics}
+        except Overloaded as err:
+            if attempt < self.config.max_attempts:
+                delay = retry_delay_s(attempt)
+                log.warning("job_deferred", error=err.message, retry_in_s=delay)
+                await self._put(request_id, replace(base, state="queued", node=None, attempts=attempt), log)
+                await nak(msg, delay, log, "job")
+                return
+            outcome = _error(err)
+        except FaasError as err:
+            outcome = _error(err)
+        except (ValueError, TypeError) as exc:  # only nodes queue jobs: a bug, or a forgery
+            outcome = _error(BadRequest(f"the queued job is malformed: {type(exc).__name__}"))
+        finally:
+            keep.cancel()
+        await self._finish(msg, base, outcome, log)
+
+    async def _finish(self, msg: Msg, base: JobRecord, outcome: dict[str, Any], log: Any) -> None:
+        """Keep the outcome, then ack; an outcome too large for the bucket is kept as the
+        error saying so; one that could not be kept leaves the job to run again."""
+        request_id = (msg.headers or {}).get(protocol.HDR_REQUEST_ID, "")
+        done = replace(base, state="done", node=self.node_id, attempts=msg.metadata.num_delivered,
+                       outcome=outcome)
+        try:
+            await self._kv.put(request_id, done.pack())
+        except MaxPayloadError:
+            size = len(done.pack())
+            done = replace(done, outcome=_error(PayloadTooLarge(
+                f"the job's output takes {size} bytes, over the {self.nc.max_payload} a job's result may carry")))
+            if not await self._put(request_id, done, log):
+                return
+        except (NatsError, TimeoutError) as exc:
+            log.error("job_outcome_lost", error=f"{type(exc).__name__}: {exc}")
+            await nak(msg, retry_delay_s(1), log, "job")
+            return
+        log.info("job_done", error=outcome.get("error", {}).get("code"))
+        await ack(msg, log, "job")
+
+    async def _put(self, request_id: str, record: JobRecord, log: Any) -> bool:
+        try:
+            await self._kv.put(request_id, record.pack())
+            return True
+        except (NatsError, TimeoutError) as exc:
+            log.warning("job_record_failed", state=record.state, error=f"{type(exc).__name__}: {exc}")
+            return False
+
+    def state(self) -> dict[str, Any]:
+        return {"running": len(self._running), "concurrency": self.config.concurrency,
+                "retention_s": self.config.retention_s}
+
+    async def close(self, timeout_s: float) -> None:
+        """Take no more submits or jobs; jobs running get `timeout_s` to finish, the rest are
+        left unacked (JetStream hands them out again)."""
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        # A fetch cut short would hold the connection's drain.
+        for sub in [*self._subs, *([self._psub] if self._psub is not None else [])]:
+            try:
+                await sub.unsubscribe()
+            except NatsError as exc:
+                self.log.warning("unsubscribe_failed", error=str(exc))
+        self._subs, self._psub = [], None
+        running = set(self._running.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

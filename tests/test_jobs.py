@@ -1,0 +1,123 @@
+"""Async jobs against the session node: submit returns at once, the result is read later by
+another process holding the job's id, and by nobody without it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import msgpack
+import nats
+import pytest
+
+from faas import BadRequest, Client, DeadlineExceeded, FunctionNotFound, HandlerError, Job, PayloadTooLarge
+from faas import jobs, protocol
+from faas.auth import Credentials, connect
+from tests.conftest import error_of
+from tests.test_cli import faas
+
+
+async def test_a_job_returns_at_once_and_another_process_reads_its_result(node, client):
+    job = await client.submit("sleepy", {"s": 1.5})
+    assert isinstance(job, Job) and job.function == "sleepy" and len(job.id) >= 32
+    with pytest.raises(DeadlineExceeded, match=f"job {job.request_id} is still"):
+        await client.result(job, timeout_s=0)  # it runs for 1.5 s: not done yet
+    reader = (f"import asyncio, json; from faas import Client\n"
+              f"async def main():\n"
+              f"    async with Client({node.url!r}) as c:\n"
+              f"        r = await c.result({job.id!r}, timeout_s=60)\n"
+              f"        print(json.dumps(r.output))\n"
+              f"asyncio.run(main())\n")
+    out = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["slept_s"] == 1.5
+    # Kept: read again, here, it is the same outcome.
+    again = await client.result(job.id, timeout_s=5)
+    assert again.output["slept_s"] == 1.5 and again.metrics["node"]
+
+
+async def test_a_job_is_refused_to_whoever_lacks_its_id(node, client):
+    job = await client.submit("echo", {"secret": "for the submitter"})
+    assert (await client.result(job, timeout_s=30)).output["echo"] == {"secret": "for the submitter"}
+    async with Client(node.url) as other:  # another producer, knowing what logs show
+        for guess in (job.request_id, job.id[:-1] + ("0" if job.id[-1] != "0" else "1")):
+            with pytest.raises(FunctionNotFound, match="no such job"):
+                await other.result(guess, timeout_s=0)
+    conn = await nats.connect(node.url)
+    try:
+        no_key = await conn.request(protocol.JOBS_RESULT_SUBJECT, b"", timeout=5)
+        assert error_of(no_key)[0] == 400
+        bad_key = await conn.request(protocol.JOBS_RESULT_SUBJECT, b"", timeout=5,
+                                     headers={protocol.HDR_REQUEST_KEY: "short"})
+        assert error_of(bad_key)[0] == 400
+        # The bucket itself is the nodes' account's: a producer's login has no JetStream there.
+        with pytest.raises(Exception):
+            kv = await conn.jetstream().key_value(protocol.JOBS_BUCKET)
+            await kv.get(job.request_id)
+    finally:
+        await conn.close()
+    # An operator's login reads any job by its request id.
+    admin = await connect(node.url, Credentials(), node.state_dir)
+    try:
+        record = await jobs.read(admin, job.request_id)
+        assert record.state == "done" and record.function == "echo" and record.attempts == 1
+        assert record.invocation().output["echo"] == {"secret": "for the submitter"}
+    finally:
+        await admin.close()
+
+
+async def test_a_failing_job_keeps_its_error_and_a_bad_submit_is_refused_at_once(node, client):
+    job = await client.submit("boom", {"why": "the job"})
+    with pytest.raises(HandlerError, match="bad things: the job"):
+        await client.result(job, timeout_s=30)
+    with pytest.raises(FunctionNotFound):
+        await client.submit("no-such-function", {})
+    with pytest.raises(PayloadTooLarge):
+        await client.submit("echo", {"blob": "x" * (2 << 20)})
+    conn = await nats.connect(node.url)
+    try:
+        subject = protocol.JOBS_SUBMIT_PREFIX + "echo"
+        for body, headers, code in (
+                (msgpack.packb({}), None, 400),  # no job id
+                (b"[1, 2]", {protocol.HDR_REQUEST_KEY: "k" * 32}, 400),  # not an object
+                (msgpack.packb({}), {protocol.HDR_REQUEST_KEY: "k" * 32, "X-Pad": "p" * 5000}, 400)):
+            assert error_of(await conn.request(subject, body, headers=headers, timeout=5))[0] == code
+    finally:
+        await conn.close()
+
+
+async def test_the_same_job_id_queues_one_job_and_busy_jobs_wait_their_turn(node, client):
+    job_id = protocol.new_request_key()
+    first = await client.submit("echo", {"n": 1}, job_id=job_id)
+    second = await client.submit("echo", {"n": 1}, job_id=job_id)  # a retry after a lost answer
+    assert first == second and (await client.result(first, timeout_s=30)).output["echo"] == {"n": 1}
+    with pytest.raises(BadRequest, match="another job"):
+        await client.submit("sleepy", {}, job_id=job_id)
+    # sleepy takes one at a time and queues one: the rest are refused (503) and tried again later.
+    batch = [await client.submit("sleepy", {"s": 0.5, "i": i}) for i in range(4)]
+    results = await asyncio.gather(*(client.result(j, timeout_s=90) for j in batch))
+    assert sorted(r.output["slept_s"] for r in results) == [0.5] * 4
+    admin = await connect(node.url, Credentials(), node.state_dir)
+    try:
+        attempts = [(await jobs.read(admin, j.request_id)).attempts for j in batch]
+    finally:
+        await admin.close()
+    assert max(attempts) > 1, attempts  # some were refused for room, and ran on a later try
+
+
+def test_the_cli_submits_and_reads_a_job(node):
+    submitted = faas("invoke", "echo", '{"via": "cli"}', "--submit", "--nats", node.url)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    request_id = jobs.request_id_of(job_id)
+    assert f"job {request_id} queued" in submitted.stderr
+    out = faas("result", job_id, "--nats", node.url)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["echo"] == {"via": "cli"}
+    record = faas("result", request_id, "--request-id", "--nats", node.url, "--state-dir", str(node.state_dir))
+    assert record.returncode == 0, record.stderr
+    assert json.loads(record.stdout)["state"] == "done"
+    unknown = faas("result", "x" * 40, "--nats", node.url, "--wait-s", "0")
+    assert unknown.returncode == 1 and "error 404" in unknown.stderr
