@@ -48,6 +48,7 @@ _CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 2, "reconnect_time_wait"
                                      "max_reconnect_attempts": 10}
 # A node answers a job's submit, or a question about it, at once (a KV read or write).
 _JOB_ANSWER_S = 5.0
+_JOB_SUBMIT_TRIES = 3
 
 
 class Client:
@@ -180,6 +181,16 @@ class Client:
         if timeout_s is not None:
             headers[protocol.HDR_TIMEOUT_MS] = str(int(_positive(timeout_s) * 1000))
         body = _encode(event)
+        # A submit unanswered, or answered 503, may have queued the job all the same (a slow
+        # JetStream): sent again with its id, it is queued once.
+        for _ in range(_JOB_SUBMIT_TRIES - 1):
+            try:
+                return await self._submit(function, body, headers)
+            except Overloaded:
+                continue
+        return await self._submit(function, body, headers)
+
+    async def _submit(self, function: str, body: bytes, headers: dict[str, str]) -> Job:
         subject = protocol.JOBS_SUBMIT_PREFIX + function
         try:
             reply = await self.nc.request(subject, body, headers=headers, timeout=_JOB_ANSWER_S)
@@ -190,7 +201,7 @@ class Client:
         except nats.errors.TimeoutError:
             raise Overloaded(f"no node answered the submit within {_JOB_ANSWER_S:g}s") from None
         protocol.raise_error(protocol.decode(reply.data, reply.headers), reply.headers or {})
-        return Job(id=job_id, function=function)
+        return Job(id=headers[protocol.HDR_REQUEST_KEY], function=function)
 
     async def result(self, job: Job | str, *, timeout_s: float = 60.0) -> Invocation:
         """The outcome of a submitted job (a `Job`, or its id, e.g. handed over by another

@@ -113,6 +113,30 @@ async def test_events_published_by_raw_nats_are_all_processed(node):
     assert stats_after["latency_p50_ms"] is not None
 
 
+async def test_a_fetch_answered_late_is_an_empty_batch_not_the_end_of_the_loop(node):
+    """nats-py raises asyncio's TimeoutError, none of its own errors, when its no-wait probe
+    is answered after the fetch's deadline (a loaded machine): the node's fetch loops (events,
+    async jobs) caught only nats-py's errors and ended, and fetched nothing again."""
+    from faas.logs import get_logger
+    from runtime.node.events import fetch
+
+    admin = await _admin(node)
+    js = admin.jetstream()
+    stream = f"PROBE_{uuid.uuid4().hex[:8]}"
+    log = get_logger(component="test")
+    try:
+        await js.add_stream(name=stream, subjects=[f"probe.{stream}"])
+        psub = await js.pull_subscribe(f"probe.{stream}", durable="late", stream=stream)
+        # The event loop busy past the fetch's one-second deadline once it has asked.
+        asyncio.get_running_loop().call_soon(time.sleep, 1.5)
+        assert await fetch(psub, 4, log, "probe") == []
+        await js.publish(f"probe.{stream}", b"after")
+        assert [msg.data for msg in await fetch(psub, 4, log, "probe")] == [b"after"]
+    finally:
+        await js.delete_stream(stream)
+        await admin.drain()
+
+
 async def test_client_publish_sets_a_msg_id_that_deduplicates(node):
     run = uuid.uuid4().hex
     async with Client(node.url) as client:

@@ -88,6 +88,22 @@ async def test_a_failing_job_keeps_its_error_and_a_bad_submit_is_refused_at_once
         await conn.close()
 
 
+async def test_a_job_recorded_but_never_queued_is_queued_by_the_producer_s_retry(node, client):
+    """A submit whose queueing was not confirmed (JetStream answered late: the node said 503,
+    or the producer heard nothing) leaves the record `queued`; the SDK sends the submit again
+    with the job's id, and that queues it, once."""
+    job_id = protocol.new_request_key()
+    admin = await connect(node.url, Credentials(), node.state_dir)
+    try:
+        kv = await admin.jetstream().key_value(protocol.JOBS_BUCKET)
+        await kv.create(jobs.request_id_of(job_id), jobs.queued("echo").pack())  # no message queued
+        job = await client.submit("echo", {"healed": True}, job_id=job_id)
+        assert (await client.result(job, timeout_s=30)).output["echo"] == {"healed": True}
+        assert (await jobs.read(admin, job.request_id)).attempts == 1
+    finally:
+        await admin.close()
+
+
 async def test_the_same_job_id_queues_one_job_and_busy_jobs_wait_their_turn(node, client):
     job_id = protocol.new_request_key()
     first = await client.submit("echo", {"n": 1}, job_id=job_id)

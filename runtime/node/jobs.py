@@ -5,7 +5,8 @@ results, running queued jobs.
   checked as an invocation's, the function must be known here (served here or by a live
   peer, or deployed), then the job is recorded `queued` in `faas_jobs` and queued in
   FAAS_JOBS, and the producer is answered at once. The same id submitted again is answered
-  as the first submit was, and queues nothing.
+  as the first submit was, and queues nothing more (a job still queued is queued again under
+  its message id, which JetStream keeps once: a retry after a lost answer heals).
 - result (`faas.jobs.result`): the job's state, and its outcome once done, for whoever sends
   the job's id (its request id, what logs show, reads nothing).
 - running: every node fetches from one durable consumer of FAAS_JOBS (a work queue: a job
@@ -157,7 +158,10 @@ class Jobs:
             record = await self._record(request_id)
             if record is None or record.function != function:
                 raise BadRequest("this job id was used for another job: make a new one") from None
-            return record.state
+            if record.state != "queued":
+                return record.state
+            # Its queueing may not have been confirmed (the submit this retries timed out):
+            # queued again under the same message id, which JetStream keeps once.
         except NatsError as exc:
             raise Overloaded(f"the job could not be recorded: {type(exc).__name__}: {exc}") from None
         headers = {protocol.HDR_MSG_ID: request_id, protocol.HDR_REQUEST_ID: request_id,
@@ -166,6 +170,9 @@ class Jobs:
             await self.js.publish(protocol.JOBS_QUEUE_PREFIX + function, msgpack.packb(event, use_bin_type=True),
                                   headers=headers)
         except (NatsError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):  # it may be queued all the same: its record stays
+                raise Overloaded("the job's queueing was not confirmed in time: submit it again with "
+                                 "its id (it is queued once)") from None
             try:
                 await self._kv.delete(request_id)
             except NatsError:
