@@ -78,7 +78,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return asyncio.run(up(UpOptions(
         functions_dirs=tuple(Path(f) for f in folders), nats_url=args.nats, port=args.port,
         credentials=auth.from_args(args), http_port=args.http, http_host=args.http_host,
-        http_api_keys=args.http_api_keys,
+        http_api_keys=args.http_api_keys, http_adapter_backbone=args.http_adapter_backbone,
         http_timeout_s=args.http_timeout_s, state_dir=Path(args.state_dir) if args.state_dir else None,
         device=args.device, sandbox_uids=_uid_range(args.sandbox_uids),
         network_isolation=not args.no_network_isolation, reload=args.reload, node=node)))
@@ -726,6 +726,9 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
     up.add_argument("--http-api-keys", metavar="FILE", type=Path, default=None,
                     help="the gateway's API keys (faas gateway --api-keys); without, it listens on "
                          "loopback addresses only")
+    up.add_argument("--http-adapter-backbone", metavar="MODEL", type=Path, default=None,
+                    help="the gateway's base model of adapters loaded through /v1/load_lora_adapter "
+                         "(faas gateway --adapter-backbone)")
     up.add_argument("--http-timeout-s", type=_positive, default=o.http_timeout_s,
                     help="the gateway's budget per request (the function's timeout_s caps it)")
     up.add_argument("--metrics-port", type=int, metavar="PORT", default=None,

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from faas.localnode import free_port
+from tests.conftest import second_node
 from tests.test_cluster import until
 
 LIMITED, FULL = "sk-limited-0123456789abcdef", "sk-full-0123456789abcdef0123"
@@ -25,13 +26,21 @@ def _gateway(node, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture()
-def gateway(node, tmp_path, models):
+@pytest.fixture(params=["faas gateway"])
+def gateway(request, node, tmp_path, models):
+    """`faas gateway` over the session's node, or (`faas up --http`) the gateway beside a
+    node of its own."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "limited", "key": LIMITED, "functions": ["echo"]},
                                          {"name": "full", "key": FULL, "functions": ["*"]},
                                          {"name": "ops", "key": OPS, "functions": ["*"], "adapters": True}]}))
     port = free_port()
+    if request.param == "faas up --http":
+        own = second_node(tmp_path, "--http", str(port), "--http-api-keys", str(keys),
+                          "--http-adapter-backbone", str(models / "tiny-llama"))
+        yield f"http://127.0.0.1:{port}"
+        own.stop()
+        return
     proc = _gateway(node, "--port", str(port), "--api-keys", str(keys),
                     "--adapter-backbone", str(models / "tiny-llama"))
     line = proc.stdout.readline()
@@ -69,6 +78,7 @@ async def test_keys_are_required_and_bound_to_their_functions(gateway):
             model="support", messages=messages, max_tokens=4)
 
 
+@pytest.mark.parametrize("gateway", ["faas gateway", "faas up --http"], indirect=True)
 async def test_vllm_s_dynamic_lora_api_loads_and_unloads_adapters_for_the_right_key(gateway, models):
     """Clients written for vLLM's `/v1/load_lora_adapter` work unchanged: the adapter is
     deployed as data on every node, then removed."""

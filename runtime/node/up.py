@@ -47,6 +47,7 @@ class UpOptions:
     http_port: int | None = None  # the OpenAI gateway beside the node
     http_host: str = NodeConfig.metrics_host  # the gateway and the metrics listen on one address
     http_api_keys: Path | None = None  # the gateway's API keys (faas/apikeys.py); None: open, loopback only
+    http_adapter_backbone: Path | None = None  # what adapters loaded through the gateway adapt
     http_timeout_s: float = 120.0
     bundled_models: bool = True
     device: str = "auto"
@@ -86,7 +87,7 @@ async def connect_node(url: str, node_id: str, on_closed: Callable[[], Awaitable
         raise FaasError(f"cannot reach NATS at {url} within {first_connect_s:.0f}s") from None
 
 
-async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.socket, timeout_s: float,
+async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.socket, options: UpOptions,
                          stop: asyncio.Event, api_keys: ApiKeys | None) -> asyncio.Task[None]:
     """The gateway on its own NATS connection (it is a client like any other), until `stop`."""
     from faas.client import Client
@@ -97,7 +98,8 @@ async def _start_gateway(url: str, credentials: dict[str, str], sock: socket.soc
 
     async def run() -> None:
         try:
-            await serve_gateway(client, sock, timeout_s, stop, api_keys=api_keys)
+            await serve_gateway(client, sock, options.http_timeout_s, stop, api_keys=api_keys,
+                                adapter_backbone=options.http_adapter_backbone)
         finally:
             await client.close()
 
@@ -155,7 +157,7 @@ async def up(options: UpOptions) -> int:
         gateway = None
         if http_sock is not None:
             http = f" http=http://{options.http_host}:{http_sock.getsockname()[1]}"
-            gateway = await _start_gateway(url, credentials, http_sock, options.http_timeout_s, stop, api_keys)
+            gateway = await _start_gateway(url, credentials, http_sock, options, stop, api_keys)
             http_sock = None
         reloader = None
         if options.reload and options.functions_dirs:
