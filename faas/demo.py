@@ -83,7 +83,9 @@ async def run_demo(functions_dir: Path) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # 0600: the node's log holds every function's output; functions must not read it.
     with os.fdopen(os.open(log_path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as log:
-        node = LocalNode(functions_dir, stderr=log.fileno(), extra_args=("--http", str(free_port())))
+        # A state folder of its own: a `faas up` may be running on $FAAS_HOME/nats.
+        node = LocalNode(functions_dir, stderr=log.fileno(), state_dir=faas_home() / "demo-nats",
+                         extra_args=("--http", str(free_port())))
         try:
             url = node.start(ready_timeout_s=900)  # the first run downloads and converts SmolLM2
         except FaasError as err:

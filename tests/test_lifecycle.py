@@ -1,5 +1,6 @@
 """A node's processes: SIGTERM drains (in-flight requests answered, then everything stops);
-SIGKILL of the node leaves no nats-server or sandbox behind."""
+SIGKILL of the node leaves no nats-server or sandbox behind; one embedded server per state
+folder."""
 
 from __future__ import annotations
 
@@ -11,11 +12,25 @@ import pytest
 
 from bench.accounting import process_tree
 from faas import Client
-from tests.conftest import nodes_of, second_node, wait_all_gone
+from faas.localnode import free_port
+from tests.conftest import assert_still_serving, nodes_of, second_node, wait_all_gone
+from tests.test_cli import faas
 
 
 def descendants(pid: int) -> set[int]:
     return set(process_tree(pid)) - {pid}
+
+
+async def test_a_second_embedded_server_on_a_state_folder_in_use_is_refused(node, client):
+    """`faas demo` beside a running `faas up` started a second nats-server on the same
+    JetStream store: it removed the first's message blocks (every write to the jobs' stream
+    then failed: "lmb missing") and rewrote its config and node credentials."""
+    credentials = (node.state_dir / "node-credentials").read_bytes()
+    second = faas("up", "--port", str(free_port()), "--state-dir", str(node.state_dir))
+    assert second.returncode == 1 and "in use by another node's embedded nats-server" in second.stderr, second.stderr
+    assert (node.state_dir / "node-credentials").read_bytes() == credentials
+    assert (await client.submit("echo", {"after": "refused"})) is not None
+    await assert_still_serving(client)
 
 
 @pytest.fixture

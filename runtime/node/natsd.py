@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 from faas.errors import FaasError
 from faas.logs import get_logger
 from runtime.proc.children import die_with_parent
+from runtime.proc.locks import hold
 
 log = get_logger()
 
@@ -61,6 +63,7 @@ class EmbeddedNats:
         self.node_user = "faas-node"
         self.node_password = secrets.token_urlsafe(24)
         self._proc: asyncio.subprocess.Process | None = None
+        self._lock: int | None = None
 
     def _write_config(self) -> Path:
         # Each export and, for answers of several messages, how long the server keeps their
@@ -103,6 +106,14 @@ class EmbeddedNats:
 
     async def start(self, ready_timeout_s: float = 10.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # One server per state folder: a second one on the same JetStream store removed the
+        # first's message blocks ("lmb missing": its streams refused every write) and
+        # rewrote its config and the node credentials operators read.
+        try:
+            self._lock = hold(self.state_dir / "lock")
+        except BlockingIOError:
+            raise FaasError(f"{self.state_dir} is in use by another node's embedded nats-server: stop "
+                            "that node, or give this one a folder of its own (--state-dir DIR)") from None
         binary = nats_server_binary()
         config = self._write_config()
         self._proc = await asyncio.create_subprocess_exec(
@@ -134,11 +145,13 @@ class EmbeddedNats:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), grace_s)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._lock is not None:  # its server is gone: the folder is free
+            os.close(self._lock)
+            self._lock = None
