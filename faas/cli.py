@@ -138,6 +138,7 @@ def _uid_range(text: str) -> tuple[int, int] | str | None:
 
 # The most NATS lets a server carry in one message.
 _MAX_EVENT_BYTES = 64 << 20
+_INVOKE_TIMEOUT_S = 60.0
 
 
 def _read_input(where: str, limit: int) -> bytes:
@@ -177,13 +178,14 @@ async def _invoke(args: argparse.Namespace) -> int:
         async with _client(args) as client:
             if args.submit:
                 job = await client.submit(args.function, event, timeout_s=args.timeout_s)
-                print(job.id)
-                print(f"job {job.request_id} queued: faas result {job.id}", file=sys.stderr)
+                print(job.id)  # the secret that reads the result: stdout only, not a log
+                print(f"job {job.request_id} queued", file=sys.stderr)
                 return 0
+            timeout_s = args.timeout_s or _INVOKE_TIMEOUT_S
             if args.stream:
-                result, streamed = await _print_stream(client, args.function, event, args.timeout_s)
+                result, streamed = await _print_stream(client, args.function, event, timeout_s)
             else:
-                result = await client.invoke(args.function, event, timeout_s=args.timeout_s)
+                result = await client.invoke(args.function, event, timeout_s=timeout_s)
     except FaasError as err:
         return _fail(err)
     if not streamed:  # a plain function streams nothing: its output, as without --stream
@@ -757,8 +759,8 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
                          "on its way: 2 minutes on the embedded server)")
     up.add_argument("--event-ack-wait-s", type=_positive, default=n.events.ack_wait_s,
                     help="how long an event or an async job may go unacknowledged before JetStream "
-                         "hands it out again (a running one is renewed every third; for jobs, set "
-                         "when the first node makes their consumer)")
+                         "hands it out again (a running one is renewed every third; for jobs, whose "
+                         "consumer all nodes share, the last node started sets it for all)")
     up.add_argument("--events-subjects", default=",".join(n.events.subjects),
                     help="what the events stream FAAS_EVENTS stores (comma-separated subjects); "
                          "every trigger must fall within them")
@@ -766,7 +768,7 @@ def _up_arguments(up: argparse.ArgumentParser, o: Any) -> None:
                     help="do not consume events for functions with triggers")
     up.add_argument("--job-retention-s", type=_at_least(60), default=n.jobs.retention_s,
                     help="how long an async job may wait to run, and its outcome is kept (set "
-                         "when the first node makes the jobs' stream and bucket)")
+                         "when the first node makes the jobs' bucket; later nodes keep it)")
     up.add_argument("--jobs-concurrency", type=_count, default=n.jobs.concurrency,
                     help="how many async jobs this node runs at once (each is an invocation, "
                          "served by whichever node the queue group picks)")
@@ -864,8 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("event", nargs="?", default="{}",
                         help="the event, a JSON object (-: read it from stdin, @FILE: from a file)")
     _nats_options(invoke)
-    invoke.add_argument("--timeout-s", type=_positive, default=60.0,
-                        help="the request's budget (the function's timeout_s caps it)")
+    invoke.add_argument("--timeout-s", type=_positive, default=None,
+                        help=f"the request's budget (default {_INVOKE_TIMEOUT_S:g}; with --submit the "
+                             "job's, default an hour; the function's timeout_s caps it)")
     invoke.add_argument("--stream", action="store_true",
                         help="print the text as the function generates it (what it generates with "
                              "stream=True), then a newline; a function that streams nothing has its "

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from faas import protocol
-from faas.errors import FaasError, FunctionNotFound, error_for_code
+from faas.errors import BadRequest, FaasError, FunctionNotFound, error_for_code
 from faas.protocol import Invocation
 
 STATES = ("queued", "running", "done")
@@ -108,6 +108,8 @@ def queued(function: str) -> JobRecord:
 async def read(nc: NATS, request_id: str) -> JobRecord:
     """The record of the job `request_id`, from the bucket (a node's or an operator's
     login); FunctionNotFound when there is none (never submitted, or expired)."""
+    if not protocol.valid_request_id(request_id):
+        raise BadRequest(f"{request_id[:64]!r} is not a job's request id (32 hex digits)")
     try:
         kv = await nc.jetstream().key_value(protocol.JOBS_BUCKET)
         entry = await kv.get(request_id)

@@ -8,7 +8,7 @@ its subjects, how many copies, how many bytes it may hold, and what goes when it
 | `history` (FAAS_HISTORY) | invocation history | 64 MiB | the oldest go |
 | `secrets` (KV faas_secrets) | the functions' secrets (`faas secret set`) | 16 MiB | a `faas secret set` is refused |
 | `jobs` (FAAS_JOBS) | async jobs waiting to run (taken ones go), for the jobs' retention at most | 256 MiB | a submit is refused: the producer gets an error |
-| `job_results` (KV faas_jobs) | each job's state and outcome, for the jobs' retention (`faas up --job-retention-s`) | 256 MiB | a submit is refused, or a job's outcome is kept as an error saying so |
+| `job_results` (KV faas_jobs) | each job's state and outcome, for the jobs' retention (`faas up --job-retention-s`) | 256 MiB | a submit is refused; a finished job's outcome is lost (logged `job_outcome_lost`), its record left as it was |
 | `logs` (FAAS_LOGS) | what functions print and log | 512 MiB | the oldest go |
 | `functions` (KV faas_functions) | deployed functions and their versions | 64 MiB | a deploy is refused |
 | `artifacts` (object store faas_artifacts) | deployed code and adapters | 4096 MiB | a deploy is refused |

@@ -128,7 +128,7 @@ def test_the_cli_submits_and_reads_a_job(node):
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     request_id = jobs.request_id_of(job_id)
-    assert f"job {request_id} queued" in submitted.stderr
+    assert f"job {request_id} queued" in submitted.stderr and job_id not in submitted.stderr
     out = faas("result", job_id, "--nats", node.url)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["echo"] == {"via": "cli"}
@@ -137,3 +137,6 @@ def test_the_cli_submits_and_reads_a_job(node):
     assert json.loads(record.stdout)["state"] == "done"
     unknown = faas("result", "x" * 40, "--nats", node.url, "--wait-s", "0")
     assert unknown.returncode == 1 and "error 404" in unknown.stderr
+    for garbage in ("../..", "a.b", "x" * 200):  # not a key of the bucket: a 400, not a traceback
+        refused = faas("result", garbage, "--request-id", "--nats", node.url, "--state-dir", str(node.state_dir))
+        assert refused.returncode == 1 and "error 400" in refused.stderr, refused.stderr

@@ -22,6 +22,7 @@ results, running queued jobs.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -55,8 +56,15 @@ class JobsConfig:
     retention_s: float = 86400.0
     concurrency: int = 16
     ack_wait_s: float = 30.0
-    max_attempts: int = 5
+    max_attempts: int = 10
     budget_s: float = 3600.0
+
+
+# How long JetStream remembers a queued job's message id: a submit retried within it queues
+# the job once.
+DUPLICATE_WINDOW_S = 120.0
+# Pauses between tries to keep a job's outcome (the bucket unreachable for a moment).
+_SAVE_PAUSES_S = (0.0, 1.0, 2.0, 4.0)
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -84,6 +92,8 @@ class Jobs:
         self._psub: Any = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self._freed = asyncio.Event()
+        self.retention_s = config.retention_s
+        self.ack_wait_s = config.ack_wait_s
         self.log = get_logger(component="jobs")
 
     async def start(self) -> None:
@@ -91,12 +101,19 @@ class Jobs:
         run queued jobs."""
         if not self.config.enabled:
             return
-        retention = self.config.retention_s
         try:
+            # The bucket's TTL, set by the node that made it, is the retention of all: a queue
+            # keeping jobs longer or shorter than their records would run jobs no one can read,
+            # or drop jobs whose records say queued.
+            self._kv = await key_value(self.js, "job_results", protocol.JOBS_BUCKET, history=1,
+                                       ttl=self.config.retention_s)
+            self.retention_s = (await self._kv.status()).ttl or self.config.retention_s
+            if self.retention_s != self.config.retention_s:
+                self.log.warning("jobs_retention_kept", retention_s=self.retention_s,
+                                 asked_s=self.config.retention_s, why="the jobs' bucket was made with it")
             await ensure_stream(self.js, "jobs", protocol.JOBS_STREAM, [protocol.JOBS_QUEUE_PREFIX + ">"],
-                                max_age=retention, retention=RetentionPolicy.WORK_QUEUE,
-                                duplicate_window=min(120.0, retention))
-            self._kv = await key_value(self.js, "job_results", protocol.JOBS_BUCKET, history=1, ttl=retention)
+                                max_age=self.retention_s, retention=RetentionPolicy.WORK_QUEUE,
+                                duplicate_window=min(DUPLICATE_WINDOW_S, self.retention_s))
             consumer = ConsumerConfig(durable_name=protocol.JOBS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                                       ack_wait=self.config.ack_wait_s,
                                       max_ack_pending=max(1024, self.config.concurrency * 8))
@@ -104,6 +121,10 @@ class Jobs:
                 await self.js.add_consumer(protocol.JOBS_STREAM, consumer)
             except BadRequestError as exc:  # made by a node with other settings: it is shared
                 self.log.warning("jobs_consumer_kept", error=str(exc))
+            # The consumer is shared and the last node's settings win: jobs are renewed by the
+            # ack wait it has, not this node's.
+            info = await self.js.consumer_info(protocol.JOBS_STREAM, protocol.JOBS_CONSUMER)
+            self.ack_wait_s = info.config.ack_wait or self.config.ack_wait_s
             psub = await self.js.pull_subscribe_bind(durable=protocol.JOBS_CONSUMER, stream=protocol.JOBS_STREAM)
         except (NatsError, TimeoutError) as exc:
             self.log.warning("jobs_unavailable", error=f"{type(exc).__name__}: {exc}",
@@ -158,10 +179,11 @@ class Jobs:
             record = await self._record(request_id)
             if record is None or record.function != function:
                 raise BadRequest("this job id was used for another job: make a new one") from None
-            if record.state != "queued":
+            if record.state != "queued" or record.attempts or time.time() - record.submitted >= DUPLICATE_WINDOW_S:
                 return record.state
             # Its queueing may not have been confirmed (the submit this retries timed out):
-            # queued again under the same message id, which JetStream keeps once.
+            # queued again under the same message id, which JetStream keeps once while it
+            # remembers the id (a job taken since, or older, is not queued again).
         except NatsError as exc:
             raise Overloaded(f"the job could not be recorded: {type(exc).__name__}: {exc}") from None
         headers = {protocol.HDR_MSG_ID: request_id, protocol.HDR_REQUEST_ID: request_id,
@@ -195,7 +217,7 @@ class Jobs:
             record = await self._record(request_id)
             if record is None:
                 raise FunctionNotFound("no such job: never submitted, or its result expired "
-                                       f"(results are kept {self.config.retention_s:g}s)")
+                                       f"(results are kept {self.retention_s:g}s)")
             headers = {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: record.state}
             if record.state != "done":
                 body = protocol.encode({"state": record.state, "function": record.function,
@@ -218,6 +240,8 @@ class Jobs:
             entry = await self._kv.get(request_id)
         except KeyNotFoundError:
             return None
+        except (NatsError, TimeoutError) as exc:
+            raise Overloaded(f"the job's record could not be read: {type(exc).__name__}: {exc}") from None
         if not entry.value:
             return None
         try:
@@ -240,11 +264,13 @@ class Jobs:
                 if request_id in self._running:  # taken again while it runs here: it is kept
                     continue
                 task = self._running[request_id] = asyncio.create_task(self._run(request_id, msg))
-                task.add_done_callback(lambda _task, rid=request_id: self._done(rid))
+                task.add_done_callback(lambda task, rid=request_id: self._done(rid, task))
 
-    def _done(self, request_id: str) -> None:
+    def _done(self, request_id: str, task: asyncio.Task[None]) -> None:
         self._running.pop(request_id, None)
         self._freed.set()
+        if not task.cancelled() and task.exception() is not None:  # unacked: it comes back
+            self.log.error("job_failed", job=request_id, error=repr(task.exception()))
 
     async def _run(self, request_id: str, msg: Msg) -> None:
         function = msg.subject[len(protocol.JOBS_QUEUE_PREFIX):]
@@ -263,7 +289,7 @@ class Jobs:
                 f"no outcome after {self.config.max_attempts} tries (the nodes running it went away)")), log)
             return
         await self._put(request_id, replace(base, state="running", node=self.node_id, attempts=attempt), log)
-        keep = asyncio.create_task(keep_alive(msg, self.config.ack_wait_s))
+        keep = asyncio.create_task(keep_alive(msg, self.ack_wait_s))
         try:
             event = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
             budget_s = float((msg.headers or {}).get(protocol.HDR_TIMEOUT_MS, "0")) / 1000 or self.config.budget_s
@@ -279,6 +305,10 @@ class Jobs:
             outcome = _error(err)
         except FaasError as err:
             outcome = _error(err)
+        except (NatsError, TimeoutError) as exc:  # this node's NATS: the job comes back, to run again
+            log.warning("job_interrupted", error=f"{type(exc).__name__}: {exc}")
+            await nak(msg, retry_delay_s(attempt), log, "job")
+            return
         except (ValueError, TypeError) as exc:  # only nodes queue jobs: a bug, or a forgery
             outcome = _error(BadRequest(f"the queued job is malformed: {type(exc).__name__}"))
         finally:
@@ -286,24 +316,27 @@ class Jobs:
         await self._finish(msg, base, outcome, log)
 
     async def _finish(self, msg: Msg, base: JobRecord, outcome: dict[str, Any], log: Any) -> None:
-        """Keep the outcome, then ack; an outcome too large for the bucket is kept as the
-        error saying so; one that could not be kept leaves the job to run again."""
+        """Keep the outcome (one too large for the bucket as the error saying so), trying
+        again for a few seconds, then ack. A job is not run again for want of a place for its
+        outcome: another run's would find none either (a full bucket)."""
         request_id = (msg.headers or {}).get(protocol.HDR_REQUEST_ID, "")
         done = replace(base, state="done", node=self.node_id, attempts=msg.metadata.num_delivered,
                        outcome=outcome)
-        try:
-            await self._kv.put(request_id, done.pack())
-        except MaxPayloadError:
-            size = len(done.pack())
+        if (size := len(done.pack())) > self.nc.max_payload:
             done = replace(done, outcome=_error(PayloadTooLarge(
                 f"the job's output takes {size} bytes, over the {self.nc.max_payload} a job's result may carry")))
-            if not await self._put(request_id, done, log):
-                return
-        except (NatsError, TimeoutError) as exc:
-            log.error("job_outcome_lost", error=f"{type(exc).__name__}: {exc}")
-            await nak(msg, retry_delay_s(1), log, "job")
-            return
-        log.info("job_done", error=outcome.get("error", {}).get("code"))
+        keep = asyncio.create_task(keep_alive(msg, self.ack_wait_s))
+        try:
+            for pause in _SAVE_PAUSES_S:
+                await asyncio.sleep(pause)
+                if await self._put(request_id, done, log):
+                    log.info("job_done", error=(done.outcome or {}).get("error", {}).get("code"))
+                    break
+            else:
+                log.error("job_outcome_lost", hint="the jobs' bucket is full or unreachable: its record "
+                                                   "stays as it was")
+        finally:
+            keep.cancel()
         await ack(msg, log, "job")
 
     async def _put(self, request_id: str, record: JobRecord, log: Any) -> bool:
@@ -316,7 +349,7 @@ class Jobs:
 
     def state(self) -> dict[str, Any]:
         return {"running": len(self._running), "concurrency": self.config.concurrency,
-                "retention_s": self.config.retention_s}
+                "retention_s": self.retention_s}
 
     async def close(self, timeout_s: float) -> None:
         """Take no more submits or jobs; jobs running get `timeout_s` to finish, the rest are
