@@ -334,8 +334,13 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
                  "FAAS_PRODUCER_PASSWORD": "producer-secret"}
     auth_conf = os.path.relpath(ROOT / "docker" / "nats" / "auth.conf", tmp_path)
     server, url = start_server(tmp_path, f'include "{auth_conf}"\n', env=passwords)
-    node = node_on(url, "node-auth", "63200-63299", tmp_path / "node.log",
-                   env={"FAAS_NATS_USER": "faas-node", "FAAS_NATS_PASSWORD": "node-secret"})
+    as_node = {"FAAS_NATS_USER": "faas-node", "FAAS_NATS_PASSWORD": "node-secret"}
+    node = node_on(url, "node-auth", "63200-63299", tmp_path / "node.log", as_node)
+    # A second node serving a function of its own: node-auth forwards its requests there.
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "localonly.py").write_text(GREETER.format(version=0).replace('name="greeter"', 'name="localonly"'))
+    other = node_on(url, "node-auth-2", "63300-63399", tmp_path / "node2.log", as_node, "--functions", str(local))
     try:
         folder = write_greeter(tmp_path / "fn", 7)
         as_producer = ("--user", "producer", "--password", "producer-secret")
@@ -347,10 +352,17 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
         async with Client(url, user="producer", password="producer-secret",
                           inbox_prefix="_INBOX_producer") as c:
             reply = await until(lambda: _invoke_or_none(c, "greeter"), what="greeter under auth")
-            assert reply.output["version"] == 7 and reply.metrics["node"] == "node-auth"
-            # Async jobs pass the accounts too. A job's run is answered on the node's own
-            # _INBOX_faas_node inbox, as a forwarded request is: auth.conf let nodes read it
-            # but not answer on it, and forwarding between nodes failed under it.
+            assert reply.output["version"] == 7 and reply.metrics["node"] in ("node-auth", "node-auth-2")
+
+            async def both_serve_localonly() -> bool:  # node-auth has seen node-auth-2
+                return all([await _invoke_or_none(c, "localonly") for _ in range(4)])
+            await until(both_serve_localonly, timeout_s=30, what="node-auth to forward localonly")
+            # Half of these reach node-auth, which forwards them: node-auth-2 answers on
+            # node-auth's _INBOX_faas_node inbox, which auth.conf did not let nodes publish to.
+            served = await asyncio.gather(*(c.invoke("localonly", {"name": str(i)}, timeout_s=20)
+                                            for i in range(16)))
+            assert {r.metrics["node"] for r in served} == {"node-auth-2"}
+            # Async jobs pass the accounts too (a job's run is answered on that inbox as well).
             job = await c.submit("greeter", {})
             assert (await c.result(job, timeout_s=30)).output["version"] == 7
         with pytest.raises(nats.errors.Error, match="(?i)authorization"):
@@ -371,8 +383,9 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
         anonymous = faas_cli("invoke", "greeter", "--nats", url)
         assert anonymous.returncode == 1 and "uthorization" in anonymous.stderr
         ping = faas_cli("ping", "--nats", url, "--user", "faas-admin", "--password", "admin-secret")
-        assert ping.stdout.split() == ["node-auth"]
+        assert sorted(ping.stdout.split()) == ["node-auth", "node-auth-2"]
     finally:
+        other.stop()
         node.stop()
         server.terminate()
         server.wait(10)
