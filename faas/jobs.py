@@ -37,7 +37,8 @@ def request_id_of(job_id: str) -> str:
 @dataclass(frozen=True)
 class Job:
     """A submitted job: `id` reads its result (keep it like a password), `request_id` names
-    it in logs and metrics."""
+    it in logs (`job=`), and each of its runs is the request `<request_id>-<try>` (the
+    invocation's logs and `metrics.request_id`)."""
 
     id: str
     function: str

@@ -64,6 +64,8 @@ async def test_a_job_is_refused_to_whoever_lacks_its_id(node, client):
         record = await jobs.read(admin, job.request_id)
         assert record.state == "done" and record.function == "echo" and record.attempts == 1
         assert record.invocation().output["echo"] == {"secret": "for the submitter"}
+        # Its run is the request <request_id>-<try>: what the invocation's logs show.
+        assert record.invocation().metrics["request_id"] == f"{job.request_id}-1"
     finally:
         await admin.close()
 

@@ -293,7 +293,10 @@ class Jobs:
         try:
             event = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
             budget_s = float((msg.headers or {}).get(protocol.HDR_TIMEOUT_MS, "0")) / 1000 or self.config.budget_s
-            result = await self.client.invoke(function, event, timeout_s=budget_s)
+            # Its own id per delivery: found by the job's in the logs, and never taken for a
+            # copy of an earlier delivery's invocation that a node still holds.
+            result = await self.client.invoke(function, event, timeout_s=budget_s,
+                                              request_id=f"{request_id}-{attempt}")
             outcome: dict[str, Any] = {"output": result.output, "metrics": result.metrics}
         except Overloaded as err:
             if attempt < self.config.max_attempts:
