@@ -84,13 +84,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
         network_isolation=not args.no_network_isolation, reload=args.reload, node=node)))
 
 
-def _positive(text: str) -> float:
-    """argparse type: a finite number above zero (seconds, GiB)."""
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
+    if value != value or abs(value) == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """argparse type: a finite number above zero (seconds, GiB)."""
+    if (value := _finite(text)) <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
@@ -108,7 +114,9 @@ def _at_least(least: float) -> Any:
 
 def _seconds(text: str) -> float:
     """argparse type: a finite number of seconds, zero or more."""
-    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+    if (value := _finite(text)) < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:

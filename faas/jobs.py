@@ -6,9 +6,10 @@ holds it may read the result, nobody else. What logs, metrics and operators see 
 request id, the first 32 hex digits of the id's SHA-256, which reads nothing. A node takes
 the submit (`faas.jobs.submit.<fn>`), queues the job in JetStream and records it in the KV
 bucket `faas_jobs` of the nodes' account (producers cannot read it); nodes run queued jobs
-as invocations and keep each outcome there for the retention the nodes were started with
-(`faas up --job-retention-s`). A producer reads its outcome through `faas.jobs.result`
-with the id; an operator's login reads the bucket by request id (`faas result REQUEST_ID`).
+as invocations and keep each outcome there for the retention the first node made the
+bucket with (`faas up --job-retention-s`). A producer reads its outcome through
+`faas.jobs.result` with the id; an operator's login reads the bucket by request id
+(`faas result --request-id REQUEST_ID`).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ async def test_a_fetch_answered_late_is_an_empty_batch_not_the_end_of_the_loop(n
     is answered after the fetch's deadline (a loaded machine): the node's fetch loops (events,
     async jobs) caught only nats-py's errors and ended, and fetched nothing again."""
     from faas.logs import get_logger
-    from runtime.node.events import fetch
+    from runtime.node.pull import fetch
 
     admin = await _admin(node)
     js = admin.jetstream()

@@ -86,6 +86,10 @@ async def test_a_failing_job_keeps_its_error_and_a_bad_submit_is_refused_at_once
                 (b"[1, 2]", {protocol.HDR_REQUEST_KEY: "k" * 32}, 400),  # not an object
                 (msgpack.packb({}), {protocol.HDR_REQUEST_KEY: "k" * 32, "X-Pad": "p" * 5000}, 400)):
             assert error_of(await conn.request(subject, body, headers=headers, timeout=5))[0] == code
+        # A function name no node could have: 404, and the answer does not echo it whole.
+        code, message = error_of(await conn.request(protocol.JOBS_SUBMIT_PREFIX + "x" * 300, msgpack.packb({}),
+                                                    headers={protocol.HDR_REQUEST_KEY: "k" * 32}, timeout=5))
+        assert code == 404 and len(message) < 200
     finally:
         await conn.close()
 

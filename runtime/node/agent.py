@@ -434,7 +434,8 @@ class Node:
         return {"node": self.node_id, "backbones": self.backbones.state(), "engines": self.engines.state(),
                 "preload": preloader.summary() if preloader else None,
                 "contention": self.contention.state(), "memory": self.guard.state(),
-                "events": self.events.state(), "jobs": self.jobs.state(), "cluster": {"peers": sorted(self.cluster.live_peers())},
+                "events": self.events.state(), "jobs": self.jobs.state(),
+                "cluster": {"peers": sorted(self.cluster.live_peers())},
                 "deployed": {"serving": self.deployments.versions,
                              "unavailable": self.deployments.unavailable},
                 "functions": [

@@ -39,7 +39,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
 from faas import protocol
-from faas.connection import raise_if_cancelled
 from faas.errors import BadRequest, FaasError, HandlerError
 from faas.logs import get_logger
 from faas.protocol import Metrics
@@ -47,6 +46,7 @@ from faas.schedule import Cron
 from faas.streams import ensure_stream
 from runtime.node.inflight import InFlight
 from runtime.node.invocation import Call, Invocations, deadline_of
+from runtime.node.pull import ack, fetch, keep_alive, nak
 from runtime.pool.leases import FunctionPool
 from runtime.sandbox.handles import OutputTooLarge
 
@@ -94,51 +94,6 @@ def dead_letter(function: str, data: bytes, headers: dict[str, str], info: dict[
     left = room - len(msgpack.packb(letter, use_bin_type=True)) - 8  # the bytes' own length prefix
     letter["data"] = data[:max(0, left)]
     return msgpack.packb(letter, use_bin_type=True)
-
-
-async def keep_alive(msg: Msg, ack_wait_s: float) -> None:
-    """In-progress acks while a handler runs (an event's, a job's): a slow one is not
-    handed out again."""
-    while True:
-        await asyncio.sleep(ack_wait_s / 3)
-        try:
-            await msg.in_progress()
-        except NatsError:
-            return
-
-
-async def fetch(psub: Any, batch: int, log: Any, kind: str) -> list[Msg]:
-    """Up to `batch` messages of a pull consumer, waiting at most a second (an event
-    loop's, the jobs'); none when none came or NATS failed (after a pause, logged). A cancel
-    is raised, also one nats-py swallowed: what was fetched comes back after the ack wait."""
-    try:
-        msgs = await psub.fetch(batch, timeout=1.0)
-    # nats-py raises asyncio's TimeoutError too (when its no-wait probe is answered late, as
-    # on a loaded machine), which is none of its own: caught apart, it ended the loop.
-    except (NatsError, TimeoutError) as exc:
-        raise_if_cancelled()
-        if not isinstance(exc, TimeoutError):
-            log.warning(f"{kind}_fetch_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(1.0)
-        return []
-    raise_if_cancelled()
-    return msgs
-
-
-async def ack(msg: Msg, log: Any, kind: str) -> None:
-    """Ack a JetStream message; one that fails is logged (the message comes back)."""
-    try:
-        await msg.ack()
-    except NatsError as exc:
-        log.warning(f"{kind}_ack_failed", error=f"{type(exc).__name__}: {exc}")
-
-
-async def nak(msg: Msg, delay_s: float, log: Any, kind: str) -> None:
-    """Hand a JetStream message back, to come again after `delay_s`."""
-    try:
-        await msg.nak(delay=delay_s)
-    except NatsError as exc:
-        log.warning(f"{kind}_nak_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 class EventConsumers:
@@ -312,7 +267,7 @@ class EventConsumers:
         log.error("event_dead_lettered", code=err.code, error=err.message)
         letter = dead_letter(name, msg.data, dict(msg.headers or {}), info, err, self.room())
         if await self.publish(protocol.DLQ_PREFIX + name, letter, f"dlq-{name}-{info['sequence']}", log):
-            await self.ack(msg, log)
+            await ack(msg, log, "event")
 
     async def publish(self, subject: str, body: bytes, msg_id: str, log: Any) -> bool:
         try:
@@ -321,12 +276,6 @@ class EventConsumers:
         except NatsError as exc:  # unacked: it comes back and retries
             log.error("event_outcome_publish_failed", subject=subject, error=f"{type(exc).__name__}: {exc}")
             return False
-
-    async def ack(self, msg: Msg, log: Any) -> None:
-        await ack(msg, log, "event")  # redelivered when it fails: at least once
-
-    async def nak(self, msg: Msg, delay_s: float, log: Any) -> None:
-        await nak(msg, delay_s, log, "event")
 
     def state(self) -> dict[str, Any]:
         return {"functions": sorted(self.pools), "in_flight": dict(self._running),
@@ -404,9 +353,9 @@ class _Outcome:
                 return
             if not await consumers.publish(protocol.RESULTS_PREFIX + name, result,
                                            f"result-{name}-{self.info['sequence']}", log):
-                await consumers.nak(self.msg, retry_delay_s(self.info["delivered"], consumers.config), log)
+                await nak(self.msg, retry_delay_s(self.info["delivered"], consumers.config), log, "event")
                 return
-        await consumers.ack(self.msg, log)
+        await ack(self.msg, log, "event")  # redelivered when it fails: at least once
         consumers.processed += 1
 
     async def error(self, err: FaasError, ran: bool) -> None:
@@ -421,7 +370,7 @@ class _Outcome:
         # Refused before it ran (queue full, shutting down): soon again. Failed: backing off.
         delay = retry_delay_s(delivered if ran else 1, consumers.config)
         self.log.warning("event_failed", code=err.code, error=err.message, retry_in_s=delay)
-        await consumers.nak(self.msg, delay, self.log)
+        await nak(self.msg, delay, self.log, "event")
 
     async def shutdown(self) -> FaasError | None:
         return None

@@ -40,9 +40,8 @@ from faas.client import Client
 from faas.errors import BadRequest, FaasError, FunctionNotFound, Overloaded, PayloadTooLarge
 from faas.jobs import JobRecord
 from faas.logs import get_logger
-from faas.protocol import Encoding
 from faas.streams import ensure_stream, key_value
-from runtime.node.events import ack, fetch, keep_alive, nak
+from runtime.node.pull import ack, fetch, keep_alive, nak
 from runtime.node.replies import answer
 
 
@@ -137,11 +136,12 @@ class Jobs:
                                     cb=self._on_result)]
         self._psub = psub
         self._loop = asyncio.create_task(self._fetch(psub), name="jobs")
-        self._loop.add_done_callback(self._loop_ended)
+        self._loop.add_done_callback(lambda task: self._log_failure(task, "jobs_loop_failed"))
 
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+    def _log_failure(self, task: asyncio.Task[None], event: str, **fields: Any) -> None:
+        """What a task of this part ended with, when it raised (nobody awaits it)."""
         if not task.cancelled() and task.exception() is not None:
-            self.log.error("jobs_loop_failed", error=repr(task.exception()))
+            self.log.error(event, error=repr(task.exception()), **fields)
 
     # --- submits and results ----------------------------------------------------------
 
@@ -206,8 +206,7 @@ class Jobs:
         return "queued"
 
     async def _on_result(self, msg: Msg) -> None:
-        encoding = Encoding.JSON if protocol.request_encoding(b"", msg.headers) is Encoding.JSON \
-            else Encoding.MSGPACK
+        encoding = protocol.request_encoding(b"", msg.headers)
         request_id = protocol.new_request_id()
         try:
             request = protocol.parse_request_headers(msg.headers)
@@ -269,8 +268,7 @@ class Jobs:
     def _done(self, request_id: str, task: asyncio.Task[None]) -> None:
         self._running.pop(request_id, None)
         self._freed.set()
-        if not task.cancelled() and task.exception() is not None:  # unacked: it comes back
-            self.log.error("job_failed", job=request_id, error=repr(task.exception()))
+        self._log_failure(task, "job_failed", job=request_id)  # unacked: it comes back
 
     async def _run(self, request_id: str, msg: Msg) -> None:
         function = msg.subject[len(protocol.JOBS_QUEUE_PREFIX):]
