@@ -19,7 +19,7 @@ import nats
 import nats.errors
 import pytest
 
-from faas import Client, FunctionNotFound
+from faas import Client, FunctionNotFound, protocol
 from faas.localnode import LocalNode, free_port
 from runtime.node.natsd import nats_server_binary
 from tests.conftest import EXAMPLES, ROOT
@@ -107,8 +107,6 @@ def write_greeter(folder: Path, version: int) -> Path:
 
 async def served_by(nc, node: str, function: str, event: dict) -> dict:
     """Invoke through one node's own subject (what a forwarding peer uses)."""
-    from faas import protocol
-
     msg = await nc.request(protocol.node_invoke_subject(node, function), json.dumps(event).encode(),
                            timeout=60, headers={"Content-Type": "application/json"})
     return json.loads(msg.data)
@@ -141,6 +139,17 @@ async def test_deploy_once_every_node_serves(cluster, client):
 async def test_a_request_goes_to_the_node_where_its_function_is_warm(cluster):
     url, (a, b), _ = cluster
     async with Client(url) as c:
+        # A node that served support in the test before holds it warm: its peer must know
+        # (its warm state in KV, published soon after) before the first request here, or
+        # that request may start it cold there too, and both would be warm.
+        holding = [n["node"] for n in await c.nodes() for f in n["functions"] if f["name"] == "support" and f["levels"]]
+        nodes_kv = await c.nc.jetstream().key_value(protocol.NODES_BUCKET)
+
+        async def published_warm() -> bool:
+            state = json.loads((await nodes_kv.get(holding[0])).value)
+            return bool(state["functions"].get("support", {}).get("room"))
+        if holding:
+            await until(published_warm, what="the warm node's state in KV")
         warm = (await c.invoke("support", {"message": "hi", "max_new_tokens": 4}, timeout_s=120)).metrics["node"]
         # Whichever node the queue group hands a request to, it is served warm where the
         # first one started the function: the other node forwards it there.
