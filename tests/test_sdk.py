@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,21 @@ def test_import_faas_does_not_import_torch():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_log_lines_of_processes_sharing_one_file_stay_whole(tmp_path):
+    """A node, its engines and its sandboxes append JSON logs to one file: each event must
+    reach it in one write, or lines of two processes interleave and no longer parse (print
+    wrote an event and its newline apart)."""
+    logger = ("from faas.logs import configure_logging, get_logger\n"
+              "configure_logging()\n"
+              "log = get_logger(component='writer')\n"
+              "for i in range(3000):\n"
+              "    log.info('line', i=i, pad='p' * 200)\n")
+    path = tmp_path / "shared.log"
+    with open(path, "ab") as out:
+        writers = [subprocess.Popen([sys.executable, "-c", logger], stderr=out) for _ in range(3)]
+        assert [w.wait(60) for w in writers] == [0, 0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 9000
+    assert sorted(json.loads(line)["i"] for line in lines) == sorted(list(range(3000)) * 3)
