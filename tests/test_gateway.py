@@ -183,7 +183,14 @@ async def test_metrics_parse_and_move(node, api):
             return ((await http.get(node.http_url + "/metrics")).text, (await http.get(node.metrics_url)).text)
         gateway_before, node_before = await scrape()
         await api.completions.create(model="support", prompt="hi", max_tokens=2, temperature=0)
-        gateway_after, node_after = await scrape()
+        answered = _sample(node_before, "faas_requests_total", function="support", code="200") + 1
+        deadline = time.monotonic() + 10
+        while True:  # the node counts an answer just after sending it: the gateway may be first
+            gateway_after, node_after = await scrape()
+            if _sample(node_after, "faas_requests_total", function="support", code="200") >= answered \
+                    or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
     labels = {"function": "support", "endpoint": "completions", "code": "200"}
     assert _sample(gateway_after, "faas_gateway_requests_total", **labels) == \
         _sample(gateway_before, "faas_gateway_requests_total", **labels) + 1
