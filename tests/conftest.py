@@ -113,11 +113,15 @@ def error_of(msg) -> tuple[int, str]:
 
 async def nodes_of(node) -> list[dict]:
     """What `faas ls` shows of `node`'s NATS (every node's listing): an operator's view, so
-    with the node's own login (producers may not ask)."""
+    with the node's own login (producers may not ask). Asked again while no node answers in
+    time (a busy node may answer late), for 10 s at most."""
     from faas import Client
 
+    deadline = time.monotonic() + 10
     async with Client(node.url, **node.node_credentials()) as operator:
-        return await operator.nodes()
+        while not (listing := await operator.nodes()) and time.monotonic() < deadline:
+            pass
+        return listing
 
 
 async def wait_for_state(node, function: str, **expected: int) -> None:

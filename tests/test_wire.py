@@ -157,13 +157,14 @@ async def test_500_sandbox_stuck_in_setup_is_killed_after_start_timeout(client, 
 async def test_503_queue_full(client, node):
     """sleepy has one sandbox and max_queue=1: one runs, one waits, the third is refused."""
     await client.invoke("sleepy", {"s": 0}, timeout_s=30)  # warm: its sandbox exists
-    first = asyncio.create_task(client.invoke("sleepy", {"s": 1.5}, timeout_s=30))
+    # Long enough for the two states to be seen and the third to come while it runs.
+    first = asyncio.create_task(client.invoke("sleepy", {"s": 4}, timeout_s=30))
     await wait_for_state(node, "sleepy", busy=1)
     second = asyncio.create_task(client.invoke("sleepy", {"s": 0}, timeout_s=30))
     await wait_for_state(node, "sleepy", queued=1)
     with pytest.raises(Overloaded, match="max_queue=1"):
         await client.invoke("sleepy", {"s": 0}, timeout_s=30)
-    assert (await first).output["slept_s"] == 1.5
+    assert (await first).output["slept_s"] == 4
     assert (await second).output["slept_s"] == 0
     await assert_still_serving(client)
 
