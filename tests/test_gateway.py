@@ -226,7 +226,9 @@ async def test_faas_logs_shows_what_a_handler_printed(node, client, faas_home):
     follow = subprocess.Popen([sys.executable, "-m", "faas.cli", "logs", "talker", "--follow",
                                "--lines", "1", *state], stdout=subprocess.PIPE, text=True)
     try:
-        await asyncio.sleep(2)  # it printed the backlog and follows
+        # Its backlog's line, printed once it caught up: it follows from here on (a line
+        # written before would be backlog, and only the last of that is printed).
+        assert await asyncio.wait_for(asyncio.to_thread(follow.stdout.readline), 30)
         await client.invoke("talker", {"word": "kiwi"}, timeout_s=30)
         line = await asyncio.wait_for(asyncio.to_thread(_line_with, follow.stdout, "kiwi"), 15)
         assert "talker says kiwi" in line
@@ -242,8 +244,9 @@ def _line_with(stream, text: str) -> str:
     return ""
 
 
-async def test_a_handler_raising_bad_request_answers_400(node, client):
-    """The caller's mistake, as the handler judges it: a 400 with its message, not a 500."""
+async def test_a_handler_raising_bad_request_answers_400(node, client, faas_home):
+    """The caller's mistake, as the handler judges it: a 400 with its message, not a 500,
+    logged as a refusal without the traceback a failure gets."""
     from faas import BadRequest
 
     with pytest.raises(BadRequest, match="needs a non-empty 'word'"):
@@ -251,6 +254,16 @@ async def test_a_handler_raising_bad_request_answers_400(node, client):
     async with httpx.AsyncClient(base_url=node.http_url) as http:
         reply = await http.post("/v1/functions/talker", json={})
     assert reply.status_code == 400 and "non-empty 'word'" in reply.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while True:
+        out = await asyncio.to_thread(faas, "logs", "talker", "--nats", node.url,
+                                      "--state-dir", str(faas_home / "nats-session"))
+        refused = [line for line in out.stdout.splitlines() if '"handler_refused"' in line]
+        if refused:
+            break
+        assert time.monotonic() < deadline, (out.stdout, out.stderr)
+        await asyncio.sleep(0.2)
+    assert "non-empty 'word'" in refused[0] and "Traceback" not in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (a terminal emulator)")

@@ -257,6 +257,9 @@ class _Function:
         _current.request_id = call.request_id
         try:
             output = self._call(handler, event, ctx)
+        except BadRequest as exc:  # the caller's mistake, as the handler judged it: no traceback
+            ctx.log.info("handler_refused", error=exc.message[:MAX_ERROR_MESSAGE])
+            return {"type": "error", **tag, "error": _error(exc)}
         except Exception as exc:
             ctx.log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
             return {"type": "error", **tag, "error": _error(exc)}
