@@ -228,6 +228,19 @@ async def _result(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cancel(args: argparse.Namespace) -> int:
+    from faas.jobs import request_id_of
+
+    try:
+        async with _client(args) as client:
+            cancelled = await client.cancel_job(args.job)
+    except FaasError as err:
+        return _fail(err)
+    print(f"job {request_id_of(args.job)}: " + ("cancelled" if cancelled else "done before the cancel: "
+                                                 "its outcome stays (faas result)"))
+    return 0
+
+
 async def _print_stream(client: Client, function: str, event: Any,
                         timeout_s: float) -> tuple[Invocation, bool]:
     """Print a streamed invocation's text as it arrives, then a newline. Returns the reply
@@ -887,6 +900,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "needs an operator's login)")
     _admin_options(result)
     result.set_defaults(run=lambda a: asyncio.run(_result(a)))
+
+    cancel = _command(sub, "cancel", help="cancel an async job: never run if queued, stopped if running")
+    cancel.add_argument("job", help="the job's id (what submit printed)")
+    _admin_options(cancel)
+    cancel.set_defaults(run=lambda a: asyncio.run(_cancel(a)))
 
     ls = _command(sub, "ls", help="list the functions every node serves, with their sandboxes")
     _admin_options(ls)

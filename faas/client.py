@@ -48,7 +48,7 @@ _CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 2, "reconnect_time_wait"
                                      "max_reconnect_attempts": 10}
 # A node answers a job's submit, or a question about it, at once (a KV read or write).
 _JOB_ANSWER_S = 5.0
-_JOB_SUBMIT_TRIES = 3
+_JOB_TRIES = 3
 
 
 class Client:
@@ -180,28 +180,44 @@ class Client:
         headers = {protocol.HDR_CONTENT_TYPE: Encoding.MSGPACK.content_type, protocol.HDR_REQUEST_KEY: job_id}
         if timeout_s is not None:
             headers[protocol.HDR_TIMEOUT_MS] = str(int(_positive(timeout_s) * 1000))
-        body = _encode(event)
-        # A submit unanswered, or answered 503, may have queued the job all the same (a slow
-        # JetStream): sent again with its id, it is queued once.
-        for _ in range(_JOB_SUBMIT_TRIES - 1):
-            try:
-                return await self._submit(function, body, headers)
-            except Overloaded:
-                continue
-        return await self._submit(function, body, headers)
+        await self._job_request(protocol.JOBS_SUBMIT_PREFIX + function, _encode(event), headers)
+        return Job(id=job_id, function=function)
 
-    async def _submit(self, function: str, body: bytes, headers: dict[str, str]) -> Job:
-        subject = protocol.JOBS_SUBMIT_PREFIX + function
-        try:
-            reply = await self.nc.request(subject, body, headers=headers, timeout=_JOB_ANSWER_S)
-        except nats.errors.MaxPayloadError:
-            raise self._too_large("job", body, headers) from None
-        except nats.errors.NoRespondersError:
-            raise Overloaded(f"no faas node takes jobs: nothing subscribes to {subject}") from None
-        except nats.errors.TimeoutError:
-            raise Overloaded(f"no node answered the submit within {_JOB_ANSWER_S:g}s") from None
-        protocol.raise_error(protocol.decode(reply.data, reply.headers), reply.headers or {})
-        return Job(id=headers[protocol.HDR_REQUEST_KEY], function=function)
+    async def cancel_job(self, job: Job | str) -> bool:
+        """Cancel a submitted job: one still queued never runs, a running one has its
+        invocation cancelled (as `invoke`'s caller cancelling it: its generation stops), and
+        its result is then `Cancelled` (499). True when it is cancelled (by this call or an
+        earlier one), False when it finished first (its outcome stays); FunctionNotFound when
+        no job of that id is kept."""
+        job_id = job.id if isinstance(job, Job) else job
+        if not protocol.valid_request_key(job_id):
+            raise BadRequest("a job id is 16-128 printable ASCII characters")
+        answer = await self._job_request(protocol.JOBS_CANCEL_SUBJECT, b"", {protocol.HDR_REQUEST_KEY: job_id})
+        return bool(answer.get("cancelled"))
+
+    async def _job_request(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
+        """A node's answer to a submit or a cancel. One unanswered, or answered 503, may
+        have been done all the same (a slow JetStream): it is sent again with its id (both
+        are done once per id)."""
+        failure = Overloaded(f"no node answered within {_JOB_ANSWER_S:g}s")
+        for _ in range(_JOB_TRIES):
+            try:
+                reply = await self.nc.request(subject, body, headers=headers, timeout=_JOB_ANSWER_S)
+            except nats.errors.MaxPayloadError:
+                raise self._too_large("job", body, headers) from None
+            except nats.errors.NoRespondersError:
+                failure = Overloaded(f"no faas node takes jobs: nothing subscribes to {subject}")
+                continue
+            except nats.errors.TimeoutError:
+                continue
+            answer = protocol.decode(reply.data, reply.headers)
+            try:
+                protocol.raise_error(answer, reply.headers or {})
+            except Overloaded as err:
+                failure = err
+                continue
+            return answer
+        raise failure
 
     async def result(self, job: Job | str, *, timeout_s: float = 60.0) -> Invocation:
         """The outcome of a submitted job (a `Job`, or its id, e.g. handed over by another

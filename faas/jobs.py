@@ -8,8 +8,8 @@ the submit (`faas.jobs.submit.<fn>`), queues the job in JetStream and records it
 bucket `faas_jobs` of the nodes' account (producers cannot read it); nodes run queued jobs
 as invocations and keep each outcome there for the retention the first node made the
 bucket with (`faas up --job-retention-s`). A producer reads its outcome through
-`faas.jobs.result` with the id; an operator's login reads the bucket by request id
-(`faas result --request-id REQUEST_ID`).
+`faas.jobs.result` with the id, and cancels it through `faas.jobs.cancel`; an operator's
+login reads the bucket by request id (`faas result --request-id REQUEST_ID`).
 """
 
 from __future__ import annotations

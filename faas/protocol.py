@@ -48,12 +48,16 @@ HDR_MSG_ID = "Nats-Msg-Id"
 CANCEL_PREFIX = "faas.cancel."
 CANCEL_WILDCARD = CANCEL_PREFIX + "*"
 
-# Async jobs (faas/jobs.py): a producer submits on `faas.jobs.submit.<fn>` and reads the
-# outcome through `faas.jobs.result`, its job's id in `Faas-Request-Key`; nodes queue jobs in
-# a stream of their own and keep outcomes in a KV bucket, neither of which producers reach.
+# Async jobs (faas/jobs.py): a producer submits on `faas.jobs.submit.<fn>`, reads the outcome
+# through `faas.jobs.result` and cancels through `faas.jobs.cancel`, its job's id in
+# `Faas-Request-Key`; nodes queue jobs in a stream of their own and keep outcomes in a KV
+# bucket, neither of which producers reach, and tell each other on `faas.jobs.cancelled`
+# (the request id in `Faas-Request-Id`) to stop a cancelled job's run.
 JOBS_SUBMIT_PREFIX = "faas.jobs.submit."
 JOBS_SUBMIT_WILDCARD = JOBS_SUBMIT_PREFIX + "*"
 JOBS_RESULT_SUBJECT = "faas.jobs.result"
+JOBS_CANCEL_SUBJECT = "faas.jobs.cancel"
+JOBS_CANCELLED_SUBJECT = "faas.jobs.cancelled"
 JOBS_QUEUE_PREFIX = "faas.jobs.queue."
 JOBS_STREAM = "FAAS_JOBS"
 JOBS_BUCKET = "faas_jobs"

@@ -70,6 +70,10 @@ class SyncClient:
         """`Client.result`, blocking: the job's outcome once done (up to `timeout_s`)."""
         return self._run(self._client.result(job, **options))
 
+    def cancel_job(self, job: Job | str) -> bool:
+        """`Client.cancel_job`, blocking: True when the job is cancelled, False when it finished first."""
+        return self._run(self._client.cancel_job(job))
+
     def publish(self, subject: str, event: dict[str, Any] | None = None, **options: Any) -> int:
         """`Client.publish`, blocking: the event's stream sequence."""
         return self._run(self._client.publish(subject, event, **options))

@@ -374,6 +374,7 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
             # Async jobs pass the accounts too (a job's run is answered on that inbox as well).
             job = await c.submit("greeter", {})
             assert (await c.result(job, timeout_s=30)).output["version"] == 7
+            assert await c.cancel_job(job) is False  # a cancel reaches a node: it was done first
         with pytest.raises(nats.errors.Error, match="(?i)authorization"):
             await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
         # A producer cannot read other clients' replies (nor any faas subject).
@@ -387,6 +388,10 @@ async def test_with_auth_on_only_logged_in_clients_get_in(models, tmp_path):
             for subject in ("_INBOX.>", "faas.invoke.*"):
                 await producer.subscribe(subject)
                 assert "permissions violation" in str(await asyncio.wait_for(denied.get(), 5)).lower()
+            # Nor tell the nodes to stop a job's run: that is theirs to say.
+            await producer.publish("faas.jobs.cancelled", b"")
+            await producer.flush()
+            assert "permissions violation" in str(await asyncio.wait_for(denied.get(), 5)).lower()
         finally:
             await producer.close()
         anonymous = faas_cli("invoke", "greeter", "--nats", url)

@@ -7,12 +7,14 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import msgpack
 import nats
 import pytest
 
-from faas import BadRequest, Client, DeadlineExceeded, FunctionNotFound, HandlerError, Job, PayloadTooLarge
+from faas import (BadRequest, Cancelled, Client, DeadlineExceeded, FunctionNotFound, HandlerError, Job,
+                  PayloadTooLarge)
 from faas import jobs, protocol
 from faas.auth import Credentials, connect
 from tests.conftest import error_of
@@ -129,6 +131,65 @@ async def test_the_same_job_id_queues_one_job_and_busy_jobs_wait_their_turn(node
     assert max(attempts) > 1, attempts  # some were refused for room, and ran on a later try
 
 
+async def _until_running(client: Client, job: Job) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await client.result(job, timeout_s=0)
+        except DeadlineExceeded as err:
+            if "still running" in err.message:
+                return
+        assert time.monotonic() < deadline, "the job never ran"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_cancelled_job_stops_running_and_its_result_says_so(node, client):
+    job = await client.submit("sleepy", {"s": 25})
+    await _until_running(client, job)
+    assert await client.cancel_job(job) is True
+    with pytest.raises(Cancelled, match="cancelled"):
+        await client.result(job, timeout_s=5)
+    assert await client.cancel_job(job.id) is True  # again, from the id: still cancelled
+    # Its invocation was cancelled too: sleepy's one sandbox (taken by the 25 s sleep, then
+    # killed after the stop grace, as a cancelled handler that does not return is) serves
+    # the next call within 15 s.
+    assert (await client.invoke("sleepy", {"s": 0}, timeout_s=15)).output["slept_s"] == 0
+    admin = await connect(node.url, Credentials(), node.state_dir)
+    try:
+        record = await jobs.read(admin, job.request_id)
+        assert record.state == "done" and record.error().code == 499
+    finally:
+        await admin.close()
+
+
+async def test_a_job_cancelled_at_once_never_has_an_output_and_a_done_one_keeps_its_own(node, client):
+    job = await client.submit("sleepy", {"s": 2})
+    assert await client.cancel_job(job) is True  # queued, or just taken: either way it ends here
+    await asyncio.sleep(4)  # past the end of a run that was not stopped: it stays cancelled
+    with pytest.raises(Cancelled):
+        await client.result(job, timeout_s=0)
+    done = await client.submit("echo", {"kept": True})
+    assert (await client.result(done, timeout_s=30)).output["echo"] == {"kept": True}
+    assert await client.cancel_job(done) is False  # finished first: its outcome stays
+    assert (await client.result(done, timeout_s=0)).output["echo"] == {"kept": True}
+    with pytest.raises(FunctionNotFound, match="no such job"):
+        await client.cancel_job(protocol.new_request_key())
+    with pytest.raises(BadRequest):
+        await client.cancel_job("short")
+    conn = await nats.connect(node.url)
+    try:
+        assert error_of(await conn.request(protocol.JOBS_CANCEL_SUBJECT, b"", timeout=5))[0] == 400
+        # A producer telling the nodes a running job was cancelled stops nothing: nodes stop a
+        # run only when its record says so (and under auth.conf producers may not send it).
+        running = await client.submit("sleepy", {"s": 1.5})
+        await _until_running(client, running)
+        await conn.publish(protocol.JOBS_CANCELLED_SUBJECT, b"",
+                           headers={protocol.HDR_REQUEST_ID: running.request_id})
+        assert (await client.result(running, timeout_s=30)).output["slept_s"] == 1.5
+    finally:
+        await conn.close()
+
+
 def test_the_cli_submits_and_reads_a_job(node):
     submitted = faas("invoke", "echo", '{"via": "cli"}', "--submit", "--nats", node.url)
     assert submitted.returncode == 0, submitted.stderr
@@ -141,6 +202,8 @@ def test_the_cli_submits_and_reads_a_job(node):
     record = faas("result", request_id, "--request-id", "--nats", node.url, "--state-dir", str(node.state_dir))
     assert record.returncode == 0, record.stderr
     assert json.loads(record.stdout)["state"] == "done"
+    kept = faas("cancel", job_id, "--nats", node.url)
+    assert kept.returncode == 0 and "done before the cancel" in kept.stdout, kept.stderr
     unknown = faas("result", "x" * 40, "--nats", node.url, "--wait-s", "0")
     assert unknown.returncode == 1 and "error 404" in unknown.stderr
     for garbage in ("../..", "a.b", "x" * 200):  # not a key of the bucket: a 400, not a traceback

@@ -9,6 +9,11 @@ results, running queued jobs.
   its message id, which JetStream keeps once: a retry after a lost answer heals).
 - result (`faas.jobs.result`): the job's state, and its outcome once done, for whoever sends
   the job's id (its request id, what logs show, reads nothing).
+- cancel (`faas.jobs.cancel`, the job's id too): a job not done is recorded done with a 499
+  outcome, and every node is told (`faas.jobs.cancelled`): the one running it cancels its
+  invocation, as a caller's cancel does; a node taking it later acks it unrun. The record is
+  only ever written over while it is not done (compare-and-set), so the first outcome stays:
+  a cancel's, or a run's that finished first.
 - running: every node fetches from one durable consumer of FAAS_JOBS (a work queue: a job
   goes once acked), at most `concurrency` jobs at a time, and invokes each through
   `faas.invoke.<fn>` as any caller does (so it is forwarded to a warm node, retried when the
@@ -37,7 +42,7 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequen
 
 from faas import jobs, protocol
 from faas.client import Client
-from faas.errors import BadRequest, FaasError, FunctionNotFound, Overloaded, PayloadTooLarge
+from faas.errors import BadRequest, Cancelled, FaasError, FunctionNotFound, Overloaded, PayloadTooLarge
 from faas.jobs import JobRecord
 from faas.logs import get_logger
 from faas.streams import ensure_stream, key_value
@@ -64,6 +69,8 @@ class JobsConfig:
 DUPLICATE_WINDOW_S = 120.0
 # Pauses between tries to keep a job's outcome (the bucket unreachable for a moment).
 _SAVE_PAUSES_S = (0.0, 1.0, 2.0, 4.0)
+# Compare-and-set tries of a record written by others meanwhile (a cancel, a run).
+_SWAP_TRIES = 5
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -90,6 +97,7 @@ class Jobs:
         self._loop: asyncio.Task[None] | None = None
         self._psub: Any = None
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._invoking: dict[str, asyncio.Future[Any]] = {}  # a running job's invocation
         self._freed = asyncio.Event()
         self.retention_s = config.retention_s
         self.ack_wait_s = config.ack_wait_s
@@ -133,7 +141,10 @@ class Jobs:
             await self.nc.subscribe(protocol.JOBS_SUBMIT_WILDCARD, queue=protocol.NODE_QUEUE_GROUP,
                                     cb=self._on_submit),
             await self.nc.subscribe(protocol.JOBS_RESULT_SUBJECT, queue=protocol.NODE_QUEUE_GROUP,
-                                    cb=self._on_result)]
+                                    cb=self._on_result),
+            await self.nc.subscribe(protocol.JOBS_CANCEL_SUBJECT, queue=protocol.NODE_QUEUE_GROUP,
+                                    cb=self._on_cancel),
+            await self.nc.subscribe(protocol.JOBS_CANCELLED_SUBJECT, cb=self._on_cancelled)]
         self._psub = psub
         self._loop = asyncio.create_task(self._fetch(psub), name="jobs")
         self._loop.add_done_callback(lambda task: self._log_failure(task, "jobs_loop_failed"))
@@ -234,20 +245,79 @@ class Jobs:
             body, headers = protocol.error_reply(err, encoding, request_id)
         await answer(self.nc, msg.reply, body, headers, self.log)
 
-    async def _record(self, request_id: str) -> JobRecord | None:
+    async def _on_cancel(self, msg: Msg) -> None:
+        encoding = protocol.request_encoding(b"", msg.headers)
+        request_id = protocol.new_request_id()
         try:
-            entry = await self._kv.get(request_id)
+            request = protocol.parse_request_headers(msg.headers)
+            if request.key is None:
+                raise BadRequest(f"send the job's id in {protocol.HDR_REQUEST_KEY}")
+            request_id = jobs.request_id_of(request.key)
+            cancelled = await self._cancel(request_id, self.log.bind(job=request_id))
+            body = protocol.encode({"request_id": request_id, "state": "done", "cancelled": cancelled}, encoding)
+            headers = {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: "done"}
+        except FaasError as err:
+            body, headers = protocol.error_reply(err, encoding, request_id)
+        await answer(self.nc, msg.reply, body, headers, self.log)
+
+    async def _cancel(self, request_id: str, log: Any) -> bool:
+        """Record the job done with a 499 and tell the nodes; False when it was done first
+        (by a run: its outcome stays)."""
+        for _ in range(_SWAP_TRIES):
+            entry = await self._entry(request_id)
+            record = self._unpack(request_id, entry)
+            if record is None:
+                raise FunctionNotFound("no such job: never submitted, or its result expired "
+                                       f"(results are kept {self.retention_s:g}s)")
+            if record.state == "done":
+                return isinstance(record.error(), Cancelled)
+            cancelled = replace(record, state="done", outcome=_error(Cancelled("the job was cancelled")))
+            try:
+                await self._kv.update(request_id, cancelled.pack(), last=entry.revision)
+            except KeyWrongLastSequenceError:  # taken, or finished, meanwhile: look again
+                continue
+            except (NatsError, TimeoutError) as exc:
+                raise Overloaded(f"the job's record could not be written: {type(exc).__name__}: {exc}") from None
+            log.info("job_cancelled", was=record.state, node=record.node)
+            try:  # the node running it stops it; else its outcome finds the record done
+                await self.nc.publish(protocol.JOBS_CANCELLED_SUBJECT, b"",
+                                      headers={protocol.HDR_REQUEST_ID: request_id})
+            except NatsError as exc:
+                log.warning("job_cancel_not_told", error=f"{type(exc).__name__}: {exc}")
+            return True
+        raise Overloaded("the job's record kept changing: cancel it again")
+
+    async def _on_cancelled(self, msg: Msg) -> None:
+        request_id = (msg.headers or {}).get(protocol.HDR_REQUEST_ID, "")
+        if (invoking := self._invoking.get(request_id)) is None:
+            return
+        try:  # only what the record says: a message here alone cancels nothing
+            record = await self._record(request_id)
+        except FaasError:
+            return
+        if record is not None and record.state == "done":
+            invoking.cancel()
+
+    async def _entry(self, request_id: str) -> Any:
+        """The job's entry in the bucket, None when there is none; Overloaded when NATS fails."""
+        try:
+            return await self._kv.get(request_id)
         except KeyNotFoundError:
             return None
         except (NatsError, TimeoutError) as exc:
             raise Overloaded(f"the job's record could not be read: {type(exc).__name__}: {exc}") from None
-        if not entry.value:
+
+    def _unpack(self, request_id: str, entry: Any) -> JobRecord | None:
+        if entry is None or not entry.value:
             return None
         try:
             return JobRecord.unpack(entry.value)
         except ValueError as exc:
             self.log.error("job_record_malformed", job=request_id, error=str(exc))
             raise FaasError(f"the job's record is malformed ({exc})") from None
+
+    async def _record(self, request_id: str) -> JobRecord | None:
+        return self._unpack(request_id, await self._entry(request_id))
 
     # --- running ----------------------------------------------------------------------
 
@@ -278,7 +348,7 @@ class Jobs:
             record = await self._record(request_id)
         except FaasError:
             record = None
-        if record is not None and record.state == "done":  # its ack was lost: it ran
+        if record is not None and record.state == "done":  # cancelled, or its ack was lost
             await ack(msg, log, "job")
             return
         base = record or jobs.queued(function)
@@ -286,22 +356,35 @@ class Jobs:
             await self._finish(msg, base, _error(Overloaded(
                 f"no outcome after {self.config.max_attempts} tries (the nodes running it went away)")), log)
             return
-        await self._put(request_id, replace(base, state="running", node=self.node_id, attempts=attempt), log)
+        if await self._put(request_id, replace(base, state="running", node=self.node_id, attempts=attempt),
+                           log) is None:  # cancelled since
+            await ack(msg, log, "job")
+            return
         keep = asyncio.create_task(keep_alive(msg, self.ack_wait_s))
+        invoking: asyncio.Future[Any] | None = None
         try:
             event = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
             budget_s = float((msg.headers or {}).get(protocol.HDR_TIMEOUT_MS, "0")) / 1000 or self.config.budget_s
             # Its own id per delivery: found by the job's in the logs, and never taken for a
             # copy of an earlier delivery's invocation that a node still holds.
-            result = await self.client.invoke(function, event, timeout_s=budget_s,
-                                              request_id=f"{request_id}-{attempt}")
+            invoking = self._invoking[request_id] = asyncio.ensure_future(self.client.invoke(
+                function, event, timeout_s=budget_s, request_id=f"{request_id}-{attempt}"))
+            await asyncio.wait([invoking])
+            if invoking.cancelled():  # by its producer (_on_cancelled): the record says so
+                log.info("job_run_cancelled")
+                await ack(msg, log, "job")
+                return
+            result = invoking.result()
             outcome: dict[str, Any] = {"output": result.output, "metrics": result.metrics}
         except Overloaded as err:
             if attempt < self.config.max_attempts:
                 delay = retry_delay_s(attempt)
                 log.warning("job_deferred", error=err.message, retry_in_s=delay)
-                await self._put(request_id, replace(base, state="queued", node=None, attempts=attempt), log)
-                await nak(msg, delay, log, "job")
+                if await self._put(request_id, replace(base, state="queued", node=None, attempts=attempt),
+                                   log) is None:  # cancelled meanwhile
+                    await ack(msg, log, "job")
+                else:
+                    await nak(msg, delay, log, "job")
                 return
             outcome = _error(err)
         except FaasError as err:
@@ -314,6 +397,10 @@ class Jobs:
             outcome = _error(BadRequest(f"the queued job is malformed: {type(exc).__name__}"))
         finally:
             keep.cancel()
+            self._invoking.pop(request_id, None)
+            if invoking is not None and not invoking.done():  # this run is cancelled (closing): so is it
+                invoking.cancel()
+                await asyncio.wait([invoking])  # its cancel reaches the node serving it
         await self._finish(msg, base, outcome, log)
 
     async def _finish(self, msg: Msg, base: JobRecord, outcome: dict[str, Any], log: Any) -> None:
@@ -330,7 +417,10 @@ class Jobs:
         try:
             for pause in _SAVE_PAUSES_S:
                 await asyncio.sleep(pause)
-                if await self._put(request_id, done, log):
+                if (kept := await self._put(request_id, done, log)) is None:
+                    log.info("job_outcome_dropped", why="the job was done first (cancelled)")
+                    break
+                if kept:
                     log.info("job_done", error=(done.outcome or {}).get("error", {}).get("code"))
                     break
             else:
@@ -340,13 +430,30 @@ class Jobs:
             keep.cancel()
         await ack(msg, log, "job")
 
-    async def _put(self, request_id: str, record: JobRecord, log: Any) -> bool:
+    async def _put(self, request_id: str, record: JobRecord, log: Any) -> bool | None:
+        """Write the job's record unless it is done (cancelled, or finished by another run):
+        True when written, None when it was done, False when NATS failed (logged)."""
         try:
-            await self._kv.put(request_id, record.pack())
-            return True
-        except (NatsError, TimeoutError) as exc:
-            log.warning("job_record_failed", state=record.state, error=f"{type(exc).__name__}: {exc}")
-            return False
+            for _ in range(_SWAP_TRIES):
+                entry = await self._entry(request_id)
+                try:
+                    if (current := self._unpack(request_id, entry)) is not None and current.state == "done":
+                        return None
+                except FaasError:  # malformed: written over
+                    pass
+                try:
+                    if entry is None:
+                        await self._kv.create(request_id, record.pack())
+                    else:
+                        await self._kv.update(request_id, record.pack(), last=entry.revision)
+                    return True
+                except KeyWrongLastSequenceError:  # written meanwhile: look again
+                    continue
+            error = "written by others at every try"
+        except (NatsError, TimeoutError, Overloaded) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        log.warning("job_record_failed", state=record.state, error=error)
+        return False
 
     def state(self) -> dict[str, Any]:
         return {"running": len(self._running), "concurrency": self.config.concurrency,

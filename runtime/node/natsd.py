@@ -72,7 +72,8 @@ class EmbeddedNats:
         # node answers discovery at once; an event publish gets JetStream's one ack. A route
         # costs the server ~1 KiB until then, so the thresholds are as short as they may be.
         services = {"faas.invoke.>": "2m", "faas.cancel.>": None, "faas.node.*.ping": None,
-                    "events.>": None, "$SRV.>": "5s", "faas.jobs.submit.*": None, "faas.jobs.result": None}
+                    "events.>": None, "$SRV.>": "5s", "faas.jobs.submit.*": None, "faas.jobs.result": None,
+                    "faas.jobs.cancel": None}
         config = {
             "accounts": {
                 _NODES_ACCOUNT: {
