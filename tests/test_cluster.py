@@ -89,9 +89,12 @@ def cluster(models, tmp_path_factory):
     so which node holds a function warm is up to the requests alone."""
     folder = tmp_path_factory.mktemp("cluster")
     server, url = start_server(folder)
-    # A job held by a node that dies is handed to another after the ack wait (5 s here).
-    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log", None, "--no-preload", "--event-ack-wait-s", "5"),
-             node_on(url, "node-b", "63100-63199", folder / "b.log", None, "--no-preload", "--event-ack-wait-s", "5")]
+    # A job held by a node that dies is handed to another after the ack wait (5 s here). The
+    # jobs' retention is the first node's: node-b asks for another.
+    nodes = [node_on(url, "node-a", "63000-63099", folder / "a.log", None, "--no-preload", "--event-ack-wait-s", "5",
+                     "--job-retention-s", "3600"),
+             node_on(url, "node-b", "63100-63199", folder / "b.log", None, "--no-preload", "--event-ack-wait-s", "5",
+                     "--job-retention-s", "7200")]
     yield url, nodes, folder
     for node in nodes:
         node.stop()
@@ -110,6 +113,24 @@ async def served_by(nc, node: str, function: str, event: dict) -> dict:
     msg = await nc.request(protocol.node_invoke_subject(node, function), json.dumps(event).encode(),
                            timeout=60, headers={"Content-Type": "application/json"})
     return json.loads(msg.data)
+
+
+async def test_the_jobs_retention_is_the_first_node_s_on_every_node(cluster):
+    """A job kept longer or shorter than its queue keeps it would run for no reader, or be
+    dropped while its record says queued: the bucket's TTL, set by the node that made it,
+    holds for all, and a node asking for another says so."""
+    url, (a, b), folder = cluster
+    async with Client(url) as c:
+        nodes = await until(lambda: _both(c), what="both nodes to answer")
+        assert {n["node"]: n["jobs"]["retention_s"] for n in nodes} == {"node-a": 3600, "node-b": 3600}
+        stream = await c.nc.jetstream().stream_info(protocol.JOBS_STREAM)
+        assert stream.config.max_age == 3600
+    assert '"jobs_retention_kept"' in (folder / "b.log").read_text()
+
+
+async def _both(c: Client) -> list[dict] | None:
+    nodes = await c.nodes()
+    return nodes if len(nodes) == 2 else None
 
 
 async def test_deploy_once_every_node_serves(cluster, client):
