@@ -903,7 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = _command(sub, "cancel", help="cancel an async job: never run if queued, stopped if running")
     cancel.add_argument("job", help="the job's id (what submit printed)")
-    _admin_options(cancel)
+    _nats_options(cancel)
     cancel.set_defaults(run=lambda a: asyncio.run(_cancel(a)))
 
     ls = _command(sub, "ls", help="list the functions every node serves, with their sandboxes")

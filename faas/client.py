@@ -193,13 +193,12 @@ class Client:
         if not protocol.valid_request_key(job_id):
             raise BadRequest("a job id is 16-128 printable ASCII characters")
         answer = await self._job_request(protocol.JOBS_CANCEL_SUBJECT, b"", {protocol.HDR_REQUEST_KEY: job_id})
-        return bool(answer.get("cancelled"))
+        return isinstance(answer, dict) and answer.get("cancelled") is True
 
     async def _job_request(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
         """A node's answer to a submit or a cancel. One unanswered, or answered 503, may
         have been done all the same (a slow JetStream): it is sent again with its id (both
         are done once per id)."""
-        failure = Overloaded(f"no node answered within {_JOB_ANSWER_S:g}s")
         for _ in range(_JOB_TRIES):
             try:
                 reply = await self.nc.request(subject, body, headers=headers, timeout=_JOB_ANSWER_S)
@@ -209,6 +208,7 @@ class Client:
                 failure = Overloaded(f"no faas node takes jobs: nothing subscribes to {subject}")
                 continue
             except nats.errors.TimeoutError:
+                failure = Overloaded(f"no node answered within {_JOB_ANSWER_S:g}s")
                 continue
             answer = protocol.decode(reply.data, reply.headers)
             try:

@@ -4,11 +4,13 @@ another process holding the job's id, and by nobody without it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
 import time
 
+import httpx
 import msgpack
 import nats
 import pytest
@@ -19,6 +21,7 @@ from faas import jobs, protocol
 from faas.auth import Credentials, connect
 from tests.conftest import error_of
 from tests.test_cli import faas
+from tests.test_gateway import _sample
 
 
 async def test_a_job_returns_at_once_and_another_process_reads_its_result(node, client):
@@ -162,6 +165,37 @@ async def test_a_cancelled_job_stops_running_and_its_result_says_so(node, client
         await admin.close()
 
 
+async def test_a_running_job_whose_cancel_word_was_lost_stops_at_its_next_look(node, client):
+    """The record says cancelled but no node was told (the word lost, its node reconnecting):
+    the node running the job looks at the record at each in-progress ack (a third of the ack
+    wait, 10 s here) and cancels the invocation then: a 499 well before the 28 s it sleeps."""
+    job = await client.submit("sleepy", {"s": 28})
+    await _until_running(client, job)
+    before = await _count(node, "sleepy", "499")
+    admin = await connect(node.url, Credentials(), node.state_dir)
+    try:
+        kv = await admin.jetstream().key_value(protocol.JOBS_BUCKET)
+        entry = await kv.get(job.request_id)
+        record = jobs.JobRecord.unpack(entry.value)
+        cancelled = {"error": {"code": 499, "message": "the job was cancelled"}, "cancelled": True}
+        await kv.update(job.request_id, dataclasses.replace(record, state="done", outcome=cancelled).pack(),
+                        last=entry.revision)
+    finally:
+        await admin.close()
+    forged = time.monotonic()
+    while await _count(node, "sleepy", "499") == before:
+        assert time.monotonic() - forged < 24, "the run went on"
+        await asyncio.sleep(0.2)
+    with pytest.raises(Cancelled):
+        await client.result(job, timeout_s=0)
+    assert await client.cancel_job(job) is True
+
+
+async def _count(node, function: str, code: str) -> float:
+    async with httpx.AsyncClient() as http:
+        return _sample((await http.get(node.metrics_url)).text, "faas_requests_total", function=function, code=code)
+
+
 async def test_a_job_cancelled_at_once_never_has_an_output_and_a_done_one_keeps_its_own(node, client):
     job = await client.submit("sleepy", {"s": 2})
     assert await client.cancel_job(job) is True  # queued, or just taken: either way it ends here
@@ -176,18 +210,28 @@ async def test_a_job_cancelled_at_once_never_has_an_output_and_a_done_one_keeps_
         await client.cancel_job(protocol.new_request_key())
     with pytest.raises(BadRequest):
         await client.cancel_job("short")
-    conn = await nats.connect(node.url)
+    denied: asyncio.Queue[Exception] = asyncio.Queue()
+
+    async def on_error(exc: Exception) -> None:
+        await denied.put(exc)
+    conn = await nats.connect(node.url, error_cb=on_error)
     try:
         assert error_of(await conn.request(protocol.JOBS_CANCEL_SUBJECT, b"", timeout=5))[0] == 400
-        # A producer telling the nodes a running job was cancelled stops nothing: nodes stop a
-        # run only when its record says so (and under auth.conf producers may not send it).
-        running = await client.submit("sleepy", {"s": 1.5})
-        await _until_running(client, running)
-        await conn.publish(protocol.JOBS_CANCELLED_SUBJECT, b"",
-                           headers={protocol.HDR_REQUEST_ID: running.request_id})
-        assert (await client.result(running, timeout_s=30)).output["slept_s"] == 1.5
+        await conn.publish(protocol.JOBS_CANCELLED_SUBJECT, b"")  # the nodes' word, not a producer's
+        await conn.flush()
+        assert "permissions violation" in str(await asyncio.wait_for(denied.get(), 5)).lower()
     finally:
         await conn.close()
+    # Telling the nodes a running job was cancelled stops nothing while its record says
+    # otherwise.
+    admin = await connect(node.url, Credentials(), node.state_dir)
+    try:
+        running = await client.submit("sleepy", {"s": 1.5})
+        await _until_running(client, running)
+        await admin.publish(protocol.JOBS_CANCELLED_SUBJECT, b"", headers={protocol.HDR_REQUEST_ID: running.request_id})
+        assert (await client.result(running, timeout_s=30)).output["slept_s"] == 1.5
+    finally:
+        await admin.close()
 
 
 def test_the_cli_submits_and_reads_a_job(node):

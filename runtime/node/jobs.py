@@ -184,8 +184,9 @@ class Jobs:
     async def _submit(self, function: str, request_id: str, event: dict[str, Any], budget_ms: float,
                       log: Any) -> str:
         """Record and queue a job; its state (an id submitted before: as recorded then)."""
+        revision: int | None = None  # of a record this submit made
         try:
-            await self._kv.create(request_id, jobs.queued(function).pack())
+            revision = await self._kv.create(request_id, jobs.queued(function).pack())
         except KeyWrongLastSequenceError:  # the same id again (a producer's retry)
             record = await self._record(request_id)
             if record is None or record.function != function:
@@ -206,10 +207,11 @@ class Jobs:
             if isinstance(exc, TimeoutError):  # it may be queued all the same: its record stays
                 raise Overloaded("the job's queueing was not confirmed in time: submit it again with "
                                  "its id (it is queued once)") from None
-            try:
-                await self._kv.delete(request_id)
-            except NatsError:
-                pass
+            if revision is not None:  # unless it was taken or cancelled since (it was queued after all)
+                try:
+                    await self._kv.delete(request_id, last=revision)
+                except NatsError:
+                    pass
             if isinstance(exc, MaxPayloadError):
                 raise PayloadTooLarge("the event does not fit a queued job beside its headers") from None
             raise Overloaded(f"the job could not be queued: {type(exc).__name__}: {exc}") from None
@@ -270,30 +272,47 @@ class Jobs:
                 raise FunctionNotFound("no such job: never submitted, or its result expired "
                                        f"(results are kept {self.retention_s:g}s)")
             if record.state == "done":
-                return isinstance(record.error(), Cancelled)
-            cancelled = replace(record, state="done", outcome=_error(Cancelled("the job was cancelled")))
+                # Cancelled before (told again: that cancel's answer, or its word to the
+                # nodes, may be what was lost), or finished first.
+                cancelled = (record.outcome or {}).get("cancelled") is True
+                if cancelled:
+                    await self._tell_cancelled(request_id, log)
+                return cancelled
+            # Marked: a run can end in a 499 of its own (its node shutting down).
+            outcome = {**_error(Cancelled("the job was cancelled")), "cancelled": True}
             try:
-                await self._kv.update(request_id, cancelled.pack(), last=entry.revision)
+                await self._kv.update(request_id, replace(record, state="done", outcome=outcome).pack(),
+                                      last=entry.revision)
             except KeyWrongLastSequenceError:  # taken, or finished, meanwhile: look again
                 continue
             except (NatsError, TimeoutError) as exc:
                 raise Overloaded(f"the job's record could not be written: {type(exc).__name__}: {exc}") from None
             log.info("job_cancelled", was=record.state, node=record.node)
-            try:  # the node running it stops it; else its outcome finds the record done
-                await self.nc.publish(protocol.JOBS_CANCELLED_SUBJECT, b"",
-                                      headers={protocol.HDR_REQUEST_ID: request_id})
-            except NatsError as exc:
-                log.warning("job_cancel_not_told", error=f"{type(exc).__name__}: {exc}")
+            await self._tell_cancelled(request_id, log)
             return True
         raise Overloaded("the job's record kept changing: cancel it again")
 
+    async def _tell_cancelled(self, request_id: str, log: Any) -> None:
+        """Tell the nodes at once; one that misses it finds the record done at its next
+        in-progress ack (a third of the ack wait), and an outcome never goes over it."""
+        try:
+            await self.nc.publish(protocol.JOBS_CANCELLED_SUBJECT, b"",
+                                  headers={protocol.HDR_REQUEST_ID: request_id})
+        except NatsError as exc:
+            log.warning("job_cancel_not_told", error=f"{type(exc).__name__}: {exc}")
+
     async def _on_cancelled(self, msg: Msg) -> None:
-        request_id = (msg.headers or {}).get(protocol.HDR_REQUEST_ID, "")
+        await self._stop_if_done((msg.headers or {}).get(protocol.HDR_REQUEST_ID, ""))
+
+    async def _stop_if_done(self, request_id: str) -> None:
+        """Cancel the job's invocation running here when its record is done (cancelled, or
+        finished by another run: this outcome would be dropped). Only what the record
+        says: a message naming the job alone stops nothing."""
         if (invoking := self._invoking.get(request_id)) is None:
             return
-        try:  # only what the record says: a message here alone cancels nothing
+        try:
             record = await self._record(request_id)
-        except FaasError:
+        except FaasError:  # looked at again at the next in-progress ack
             return
         if record is not None and record.state == "done":
             invoking.cancel()
@@ -356,13 +375,17 @@ class Jobs:
             await self._finish(msg, base, _error(Overloaded(
                 f"no outcome after {self.config.max_attempts} tries (the nodes running it went away)")), log)
             return
-        if await self._put(request_id, replace(base, state="running", node=self.node_id, attempts=attempt),
-                           log) is None:  # cancelled since
-            await ack(msg, log, "job")
-            return
-        keep = asyncio.create_task(keep_alive(msg, self.ack_wait_s))
+        keep = asyncio.create_task(keep_alive(msg, self.ack_wait_s, lambda: self._stop_if_done(request_id)))
         invoking: asyncio.Future[Any] | None = None
         try:
+            claimed = await self._put(request_id, replace(base, state="running", node=self.node_id,
+                                                          attempts=attempt), log)
+            if claimed is None:  # cancelled since
+                await ack(msg, log, "job")
+                return
+            if not claimed:  # the bucket falters: not run blind (a cancel may be there), later
+                await nak(msg, retry_delay_s(attempt), log, "job")
+                return
             event = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
             budget_s = float((msg.headers or {}).get(protocol.HDR_TIMEOUT_MS, "0")) / 1000 or self.config.budget_s
             # Its own id per delivery: found by the job's in the logs, and never taken for a
@@ -370,13 +393,14 @@ class Jobs:
             invoking = self._invoking[request_id] = asyncio.ensure_future(self.client.invoke(
                 function, event, timeout_s=budget_s, request_id=f"{request_id}-{attempt}"))
             await asyncio.wait([invoking])
-            if invoking.cancelled():  # by its producer (_on_cancelled): the record says so
+            if invoking.cancelled():  # by _stop_if_done: the record is done (cancelled)
                 log.info("job_run_cancelled")
                 await ack(msg, log, "job")
                 return
             result = invoking.result()
             outcome: dict[str, Any] = {"output": result.output, "metrics": result.metrics}
-        except Overloaded as err:
+        # Refused for room, or cancelled by no one here (its node shutting down): later.
+        except (Overloaded, Cancelled) as err:
             if attempt < self.config.max_attempts:
                 delay = retry_delay_s(attempt)
                 log.warning("job_deferred", error=err.message, retry_in_s=delay)
@@ -418,7 +442,8 @@ class Jobs:
             for pause in _SAVE_PAUSES_S:
                 await asyncio.sleep(pause)
                 if (kept := await self._put(request_id, done, log)) is None:
-                    log.info("job_outcome_dropped", why="the job was done first (cancelled)")
+                    log.info("job_outcome_dropped", why="the job's record was done already (cancelled, "
+                                                        "finished by another run, or by this one's last try)")
                     break
                 if kept:
                     log.info("job_done", error=(done.outcome or {}).get("error", {}).get("code"))

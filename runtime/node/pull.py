@@ -4,7 +4,7 @@ them: fetch a batch, keep a message while its handler runs, ack or hand it back.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -12,15 +12,17 @@ from nats.errors import Error as NatsError
 from faas.connection import raise_if_cancelled
 
 
-async def keep_alive(msg: Msg, ack_wait_s: float) -> None:
+async def keep_alive(msg: Msg, ack_wait_s: float, check: Callable[[], Awaitable[None]] | None = None) -> None:
     """In-progress acks while a handler runs (an event's, a job's): a slow one is not
-    handed out again."""
+    handed out again. `check` is awaited after each (a job's look at its record)."""
     while True:
         await asyncio.sleep(ack_wait_s / 3)
         try:
             await msg.in_progress()
         except NatsError:
             return
+        if check is not None:
+            await check()
 
 
 async def fetch(psub: Any, batch: int, log: Any, kind: str) -> list[Msg]:
