@@ -338,7 +338,10 @@ async def test_after_sigkill_of_a_node_the_other_serves_everything(cluster):
         started = time.monotonic()
         answered = await asyncio.gather(*slow)
         assert [r.output["hello"] for r in answered] == [f"slow {i}" for i in range(6)]
-        assert time.monotonic() - started < 15
+        # Sent again once their node was found gone, not after their 60 s budget: the survivor
+        # runs them with its own jobs (greeter takes 8 at a time), so a loaded machine may
+        # take a while, but not that long.
+        assert time.monotonic() - started < 30
         for i in range(10):
             for function, event in (("support", {"message": f"after {i}", "max_new_tokens": 4}),
                                     ("greeter", {"name": str(i)})):
