@@ -205,6 +205,9 @@ async def test_a_job_cancelled_at_once_never_has_an_output_and_a_done_one_keeps_
     done = await client.submit("echo", {"kept": True})
     assert (await client.result(done, timeout_s=30)).output["echo"] == {"kept": True}
     assert await client.cancel_job(done) is False  # finished first: its outcome stays
+    async with Client(node.url) as other:  # another producer, knowing what logs show
+        with pytest.raises(FunctionNotFound, match="no such job"):
+            await other.cancel_job(done.request_id)
     assert (await client.result(done, timeout_s=0)).output["echo"] == {"kept": True}
     with pytest.raises(FunctionNotFound, match="no such job"):
         await client.cancel_job(protocol.new_request_key())
@@ -216,7 +219,10 @@ async def test_a_job_cancelled_at_once_never_has_an_output_and_a_done_one_keeps_
         await denied.put(exc)
     conn = await nats.connect(node.url, error_cb=on_error)
     try:
-        assert error_of(await conn.request(protocol.JOBS_CANCEL_SUBJECT, b"", timeout=5))[0] == 400
+        for headers in (None, {protocol.HDR_REQUEST_KEY: "short"},  # no id, a malformed one
+                        {protocol.HDR_REQUEST_KEY: "k" * 32, "X-Pad": "p" * 5000}):  # headers too large
+            assert error_of(await conn.request(protocol.JOBS_CANCEL_SUBJECT, b"", headers=headers,
+                                               timeout=5))[0] == 400
         await conn.publish(protocol.JOBS_CANCELLED_SUBJECT, b"")  # the nodes' word, not a producer's
         await conn.flush()
         assert "permissions violation" in str(await asyncio.wait_for(denied.get(), 5)).lower()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import msgpack
 from nats.aio.client import Client as NATS
@@ -45,6 +45,7 @@ from faas.client import Client
 from faas.errors import BadRequest, Cancelled, FaasError, FunctionNotFound, Overloaded, PayloadTooLarge
 from faas.jobs import JobRecord
 from faas.logs import get_logger
+from faas.protocol import Encoding
 from faas.streams import ensure_stream, key_value
 from runtime.node.pull import ack, fetch, keep_alive, nak
 from runtime.node.replies import answer
@@ -71,6 +72,8 @@ DUPLICATE_WINDOW_S = 120.0
 _SAVE_PAUSES_S = (0.0, 1.0, 2.0, 4.0)
 # Compare-and-set tries of a record written by others meanwhile (a cancel, a run).
 _SWAP_TRIES = 5
+# An answer to a producer: its body and headers.
+_Reply = tuple[bytes, dict[str, str]]
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -219,6 +222,14 @@ class Jobs:
         return "queued"
 
     async def _on_result(self, msg: Msg) -> None:
+        await self._by_job_id(msg, self._result)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        await self._by_job_id(msg, self._cancel_answer)
+
+    async def _by_job_id(self, msg: Msg, handle: Callable[[str, Encoding], Awaitable[_Reply]]) -> None:
+        """Answer a producer's request about a job, named by its id in `Faas-Request-Key`:
+        `handle(request_id, encoding)`'s reply, or the error it raised."""
         encoding = protocol.request_encoding(b"", msg.headers)
         request_id = protocol.new_request_id()
         try:
@@ -226,41 +237,35 @@ class Jobs:
             if request.key is None:
                 raise BadRequest(f"send the job's id in {protocol.HDR_REQUEST_KEY}")
             request_id = jobs.request_id_of(request.key)
-            record = await self._record(request_id)
-            if record is None:
-                raise FunctionNotFound("no such job: never submitted, or its result expired "
-                                       f"(results are kept {self.retention_s:g}s)")
-            headers = {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: record.state}
-            if record.state != "done":
-                body = protocol.encode({"state": record.state, "function": record.function,
-                                        "submitted": record.submitted}, encoding)
-            elif (stored := record.error()) is not None:
-                body, headers = protocol.error_reply(stored, encoding, request_id)
-                headers[protocol.HDR_JOB_STATE] = "done"
-            else:
-                try:
-                    body = protocol.encode({"output": record.outcome["output"],
-                                            "metrics": record.outcome.get("metrics", {})}, encoding)
-                except (TypeError, ValueError) as exc:
-                    raise BadRequest(f"the job's output cannot be sent as {encoding.value}: {exc}") from None
+            body, headers = await handle(request_id, encoding)
         except FaasError as err:
             body, headers = protocol.error_reply(err, encoding, request_id)
         await answer(self.nc, msg.reply, body, headers, self.log)
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        encoding = protocol.request_encoding(b"", msg.headers)
-        request_id = protocol.new_request_id()
+    async def _result(self, request_id: str, encoding: Encoding) -> _Reply:
+        if (record := await self._record(request_id)) is None:
+            raise self._no_such_job()
+        headers = {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: record.state}
+        if record.state != "done":
+            return protocol.encode({"state": record.state, "function": record.function,
+                                    "submitted": record.submitted}, encoding), headers
+        if (stored := record.error()) is not None:
+            body, headers = protocol.error_reply(stored, encoding, request_id)
+            return body, {**headers, protocol.HDR_JOB_STATE: "done"}
         try:
-            request = protocol.parse_request_headers(msg.headers)
-            if request.key is None:
-                raise BadRequest(f"send the job's id in {protocol.HDR_REQUEST_KEY}")
-            request_id = jobs.request_id_of(request.key)
-            cancelled = await self._cancel(request_id, self.log.bind(job=request_id))
-            body = protocol.encode({"request_id": request_id, "state": "done", "cancelled": cancelled}, encoding)
-            headers = {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: "done"}
-        except FaasError as err:
-            body, headers = protocol.error_reply(err, encoding, request_id)
-        await answer(self.nc, msg.reply, body, headers, self.log)
+            return protocol.encode({"output": record.outcome["output"],
+                                    "metrics": record.outcome.get("metrics", {})}, encoding), headers
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"the job's output cannot be sent as {encoding.value}: {exc}") from None
+
+    async def _cancel_answer(self, request_id: str, encoding: Encoding) -> _Reply:
+        cancelled = await self._cancel(request_id, self.log.bind(job=request_id))
+        return (protocol.encode({"request_id": request_id, "state": "done", "cancelled": cancelled}, encoding),
+                {**protocol.reply_headers(encoding, request_id), protocol.HDR_JOB_STATE: "done"})
+
+    def _no_such_job(self) -> FunctionNotFound:
+        return FunctionNotFound("no such job: never submitted, or its result expired "
+                                f"(results are kept {self.retention_s:g}s)")
 
     async def _cancel(self, request_id: str, log: Any) -> bool:
         """Record the job done with a 499 and tell the nodes; False when it was done first
@@ -269,8 +274,7 @@ class Jobs:
             entry = await self._entry(request_id)
             record = self._unpack(request_id, entry)
             if record is None:
-                raise FunctionNotFound("no such job: never submitted, or its result expired "
-                                       f"(results are kept {self.retention_s:g}s)")
+                raise self._no_such_job()
             if record.state == "done":
                 # Cancelled before (told again: that cancel's answer, or its word to the
                 # nodes, may be what was lost), or finished first.

@@ -5,10 +5,10 @@ Authorization, in two NATS accounts. `FAAS` holds the nodes (login `faas-node`, 
 made at each start, kept in the node's memory and in `node-credentials`, mode 0600, for
 local admin tools) and all state: JetStream, KV buckets, object store, every faas subject.
 Clients without credentials land in `PRODUCERS`, which sees of `FAAS` only what it imports
-as services: invocations, cancels, pings of a node, event publishes, async jobs' submits
-and results, and NATS micro discovery. So plain `nats req` works locally, and a producer
-cannot serve or watch faas subjects, read the nodes' replies and JetStream traffic (its `_INBOX.>` is its own
-account's), nor make anything in `FAAS` publish where it chooses: every reply subject it
+as services: invocations, cancels, pings of a node, event publishes, async jobs' submits,
+results and cancels, and NATS micro discovery. So plain `nats req` works locally, and a
+producer cannot serve or watch faas subjects, read the nodes' replies and JetStream traffic
+(its `_INBOX.>` is its own account's), nor make anything in `FAAS` publish where it chooses: every reply subject it
 names is mapped by the server to a private one that leads back into `PRODUCERS` (a publish
 on `events.x` with reply `$KV.faas_functions.<fn>` gets its JetStream ack on its own inbox,
 not in the functions bucket).
